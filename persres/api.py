@@ -1,0 +1,162 @@
+"""The library calls behind every CLI command: train a concept, generate, export, import.
+
+    from persres.api import train_concept, generate_images
+    record, result = train_concept("photos/", name="mydog", class_word="dog")
+    paths = generate_images("a V* dog on the beach", ["mydog"], lag=True, out_dir="out/")
+
+For a pipeline you already hold: `persres.api.apply_concepts(pipe, ["mydog"])`, then
+`persres.sample.generate(pipe, prompt, concepts, SampleConfig(lag=True))`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL.PngImagePlugin import PngInfo
+
+from persres import __version__
+from persres.config import SampleConfig, TrainConfig
+from persres.images import read_folder
+from persres.models import fingerprint, is_default_toy, load_pipeline, model_defaults, pick_device, pick_dtype, resolve_model
+from persres.packs import PackMeta
+from persres.registry import ConceptRecord, Registry
+from persres.sample import Generated, apply_pack, generate, mask_overlay
+from persres.tokens import BoundConcept, expand_prompt
+
+DEFAULT_MODEL_KEY = "default_model"
+TOY_NOTICE_KEY = "toy_notice_shown"
+
+
+def model_for(registry: Registry, model: str | None) -> tuple[str, bool]:
+    """(resolved model, whether this is the first use of the toy model as the silent default)."""
+    configured = registry.setting(DEFAULT_MODEL_KEY)
+    resolved = resolve_model(model, configured)
+    first_toy = is_default_toy(model, configured) and registry.setting(TOY_NOTICE_KEY) is None
+    if first_toy:
+        registry.set_setting(TOY_NOTICE_KEY, "1")
+    return resolved, first_toy
+
+
+def train_config_for(model: str, overrides: dict) -> TrainConfig:
+    """Paper defaults, then the model's own recommended defaults, then what the user gave."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    recommended = {k: v for k, v in model_defaults(model).items() if k in fields}
+    return TrainConfig(**{**recommended, **given})
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    record: ConceptRecord
+    losses: list[float]
+    seconds: float
+    model: str
+
+
+def train_concept(
+    images_dir: str | Path,
+    name: str,
+    class_word: str,
+    *,
+    model: str | None = None,
+    config: TrainConfig | None = None,
+    overrides: dict | None = None,
+    registry: Registry | None = None,
+    progress=None,
+    pipe=None,
+) -> TrainOutcome:
+    """Train a concept from a folder of images and register its pack. Nothing is registered on failure."""
+    from persres.train import train_residuals
+
+    registry = registry or Registry()
+    registry.check_new_name(name)
+    references = read_folder(images_dir)
+    model, _ = model_for(registry, model)
+    config = config or train_config_for(model, overrides or {})
+    if pipe is None:
+        device = pick_device(config.device)
+        pipe = load_pipeline(model, device, pick_dtype(config.precision, device))
+    identifier = registry.next_identifier()
+    result = train_residuals(pipe, [r.image for r in references], identifier, class_word, config, progress)
+    fp = fingerprint(pipe.unet)
+    from persres.residuals import block_channels, proj_out_kind
+
+    meta = PackMeta(
+        name=name, identifier=identifier, class_word=class_word, ranks=result.ranks,
+        channels=block_channels(pipe.unet), parameter_count=result.parameter_count,
+        base_model=model, architecture=fp.architecture, weights=fp.weights, proj_out=proj_out_kind(pipe.unet),
+        train_config={**config.to_dict(), "resolution": result.resolution, "prompt": result.prompt},
+        image_hashes=[r.sha256 for r in references],
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        loss_start=result.losses[0], loss_end=result.losses[-1], seconds=result.seconds,
+    )
+    record = registry.add(result.tensors, meta)
+    return TrainOutcome(record, result.losses, result.seconds, model)
+
+
+def apply_concepts(pipe, names: Sequence[str], registry: Registry | None = None, model: str | None = None) -> list[BoundConcept]:
+    """Load registered concepts onto a StableDiffusionPipeline; returns them bound for prompts."""
+    registry = registry or Registry()
+    bound = []
+    for name in names:
+        tensors, meta = registry.load(name)
+        meta = dataclasses.replace(meta, name=name)
+        apply_pack(pipe, tensors, meta, model)
+        bound.append(registry.get(name).bound())
+    return bound
+
+
+def bind_prompt(prompt: str, concept_names: Sequence[str], registry: Registry) -> tuple[str, list[BoundConcept]]:
+    given = [registry.get(n).bound() for n in concept_names]
+    return expand_prompt(prompt, given, lambda n: registry.get(n).bound())
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "image"
+
+
+def generate_images(
+    prompt: str,
+    concept_names: Sequence[str] = (),
+    *,
+    config: SampleConfig = SampleConfig(),
+    model: str | None = None,
+    out_dir: str | Path = ".",
+    registry: Registry | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    backend: str | None = None,
+    pipe=None,
+) -> tuple[list[Path], Generated]:
+    """Expand the prompt, load its concepts, sample, and write PNGs that say how they were made."""
+    registry = registry or Registry()
+    expanded, concepts = bind_prompt(prompt, concept_names, registry)
+    model, _ = model_for(registry, model)
+    if pipe is None:
+        dev = pick_device(device)
+        pipe = load_pipeline(model, dev, pick_dtype(precision, dev))
+    apply_concepts(pipe, [c.name for c in concepts], registry, model)
+    result = generate(pipe, expanded, concepts, config, backend)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
+        info = PngInfo()
+        for key, value in {
+            "prompt": prompt, "expanded_prompt": expanded, "seed": seed,
+            "concepts": ",".join(c.name for c in concepts), "lag": config.lag, "steps": config.steps,
+            "guidance": config.guidance, "eta": config.eta, "model": model, "persres_version": __version__,
+        }.items():
+            info.add_text(key, str(value))
+        path = out / f"{_slug(prompt)}-{'lag' if config.lag else 'nolag'}-{seed}.png"
+        image.save(path, pnginfo=info)
+        paths.append(path)
+        for k, (name, per_image) in enumerate(result.masks.items()):
+            overlay = mask_overlay(image, per_image[i], k)
+            overlay.save(path.with_name(f"{path.stem}.mask-{name}.png"))
+    return paths, result

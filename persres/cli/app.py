@@ -1,0 +1,262 @@
+"""The `persres` command: parse options, make one library call, render with Rich.
+
+No SQL and no torch here; heavy modules are imported inside the commands so that
+`persres list` starts instantly. Every `PersresError` becomes one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Personalized residuals for Stable Diffusion: learn a concept from a few photos, draw it anywhere.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Show or change persres settings (the default model).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+out = Console()
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if category.__module__.startswith("persres"):
+        err.print(f"warning: {message}", markup=False)
+
+
+def command(fn):
+    """Turn persres errors into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from persres.errors import PersresError
+
+        _quiet_libraries()
+        warnings.showwarning = _show_warning
+        try:
+            return fn(*args, **kwargs)
+        except PersresError as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: nothing was registered", markup=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _registry():
+    from persres.registry import Registry
+
+    return Registry()
+
+
+def _model(registry, model: Optional[str]) -> str:
+    from persres.api import model_for
+
+    resolved, first_toy = model_for(registry, model)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    if first_toy:
+        err.print("note: using persres's built-in toy model; pass --model, set PERSRES_MODEL or run "
+                  "`persres config model PATH_OR_HUB_ID` to use real Stable Diffusion weights", markup=False)
+    return resolved
+
+
+@app.command()
+@command
+def train(
+    images_dir: Path = typer.Argument(..., help="Folder of 3-15 photos of one thing."),
+    name: str = typer.Option(..., "--name", help="Name to register the concept under."),
+    class_word: str = typer.Option(..., "--class", help='The concept\'s class word, e.g. "dog".'),
+    model: Optional[str] = typer.Option(None, help="Diffusers directory, hub id, or 'toy'."),
+    steps: Optional[int] = typer.Option(None, help="Training steps [default: 150, paper]."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [default: 4, paper]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [default: 1e-3, paper]."),
+    rank_ratio: Optional[float] = typer.Option(None, help="Rank as a fraction of channels [default: 0.05, paper]."),
+    rank: Optional[int] = typer.Option(None, help="Fixed rank for every block (overrides --rank-ratio)."),
+    resolution: Optional[int] = typer.Option(None, help="Training resolution [default: the model's]."),
+    seed: Optional[int] = typer.Option(None, help="Random seed [default: 0]."),
+    init: Optional[str] = typer.Option(None, help="Factor init: zero (A=0) or random [default: zero]."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
+):
+    """Learn a concept's residuals from a folder of images and register the pack."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class Speed(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:.2f} it/s" if task.speed else "")
+
+    from persres.api import train_concept, train_config_for
+
+    registry = _registry()
+    registry.check_new_name(name)
+    resolved = _model(registry, model)
+    overrides = dict(steps=steps, batch_size=batch_size, lr=lr, rank_ratio=rank_ratio, rank=rank,
+                     resolution=resolution, seed=seed, init=init, device=device, precision=precision)
+    config = train_config_for(resolved, overrides)
+    with Progress(TextColumn("[bold]training {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]:.4f}"), Speed(),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("train", total=config.steps, name=name, loss=float("nan"))
+        outcome = train_concept(images_dir, name, class_word, model=resolved, config=config, registry=registry,
+                                progress=lambda step, loss: bar.update(task, completed=step, loss=loss))
+    rec = outcome.record
+    out.print(f"trained [bold]{name}[/] ({rec.meta.parameter_count:,} parameters, loss {rec.meta.loss_start:.4f} -> "
+              f"{rec.meta.loss_end:.4f}) in {outcome.seconds:.1f}s; pack {rec.path}; prompt it as "
+              f"'<{name}>' or 'V*' (identifier {rec.meta.identifier!r})")
+
+
+@app.command()
+@command
+def gen(
+    prompt: str = typer.Argument(..., help='Prompt; V1, V2.. bind to -c in order, V* to the only one, <name> to a concept.'),
+    concept: list[str] = typer.Option([], "--concept", "-c", help="A registered concept (repeatable)."),
+    lag: bool = typer.Option(False, "--lag/--no-lag", help="Localized attention-guided sampling."),
+    steps: int = typer.Option(50, help="DDIM steps [paper: 50]."),
+    guidance: float = typer.Option(6.0, help="Classifier-free guidance scale [paper: 6.0]."),
+    seed: int = typer.Option(0, help="Seed of the first image; image i uses seed + i."),
+    n: int = typer.Option(1, "-n", help="Number of images."),
+    height: Optional[int] = typer.Option(None, help="Image height [default: the model's]."),
+    width: Optional[int] = typer.Option(None, help="Image width [default: the model's]."),
+    out_dir: Path = typer.Option(Path("."), "--out", help="Output folder."),
+    model: Optional[str] = typer.Option(None, help="Diffusers directory, hub id, or 'toy'."),
+    save_masks: bool = typer.Option(False, "--save-masks", help="Also write each concept's LAG region overlay."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
+    backend: str = typer.Option("auto", help="Attention backend: auto, sdpa, xformers or reference."),
+):
+    """Generate images with zero, one or several concepts, with or without LAG."""
+    from persres.api import generate_images
+    from persres.config import SampleConfig
+    from persres.errors import InputError
+
+    if save_masks and not lag:
+        raise InputError("--save-masks shows LAG regions: add --lag")
+    config = SampleConfig(steps=steps, guidance=guidance, lag=lag, seed=seed, num_images=n,
+                          height=height, width=width, save_masks=save_masks)
+    registry = _registry()
+    resolved = _model(registry, model)
+    with err.status("generating..."):
+        paths, _ = generate_images(prompt, concept, config=config, model=resolved, out_dir=out_dir,
+                                   registry=registry, device=device, precision=precision, backend=backend)
+    for p in paths:
+        out.print(str(p), markup=False, highlight=False)
+
+
+@app.command("list")
+@command
+def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List registered concepts."""
+    records = _registry().list()
+    if as_json:
+        print(json.dumps([r.to_dict() for r in records], indent=2))
+        return
+    table = Table("name", "class", "identifier", "params", "loss", "base model", "created")
+    for r in records:
+        m = r.meta
+        loss = f"{m.loss_start:.3f} -> {m.loss_end:.3f}" if m.loss_start is not None else ""
+        table.add_row(m.name, m.class_word, m.identifier, f"{m.parameter_count:,}", loss, m.base_model, m.created_at)
+    out.print(table if records else "no concepts registered yet (persres train IMAGES_DIR --name NAME --class CLASS)")
+
+
+@app.command()
+@command
+def show(name: str, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Show everything the registry knows about a concept."""
+    record = _registry().get(name)
+    data = record.to_dict()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in data.items():
+        if key in ("ranks", "channels"):
+            value = ", ".join(sorted({str(v) for v in value.values()}, key=int))
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    out.print(table)
+
+
+@app.command()
+@command
+def rm(name: str):
+    """Remove a concept and its pack file."""
+    record = _registry().remove(name)
+    out.print(f"removed {name} ({record.path})")
+
+
+@app.command()
+@command
+def export(
+    name: str,
+    output: Path = typer.Option(..., "--output", "-o", help="File to write."),
+    fmt: str = typer.Option("persres", "--format", help="persres (re-importable), diffusers, or kohya (A1111, ComfyUI)."),
+):
+    """Export a concept: its pack, or a LoRA file diffusers, A1111 or ComfyUI load."""
+    from persres.export import write_foreign
+
+    registry = _registry()
+    if fmt == "persres":
+        registry.export_pack(name, output)
+    else:
+        tensors, meta = registry.load(name)
+        write_foreign(output, fmt, tensors, meta, conv=meta.proj_out == "Conv2d")
+    meta = registry.get(name).meta
+    out.print(f"wrote {output} ({fmt}); prompt with the identifier '{meta.identifier} {meta.class_word}'")
+
+
+@app.command("import")
+@command
+def import_(file: Path, name: Optional[str] = typer.Option(None, "--name", help="Register under a new name.")):
+    """Register a pack file (from `persres export`)."""
+    record = _registry().import_pack(file, name)
+    out.print(f"imported {record.name} ({record.meta.class_word}, identifier {record.meta.identifier!r})")
+
+
+@config_app.command("model")
+@command
+def config_model(
+    value: Optional[str] = typer.Argument(None, help="Diffusers directory or hub id to use by default."),
+    unset: bool = typer.Option(False, "--unset", help="Go back to the built-in toy model."),
+):
+    """Show or set the default base model (PERSRES_MODEL, when set, wins)."""
+    from persres.api import DEFAULT_MODEL_KEY
+
+    registry = _registry()
+    if unset:
+        registry.set_setting(DEFAULT_MODEL_KEY, None)
+    elif value is not None:
+        registry.set_setting(DEFAULT_MODEL_KEY, value)
+    current = os.environ.get("PERSRES_MODEL") or registry.setting(DEFAULT_MODEL_KEY) or "toy"
+    out.print(current, markup=False, highlight=False)
+
+
+def main() -> None:
+    app(prog_name="persres")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""LAG: localized attention-guided sampling (Ham et al., Sec. 3.2), for one or several concepts.
+
+In transformer block i, at every denoising step, the cross-attention probabilities of a
+concept's tokens (identifier and class word) are summed over the tokens and averaged over
+heads, binarized at their median (M_i), and the block's output projection becomes
+
+    f_i(x) = W_i x + M_i * (Delta W_i x)
+
+The maps come from the cross-attention of the same UNet evaluation (attn2 of block i runs
+before its proj_out), so LAG adds no model evaluation. Several concepts: each has its own
+median mask; where several masks are on, the concept with the highest max-normalized
+attention wins, so regions never overlap. Under classifier-free guidance the batch is
+[unconditional, conditional] and the unconditional half has no concept tokens: the
+conditional half's regions serve both halves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from persres.kernels import Backend, KernelAttnProcessor, attention_processors, block_of
+from persres.residuals import layers_of
+
+
+@dataclass(frozen=True)
+class ConceptTokens:
+    """A loaded concept and the positions of its tokens in the (padded) prompt."""
+
+    name: str
+    positions: tuple[int, ...]
+
+
+def median_mask(maps: torch.Tensor) -> torch.Tensor:
+    """maps: (..., N) -> bool mask, on where the value is above the (lower) median: half of N."""
+    med = maps.median(dim=-1, keepdim=True).values
+    return maps > med
+
+
+def regions_from_maps(maps: torch.Tensor) -> torch.Tensor:
+    """maps: (B, K, N) token-summed attention of K concepts -> disjoint regions (B, K, N) in {0, 1}."""
+    on = median_mask(maps)  # (B, K, N)
+    if maps.shape[1] == 1:
+        return on.float()
+    norm = maps / maps.amax(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, K, N) in [0, 1]
+    score = torch.where(on, norm, torch.full_like(norm, -1.0))
+    winner = score.argmax(dim=1)  # (B, N)
+    won = F.one_hot(winner, maps.shape[1]).permute(0, 2, 1).bool()  # (B, K, N)
+    return (on & won).float()
+
+
+class LagSession:
+    """Per-call state of LAG sampling: token sets in, per-block regions out.
+
+    The attn2 processors `record` maps; each proj_out wrapper asks `region` for its concept.
+    Created and torn down by `lag_regions`, never global.
+    """
+
+    def __init__(self, concepts: Sequence[ConceptTokens], cfg: bool, latent_hw: tuple[int, int] | None = None, keep_masks: bool = False):
+        self.concepts = list(concepts)
+        self.index = {c.name: i for i, c in enumerate(self.concepts)}
+        self.token_sets = [c.positions for c in self.concepts]
+        self.cfg = cfg
+        self.latent_hw = latent_hw
+        self.keep_masks = keep_masks
+        self._maps: dict[str, torch.Tensor] = {}  # block -> (B, K, N), pending for its proj_out
+        self._regions: dict[str, torch.Tensor] = {}  # block -> (B, K, N), this evaluation's
+        self.mask_sums: dict[str, torch.Tensor] = {}  # concept -> (B, h, w) summed regions, if keep_masks
+        self.mask_counts = 0
+
+    def record(self, block: str, maps: torch.Tensor) -> None:
+        if self.cfg:  # (2B, K, N): [uncond, cond] -> the cond half's maps for both halves
+            cond = maps[maps.shape[0] // 2 :]
+            maps = torch.cat([cond, cond])
+        if block in self._maps:  # several transformer layers in one block (SDXL): sum them
+            maps = self._maps[block] + maps
+        self._maps[block] = maps
+        self._regions.pop(block, None)
+
+    def region(self, block: str, concept: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The concept's mask shaped to broadcast against proj_out's input `x`."""
+        if concept not in self.index:
+            return None
+        regions = self._regions.get(block)
+        if regions is None:
+            maps = self._maps.pop(block, None)
+            if maps is None:
+                return None
+            regions = self._regions[block] = regions_from_maps(maps.float())
+            if self.keep_masks:
+                self._keep(regions, x)
+        mask = regions[:, self.index[concept]]  # (B, N)
+        if x.ndim == 4:  # conv proj_out: x (B, C, H, W)
+            return mask.view(x.shape[0], 1, x.shape[2], x.shape[3])
+        return mask.unsqueeze(-1)  # linear proj_out: x (B, N, C)
+
+    def _keep(self, regions: torch.Tensor, x: torch.Tensor) -> None:
+        h, w = self._grid(x, regions.shape[-1])
+        out_hw = self.latent_hw or (h, w)
+        grid = regions.view(regions.shape[0], regions.shape[1], h, w)  # (B, K, h, w)
+        grid = F.interpolate(grid, size=out_hw, mode="nearest")
+        for name, k in self.index.items():
+            prev = self.mask_sums.get(name)
+            self.mask_sums[name] = grid[:, k] if prev is None else prev + grid[:, k]
+        self.mask_counts += 1
+
+    def _grid(self, x: torch.Tensor, n: int) -> tuple[int, int]:
+        if x.ndim == 4:
+            return x.shape[2], x.shape[3]
+        if self.latent_hw is None:
+            side = int(math.isqrt(n))
+            return side, n // side
+        lh, lw = self.latent_hw
+        factor = math.sqrt(lh * lw / n)
+        return round(lh / factor), round(lw / factor)
+
+    def average_masks(self) -> dict[str, torch.Tensor]:
+        """Each concept's region averaged over blocks and steps: (B, h, w) in [0, 1]."""
+        return {name: s / max(self.mask_counts, 1) for name, s in self.mask_sums.items()}
+
+
+@contextmanager
+def lag_regions(
+    unet,
+    concepts: Sequence[ConceptTokens],
+    *,
+    cfg: bool,
+    backend: Backend | str | None = None,
+    latent_hw: tuple[int, int] | None = None,
+    keep_masks: bool = False,
+):
+    """Inside the block, every residual acts only in its concept's region (one UNet pass per step)."""
+    session = LagSession(concepts, cfg, latent_hw, keep_masks)
+    layers = layers_of(unet)
+
+    def make(name: str, old):
+        if name.endswith("attn2.processor") and block_of(name) in layers:
+            return KernelAttnProcessor(backend, session, block_of(name))
+        return old if backend in (None, "auto") else KernelAttnProcessor(backend)
+
+    with attention_processors(unet, make):
+        for layer in layers.values():
+            layer.unmerge()
+            layer.regions = session
+        try:
+            yield session
+        finally:
+            for layer in layers.values():
+                layer.regions = None

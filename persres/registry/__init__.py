@@ -1,0 +1,5 @@
+"""The concept registry: SQLite rows (sqlite-utils, numbered migrations) over pack files."""
+
+from persres.registry.store import ConceptRecord, Registry, persres_home
+
+__all__ = ["ConceptRecord", "Registry", "persres_home"]

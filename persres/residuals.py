@@ -1,0 +1,276 @@
+"""Personalized residuals on the UNet's transformer output projections (Ham et al., Sec. 3.1).
+
+For transformer block i with output projection W_i (m_i x m_i; a 1x1 Conv2d in SD v1.x, a
+Linear in SD 2.x/XL) a concept learns Delta W_i = A_i B_i, A_i in R^{m_i x r_i},
+B_i in R^{r_i x m_i}. `ResidualProjOut` replaces `proj_out` in place (the module keeps the
+original as `base_layer`, like peft's LoraLayer) and holds one factor pair per concept:
+
+    f(x) = W x + sum_k M_k * (A_k B_k x)         M_k = 1 without LAG, a region mask with LAG
+
+Without LAG the residuals are folded into W (`merge`), so sampling costs exactly what the
+base model costs; `unmerge` restores the original weight bit for bit from a saved copy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from persres.errors import InputError
+
+if TYPE_CHECKING:
+    from persres.config import Init
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class RegionSource(Protocol):
+    """What a proj_out wrapper asks during LAG sampling (see `persres.lag.LagSession`)."""
+
+    def region(self, block: str, concept: str, x: torch.Tensor) -> torch.Tensor | None: ...
+
+
+def rank_for(channels: int, rank_ratio: float = 0.05, rank: int | None = None) -> int:
+    """The residual rank of a block with `channels` channels (paper: r = 0.05 m)."""
+    if rank is not None:
+        return min(rank, channels)
+    return max(1, min(channels, round(rank_ratio * channels)))
+
+
+def check_concept_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise InputError(f"invalid concept name {name!r}: use letters, digits, '_' or '-' (at most 64, starting with a letter or digit)")
+    return name
+
+
+def channels_of(layer: nn.Module) -> int:
+    if isinstance(layer, nn.Conv2d):
+        if layer.kernel_size != (1, 1) or layer.in_channels != layer.out_channels:
+            raise InputError(f"proj_out must be a square 1x1 Conv2d, got {layer}")
+        return layer.out_channels
+    if isinstance(layer, nn.Linear):
+        if layer.in_features != layer.out_features:
+            raise InputError(f"proj_out must be a square Linear, got {layer}")
+        return layer.out_features
+    raise InputError(f"unsupported proj_out layer {type(layer).__name__}")
+
+
+class LowRankResidual(nn.Module):
+    """Delta W = up @ down, up: (m, r), down: (r, m). Kept in fp32 whatever the model's dtype."""
+
+    def __init__(self, channels: int, rank: int, init: "Init" = "zero", generator: torch.Generator | None = None):
+        super().__init__()
+        down = torch.randn(rank, channels, generator=generator) / rank**0.5
+        up = torch.zeros(channels, rank) if init == "zero" else torch.randn(channels, rank, generator=generator) / channels**0.5
+        self.up = nn.Parameter(up)  # A_i: (m, r)
+        self.down = nn.Parameter(down)  # B_i: (r, m)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.up @ self.down  # (m, m)
+
+    def forward(self, x: torch.Tensor, conv: bool) -> torch.Tensor:
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        if conv:  # x: (B, m, H, W)
+            return F.conv2d(F.conv2d(x, down[:, :, None, None]), up[:, :, None, None])
+        return F.linear(F.linear(x, down), up)  # x: (B, HW, m)
+
+
+class ResidualProjOut(nn.Module):
+    """A transformer block's proj_out with per-concept low-rank residuals."""
+
+    def __init__(self, base_layer: nn.Module, block: str):
+        super().__init__()
+        self.channels = channels_of(base_layer)
+        self.base_layer = base_layer
+        self.block = block  # the Transformer2DModel's module name, e.g. "down_blocks.0.attentions.0"
+        self.residuals = nn.ModuleDict()
+        self.merged: list[str] = []
+        self.regions: RegionSource | None = None  # set only inside persres.lag.lag_regions()
+        self.active: tuple[str, ...] | None = None  # None: every loaded concept; set by use_concepts()
+        self._original_weight: torch.Tensor | None = None
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.base_layer, nn.Conv2d)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def add(self, name: str, residual: LowRankResidual) -> None:
+        if name in self.residuals:
+            raise InputError(f"concept {name!r} is already loaded on {self.block}")
+        self.residuals[name] = residual.to(self.weight.device)
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge()
+        del self.residuals[name]
+
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        """Fold the named residuals (all by default) into the base weight."""
+        names = [n for n in (self.residuals if names is None else names) if n not in self.merged]
+        if not names:
+            return
+        w = self.weight
+        if self._original_weight is None:
+            self._original_weight = w.detach().clone()
+        with torch.no_grad():
+            delta = sum(self.residuals[n].delta_weight() for n in names)  # (m, m), fp32
+            merged = w.detach().float().view(self.channels, self.channels) + delta.to(w.device)
+            w.copy_(merged.view_as(w).to(w.dtype))
+        self.merged.extend(names)
+
+    def unmerge(self) -> None:
+        """Restore the original weight exactly (from the saved copy, not by subtraction)."""
+        if self._original_weight is not None:
+            with torch.no_grad():
+                self.weight.copy_(self._original_weight)
+        self._original_weight = None
+        self.merged = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        for name, residual in self.residuals.items():
+            if name in self.merged or (self.active is not None and name not in self.active):
+                continue
+            delta = residual(x, self.is_conv)
+            if self.regions is not None:
+                mask = self.regions.region(self.block, name, x)
+                if mask is None:
+                    continue
+                delta = delta * mask.to(delta.dtype)
+            out = out + delta
+        return out
+
+
+@contextmanager
+def use_concepts(unet: nn.Module, names: Sequence[str], merged: bool):
+    """Inside the block only `names` act; `merged=True` folds them into the weights (no extra cost)."""
+    layers = layers_of(unet)
+    for layer in layers.values():
+        missing = [n for n in names if n not in layer.residuals]
+        if missing:
+            raise InputError(f"concept {missing[0]!r} is not loaded on this UNet")
+        layer.unmerge()
+        layer.active = tuple(names)
+        if merged:
+            layer.merge(names)
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.unmerge()
+            layer.active = None
+
+
+def transformer_blocks(unet: nn.Module) -> dict[str, nn.Module]:
+    """Every transformer block (a module with proj_in/proj_out around transformer_blocks), by name."""
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if hasattr(module, "transformer_blocks") and hasattr(module, "proj_out")
+    }
+
+
+def inject(unet: nn.Module) -> dict[str, ResidualProjOut]:
+    """Replace every transformer's proj_out with a `ResidualProjOut` (idempotent)."""
+    layers = {}
+    for name, block in transformer_blocks(unet).items():
+        if not isinstance(block.proj_out, ResidualProjOut):
+            block.proj_out = ResidualProjOut(block.proj_out, name)
+        layers[name] = block.proj_out
+    if not layers:
+        raise InputError("the UNet has no transformer blocks with a proj_out")
+    return layers
+
+
+def layers_of(unet: nn.Module) -> dict[str, ResidualProjOut]:
+    """The injected wrappers, by transformer name (empty when none are injected)."""
+    return {n: b.proj_out for n, b in transformer_blocks(unet).items() if isinstance(b.proj_out, ResidualProjOut)}
+
+
+def remove(unet: nn.Module) -> None:
+    """Put the original proj_out modules back, unmerged: the UNet is the base model again."""
+    for block in transformer_blocks(unet).values():
+        if isinstance(block.proj_out, ResidualProjOut):
+            block.proj_out.unmerge()
+            block.proj_out = block.proj_out.base_layer
+
+
+def ranks_for(unet: nn.Module, rank_ratio: float = 0.05, rank: int | None = None) -> dict[str, int]:
+    """The rank of every transformer block's residual (one place for this decision)."""
+    return {name: rank_for(channels_of(_base(b.proj_out)), rank_ratio, rank) for name, b in transformer_blocks(unet).items()}
+
+
+def _base(layer: nn.Module) -> nn.Module:
+    return layer.base_layer if isinstance(layer, ResidualProjOut) else layer
+
+
+def new_concept(
+    unet: nn.Module, name: str, ranks: Mapping[str, int], init: "Init" = "zero", seed: int = 0
+) -> dict[str, LowRankResidual]:
+    """Add fresh trainable factors for `name` on every block; returns them by block name."""
+    layers = inject(unet)
+    gen = torch.Generator().manual_seed(seed)
+    residuals = {}
+    for block, layer in layers.items():
+        residual = LowRankResidual(layer.channels, ranks[block], init, gen)
+        layer.add(name, residual)
+        residuals[block] = layer.residuals[name]
+    return residuals
+
+
+def load_concept(unet: nn.Module, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Load factors from a pack's tensors ("{block}.up", "{block}.down") onto the UNet."""
+    layers = inject(unet)
+    for block, layer in layers.items():
+        up, down = tensors[f"{block}.up"], tensors[f"{block}.down"]
+        residual = LowRankResidual(layer.channels, down.shape[0])
+        with torch.no_grad():
+            residual.up.copy_(up)
+            residual.down.copy_(down)
+        residual.requires_grad_(False)
+        layer.add(name, residual)
+
+
+def concept_tensors(unet: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """A concept's factors as the flat tensor dict a pack stores."""
+    out = {}
+    for block, layer in layers_of(unet).items():
+        residual = layer.residuals[name]
+        out[f"{block}.up"] = residual.up.detach().float().cpu().contiguous()
+        out[f"{block}.down"] = residual.down.detach().float().cpu().contiguous()
+    return out
+
+
+def unload_concept(unet: nn.Module, name: str) -> None:
+    for layer in layers_of(unet).values():
+        if name in layer.residuals:
+            layer.remove(name)
+
+
+def loaded_concepts(unet: nn.Module) -> list[str]:
+    names: list[str] = []
+    for layer in layers_of(unet).values():
+        names.extend(n for n in layer.residuals if n not in names)
+    return names
+
+
+def parameter_count(ranks: Mapping[str, int], channels: Mapping[str, int]) -> int:
+    return sum(2 * channels[b] * r for b, r in ranks.items())
+
+
+def block_channels(unet: nn.Module) -> dict[str, int]:
+    return {name: channels_of(_base(b.proj_out)) for name, b in transformer_blocks(unet).items()}
+
+
+def proj_out_kind(unet: nn.Module) -> str:
+    kinds = {type(_base(b.proj_out)).__name__ for b in transformer_blocks(unet).values()}
+    return kinds.pop() if len(kinds) == 1 else "mixed"

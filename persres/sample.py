@@ -1,0 +1,121 @@
+"""Sampling with personalized residuals, with or without LAG, for one or several concepts.
+
+Without LAG the residuals of the prompt's concepts are folded into the proj_out weights for
+the call (`use_concepts(merged=True)`), so a personalized model samples at the base model's
+speed. With LAG they stay unmerged and act only in their concepts' regions, found from the
+cross-attention of the same UNet evaluation (`persres.lag`). Each image i of a call uses
+seed + i, so `-n 1 --seed S` reproduces any one of them from its PNG metadata.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from persres import residuals
+from persres.config import SampleConfig
+from persres.errors import IncompatiblePack, PromptError
+from persres.lag import ConceptTokens, lag_regions
+from persres.models import Fingerprint, fingerprint
+from persres.packs import PackMeta
+from persres.tokens import BoundConcept, concept_positions
+
+MASK_COLORS = [(255, 64, 64), (64, 160, 255), (64, 220, 96), (255, 200, 0), (200, 80, 255)]
+
+
+class OtherCheckpointWarning(UserWarning):
+    """A pack trained on another checkpoint of the same architecture (SD 1.4 vs 1.5, say)."""
+
+
+@dataclass
+class Generated:
+    images: list[Image.Image]
+    seeds: list[int]
+    prompt: str  # expanded: identifiers in place of placeholders
+    masks: dict[str, list[np.ndarray]] = field(default_factory=dict)  # concept -> per image (h, w) in [0, 1]
+
+
+def check_fit(meta: PackMeta, fp: Fingerprint, model: str) -> None:
+    """Refuse a pack of another architecture; warn for another checkpoint of the same one."""
+    if meta.architecture != fp.architecture:
+        raise IncompatiblePack(
+            f"pack {meta.name!r} was trained on {meta.base_model!r} (architecture {meta.architecture[:12]}), "
+            f"which does not fit {model!r} (architecture {fp.architecture[:12]})"
+        )
+    if meta.weights != fp.weights:
+        warnings.warn(
+            f"pack {meta.name!r} was trained on another checkpoint ({meta.base_model!r}) of this architecture; "
+            "it loads, but results may differ",
+            OtherCheckpointWarning,
+            stacklevel=2,
+        )
+
+
+def apply_pack(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta, model: str | None = None) -> None:
+    """Load a pack's residuals onto a diffusers pipeline you already hold (checked for fit)."""
+    check_fit(meta, fingerprint(pipe.unet), model or pipe.config.get("_name_or_path", "this model"))
+    if meta.name in residuals.loaded_concepts(pipe.unet):
+        residuals.unload_concept(pipe.unet, meta.name)
+    residuals.load_concept(pipe.unet, meta.name, tensors)
+
+
+def concept_tokens(tokenizer, prompt: str, concepts: Sequence[BoundConcept]) -> list[ConceptTokens]:
+    """Each concept's token positions in the prompt (shared with training and the CLI)."""
+    seen: dict[str, str] = {}
+    for c in concepts:
+        if c.identifier in seen:
+            raise PromptError(f"concepts {seen[c.identifier]!r} and {c.name!r} share the identifier {c.identifier!r}; they cannot appear in one prompt")
+        seen[c.identifier] = c.name
+    return [ConceptTokens(c.name, concept_positions(tokenizer, prompt, c.identifier, c.class_word)) for c in concepts]
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompt: str,
+    concepts: Sequence[BoundConcept] = (),
+    config: SampleConfig = SampleConfig(),
+    backend: str | None = None,
+) -> Generated:
+    """Sample `config.num_images` images of an expanded prompt with the given (loaded) concepts."""
+    tokens = concept_tokens(pipe.tokenizer, prompt, concepts)
+    height = config.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = config.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    seeds = [config.seed + i for i in range(config.num_images)]
+    device = pipe.unet.device
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    call = dict(
+        prompt=prompt, num_inference_steps=config.steps, guidance_scale=config.guidance, eta=config.eta,
+        num_images_per_prompt=config.num_images, generator=generators, height=height, width=width,
+    )
+    names = [c.name for c in concepts]
+    masks: dict[str, list[np.ndarray]] = {}
+    if residuals.layers_of(pipe.unet) and names:
+        with residuals.use_concepts(pipe.unet, names, merged=not config.lag):
+            if config.lag:
+                latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+                with lag_regions(pipe.unet, tokens, cfg=config.guidance > 1, backend=backend,
+                                 latent_hw=latent_hw, keep_masks=config.save_masks) as session:
+                    images = pipe(**call).images
+                batch = config.num_images
+                for name, m in session.average_masks().items():
+                    masks[name] = [m[-batch:][i].cpu().numpy() for i in range(batch)]  # cond half
+            else:
+                images = pipe(**call).images
+    else:
+        images = pipe(**call).images
+    return Generated(images, seeds, prompt, masks)
+
+
+def mask_overlay(image: Image.Image, mask: np.ndarray, color_index: int = 0) -> Image.Image:
+    """The image with the concept's region tinted: where the residual acted."""
+    color = np.array(MASK_COLORS[color_index % len(MASK_COLORS)], dtype=np.float32)
+    m = Image.fromarray((mask * 255).astype(np.uint8)).resize(image.size, Image.Resampling.NEAREST)
+    alpha = np.asarray(m, dtype=np.float32)[..., None] / 255 * 0.55
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return Image.fromarray((base * (1 - alpha) + color * alpha).round().astype(np.uint8))

@@ -1,0 +1,123 @@
+"""Which tokens a concept owns in a prompt, and the prompt placeholder syntax.
+
+One function, `concept_positions`, decides a concept's tokens for training, LAG and the
+CLI alike: every token of the identifier, plus the class word's tokens when the class
+word follows the identifier. Identifiers and class words may span several tokens.
+
+Placeholders: `V1`, `V2`, ... bind to the concepts given in order; `V*` to the only one;
+`<name>` to a registered concept by name. Each expands to the concept's identifier, so
+the class word stays the user's ("a V* dog" -> "a sks dog").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from persres.errors import PromptError
+
+# Rare identifier tokens, handed out in order by the registry (DreamBooth's "sks" first).
+RARE_IDENTIFIERS = ("sks", "zwx", "qrv", "vyk", "pmj", "tqz", "hwx", "jxn")
+
+PLACEHOLDER_RE = re.compile(r"<([A-Za-z0-9][A-Za-z0-9_-]*)>|\bV(\d+)\b|\bV\*")
+
+
+@dataclass(frozen=True)
+class BoundConcept:
+    name: str
+    identifier: str
+    class_word: str
+
+
+def identifier_candidates():
+    """RARE_IDENTIFIERS, then an endless supply of further rare strings."""
+    yield from RARE_IDENTIFIERS
+    n = 2
+    while True:
+        for base in RARE_IDENTIFIERS:
+            yield f"{base}{n}"
+        n += 1
+
+
+def training_prompt(identifier: str, class_word: str) -> str:
+    return f"a photo of a {identifier} {class_word}"  # paper: "a photo of a [V] [class]"
+
+
+def _word_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _find(seq: list[int], sub: list[int], start: int = 0) -> int:
+    for i in range(start, len(seq) - len(sub) + 1):
+        if seq[i : i + len(sub)] == sub:
+            return i
+    return -1
+
+
+def concept_positions(tokenizer, prompt: str, identifier: str, class_word: str | None = None) -> tuple[int, ...]:
+    """Positions (in the padded, special-token-framed prompt) of the concept's tokens.
+
+    Raises PromptError when the identifier is absent or falls past the text encoder's limit.
+    """
+    full = tokenizer(prompt, add_special_tokens=True).input_ids  # untruncated
+    limit = tokenizer.model_max_length
+    ident = _word_ids(tokenizer, identifier)
+    cls = _word_ids(tokenizer, class_word) if class_word else []
+    positions: list[int] = []
+    at = _find(full, ident)
+    while at >= 0:
+        end = at + len(ident)
+        positions.extend(range(at, end))
+        if cls and full[end : end + len(cls)] == cls:
+            positions.extend(range(end, end + len(cls)))
+            end += len(cls)
+        at = _find(full, ident, end)
+    if not positions:
+        raise PromptError(f"the prompt does not contain the concept's identifier {identifier!r}")
+    if max(positions) >= limit - 1:  # the last kept position holds the end-of-text token
+        raise PromptError(
+            f"the prompt is {len(full)} tokens; the text encoder keeps {limit}, which would cut off the concept "
+            f"{identifier!r}: shorten the prompt or move the concept earlier"
+        )
+    return tuple(positions)
+
+
+def expand_prompt(
+    prompt: str,
+    concepts: Sequence[BoundConcept],
+    lookup: Callable[[str], BoundConcept],
+) -> tuple[str, list[BoundConcept]]:
+    """Replace placeholders by identifiers; return the prompt and every concept it uses, in order.
+
+    `concepts` are the -c options in order; `lookup(name)` resolves `<name>` (and raises
+    ConceptNotFound). A concept given with -c but never referenced is an error too.
+    """
+    used: list[BoundConcept] = []
+
+    def use(c: BoundConcept) -> str:
+        if c.name not in [u.name for u in used]:
+            used.append(c)
+        return c.identifier
+
+    def replace(m: re.Match) -> str:
+        name, index = m.group(1), m.group(2)
+        if name is not None:
+            return use(lookup(name))
+        if index is not None:
+            i = int(index)
+            if not 1 <= i <= len(concepts):
+                raise PromptError(f"V{i} is not bound: give at least {i} concept(s) with -c (got {len(concepts)})")
+            return use(concepts[i - 1])
+        if len(concepts) != 1:
+            raise PromptError(f"V* needs exactly one concept given with -c (got {len(concepts)}); use V1, V2, ... for several")
+        return use(concepts[0])
+
+    expanded = PLACEHOLDER_RE.sub(replace, prompt)
+    for c in concepts:
+        if c.name not in [u.name for u in used]:
+            if re.search(rf"(?<!\w){re.escape(c.identifier)}(?!\w)", expanded):
+                used.append(c)  # the user wrote the identifier itself
+            else:
+                raise PromptError(f"concept {c.name!r} is not in the prompt: write V{concepts.index(c) + 1}, V* or <{c.name}> where it belongs")
+    return expanded, used

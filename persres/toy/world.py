@@ -1,0 +1,183 @@
+"""The toy world: synthetic pictures of simple shapes whose truth code can check.
+
+Each picture is one or two flat-colored shapes on a plain background, with a caption
+from one template family ("a red circle on a blue background", "a red circle and a
+yellow star on a blue background"). Some (color, shape, background) triples are held
+out of training so the model's composition can be measured. Novel concepts (textures
+that no caption can express) are the "your dog" of this world: they are never in the
+training data and ship as reference folders for personalization.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+SIZE = 32  # image side in pixels
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 50, 180),
+    "orange": (245, 140, 20),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+COLORS = tuple(PALETTE)
+SHAPES = ("circle", "square", "triangle", "star", "heart", "cross")
+
+# (object color, shape, background) triples never shown in training.
+HELD_OUT: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        ("red", "star", "blue"),
+        ("green", "circle", "yellow"),
+        ("blue", "heart", "white"),
+        ("yellow", "square", "purple"),
+        ("purple", "triangle", "green"),
+        ("orange", "cross", "black"),
+        ("white", "circle", "red"),
+        ("black", "heart", "orange"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str  # a PALETTE name, or a novel concept's name when texture is set
+    cx: float  # center, pixels
+    cy: float
+    size: float  # bounding-box side, pixels
+    texture: str | None = None  # novel concepts only
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple[Obj, ...]
+
+    def caption(self) -> str:
+        phrases = [f"a {o.color} {o.shape}" for o in self.objects]
+        return f"{' and '.join(phrases)} on a {self.background} background"
+
+
+def shape_mask(shape: str, cx: float, cy: float, size: float, side: int = SIZE) -> Image.Image:
+    """A 1-bit mask ("L" mode, 0/255) of `shape` centered at (cx, cy) with bounding box `size`."""
+    scale = 4  # supersample, then downsample, for clean edges
+    big = Image.new("L", (side * scale, side * scale), 0)
+    draw = ImageDraw.Draw(big)
+    h = size * scale / 2
+    x, y = cx * scale, cy * scale
+    if shape == "circle":
+        draw.ellipse([x - h, y - h, x + h, y + h], fill=255)
+    elif shape == "square":
+        s = h * 0.85
+        draw.rectangle([x - s, y - s, x + s, y + s], fill=255)
+    elif shape == "triangle":
+        draw.polygon([(x, y - h), (x + h, y + h * 0.8), (x - h, y + h * 0.8)], fill=255)
+    elif shape == "star":
+        pts = []
+        for k in range(10):
+            r = h if k % 2 == 0 else h * 0.45
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((x + r * math.cos(a), y + r * math.sin(a)))
+        draw.polygon(pts, fill=255)
+    elif shape == "heart":
+        r = h * 0.5
+        draw.ellipse([x - 2 * r, y - h * 0.9, x, y - h * 0.9 + 2 * r], fill=255)
+        draw.ellipse([x, y - h * 0.9, x + 2 * r, y - h * 0.9 + 2 * r], fill=255)
+        draw.polygon([(x - 2 * r + 1, y - h * 0.25), (x + 2 * r - 1, y - h * 0.25), (x, y + h)], fill=255)
+    elif shape == "cross":
+        t = h * 0.38
+        draw.rectangle([x - h, y - t, x + h, y + t], fill=255)
+        draw.rectangle([x - t, y - h, x + t, y + h], fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return big.resize((side, side), Image.Resampling.BOX).point(lambda v: 255 if v >= 128 else 0)
+
+
+# Novel concepts: textures that no caption can express.
+NOVEL_CONCEPTS: dict[str, tuple[str, str]] = {
+    # name: (shape, texture)
+    "checker_circle": ("circle", "checker"),
+    "split_square": ("square", "split"),
+    "striped_heart": ("heart", "stripes"),
+}
+
+
+def _texture(texture: str, side: int, cx: float, cy: float) -> Image.Image:
+    img = Image.new("RGB", (side, side))
+    px = img.load()
+    for j in range(side):
+        for i in range(side):
+            if texture == "checker":  # black-and-yellow checker, 4 px cells
+                on = ((i - int(cx)) // 4 + (j - int(cy)) // 4) % 2 == 0
+                px[i, j] = PALETTE["yellow"] if on else PALETTE["black"]
+            elif texture == "split":  # two-tone: left half red, right half cyan-ish green
+                px[i, j] = PALETTE["red"] if i < cx else (20, 200, 200)
+            elif texture == "stripes":  # horizontal pink/white stripes, 3 px
+                px[i, j] = (240, 90, 170) if (j // 3) % 2 == 0 else PALETTE["white"]
+            else:
+                raise ValueError(f"unknown texture {texture!r}")
+    return img
+
+
+def render(scene: Scene, side: int = SIZE) -> Image.Image:
+    img = Image.new("RGB", (side, side), PALETTE[scene.background])
+    for o in scene.objects:
+        mask = shape_mask(o.shape, o.cx, o.cy, o.size, side)
+        fill = _texture(o.texture, side, o.cx, o.cy) if o.texture else Image.new("RGB", (side, side), PALETTE[o.color])
+        img.paste(fill, (0, 0), mask)
+    return img
+
+
+def _place(rng: random.Random, n: int) -> list[tuple[float, float, float]]:
+    if n == 1:
+        size = rng.uniform(16, 22)
+        m = size / 2 + 1
+        return [(rng.uniform(m, SIZE - m), rng.uniform(m, SIZE - m), size)]
+    # two objects side by side, left and right halves
+    out = []
+    for left in (True, False):
+        size = rng.uniform(11, 14)
+        m = size / 2 + 0.5
+        lo, hi = (m, SIZE / 2 - m + 2) if left else (SIZE / 2 + m - 2, SIZE - m)
+        out.append((rng.uniform(lo, hi), rng.uniform(m + 2, SIZE - m - 2), size))
+    return out
+
+
+def random_scene(rng: random.Random, *, two_prob: float = 0.25, held_out: bool = False) -> Scene:
+    """A random scene; `held_out=True` draws the single object from HELD_OUT triples only."""
+    if held_out:
+        color, shape, bg = rng.choice(sorted(HELD_OUT))
+        (cx, cy, s), = _place(rng, 1)
+        return Scene(bg, (Obj(shape, color, cx, cy, s),))
+    n = 2 if rng.random() < two_prob else 1
+    while True:
+        bg = rng.choice(COLORS)
+        objs = []
+        for cx, cy, s in _place(rng, n):
+            color = rng.choice([c for c in COLORS if c != bg])
+            shape = rng.choice(SHAPES)
+            objs.append(Obj(shape, color, cx, cy, s))
+        if n == 2 and objs[0].shape == objs[1].shape and objs[0].color == objs[1].color:
+            continue
+        if any((o.color, o.shape, bg) in HELD_OUT for o in objs):
+            continue
+        return Scene(bg, tuple(objs))
+
+
+def novel_scene(rng: random.Random, concept: str, background: str) -> Scene:
+    shape, texture = NOVEL_CONCEPTS[concept]
+    (cx, cy, s), = _place(rng, 1)
+    return Scene(background, (Obj(shape, concept, cx, cy, s, texture=texture),))
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption or a training prompt of this world uses."""
+    return ["a", "and", "on", "background", "photo", "of", *COLORS, *SHAPES]

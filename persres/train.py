@@ -1,0 +1,129 @@
+"""Training personalized residuals (Ham et al., Sec. 3.1 and 4): a library function over TrainConfig.
+
+Only the residual factors require grad. Everything frozen is computed once: the reference
+images are encoded by the VAE a single time (the latent distribution's mean and std are
+kept and a latent is sampled per step; horizontal flips are extra cached entries), and the
+prompt "a photo of a {identifier} {class}" is encoded a single time. Each step is then one
+UNet forward and backward, the floor of what a trainer must do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from persres import residuals
+from persres.config import TrainConfig
+from persres.images import center_square, to_tensor
+from persres.tokens import concept_positions, training_prompt
+
+Progress = Callable[[int, float], None]  # (step, loss)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    tensors: dict[str, torch.Tensor]  # "{block}.up" (m, r) and "{block}.down" (r, m)
+    ranks: dict[str, int]
+    parameter_count: int
+    losses: list[float]
+    seconds: float
+    prompt: str
+    resolution: int
+
+
+@dataclass(frozen=True)
+class CachedBatchSource:
+    """Reference latents (mean, std) and the prompt embedding, computed once."""
+
+    mean: torch.Tensor  # (N, 4, h, w)
+    std: torch.Tensor  # (N, 4, h, w)
+    embedding: torch.Tensor  # (1, tokens, D)
+    scaling_factor: float
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, self.mean.shape[0], (batch_size,), generator=generator, device=generator.device)
+        eps = torch.randn(self.mean[idx].shape, generator=generator, device=generator.device)
+        latents = (self.mean[idx] + self.std[idx] * eps) * self.scaling_factor  # (B, 4, h, w)
+        return latents, self.embedding.expand(batch_size, -1, -1)
+
+
+def default_resolution(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+@torch.no_grad()
+def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: int, flip: bool) -> CachedBatchSource:
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    squares = [center_square(im, resolution) for im in images]
+    if flip:
+        squares += [ImageOps.mirror(im) for im in squares]
+    pixels = torch.stack([to_tensor(im) for im in squares]).to(device, pipe.vae.dtype)  # (N, 3, H, W)
+    dists = [pipe.vae.encode(chunk).latent_dist for chunk in pixels.split(8)]
+    mean = torch.cat([d.mean for d in dists]).float()
+    std = torch.cat([d.std for d in dists]).float()
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    embedding = pipe.text_encoder(ids.to(device))[0].to(dtype)  # (1, tokens, D)
+    return CachedBatchSource(mean, std, embedding, pipe.vae.config.scaling_factor)
+
+
+def train_residuals(
+    pipe,
+    images: Sequence[Image.Image],
+    identifier: str,
+    class_word: str,
+    config: TrainConfig = TrainConfig(),
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Learn one concept's residuals on a loaded pipeline; the pipeline is left as it was."""
+    unet = pipe.unet
+    prompt = training_prompt(identifier, class_word)
+    concept_positions(pipe.tokenizer, prompt, identifier, class_word)  # identifier fits, or PromptError
+    resolution = config.resolution or default_resolution(pipe)
+    device = unet.device
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    source = cache_inputs(pipe, images, prompt, resolution, config.flip)
+
+    ranks = residuals.ranks_for(unet, config.rank_ratio, config.rank)
+    slot = "_training"
+    factors = residuals.new_concept(unet, slot, ranks, config.init, config.seed)
+    params = [p for f in factors.values() for p in f.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # = Adam, as in the paper
+    noise_sched = pipe.scheduler
+    prediction = noise_sched.config.get("prediction_type", "epsilon")
+    alphas = noise_sched.alphas_cumprod.to(device)
+    num_t = noise_sched.config.num_train_timesteps
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    try:
+        for step in range(config.steps):
+            latents, emb = source.sample(config.batch_size, gen)
+            noise = torch.randn(latents.shape, generator=gen, device=device)
+            t = torch.randint(0, num_t, (config.batch_size,), generator=gen, device=device)
+            a = alphas[t].view(-1, 1, 1, 1)
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # (B, 4, h, w)
+            target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+            pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=emb).sample
+            loss = F.mse_loss(pred.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if progress is not None:
+                progress(step + 1, losses[-1])
+        tensors = residuals.concept_tensors(unet, slot)
+    finally:
+        residuals.unload_concept(unet, slot)
+        if config.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+    seconds = time.perf_counter() - t0
+    channels = residuals.block_channels(unet)
+    return TrainResult(tensors, ranks, residuals.parameter_count(ranks, channels), losses, seconds, prompt, resolution)
