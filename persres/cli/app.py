@@ -26,7 +26,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show or change persres settings (the default model).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

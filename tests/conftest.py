@@ -1,0 +1,66 @@
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from persres.testing import build_tiny_pipeline
+from persres.toy import world
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def persres_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("PERSRES_HOME", str(home))
+    monkeypatch.delenv("PERSRES_MODEL", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_linear_model(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-linear", linear_proj=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_other_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-seed1", seed=1)
+
+
+@pytest.fixture
+def pipe(tiny_model):
+    from persres.models import load_pipeline
+
+    return load_pipeline(str(tiny_model))
+
+
+def write_concept_images(folder: Path, concept: str = "checker_circle", n: int = 4, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        world.render(world.novel_scene(rng, concept, "blue")).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture
+def concept_dir(tmp_path) -> Path:
+    return write_concept_images(tmp_path / "refs")
+
+
+@pytest.fixture
+def second_concept_dir(tmp_path) -> Path:
+    return write_concept_images(tmp_path / "refs2", "striped_heart", seed=1)

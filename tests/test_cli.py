@@ -1,0 +1,187 @@
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from persres.cli import app
+from persres.registry import Registry
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, match):
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert match in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def all_commands():
+    names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    return [[n] for n in names] + [["config"], ["config", "model"]]
+
+
+@pytest.mark.parametrize("command", all_commands())
+def test_every_command_has_help(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+    help_text = result.output.split("Usage", 1)[1]
+    assert len(help_text.strip().splitlines()) > 2
+
+
+@pytest.fixture
+def trained(tiny_model, concept_dir):
+    result = run("train", concept_dir, "--name", "mydog", "--class", "circle", "--model", tiny_model, "--steps", "3")
+    assert result.exit_code == 0, result.output
+    return tiny_model
+
+
+def test_train_list_show_gen_export_import_rm(trained, tmp_path, second_concept_dir):
+    model = trained
+    listed = json.loads(run("list", "--json").stdout)
+    assert [c["name"] for c in listed] == ["mydog"] and listed[0]["identifier"] == "sks"
+    assert json.loads(run("show", "mydog", "--json").stdout)["class_word"] == "circle"
+    assert "mydog" in run("list").stdout
+
+    out = tmp_path / "out"
+    result = run("gen", "a V* circle on a red background", "-c", "mydog", "--model", model, "--steps", "2", "--out", out, "-n", "2", "--seed", "7")
+    assert result.exit_code == 0, result.output
+    paths = result.stdout.split()
+    assert len(paths) == 2
+    meta = Image.open(paths[1]).text
+    assert meta["seed"] == "8" and meta["concepts"] == "mydog" and meta["lag"] == "False"
+    assert meta["prompt"] == "a V* circle on a red background" and meta["expanded_prompt"] == "a sks circle on a red background"
+    assert meta["steps"] == "2" and meta["guidance"] == "6.0" and meta["model"] == str(model)
+
+    result = run("gen", "a <mydog> circle", "--model", model, "--steps", "2", "--out", out, "--lag", "--save-masks")
+    assert result.exit_code == 0, result.output
+    assert Image.open(result.stdout.split()[0]).text["lag"] == "True"
+    assert list(out.glob("*.mask-mydog.png"))
+
+    assert run("train", second_concept_dir, "--name", "mycat", "--class", "heart", "--model", model, "--steps", "2").exit_code == 0
+    result = run("gen", "a V1 circle and a V2 heart", "-c", "mydog", "-c", "mycat", "--model", model, "--steps", "2", "--out", out, "--lag")
+    assert result.exit_code == 0, result.output
+    assert Image.open(result.stdout.split()[0]).text["concepts"] == "mydog,mycat"
+
+    pack = tmp_path / "mydog.safetensors"
+    assert run("export", "mydog", "-o", pack).exit_code == 0
+    assert run("rm", "mydog").exit_code == 0
+    assert [c["name"] for c in json.loads(run("list", "--json").stdout)] == ["mycat"]
+    result = run("import", pack, "--name", "mydog2")
+    assert result.exit_code == 0, result.output
+    assert json.loads(run("show", "mydog2", "--json").stdout)["identifier"] == "sks"
+
+
+def test_first_use_of_the_default_toy_model_says_so_once(monkeypatch, tiny_model):
+    from persres import models
+
+    monkeypatch.setattr(models, "TOY_DIR", tiny_model)
+    first = run("gen", "a red circle", "--steps", "1", "--out", tiny_model.parent / "o")
+    assert first.exit_code == 0, first.output
+    assert "toy model" in first.stderr
+    second = run("gen", "a red circle", "--steps", "1", "--out", tiny_model.parent / "o")
+    assert "toy model" not in second.stderr
+
+
+def test_config_model(tmp_path):
+    assert run("config", "model").stdout.strip() == "toy"
+    assert run("config", "model", str(tmp_path)).stdout.strip() == str(tmp_path)
+    assert Registry().setting("default_model") == str(tmp_path)
+    assert run("config", "model", "--unset").stdout.strip() == "toy"
+
+
+def test_corrupt_image_is_skipped_with_a_warning(tiny_model, concept_dir):
+    (concept_dir / "broken.png").write_bytes(b"\x89PNG not really")
+    result = run("train", concept_dir, "--name", "a", "--class", "circle", "--model", tiny_model, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert "broken.png" in result.stderr and "warning" in result.stderr
+    assert len(Registry().get("a").meta.image_hashes) == 4
+
+
+def test_error_missing_folder(tmp_path, tiny_model):
+    assert_one_line_error(run("train", tmp_path / "nope", "--name", "a", "--class", "dog", "--model", tiny_model), "does not exist")
+
+
+def test_error_empty_folder(tmp_path, tiny_model):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("train", tmp_path / "empty", "--name", "a", "--class", "dog", "--model", tiny_model), "is empty")
+
+
+def test_error_no_readable_image(tmp_path, tiny_model):
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"garbage")
+    (folder / "notes.txt").write_text("hello")
+    assert_one_line_error(run("train", folder, "--name", "a", "--class", "dog", "--model", tiny_model), "no readable image")
+
+
+@pytest.mark.parametrize("option,value,match", [("--steps", "0", "--steps must be positive"), ("--rank", "0", "--rank must be positive"), ("--steps", "-3", "--steps must be positive")])
+def test_error_non_positive_numbers(concept_dir, tiny_model, option, value, match):
+    assert_one_line_error(run("train", concept_dir, "--name", "a", "--class", "dog", "--model", tiny_model, option, value), match)
+    assert Registry().list() == []
+
+
+def test_error_duplicate_name(trained, concept_dir):
+    before = Registry().get("mydog").sha256
+    assert_one_line_error(run("train", concept_dir, "--name", "mydog", "--class", "dog", "--model", trained, "--steps", "1"), "already exists")
+    assert Registry().get("mydog").sha256 == before
+
+
+def test_error_invalid_name(concept_dir, tiny_model):
+    assert_one_line_error(run("train", concept_dir, "--name", "my dog/../x", "--class", "dog", "--model", tiny_model), "invalid concept name")
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["gen", "a V* dog", "-c", "nobody"], "unknown concept 'nobody'"),
+        (["gen", "a <nobody> dog"], "unknown concept 'nobody'"),
+        (["gen", "a V2 dog", "-c", "mydog"], "V2 is not bound"),
+        (["gen", "a dog", "-c", "mydog"], "is not in the prompt"),
+        (["gen", " ".join(["red"] * 40) + " V* circle", "-c", "mydog", "--steps", "1"], "cut off"),
+        (["gen", "a V* circle", "-c", "mydog", "--steps", "0"], "--steps must be positive"),
+        (["gen", "a V* circle", "-c", "mydog", "--save-masks"], "add --lag"),
+        (["show", "nobody"], "unknown concept"),
+        (["rm", "nobody"], "unknown concept"),
+        (["export", "nobody", "-o", "x.safetensors"], "unknown concept"),
+    ],
+)
+def test_gen_and_registry_errors(trained, args, match, tmp_path):
+    result = run(*args, "--model", trained, "--out", tmp_path) if args[0] == "gen" else run(*args)
+    assert_one_line_error(result, match)
+
+
+def test_error_truncated_pack_import(trained, tmp_path):
+    pack = tmp_path / "p.safetensors"
+    run("export", "mydog", "-o", pack)
+    pack.write_bytes(pack.read_bytes()[:-100])
+    assert_one_line_error(run("import", pack, "--name", "other"), "truncated")
+    assert_one_line_error(run("import", tmp_path / "missing.safetensors"), "does not exist")
+    assert [r.name for r in Registry().list()] == ["mydog"]
+
+
+def test_error_model_not_available_offline(concept_dir, tmp_path):
+    assert_one_line_error(run("train", concept_dir, "--name", "a", "--class", "dog", "--model", "nobody/no-such-model"), "could not be fetched")
+    assert_one_line_error(run("train", concept_dir, "--name", "a", "--class", "dog", "--model", tmp_path / "nodir"), "not a diffusers directory")
+
+
+def test_ctrl_c_during_training_leaves_the_registry_as_it_was(trained, concept_dir, monkeypatch):
+    from persres import api
+
+    before = [(r.name, r.sha256) for r in Registry().list()]
+
+    def interrupt(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        api.train_concept(concept_dir, "b", "circle", model=str(trained), overrides={"steps": 5}, progress=interrupt)
+    assert [(r.name, r.sha256) for r in Registry().list()] == before
+    assert sorted(p.name for p in Registry().packs_dir.iterdir()) == ["mydog.safetensors"]

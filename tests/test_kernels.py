@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from persres.errors import BackendUnavailable
+from persres.kernels import Backend, attention, attention_backend, available_backends, resolve_backend
+
+
+def qkv(nk=7, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 3, 16, 8, generator=g)
+    k = torch.randn(2, 3, nk, 8, generator=g)
+    v = torch.randn(2, 3, nk, 8, generator=g)
+    return (t.to(device, dtype) for t in (q, k, v))
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends()])
+@pytest.mark.parametrize("token_sets", [None, [(1, 2)], [(1,), (3, 4, 5)]])
+def test_every_backend_matches_the_reference(backend, token_sets):
+    q, k, v = qkv()
+    ref_out, ref_maps = attention(q, k, v, token_sets=token_sets, backend=Backend.REFERENCE)
+    out, maps = attention(q, k, v, token_sets=token_sets, backend=backend)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    if token_sets is None:
+        assert maps is None and ref_maps is None
+    else:
+        assert maps.shape == (2, len(token_sets), 16)
+        torch.testing.assert_close(maps, ref_maps, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_is_plain_softmax_attention():
+    q, k, v = qkv()
+    probs = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)  # (B, heads, Nq, Nk)
+    out, maps = attention(q, k, v, token_sets=[(0, 1, 2, 3, 4, 5, 6), (2,)], backend="reference")
+    torch.testing.assert_close(out, probs @ v)
+    torch.testing.assert_close(maps[:, 0], torch.ones(2, 16))  # all columns sum to one
+    torch.testing.assert_close(maps[:, 1], probs[..., 2].mean(dim=1))  # averaged over heads
+
+
+def test_unknown_or_unavailable_backend_is_a_clear_error():
+    with pytest.raises(BackendUnavailable, match="unknown attention backend"):
+        resolve_backend("flash9")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="xformers"):
+            resolve_backend("xformers")
+    assert resolve_backend(None) is Backend.SDPA
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_processor_matches_diffusers_default_attention(pipe, backend):
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+    emb = torch.randn(1, 32, 32, generator=g)
+    with torch.no_grad():
+        base = pipe.unet(sample, 10, encoder_hidden_states=emb).sample
+        with attention_backend(pipe.unet, backend):
+            ours = pipe.unet(sample, 10, encoder_hidden_states=emb).sample
+        again = pipe.unet(sample, 10, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(ours, base, rtol=1e-4, atol=1e-5)
+    assert torch.equal(again, base)  # processors restored
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_backends_in_half_precision_match_the_reference(backend, dtype):
+    if backend not in [b.value for b in available_backends()]:
+        pytest.skip(f"{backend} not installed")
+    q, k, v = qkv(nk=77, dtype=dtype, device="cuda")
+    ref_out, ref_maps = attention(q, k, v, token_sets=[(3, 4)], backend="reference")
+    out, _ = attention(q, k, v, backend=backend)
+    _, maps = attention(q, k, v, token_sets=[(3, 4)], backend=backend)
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(maps.float(), ref_maps.float(), rtol=2e-2, atol=2e-3)

@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from persres import residuals
+from persres.config import SampleConfig
+from persres.lag import ConceptTokens, LagSession, lag_regions, median_mask, regions_from_maps
+from persres.sample import generate
+from persres.tokens import BoundConcept
+
+
+def test_median_binarization_puts_half_the_pixels_in_the_mask():
+    maps = torch.rand(3, 2, 64)
+    mask = median_mask(maps)
+    assert mask.shape == maps.shape
+    assert (mask.sum(-1) == 32).all()
+    # everything in the mask attends more than everything outside it
+    for b in range(3):
+        for k in range(2):
+            assert maps[b, k][mask[b, k]].min() > maps[b, k][~mask[b, k]].max()
+
+
+def test_two_concepts_regions_are_disjoint_and_inside_their_median_masks():
+    maps = torch.rand(4, 2, 256)
+    regions = regions_from_maps(maps)
+    assert ((regions[:, 0] * regions[:, 1]) == 0).all()
+    assert (regions.bool() <= median_mask(maps)).all()
+    # where both masks are on, the higher normalized attention wins
+    norm = maps / maps.amax(-1, keepdim=True)
+    both = median_mask(maps).all(dim=1)  # (B, N)
+    winner = norm.argmax(dim=1)
+    assert (regions.argmax(dim=1)[both] == winner[both]).all()
+    assert both.any()
+
+
+def test_single_concept_region_is_its_median_mask():
+    maps = torch.rand(2, 1, 16)
+    assert torch.equal(regions_from_maps(maps).bool(), median_mask(maps))
+
+
+def test_cfg_uses_the_conditional_half_for_both_halves():
+    session = LagSession([ConceptTokens("a", (1,))], cfg=True)
+    uncond, cond = torch.rand(1, 1, 16), torch.rand(1, 1, 16)
+    session.record("blk", torch.cat([uncond, cond]))
+    x = torch.zeros(2, 4, 4, 4)
+    mask = session.region("blk", "a", x)
+    assert mask.shape == (2, 1, 4, 4)
+    assert torch.equal(mask[0], mask[1])
+    assert torch.equal(mask[1].flatten().bool(), median_mask(cond)[0, 0])
+
+
+class FixedRegions:
+    def __init__(self, value):
+        self.value = value
+
+    def region(self, block, concept, x):
+        shape = (x.shape[0], 1, *x.shape[2:]) if x.ndim == 4 else (x.shape[0], x.shape[1], 1)
+        return torch.full(shape, self.value)
+
+
+def out(unet):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return unet(torch.randn(2, 4, 8, 8, generator=g), 20, encoder_hidden_states=torch.randn(2, 32, 32, generator=g)).sample
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_linear_model"])
+def test_all_zero_mask_is_the_base_model_and_all_one_mask_is_the_merged_model(model_fixture, request):
+    from persres.models import load_pipeline
+
+    unet = load_pipeline(str(request.getfixturevalue(model_fixture))).unet
+    base = out(unet)
+    residuals.new_concept(unet, "a", residuals.ranks_for(unet), init="random")
+    with residuals.use_concepts(unet, ["a"], merged=True):
+        merged = out(unet)
+    assert not torch.allclose(merged, base)
+    layers = residuals.layers_of(unet).values()
+    for value, expected in ((0.0, base), (1.0, merged)):
+        for layer in layers:
+            layer.regions = FixedRegions(value)
+        torch.testing.assert_close(out(unet), expected, rtol=1e-4, atol=1e-5)
+    for layer in layers:
+        layer.regions = None
+
+
+def count_unet_calls(unet):
+    calls = []
+    handle = unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_lag_adds_no_model_evaluation_and_differs_from_no_lag(pipe):
+    residuals.new_concept(pipe.unet, "a", residuals.ranks_for(pipe.unet), init="random")
+    concept = BoundConcept("a", "sks", "circle")
+    calls, handle = count_unet_calls(pipe.unet)
+    plain = generate(pipe, "a sks circle on a red background", [concept], SampleConfig(steps=4, lag=False))
+    n_plain = len(calls)
+    lagged = generate(pipe, "a sks circle on a red background", [concept], SampleConfig(steps=4, lag=True, save_masks=True))
+    handle.remove()
+    assert n_plain == 4 and len(calls) == 8
+    a, b = (torch.tensor(list(r.images[0].getdata()), dtype=torch.float32) for r in (plain, lagged))
+    assert (a - b).abs().max() > 0
+    mask = lagged.masks["a"][0]
+    assert mask.shape == (8, 8) and 0 < mask.mean() < 1
+
+
+def test_lag_regions_record_maps_in_every_transformer_block(pipe):
+    residuals.new_concept(pipe.unet, "a", residuals.ranks_for(pipe.unet))
+    tokens = [ConceptTokens("a", (2, 3))]
+    blocks = set(residuals.layers_of(pipe.unet))
+    seen = set()
+    with lag_regions(pipe.unet, tokens, cfg=False) as session:
+        original = session.record
+        session.record = lambda block, maps: (seen.add(block), original(block, maps))
+        out(pipe.unet)
+    assert seen == blocks
+    assert all(layer.regions is None for layer in residuals.layers_of(pipe.unet).values())
+
+
+def test_two_concepts_in_one_pass_get_disjoint_regions(pipe):
+    ranks = residuals.ranks_for(pipe.unet)
+    residuals.new_concept(pipe.unet, "a", ranks, init="random")
+    residuals.new_concept(pipe.unet, "b", ranks, init="random", seed=1)
+    concepts = [BoundConcept("a", "sks", "circle"), BoundConcept("b", "zwx", "heart")]
+    calls, handle = count_unet_calls(pipe.unet)
+    result = generate(pipe, "a sks circle and a zwx heart on a red background", concepts, SampleConfig(steps=3, lag=True, save_masks=True))
+    handle.remove()
+    assert len(calls) == 3
+    assert set(result.masks) == {"a", "b"}

@@ -1,0 +1,146 @@
+import sqlite3
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from persres.errors import ConceptNotFound, DuplicateConcept, PackError
+from persres.packs import CONFIG_KEY, VERSION_KEY, PackMeta, read_meta, read_pack, write_pack
+from persres.registry import Registry
+from persres.registry.migrations import MIGRATIONS, migrate
+
+
+def make_meta(name="a", identifier="sks"):
+    return PackMeta(
+        name=name, identifier=identifier, class_word="dog", ranks={"blk.0": 2, "blk.1": 3},
+        channels={"blk.0": 8, "blk.1": 12}, parameter_count=2 * 8 * 2 + 2 * 12 * 3, base_model="tiny",
+        architecture="arch", weights="w", train_config={"steps": 3}, image_hashes=["h1"], created_at="2026-01-01",
+        loss_start=1.0, loss_end=0.5,
+    )
+
+
+def make_tensors(meta, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(*shape, generator=g) for k, shape in meta.expected_shapes().items()}
+
+
+def test_add_get_list_remove(persres_home):
+    reg = Registry()
+    meta = make_meta()
+    record = reg.add(make_tensors(meta), meta)
+    assert record.path.exists() and record.path.parent == persres_home / "packs"
+    assert reg.get("a").meta == meta
+    assert [r.name for r in reg.list()] == ["a"]
+    tensors, loaded = reg.load("a")
+    torch.testing.assert_close(tensors, make_tensors(meta))
+    reg.remove("a")
+    assert reg.list() == [] and not record.path.exists()
+    with pytest.raises(ConceptNotFound, match="unknown concept 'a'"):
+        reg.get("a")
+
+
+def test_duplicate_name_is_refused_and_keeps_the_existing_pack():
+    reg = Registry()
+    meta = make_meta()
+    first = reg.add(make_tensors(meta), meta)
+    with pytest.raises(DuplicateConcept):
+        reg.add(make_tensors(meta, seed=1), meta)
+    tensors, _ = reg.load("a")
+    torch.testing.assert_close(tensors, make_tensors(meta))
+    assert first.path.exists()
+
+
+def test_failed_insert_removes_the_pack_it_wrote(monkeypatch):
+    reg = Registry()
+    meta = make_meta()
+
+    def boom(*a, **k):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(reg, "_insert", boom)
+    with pytest.raises(sqlite3.OperationalError):
+        reg.add(make_tensors(meta), meta)
+    assert not list(reg.packs_dir.glob("*"))
+
+
+def test_identifiers_are_handed_out_distinct():
+    reg = Registry()
+    ids = []
+    for i in range(5):
+        ident = reg.next_identifier()
+        ids.append(ident)
+        meta = make_meta(f"c{i}", ident)
+        reg.add(make_tensors(meta), meta)
+    assert len(set(ids)) == 5
+
+
+def test_export_import_round_trip(tmp_path):
+    reg = Registry()
+    meta = make_meta()
+    reg.add(make_tensors(meta), meta)
+    exported = reg.export_pack("a", tmp_path / "out" / "a.safetensors")
+    assert read_meta(exported) == meta
+    reg.remove("a")
+    record = reg.import_pack(exported)
+    assert record.meta == meta
+    renamed = reg.import_pack(exported, name="b")
+    assert renamed.meta.name == "b" and read_meta(renamed.path).name == "b"
+    torch.testing.assert_close(reg.load("b")[0], make_tensors(meta))
+
+
+def test_truncated_pack_is_refused_and_the_registry_is_unchanged(tmp_path):
+    reg = Registry()
+    meta = make_meta()
+    reg.add(make_tensors(meta), meta)
+    good = reg.export_pack("a", tmp_path / "a.safetensors")
+    data = good.read_bytes()
+    for cut in (10, len(data) // 2, len(data) - 5):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(PackError):
+            reg.import_pack(bad, name="b")
+    assert [r.name for r in reg.list()] == ["a"]
+    assert sorted(p.name for p in reg.packs_dir.iterdir()) == ["a.safetensors"]
+
+
+def test_pack_whose_tensors_do_not_match_its_metadata(tmp_path):
+    meta = make_meta()
+    tensors = make_tensors(meta)
+    tensors["blk.1.up"] = torch.zeros(12, 4)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata={VERSION_KEY: "1", CONFIG_KEY: meta.to_json()})
+    with pytest.raises(PackError, match="shape"):
+        read_pack(path)
+    del tensors["blk.1.up"]
+    save_file(tensors, str(path), metadata={VERSION_KEY: "1", CONFIG_KEY: meta.to_json()})
+    with pytest.raises(PackError, match="missing"):
+        read_pack(path)
+    save_file(make_tensors(meta), str(path))
+    with pytest.raises(PackError, match="not a persres pack"):
+        read_pack(path)
+
+
+def test_a_pack_changed_after_registration_is_refused():
+    reg = Registry()
+    meta = make_meta()
+    record = reg.add(make_tensors(meta), meta)
+    write_pack(record.path, make_tensors(meta, seed=5), meta)
+    with pytest.raises(PackError, match="changed"):
+        reg.load("a")
+
+
+def test_migrations_apply_once(persres_home):
+    reg = Registry()
+    assert migrate(reg.db) == []
+    assert [r["name"] for r in reg.db["_migrations"].rows] == [name for name, _ in MIGRATIONS]
+    Registry()  # reopening applies nothing new and keeps data
+    assert [r["name"] for r in reg.db["_migrations"].rows] == [name for name, _ in MIGRATIONS]
+
+
+def test_settings():
+    reg = Registry()
+    assert reg.setting("default_model") is None
+    reg.set_setting("default_model", "/models/sd14")
+    assert Registry().setting("default_model") == "/models/sd14"
+    reg.set_setting("default_model", None)
+    assert reg.setting("default_model") is None

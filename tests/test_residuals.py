@@ -1,0 +1,132 @@
+import pytest
+import torch
+from torch import nn
+
+from persres import residuals
+from persres.config import TrainConfig
+from persres.testing import SD14_UNET_CONFIG
+
+
+def unet_out(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    emb = torch.randn(2, 32, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(sample, torch.tensor([10, 500]), encoder_hidden_states=emb).sample
+
+
+def randomize(unet, name):
+    with torch.no_grad():
+        for layer in residuals.layers_of(unet).values():
+            layer.residuals[name].up.normal_(0, 0.3)
+
+
+def test_sd14_architecture_has_the_papers_parameter_count():
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD14_UNET_CONFIG)
+    ranks = residuals.ranks_for(unet)
+    assert len(ranks) == 16
+    assert sorted(set(ranks.values())) == [16, 32, 64]
+    factors = residuals.new_concept(unet, "c", ranks)
+    assert sum(p.numel() for f in factors.values() for p in f.parameters()) == 1_239_040
+    assert residuals.parameter_count(ranks, residuals.block_channels(unet)) == 1_239_040
+
+
+@pytest.mark.parametrize("channels,ratio,rank,expected", [(320, 0.05, None, 16), (640, 0.05, None, 32), (1280, 0.05, None, 64), (32, 0.05, None, 2), (8, 0.05, None, 1), (64, 0.05, 100, 64), (64, 0.05, 4, 4)])
+def test_rank_for(channels, ratio, rank, expected):
+    assert residuals.rank_for(channels, ratio, rank) == expected
+
+
+def test_residuals_off_is_bit_for_bit_the_base_model(pipe):
+    unet = pipe.unet
+    base = unet_out(unet)
+    residuals.new_concept(unet, "a", residuals.ranks_for(unet))
+    randomize(unet, "a")
+    with residuals.use_concepts(unet, [], merged=False):
+        assert torch.equal(unet_out(unet), base)
+    assert not torch.allclose(unet_out(unet), base)  # loaded concepts act by default
+    residuals.remove(unet)
+    assert torch.equal(unet_out(unet), base)
+    assert not residuals.layers_of(unet)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_linear_model"])
+def test_merge_equals_unmerged_and_unmerge_is_exact(model_fixture, request):
+    from persres.models import load_pipeline
+
+    unet = load_pipeline(str(request.getfixturevalue(model_fixture))).unet
+    originals = {k: v.weight.detach().clone() for k, v in residuals.transformer_blocks(unet).items() for v in [v.proj_out]}
+    residuals.new_concept(unet, "a", residuals.ranks_for(unet))
+    residuals.new_concept(unet, "b", residuals.ranks_for(unet), seed=1)
+    randomize(unet, "a")
+    randomize(unet, "b")
+    unmerged = unet_out(unet)
+    with residuals.use_concepts(unet, ["a", "b"], merged=True):
+        assert all(layer.merged == ["a", "b"] for layer in residuals.layers_of(unet).values())
+        torch.testing.assert_close(unet_out(unet), unmerged, rtol=1e-4, atol=1e-5)
+    for block, layer in residuals.layers_of(unet).items():
+        assert torch.equal(layer.weight, originals[block])
+    expected_kind = nn.Linear if model_fixture == "tiny_linear_model" else nn.Conv2d
+    assert all(isinstance(layer.base_layer, expected_kind) for layer in residuals.layers_of(unet).values())
+
+
+def test_only_residual_factors_receive_gradients(pipe):
+    from persres.train import cache_inputs
+
+    unet = pipe.unet
+    factors = residuals.new_concept(unet, "a", residuals.ranks_for(unet), init="random")
+    for f in factors.values():
+        f.requires_grad_(True)
+    from PIL import Image
+
+    source = cache_inputs(pipe, [Image.new("RGB", (16, 16), (200, 10, 10))], "a photo of a sks circle", 16, flip=False)
+    latents, emb = source.sample(2, torch.Generator().manual_seed(0))
+    unet(latents, torch.tensor([1, 2]), encoder_hidden_states=emb).sample.square().mean().backward()
+    trainable = {id(p) for f in factors.values() for p in f.parameters()}
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for name, p in model.named_parameters():
+            if id(p) in trainable:
+                assert p.grad is not None and p.grad.abs().sum() > 0, name
+            else:
+                assert p.grad is None, name
+
+
+def fixed_noise_loss(pipe, images, prompt, seed=123):
+    from persres.train import cache_inputs
+
+    source = cache_inputs(pipe, images, prompt, 16, flip=False)
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(8):
+            latents, emb = source.sample(4, g)
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.randint(0, 1000, (4,), generator=g)
+            noisy = pipe.scheduler.add_noise(latents, noise, t)
+            total += torch.nn.functional.mse_loss(pipe.unet(noisy, t, encoder_hidden_states=emb).sample, noise).item()
+    return total / 8
+
+
+def test_training_lowers_the_loss_on_the_concept_images(pipe, concept_dir):
+    from persres.images import read_folder
+    from persres.train import train_residuals
+
+    images = [r.image for r in read_folder(concept_dir)]
+    before = fixed_noise_loss(pipe, images, "a photo of a sks circle")
+    result = train_residuals(pipe, images, "sks", "circle", TrainConfig(steps=60, lr=1e-2))
+    assert not residuals.loaded_concepts(pipe.unet)  # the pipeline is left as it was
+    residuals.load_concept(pipe.unet, "c", result.tensors)
+    after = fixed_noise_loss(pipe, images, "a photo of a sks circle")
+    assert after < before * 0.97, (before, after)
+    assert result.parameter_count == sum(t.numel() for t in result.tensors.values())
+    assert len(result.losses) == 60
+
+
+def test_zero_init_starts_at_the_base_model(pipe):
+    base = unet_out(pipe.unet)
+    residuals.new_concept(pipe.unet, "z", residuals.ranks_for(pipe.unet), init="zero")
+    assert torch.equal(unet_out(pipe.unet), base)
+    residuals.new_concept(pipe.unet, "r", residuals.ranks_for(pipe.unet), init="random")
+    assert not torch.equal(unet_out(pipe.unet), base)
