@@ -81,6 +81,56 @@ def build_tiny_pipeline(path: str | Path, seed: int = 0, linear_proj: bool = Fal
     return path
 
 
+
+SD14_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+)
+
+SD14_TEXT_CONFIG = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+    bos_token_id=0, eos_token_id=1, pad_token_id=1,
+)
+
+
+def sd14_random_pipeline(seed: int = 0, dtype=torch.float32, device="cpu"):
+    """SD v1.4's architecture (UNet, VAE, CLIP ViT-L/14 text encoder) with random weights.
+
+    No download: the tokenizer is the toy vocabulary padded to SD's 77 tokens. For
+    benchmarks, where the cost and not the picture matters.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from persres.toy.build import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = 77
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**SD14_UNET_CONFIG),
+        vae=AutoencoderKL(**SD14_VAE_CONFIG),
+        text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **SD14_TEXT_CONFIG)),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+        part.eval()
+    return pipe.to(device, dtype)
+
+
 if __name__ == "__main__":
     import sys
 

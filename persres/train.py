@@ -57,13 +57,13 @@ def default_resolution(pipe) -> int:
 
 
 @torch.no_grad()
-def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: int, flip: bool) -> CachedBatchSource:
+def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: int, flip: bool, chunk: int = 4) -> CachedBatchSource:
     device, dtype = pipe.unet.device, pipe.unet.dtype
     squares = [center_square(im, resolution) for im in images]
     if flip:
         squares += [ImageOps.mirror(im) for im in squares]
     pixels = torch.stack([to_tensor(im) for im in squares]).to(device, pipe.vae.dtype)  # (N, 3, H, W)
-    dists = [pipe.vae.encode(chunk).latent_dist for chunk in pixels.split(8)]
+    dists = [pipe.vae.encode(chunk).latent_dist for chunk in pixels.split(chunk)]
     mean = torch.cat([d.mean for d in dists]).float()
     std = torch.cat([d.std for d in dists]).float()
     ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -86,7 +86,7 @@ def train_residuals(
     resolution = config.resolution or default_resolution(pipe)
     device = unet.device
     gen = torch.Generator(device=device).manual_seed(config.seed)
-    source = cache_inputs(pipe, images, prompt, resolution, config.flip)
+    source = cache_inputs(pipe, images, prompt, resolution, config.flip, chunk=config.batch_size)
 
     ranks = residuals.ranks_for(unet, config.rank_ratio, config.rank)
     slot = "_training"

@@ -1,0 +1,167 @@
+"""Training step time and peak memory: persres vs the bare floor vs a straightforward diffusers+peft loop.
+
+    python benchmarks/train_step.py                      # CPU: 256 px, batch 4
+    python benchmarks/train_step.py --resolution 512 --precision bf16   # GPU
+
+SD v1.4's architecture with random weights (no download). Each variant runs in its own
+process, so peak memory is its own:
+- floor:   one UNet forward+backward, only the 16 residual factors trainable, latents and
+           the prompt embedding prepared beforehand (nothing a trainer can avoid)
+- persres: `persres.train.train_residuals`, the real training function (step times from
+           its progress callback)
+- peft:    what the DreamBooth-LoRA example does: peft LoRA on every proj_out with the same
+           ranks, VAE encode and text encode every step, fp32 by default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, median, peak_memory_mb, reset_peak_memory, run_variant, sync, timed  # noqa: E402
+
+
+def setup(args):
+    from persres.models import pick_dtype
+    from persres.testing import sd14_random_pipeline
+
+    device = torch.device(args.device)
+    dtype = pick_dtype(args.precision, device)
+    pipe = sd14_random_pipeline(dtype=dtype, device=device)
+    reset_peak_memory(device)
+    return pipe, device, dtype
+
+
+def images(n, resolution):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    return [Image.fromarray((torch.rand(resolution, resolution, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+
+
+def variant_floor(args):
+    from persres import residuals
+
+    pipe, device, dtype = setup(args)
+    unet = pipe.unet
+    factors = residuals.new_concept(unet, "c", residuals.ranks_for(unet), init="random")
+    for f in factors.values():
+        f.requires_grad_(True)
+    h = args.resolution // 8
+    latents = torch.randn(args.batch, 4, h, h, device=device, dtype=dtype)
+    noise = torch.randn_like(latents)
+    emb = torch.randn(args.batch, 77, 768, device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (args.batch,), device=device)
+
+    def step():
+        pred = unet(latents, t, encoder_hidden_states=emb).sample
+        F.mse_loss(pred.float(), noise.float()).backward()
+
+    times = timed(step, device, args.warmup, args.steps)
+    return times
+
+
+def variant_persres(args):
+    from persres.config import TrainConfig
+    from persres.train import train_residuals
+
+    pipe, device, dtype = setup(args)
+    stamps = []
+
+    def progress(step, loss):
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    config = TrainConfig(steps=args.warmup + args.steps + 1, batch_size=args.batch, resolution=args.resolution,
+                         device=args.device, precision=args.precision, flip=True)
+    t0 = time.perf_counter()
+    train_residuals(pipe, images(5, args.resolution), "sks", "dog", config, progress)
+    stamps.insert(0, t0)
+    intervals = [b - a for a, b in zip(stamps, stamps[1:])]
+    return intervals[args.warmup + 1 :]  # the first interval includes caching the latents
+
+
+def variant_peft(args):
+    from peft import LoraConfig
+
+    from persres import residuals
+    from persres.images import to_tensor
+
+    pipe, device, dtype = setup(args)
+    unet = pipe.unet
+    ranks = residuals.ranks_for(unet)
+    expected = residuals.parameter_count(ranks, residuals.block_channels(unet))
+    targets = [f"{block}.proj_out" for block in ranks]
+    config = LoraConfig(r=16, lora_alpha=16, target_modules=targets, init_lora_weights=True,
+                        rank_pattern={t: r for t, r in zip(targets, ranks.values())},
+                        alpha_pattern={t: r for t, r in zip(targets, ranks.values())})
+    unet.add_adapter(config)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in params) == expected, sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    pixels = torch.stack([to_tensor(im) for im in images(args.batch, args.resolution)]).to(device, dtype)
+    ids = pipe.tokenizer(["a photo of a sks dog"] * args.batch, padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
+    sched = pipe.scheduler
+
+    def step():
+        latents = pipe.vae.encode(pixels).latent_dist.sample() * pipe.vae.config.scaling_factor
+        emb = pipe.text_encoder(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (args.batch,), device=device)
+        noisy = sched.add_noise(latents, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=emb).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return timed(step, device, args.warmup, args.steps)
+
+
+VARIANTS = {"floor": variant_floor, "persres": variant_persres, "peft": variant_peft}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", choices=list(VARIANTS))
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--peft-precision", default="fp32", help="the straightforward loop's precision (the example script's default: fp32)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    if args.variant:
+        if args.variant == "peft":
+            args.precision = args.peft_precision
+        times = VARIANTS[args.variant](args)
+        print(json.dumps({"step_s": median(times), "times": times, "peak_mb": peak_memory_mb(args.device)}))
+        return
+    passthrough = ["--resolution", str(args.resolution), "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--device", args.device, "--precision", args.precision,
+                   "--peft-precision", args.peft_precision]
+    results = {name: run_variant(__file__, name, passthrough) for name in VARIANTS}
+    f, p, b = (results[k]["step_s"] for k in ("floor", "persres", "peft"))
+    summary = {
+        "machine": machine(), "resolution": args.resolution, "batch": args.batch, "precision": args.precision,
+        "step_s": {k: round(v["step_s"], 4) for k, v in results.items()},
+        "peak_mb": {k: round(v["peak_mb"]) for k, v in results.items()},
+        "persres/floor": round(p / f, 3), "persres/peft": round(p / b, 3),
+        "peak persres/peft": round(results["persres"]["peak_mb"] / results["peft"]["peak_mb"], 3),
+    }
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
