@@ -60,7 +60,11 @@ def variant_floor(args):
     emb = torch.randn(args.batch, 77, 768, device=device, dtype=dtype)
     t = torch.randint(0, 1000, (args.batch,), device=device)
 
+    params = [p for f in factors.values() for p in f.parameters()]
+
     def step():
+        for p in params:
+            p.grad = None
         pred = unet(latents, t, encoder_hidden_states=emb).sample
         F.mse_loss(pred.float(), noise.float()).backward()
 

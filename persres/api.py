@@ -17,11 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL.PngImagePlugin import PngInfo
-
 from persres import __version__
 from persres.config import SampleConfig, TrainConfig
-from persres.images import read_folder
+from persres.images import read_folder, save_png
 from persres.models import fingerprint, is_default_toy, load_pipeline, model_defaults, pick_device, pick_dtype, resolve_model
 from persres.packs import PackMeta
 from persres.registry import ConceptRecord, Registry
@@ -116,6 +114,16 @@ def bind_prompt(prompt: str, concept_names: Sequence[str], registry: Registry) -
     return expand_prompt(prompt, given, lambda n: registry.get(n).bound())
 
 
+def generation_metadata(prompt: str, expanded: str, seed: int, concepts: Sequence[BoundConcept], config: SampleConfig, model: str) -> dict:
+    """What a generated PNG carries, so that an image says how it was made."""
+    return {
+        "prompt": prompt, "expanded_prompt": expanded, "seed": seed,
+        "concepts": ",".join(c.name for c in concepts), "identifiers": ",".join(c.identifier for c in concepts),
+        "lag": config.lag, "steps": config.steps, "guidance": config.guidance, "eta": config.eta,
+        "model": model, "persres_version": __version__,
+    }
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "image"
 
@@ -146,15 +154,8 @@ def generate_images(
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
-        info = PngInfo()
-        for key, value in {
-            "prompt": prompt, "expanded_prompt": expanded, "seed": seed,
-            "concepts": ",".join(c.name for c in concepts), "lag": config.lag, "steps": config.steps,
-            "guidance": config.guidance, "eta": config.eta, "model": model, "persres_version": __version__,
-        }.items():
-            info.add_text(key, str(value))
         path = out / f"{_slug(prompt)}-{'lag' if config.lag else 'nolag'}-{seed}.png"
-        image.save(path, pnginfo=info)
+        save_png(image, path, generation_metadata(prompt, expanded, seed, concepts, config, model))
         paths.append(path)
         for k, (name, per_image) in enumerate(result.masks.items()):
             overlay = mask_overlay(image, per_image[i], k)

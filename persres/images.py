@@ -70,3 +70,17 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     """(3, H, W) in [-1, 1] -> PIL RGB."""
     arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr)
+
+
+def save_png(image: Image.Image, path: Path, text: dict) -> Path:
+    """Write a PNG whose text chunks say how it was made (prompt, seed, concepts, ...)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, str(value))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)  # a half-written image never looks finished to a resumed run
+    return path

@@ -95,7 +95,7 @@ def generate(
     )
     names = [c.name for c in concepts]
     masks: dict[str, list[np.ndarray]] = {}
-    if residuals.layers_of(pipe.unet) and names:
+    if residuals.layers_of(pipe.unet):  # loaded concepts the prompt does not name stay off
         with residuals.use_concepts(pipe.unet, names, merged=not config.lag):
             if config.lag:
                 latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)

@@ -131,6 +131,35 @@ def sd14_random_pipeline(seed: int = 0, dtype=torch.float32, device="cpu"):
     return pipe.to(device, dtype)
 
 
+
+def build_tiny_scorers(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Tiny random CLIP (with tokenizer) and ViT models saved to disk, standing in for
+    openai/clip-vit-base-patch32 and facebook/dino-vits16 in tests: same loading path, real math."""
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    from persres.toy.build import build_tokenizer
+
+    folder = Path(folder)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=224, patch_size=32),
+        projection_dim=16,
+    ))
+    clip.save_pretrained(folder / "clip")
+    tokenizer.save_pretrained(folder / "clip")
+    torch.manual_seed(seed)
+    dino = ViTModel(ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=224, patch_size=16), add_pooling_layer=False)
+    dino.save_pretrained(folder / "dino")
+    return folder / "clip", folder / "dino"
+
+
+
 if __name__ == "__main__":
     import sys
 

@@ -126,3 +126,11 @@ def test_two_concepts_in_one_pass_get_disjoint_regions(pipe):
     handle.remove()
     assert len(calls) == 3
     assert set(result.masks) == {"a", "b"}
+
+
+@pytest.mark.parametrize("lag", [False, True])
+def test_loaded_concepts_the_prompt_does_not_name_stay_off(pipe, lag):
+    plain = generate(pipe, "a red circle", [], SampleConfig(steps=2, lag=lag)).images[0]
+    residuals.new_concept(pipe.unet, "a", residuals.ranks_for(pipe.unet), init="random")
+    again = generate(pipe, "a red circle", [], SampleConfig(steps=2, lag=lag)).images[0]
+    assert list(plain.getdata()) == list(again.getdata())

@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show or change persres settings (the default model).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+bench_app = typer.Typer(help="Benchmarks of the method: CustomConcept101 (CLIP/DINO) and the toy world.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -252,6 +254,96 @@ def config_model(
         registry.set_setting(DEFAULT_MODEL_KEY, value)
     current = os.environ.get("PERSRES_MODEL") or registry.setting(DEFAULT_MODEL_KEY) or "toy"
     out.print(current, markup=False, highlight=False)
+
+
+def _scores_table(title: str, rows: list[dict]) -> Table:
+    keys = [k for k in rows[0] if k not in ("concept", "category", "method")] if rows else []
+    table = Table(*(["concept", "method"] if rows and "method" in rows[0] else []), *keys, title=title)
+    for r in rows:
+        lead = [r["concept"], r["method"]] if "method" in r else []
+        table.add_row(*lead, *(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys))
+    return table
+
+
+@app.command("eval")
+@command
+def eval_(
+    samples: Path = typer.Argument(..., help="Folder of generated images."),
+    refs: list[Path] = typer.Option(..., "--refs", help="Folder of reference images (repeat for multi-concept targets)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="prompts.json {image stem: prompt} (default: each PNG's metadata)."),
+    clip: str = typer.Option("openai/clip-vit-base-patch32", help="CLIP model: directory or hub id."),
+    dino: str = typer.Option("facebook/dino-vits16", help="DINO model: directory or hub id."),
+    keep_identifier: bool = typer.Option(False, "--keep-identifier", help="Score CLIP-T on the prompt with the identifier left in."),
+    strip: list[str] = typer.Option([], "--strip", help="Extra token to remove from prompts before CLIP-T (e.g. '<new1>')."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Score generated images: CLIP text alignment, CLIP and DINO image alignment (the paper's metrics)."""
+    from persres.eval.folder import eval_folder
+    from persres.eval.metrics import Scorer
+    from persres.models import pick_device
+
+    scorer = Scorer(clip, dino, pick_device(device))
+    scores = eval_folder(samples, refs, scorer, prompts, keep_identifier, strip).to_dict()
+    if as_json:
+        print(json.dumps(scores, indent=2))
+    else:
+        out.print(_scores_table(str(samples), [scores]))
+
+
+@bench_app.command("customconcept101")
+@command
+def bench_cc101(
+    root: Path = typer.Option(..., "--root", help="Your copy of the customconcept101 folder (dataset.json, prompts/, images)."),
+    concepts: Optional[int] = typer.Option(None, "--concepts", help="The first N concepts."),
+    concept: list[str] = typer.Option([], "--concept", help="A concept by its folder name, e.g. pet_dog1 (repeatable)."),
+    multiconcept: bool = typer.Option(False, "--multiconcept", help="Also the pairs of dataset_multiconcept.json whose concepts are selected."),
+    samples_per_prompt: int = typer.Option(50, help="Samples per prompt [paper: 50]."),
+    prompts_per_concept: int = typer.Option(20, help="Prompts per concept [paper: 20]."),
+    lag: str = typer.Option("both", "--lag", help="both, on or off."),
+    out_dir: Path = typer.Option(Path("bench-cc101"), "--out", help="Output folder (resumable)."),
+    model: Optional[str] = typer.Option(None, help="Base model [paper: CompVis/stable-diffusion-v1-4]."),
+    steps: int = typer.Option(50, help="DDIM steps [paper: 50]."),
+    guidance: float = typer.Option(6.0, help="Guidance scale [paper: 6.0]."),
+    train_steps: Optional[int] = typer.Option(None, help="Training steps [default: 150, paper]."),
+    clip: str = typer.Option("openai/clip-vit-base-patch32", help="CLIP model: directory or hub id."),
+    dino: str = typer.Option("facebook/dino-vits16", help="DINO model: directory or hub id."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
+):
+    """Train, sample and score CustomConcept101 concepts; write CSV, JSON and a Figure-7 plot."""
+    from persres.api import train_config_for
+    from persres.config import SampleConfig
+    from persres.errors import InputError
+    from persres.eval.bench import BenchConfig, run_bench, summarize
+    from persres.eval.cc101 import load_concepts, load_pairs, select
+    from persres.eval.metrics import Scorer
+    from persres.models import load_pipeline, pick_device, pick_dtype
+
+    modes = {"both": ("off", "on"), "on": ("on",), "off": ("off",)}.get(lag)
+    if modes is None:
+        raise InputError(f"--lag must be both, on or off, got {lag!r}")
+    if samples_per_prompt <= 0 or prompts_per_concept <= 0:
+        raise InputError("--samples-per-prompt and --prompts-per-concept must be positive")
+    registry = _registry()
+    resolved = _model(registry, model)
+    chosen = select(load_concepts(root), concept, concepts)
+    keys = {c.key for c in chosen}
+    pairs = [p for p in load_pairs(root) if {p.first.key, p.second.key} <= keys] if multiconcept else []
+    dev = pick_device(device)
+    cfg = BenchConfig(
+        out=out_dir, modes=modes, prompts_per_concept=prompts_per_concept, samples_per_prompt=samples_per_prompt,
+        sample=SampleConfig(steps=steps, guidance=guidance),
+        train=train_config_for(resolved, {"steps": train_steps, "device": device, "precision": precision}),
+        model=resolved, clip=clip, dino=dino,
+    )
+    scorer = Scorer(clip, dino, dev)
+    pipe = load_pipeline(resolved, dev, pick_dtype(precision, dev))
+    rows = run_bench(chosen, pairs, cfg, scorer, pipe, registry, log=lambda m: err.print(m, markup=False, highlight=False))
+    out.print(_scores_table("CustomConcept101", rows))
+    summary = summarize(rows)
+    out.print(_scores_table("overall", [{"concept": "all", "method": k, **v} for k, v in summary["overall"].items()]))
+    out.print(f"results in {out_dir}/results.csv, results.json, figure.png")
 
 
 def main() -> None:

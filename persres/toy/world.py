@@ -141,12 +141,12 @@ def _place(rng: random.Random, n: int) -> list[tuple[float, float, float]]:
         size = rng.uniform(16, 22)
         m = size / 2 + 1
         return [(rng.uniform(m, SIZE - m), rng.uniform(m, SIZE - m), size)]
-    # two objects side by side, left and right halves
+    # two objects side by side, one in each half, never touching
     out = []
     for left in (True, False):
-        size = rng.uniform(11, 14)
+        size = rng.uniform(10, 13)
         m = size / 2 + 0.5
-        lo, hi = (m, SIZE / 2 - m + 2) if left else (SIZE / 2 + m - 2, SIZE - m)
+        lo, hi = (m, SIZE / 2 - m) if left else (SIZE / 2 + m, SIZE - m)
         out.append((rng.uniform(lo, hi), rng.uniform(m + 2, SIZE - m - 2), size))
     return out
 
@@ -181,3 +181,22 @@ def novel_scene(rng: random.Random, concept: str, background: str) -> Scene:
 def vocabulary() -> list[str]:
     """Every word a caption or a training prompt of this world uses."""
     return ["a", "and", "on", "background", "photo", "of", *COLORS, *SHAPES]
+
+
+def write_concept_examples(folder, per_concept: int = 5, seed: int = 0) -> None:
+    """The shipped reference folders: each novel concept on plain backgrounds, as a user's photos would be."""
+    from pathlib import Path
+
+    backgrounds = ("white", "blue", "green", "purple", "orange")
+    rng = random.Random(seed)
+    for name in NOVEL_CONCEPTS:
+        out = Path(folder) / name
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(per_concept):
+            render(novel_scene(rng, name, backgrounds[i % len(backgrounds)])).save(out / f"{i}.png")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_concept_examples(sys.argv[1] if len(sys.argv) > 1 else "concepts")

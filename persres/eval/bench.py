@@ -1,0 +1,190 @@
+"""`persres bench customconcept101`: train, sample, score and compare, resumably.
+
+Layout under --out:
+    {concept}/{mode}/{prompt:03d}-{sample:03d}.png   samples (PNG metadata: prompt, seed, ...)
+    {concept}/{mode}/scores.json                      that folder's CLIP-T / CLIP-I / DINO-I
+    results.csv, results.json, figure.png             per concept and overall, Figure-7 style
+Every unit of work (a pack, an image, a score) is skipped when its result already exists,
+so an interrupted bench picks up where it stopped. Sample j of prompt i uses seed
+1000 i + j in every mode, so methods are compared on the same noise.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from persres.api import apply_concepts, generation_metadata, train_concept
+from persres.config import SampleConfig, TrainConfig
+from persres.errors import InputError
+from persres.eval.cc101 import CC101Concept, CC101Pair
+from persres.eval.folder import eval_folder
+from persres.images import save_png
+from persres.registry import Registry
+from persres.tokens import expand_prompt
+
+# Table 1 of Ham et al. (CVPR 2024), CustomConcept101, as quoted in persres issue #4.
+PAPER_POINTS = {
+    "paper: residuals": {"clip_t": 0.7193, "clip_i": 0.7594, "dino_i": 0.5671},
+    "paper: residuals + LAG": {"clip_t": 0.7220, "clip_i": 0.7424, "dino_i": 0.5411},
+}
+METRICS = ("clip_t", "clip_i", "dino_i")
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BenchConfig:
+    out: Path
+    modes: tuple[str, ...] = ("off", "on")  # LAG off / on
+    prompts_per_concept: int = 20  # paper: 20 prompts per concept
+    samples_per_prompt: int = 50  # paper: 50 samples per prompt
+    sample: SampleConfig = field(default_factory=SampleConfig)  # paper: DDIM 50, eta 0, guidance 6
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: str = ""
+    clip: str = ""
+    dino: str = ""
+
+
+def pack_name(concept: CC101Concept, train: TrainConfig, model: str) -> str:
+    """One pack per (concept, training config, base model): reused when all three match."""
+    digest = hashlib.sha256(json.dumps([train.to_dict(), model], sort_keys=True).encode()).hexdigest()[:8]
+    return f"cc101-{concept.key}-{digest}"
+
+
+def ensure_pack(concept: CC101Concept, cfg: BenchConfig, registry: Registry, pipe, log: Log) -> str:
+    name = pack_name(concept, cfg.train, cfg.model)
+    if registry.has(name):
+        log(f"{concept.key}: reusing pack {name}")
+        return name
+    if not concept.images_dir.is_dir():
+        raise InputError(f"images of {concept.key!r} not found at {str(concept.images_dir)!r}: download the benchmark images (see its README)")
+    log(f"{concept.key}: training {name}")
+    train_concept(concept.images_dir, name, concept.class_word, model=cfg.model, config=cfg.train, registry=registry, pipe=pipe)
+    return name
+
+
+def sample_folder(folder: Path, prompts: Sequence[str], names: list[str], lag: bool, cfg: BenchConfig, registry: Registry, pipe, log: Log) -> None:
+    from persres import residuals
+    from persres.sample import generate
+
+    given = [registry.get(n).bound() for n in names]
+    todo = [(i, p) for i, p in enumerate(prompts) if any(not (folder / f"{i:03d}-{j:03d}.png").exists() for j in range(cfg.samples_per_prompt))]
+    if not todo:
+        return
+    residuals.remove(pipe.unet)
+    apply_concepts(pipe, names, registry, cfg.model)
+    for i, prompt in todo:
+        expanded, concepts = expand_prompt(prompt, given, lambda n: registry.get(n).bound())
+        config = cfg.sample.replace(lag=lag, seed=1000 * i, num_images=cfg.samples_per_prompt)
+        result = generate(pipe, expanded, concepts, config)
+        for j, (image, seed) in enumerate(zip(result.images, result.seeds)):
+            save_png(image, folder / f"{i:03d}-{j:03d}.png", generation_metadata(prompt, expanded, seed, concepts, config, cfg.model))
+        log(f"{folder.parent.name}/{folder.name}: prompt {i + 1}/{len(prompts)} sampled")
+    residuals.remove(pipe.unet)
+
+
+def score_folder(folder: Path, reference_dirs: list[Path], scorer, log: Log) -> dict:
+    path = folder / "scores.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    scores = eval_folder(folder, reference_dirs, scorer).to_dict()
+    tmp = path.with_name(".scores.json.tmp")
+    tmp.write_text(json.dumps(scores, indent=2))
+    tmp.replace(path)
+    log(f"{folder.parent.name}/{folder.name}: scored {scores}")
+    return scores
+
+
+def mode_name(mode: str) -> str:
+    return "lag" if mode == "on" else "nolag"
+
+
+def run_bench(
+    concepts: Sequence[CC101Concept],
+    pairs: Sequence[CC101Pair],
+    cfg: BenchConfig,
+    scorer,
+    pipe,
+    registry: Registry | None = None,
+    log: Log = lambda msg: None,
+) -> list[dict]:
+    registry = registry or Registry()
+    rows = []
+    for concept in concepts:
+        name = ensure_pack(concept, cfg, registry, pipe, log)
+        for mode in cfg.modes:
+            folder = cfg.out / concept.key / mode_name(mode)
+            sample_folder(folder, concept.prompts(cfg.prompts_per_concept), [name], mode == "on", cfg, registry, pipe, log)
+            scores = score_folder(folder, [concept.images_dir], scorer, log)
+            rows.append({"concept": concept.key, "category": concept.category, "method": f"persres {mode_name(mode)}", **scores})
+    for pair in pairs:
+        names = [ensure_pack(c, cfg, registry, pipe, log) for c in (pair.first, pair.second)]
+        for mode in cfg.modes:
+            folder = cfg.out / pair.key / mode_name(mode)
+            sample_folder(folder, pair.prompts(cfg.prompts_per_concept), names, mode == "on", cfg, registry, pipe, log)
+            scores = score_folder(folder, [pair.first.images_dir, pair.second.images_dir], scorer, log)
+            rows.append({"concept": pair.key, "category": "multi", "method": f"persres {mode_name(mode)}", **scores})
+    write_results(cfg.out, rows)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean of each metric per method, over single concepts ("overall") and per category."""
+    out: dict = {"overall": {}, "by_category": {}}
+    singles = [r for r in rows if r["category"] != "multi"]
+    for method in sorted({r["method"] for r in rows}):
+        mine = [r for r in singles if r["method"] == method]
+        if mine:
+            out["overall"][method] = {m: sum(r[m] for r in mine) / len(mine) for m in METRICS}
+        for cat in sorted({r["category"] for r in rows if r["method"] == method}):
+            sel = [r for r in rows if r["method"] == method and r["category"] == cat]
+            out["by_category"].setdefault(cat, {})[method] = {m: sum(r[m] for r in sel) / len(sel) for m in METRICS}
+    return out
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if rows:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(out / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    summary = summarize(rows)
+    (out / "results.json").write_text(json.dumps({"rows": rows, **summary, "paper": PAPER_POINTS}, indent=2) + "\n")
+    plot(out / "figure.png", summary)
+
+
+def plot(path: Path, summary: dict) -> Path | None:
+    """Image alignment against text alignment, one point per method and category (the paper's Figure 7)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    markers = {"persres nolag": "o", "persres lag": "s"}
+    for ax, metric, label in ((axes[0], "clip_i", "CLIP image alignment"), (axes[1], "dino_i", "DINO image alignment")):
+        for k, (cat, methods) in enumerate(sorted(summary["by_category"].items())):
+            for method, v in methods.items():
+                ax.scatter(v["clip_t"], v[metric], marker=markers.get(method, "^"), color=f"C{k % 10}", label=f"{cat} ({method})")
+        for method, v in summary["overall"].items():
+            ax.scatter(v["clip_t"], v[metric], marker=markers.get(method, "^"), s=160, facecolors="none", edgecolors="black", label=f"overall ({method})")
+        for name, v in PAPER_POINTS.items():
+            ax.scatter(v["clip_t"], v[metric], marker="*", s=180, color="gold", edgecolors="black", label=name)
+        ax.set_xlabel("CLIP text alignment")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,115 @@
+"""The toy world's analytic checker: what is in a picture, decided by code.
+
+- background: the most common palette color of the border pixels
+- object(s): pixels far from the background color; one object, or the left/right halves
+  for two-object scenes
+- object color: the nearest palette color to the object pixels' median
+- shape: the template (rendered by the generator itself) with the best IoU against the
+  object mask, searched over sizes and positions around the mask's bounding box
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from persres.toy import world
+
+_PALETTE = np.array([world.PALETTE[c] for c in world.COLORS], dtype=np.float32)  # (C, 3)
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    return world.COLORS[int(np.argmin(((_PALETTE - rgb) ** 2).sum(-1)))]
+
+
+@functools.lru_cache(maxsize=100_000)
+def _template(shape: str, cx: int, cy: int, size: int) -> np.ndarray:
+    """The generator's own mask; geometry in half pixels."""
+    return np.asarray(world.shape_mask(shape, cx / 2, cy / 2, size / 2)) > 0
+
+
+def background_color(img: np.ndarray) -> str:
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])  # (4*side, 3)
+    names = [nearest_color(p) for p in border]
+    return max(set(names), key=names.count)
+
+
+def object_mask(img: np.ndarray, background: str, threshold: float = 80.0) -> np.ndarray:
+    bg = np.array(world.PALETTE[background], dtype=np.float32)
+    return np.sqrt(((img - bg) ** 2).sum(-1)) > threshold  # (H, W) bool
+
+
+def classify_shape(mask: np.ndarray) -> str | None:
+    """The best-IoU shape template for a (H, W) bool mask, or None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 6:
+        return None
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    side = max(x1 - x0, y1 - y0)
+    best, best_iou = None, -1.0
+    # half-pixel grid for centers and sizes (the templates take float geometry)
+    cx0, cy0 = int(x0 + x1), int(y0 + y1)
+    for shape in world.SHAPES:
+        for size in range(max(4, int(side * 2) - 4), int(side * 2 * 1.25) + 3):
+            for dx in (-2, -1, 0, 1, 2):
+                for dy in (-2, -1, 0, 1, 2):
+                    t = _template(shape, cx0 + dx, cy0 + dy, size)
+                    inter = np.logical_and(t, mask).sum()
+                    iou = inter / max(np.logical_or(t, mask).sum(), 1)
+                    if iou > best_iou:
+                        best, best_iou = shape, iou
+    return best
+
+
+@dataclass(frozen=True)
+class Reading:
+    background: str
+    colors: tuple[str | None, ...]
+    shapes: tuple[str | None, ...]
+
+
+def read(image: Image.Image, objects: int = 1) -> Reading:
+    img = np.asarray(image.convert("RGB").resize((world.SIZE, world.SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
+    bg = background_color(img)
+    mask = object_mask(img, bg)
+    parts = [mask] if objects == 1 else _split_left_right(mask)
+    colors, shapes = [], []
+    for part in parts:
+        if part.sum() < 6:
+            colors.append(None)
+            shapes.append(None)
+            continue
+        colors.append(nearest_color(np.median(img[part], axis=0)))
+        shapes.append(classify_shape(part))
+    return Reading(bg, tuple(colors), tuple(shapes))
+
+
+def _split_left_right(mask: np.ndarray) -> list[np.ndarray]:
+    """Two objects side by side: 2-means on the mask pixels' x coordinates (they may touch)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 2:
+        return [mask, np.zeros_like(mask)]
+    lo, hi = float(xs.min()), float(xs.max())
+    for _ in range(10):
+        left = np.abs(xs - lo) <= np.abs(xs - hi)
+        if left.all() or not left.any():
+            break
+        lo, hi = xs[left].mean(), xs[~left].mean()
+    parts = []
+    for sel in (left, ~left):
+        part = np.zeros_like(mask)
+        part[ys[sel], xs[sel]] = True
+        parts.append(part)
+    return parts
+
+
+def check(image: Image.Image, scene: world.Scene) -> dict[str, bool]:
+    """Per-attribute correctness of a picture against the scene its caption describes."""
+    reading = read(image, len(scene.objects))
+    out = {"background": reading.background == scene.background}
+    out["color"] = all(c == o.color for c, o in zip(reading.colors, scene.objects))
+    out["shape"] = all(s == o.shape for s, o in zip(reading.shapes, scene.objects))
+    return out

@@ -1,0 +1,187 @@
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from persres.eval import bench as bench_mod
+from persres.eval.bench import BenchConfig, run_bench
+from persres.eval.cc101 import load_concepts, load_pairs
+from persres.eval.folder import eval_folder, strip_identifiers
+from persres.eval.metrics import CLIP_MEAN, CLIP_PREPROCESS, CLIP_STD, DINO_PREPROCESS, Scorer, image_alignment, text_alignment
+from persres.config import SampleConfig, TrainConfig
+from persres.testing import build_tiny_scorers
+
+from conftest import write_concept_images
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "customconcept101"
+
+
+@pytest.fixture(scope="session")
+def scorer(tmp_path_factory):
+    clip, dino = build_tiny_scorers(tmp_path_factory.mktemp("scorers"))
+    return Scorer(str(clip), str(dino))
+
+
+def test_clip_t_is_2_5_times_the_clamped_cosine():
+    img = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 4.0]])
+    txt = torch.tensor([[1.0, 1.0], [-1.0, 0.2], [3.0, 4.0]])
+    per = text_alignment(img, txt)
+    assert per[0].item() == pytest.approx(2.5 / math.sqrt(2))  # cos 45 degrees
+    assert per[1].item() == 0.0  # negative cosine clamps to zero
+    assert per[2].item() == pytest.approx(2.5)
+
+
+def test_image_alignment_is_the_mean_of_all_pairs():
+    gen = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    ref = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    s = 1 / math.sqrt(2)
+    by_hand = (1 + s + 0 + s + s + 1) / 6  # cos(g_i, r_j) for i in 3, j in 2
+    assert image_alignment(gen, ref) == pytest.approx(by_hand)
+
+
+def striped(width=300, height=200):
+    im = Image.new("RGB", (width, height), (0, 200, 0))
+    im.paste((255, 0, 0), (0, 0, 50, height))  # red left strip
+    im.paste((0, 0, 255), (width - 50, 0, width, height))  # blue right strip
+    return im
+
+
+@pytest.mark.parametrize("preprocess", [CLIP_PREPROCESS, DINO_PREPROCESS])
+def test_preprocessing_resizes_the_shorter_side_and_keeps_the_center(preprocess):
+    x = preprocess(striped())
+    assert x.shape == (3, 224, 224)
+    mean = torch.tensor(preprocess.mean).view(3, 1)
+    std = torch.tensor(preprocess.std).view(3, 1)
+    green = (torch.tensor([0.0, 200 / 255, 0.0]).view(3, 1) - mean) / std
+    inner = x[:, :, 8:-8].reshape(3, -1)  # the side strips fall outside the center crop
+    torch.testing.assert_close(inner, green.expand_as(inner), atol=0.05, rtol=0)
+    assert preprocess is not CLIP_PREPROCESS or CLIP_PREPROCESS.mean == CLIP_MEAN and CLIP_PREPROCESS.std == CLIP_STD
+
+
+def test_portrait_image_is_cropped_vertically():
+    x = CLIP_PREPROCESS(striped().rotate(90, expand=True))  # 200 x 300
+    assert x.shape == (3, 224, 224)
+
+
+def test_an_image_scored_against_itself_has_image_alignment_one(scorer, tmp_path):
+    folder = write_concept_images(tmp_path / "imgs", n=1)
+    files = sorted(folder.iterdir())
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({files[0].stem: "a photo of a <new1> circle"}))
+    scores = eval_folder(folder, [folder], scorer, prompts, strip=["<new1>"])
+    assert scores.clip_i[0] == pytest.approx(1.0, abs=1e-6)
+    assert scores.dino_i[0] == pytest.approx(1.0, abs=1e-6)
+    assert 0 <= scores.clip_t <= 2.5
+
+
+def test_strip_identifiers():
+    assert strip_identifiers("a sks dog on the beach", ["sks"]) == "a dog on the beach"
+    assert strip_identifiers("photo of a <new1> cat.", ["<new1>"]) == "photo of a cat."
+    assert strip_identifiers("asks a sks", ["sks"]) == "asks a"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/customconcept101 not beside the repo")
+def test_customconcept101_files_parse():
+    concepts = load_concepts(SHARED)
+    assert len(concepts) == 101
+    assert len({c.key for c in concepts}) == 101
+    for c in concepts:
+        prompts = c.prompts(20)
+        assert prompts and all("{}" not in p and f"V* {c.class_word}" in p for p in prompts)
+    pairs = load_pairs(SHARED)
+    assert len(pairs) == 101
+    assert all("{0}" not in p and "V1" in p and "V2" in p for pair in pairs for p in pair.prompts())
+    skipped = sum(len(pair.templates) - len(pair.prompts()) for pair in pairs)
+    assert skipped == sum("A photo of {0} at dawn with {0}" in t for pair in pairs for t in pair.templates) > 0
+
+
+@pytest.fixture
+def mini_root(tmp_path):
+    """A two-concept CustomConcept101 layout with tiny toy-world images."""
+    root = tmp_path / "cc101"
+    (root / "prompts").mkdir(parents=True)
+    (root / "prompts" / "circle.txt").write_text("photo of a {}.\nthe {} on a red background\nthe {} in the snow\n")
+    (root / "prompts" / "heart.txt").write_text("photo of a {}.\nthe {} on a blue background\n")
+    (root / "prompts" / "pair.txt").write_text("photo of {0} and {1}.\n")
+    write_concept_images(root / "benchmark_dataset" / "toy_circle", "checker_circle", n=3)
+    write_concept_images(root / "benchmark_dataset" / "toy_heart", "striped_heart", n=3)
+    entries = [
+        {"class_prompt": "circle", "instance_data_dir": "./benchmark_dataset/toy_circle", "prompt_filename": "prompts/circle.txt"},
+        {"class_prompt": "heart", "instance_data_dir": "./benchmark_dataset/toy_heart", "prompt_filename": "prompts/heart.txt"},
+    ]
+    (root / "dataset.json").write_text(json.dumps(entries))
+    (root / "dataset_multiconcept.json").write_text(json.dumps([[*entries, {"prompt_filename_compose": "prompts/pair.txt"}]]))
+    return root
+
+
+def test_bench_runs_end_to_end_and_resumes_without_redoing_work(mini_root, tiny_model, scorer, pipe, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    cfg = BenchConfig(out=out, prompts_per_concept=2, samples_per_prompt=2, sample=SampleConfig(steps=2),
+                      train=TrainConfig(steps=2), model=str(tiny_model))
+    concepts, pairs = load_concepts(mini_root), load_pairs(mini_root)
+
+    def interrupt(msg):
+        if "toy_heart: training" in msg:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(concepts, pairs, cfg, scorer, pipe, log=interrupt)
+    done = sorted(out.glob("toy_circle/*/*.png"))
+    assert len(done) == 2 * 2 * 2  # modes x prompts x samples
+    stamps = {p: p.stat().st_mtime_ns for p in [*done, *out.glob("toy_circle/*/scores.json")]}
+    assert len(stamps) == len(done) + 2
+
+    calls = {"train": 0, "score": 0}
+    real_train, real_eval = bench_mod.train_concept, bench_mod.eval_folder
+
+    def count(key, fn):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(bench_mod, "train_concept", count("train", real_train))
+    monkeypatch.setattr(bench_mod, "eval_folder", count("score", real_eval))
+    rows = run_bench(concepts, pairs, cfg, scorer, pipe)
+    assert calls == {"train": 1, "score": 4}  # the heart concept and the pair, in both modes
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert len(rows) == 6 and {r["method"] for r in rows} == {"persres lag", "persres nolag"}
+    pair_row = next(r for r in rows if r["category"] == "multi")
+    assert {"clip_i", "clip_i1", "dino_i", "dino_i1"} <= set(pair_row)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["overall"]) == {"persres lag", "persres nolag"}
+    assert (out / "results.csv").read_text().count("\n") == 7
+    assert (out / "figure.png").stat().st_size > 0
+    # a finished bench reruns without any new work
+    calls.update(train=0, score=0)
+    run_bench(concepts, pairs, cfg, scorer, pipe)
+    assert calls == {"train": 0, "score": 0}
+
+
+def test_cli_eval_and_bench(mini_root, tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from persres.cli import app
+
+    clip, dino = build_tiny_scorers(tmp_path / "scorers")
+    runner = CliRunner()
+    out = tmp_path / "b"
+    result = runner.invoke(app, ["bench", "customconcept101", "--root", str(mini_root), "--concepts", "1", "--samples-per-prompt", "1",
+                                 "--prompts-per-concept", "1", "--steps", "2", "--train-steps", "2", "--lag", "on", "--out", str(out),
+                                 "--model", str(tiny_model), "--clip", str(clip), "--dino", str(dino)])
+    assert result.exit_code == 0, result.output
+    assert (out / "results.json").exists()
+    samples = out / "toy_circle" / "lag"
+    result = runner.invoke(app, ["eval", str(samples), "--refs", str(mini_root / "benchmark_dataset" / "toy_circle"),
+                                 "--clip", str(clip), "--dino", str(dino), "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    assert set(scores) == {"clip_t", "clip_i", "dino_i", "n_images"} and scores["n_images"] == 1
+    result = runner.invoke(app, ["eval", str(samples), "--refs", str(samples), "--clip", str(tmp_path / "nope"), "--dino", str(dino)])
+    assert result.exit_code == 1 and "CLIP model" in result.stderr
+    result = runner.invoke(app, ["bench", "customconcept101", "--root", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and "dataset.json" in result.stderr
