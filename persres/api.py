@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +48,11 @@ def train_config_for(model: str, overrides: dict) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     recommended = {k: v for k, v in model_defaults(model).items() if k in fields}
     return TrainConfig(**{**recommended, **given})
+
+
+def config_digest(config: TrainConfig, model: str) -> str:
+    """A short, stable digest of (training config, base model): packs with equal digests are interchangeable."""
+    return hashlib.sha256(json.dumps([config.to_dict(), model], sort_keys=True).encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)

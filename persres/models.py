@@ -101,16 +101,16 @@ class Fingerprint:
 
 
 def fingerprint(unet) -> Fingerprint:
-    from persres.residuals import _base, block_channels, transformer_blocks
+    from persres.residuals import base_layer_of, block_channels, transformer_blocks
 
     blocks = transformer_blocks(unet)
     channels = block_channels(unet)
-    arch = [(name, channels[name], type(_base(b.proj_out)).__name__) for name, b in sorted(blocks.items())]
+    arch = [(name, channels[name], type(base_layer_of(b.proj_out)).__name__) for name, b in sorted(blocks.items())]
     arch_hash = hashlib.sha256(json.dumps(arch).encode()).hexdigest()
     h = hashlib.sha256()
     for name, b in sorted(blocks.items()):
         weight = getattr(b.proj_out, "_original_weight", None)  # unmerged, if residuals are folded in
-        weight = _base(b.proj_out).weight if weight is None else weight
+        weight = base_layer_of(b.proj_out).weight if weight is None else weight
         # rounded to fp16 so that the same checkpoint loaded in fp16 or fp32 has one fingerprint
         h.update(weight.detach().to(torch.float16).cpu().numpy().tobytes())
     return Fingerprint(arch_hash, h.hexdigest())

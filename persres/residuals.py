@@ -206,10 +206,10 @@ def remove(unet: nn.Module) -> None:
 
 def ranks_for(unet: nn.Module, rank_ratio: float = 0.05, rank: int | None = None) -> dict[str, int]:
     """The rank of every transformer block's residual (one place for this decision)."""
-    return {name: rank_for(channels_of(_base(b.proj_out)), rank_ratio, rank) for name, b in transformer_blocks(unet).items()}
+    return {name: rank_for(channels_of(base_layer_of(b.proj_out)), rank_ratio, rank) for name, b in transformer_blocks(unet).items()}
 
 
-def _base(layer: nn.Module) -> nn.Module:
+def base_layer_of(layer: nn.Module) -> nn.Module:
     return layer.base_layer if isinstance(layer, ResidualProjOut) else layer
 
 
@@ -268,9 +268,9 @@ def parameter_count(ranks: Mapping[str, int], channels: Mapping[str, int]) -> in
 
 
 def block_channels(unet: nn.Module) -> dict[str, int]:
-    return {name: channels_of(_base(b.proj_out)) for name, b in transformer_blocks(unet).items()}
+    return {name: channels_of(base_layer_of(b.proj_out)) for name, b in transformer_blocks(unet).items()}
 
 
 def proj_out_kind(unet: nn.Module) -> str:
-    kinds = {type(_base(b.proj_out)).__name__ for b in transformer_blocks(unet).values()}
+    kinds = {type(base_layer_of(b.proj_out)).__name__ for b in transformer_blocks(unet).values()}
     return kinds.pop() if len(kinds) == 1 else "mixed"

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from persres.eval import bench as bench_mod
-from persres.eval.bench import BenchConfig, run_bench
+from persres.eval.bench import BenchConfig, run_bench, work_units
 from persres.eval.cc101 import load_concepts, load_pairs
 from persres.eval.folder import eval_folder, strip_identifiers
 from persres.eval.metrics import CLIP_MEAN, CLIP_PREPROCESS, CLIP_STD, DINO_PREPROCESS, Scorer, image_alignment, text_alignment
@@ -158,8 +158,10 @@ def test_bench_runs_end_to_end_and_resumes_without_redoing_work(mini_root, tiny_
     assert (out / "figure.png").stat().st_size > 0
     # a finished bench reruns without any new work
     calls.update(train=0, score=0)
-    run_bench(concepts, pairs, cfg, scorer, pipe)
+    advanced = []
+    run_bench(concepts, pairs, cfg, scorer, pipe, advance=advanced.append)
     assert calls == {"train": 0, "score": 0}
+    assert sum(advanced) == work_units(concepts, pairs, cfg) == 2 * (2 + 2 + 1)
 
 
 def test_cli_eval_and_bench(mini_root, tiny_model, tmp_path):

@@ -315,7 +315,7 @@ def bench_cc101(
     from persres.api import train_config_for
     from persres.config import SampleConfig
     from persres.errors import InputError
-    from persres.eval.bench import BenchConfig, run_bench, summarize
+    from persres.eval.bench import BenchConfig, run_bench, summarize, work_units
     from persres.eval.cc101 import load_concepts, load_pairs, select
     from persres.eval.metrics import Scorer
     from persres.models import load_pipeline, pick_device, pick_dtype
@@ -339,11 +339,67 @@ def bench_cc101(
     )
     scorer = Scorer(clip, dino, dev)
     pipe = load_pipeline(resolved, dev, pick_dtype(precision, dev))
-    rows = run_bench(chosen, pairs, cfg, scorer, pipe, registry, log=lambda m: err.print(m, markup=False, highlight=False))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err) as bar:
+        task = bar.add_task("", total=work_units(chosen, pairs, cfg))
+        rows = run_bench(chosen, pairs, cfg, scorer, pipe, registry,
+                         log=lambda m: bar.update(task, description=m[:60]), advance=lambda n: bar.advance(task, n))
     out.print(_scores_table("CustomConcept101", rows))
     summary = summarize(rows)
     out.print(_scores_table("overall", [{"concept": "all", "method": k, **v} for k, v in summary["overall"].items()]))
     out.print(f"results in {out_dir}/results.csv, results.json, figure.png")
+
+
+@bench_app.command("toy")
+@command
+def bench_toy(
+    quick: bool = typer.Option(False, "--quick", help="Fewer prompts and samples (a few minutes on a CPU)."),
+    concept: list[str] = typer.Option([], "--concept", help="A shipped toy concept (default: all)."),
+    out_dir: Path = typer.Option(Path("bench-toy"), "--out", help="Output folder."),
+    model: Optional[str] = typer.Option(None, help="Base model [default: the toy model]."),
+    steps: int = typer.Option(50, help="DDIM steps [paper: 50]."),
+    guidance: float = typer.Option(6.0, help="Guidance scale [paper: 6.0]."),
+    train_steps: Optional[int] = typer.Option(None, help="Training steps [default: the model's recommendation]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [default: the model's recommendation]."),
+):
+    """Train the shipped toy concepts and score identity, background, added objects and attributes, with and without LAG."""
+    from persres.api import apply_concepts, config_digest, train_concept, train_config_for
+    from persres.config import SampleConfig
+    from persres.errors import InputError
+    from persres.images import read_folder
+    from persres.models import load_pipeline
+    from persres.toy import world
+    from persres.toy.bench import reference_histogram, run_toy_bench, summarize
+
+    names = concept or list(world.NOVEL_CONCEPTS)
+    unknown = [n for n in names if n not in world.NOVEL_CONCEPTS]
+    if unknown:
+        raise InputError(f"unknown toy concept {unknown[0]!r} (choose from {', '.join(world.NOVEL_CONCEPTS)})")
+    registry = _registry()
+    resolved = _model(registry, model)
+    config = train_config_for(resolved, {"steps": train_steps, "lr": lr})
+    pipe = load_pipeline(resolved)
+    root = Path(world.__file__).parent / "concepts"
+    loaded = {}
+    for name in names:
+        pack = f"toybench-{name}-{config_digest(config, resolved)}"
+        if not registry.has(pack):
+            with err.status(f"training {name}..."):
+                train_concept(root / name, pack, world.NOVEL_CONCEPTS[name][0], model=resolved, config=config, registry=registry, pipe=pipe)
+        bound = apply_concepts(pipe, [pack], registry, resolved)[0]
+        refs = [r.image for r in read_folder(root / name)]
+        loaded[name] = (bound, reference_histogram(pipe, refs))
+    with err.status("sampling and scoring..."):
+        rows = run_toy_bench(pipe, loaded, out_dir, quick, SampleConfig(steps=steps, guidance=guidance))
+    summary = summarize(rows)
+    keys = list(dict.fromkeys(k for r in summary for k in r if k not in ("category", "method")))
+    table = Table("category", "method", *keys, title=f"toy bench ({'quick' if quick else 'full'})")
+    for r in summary:
+        table.add_row(r["category"], r["method"], *(f"{r[k]:.3f}" if k in r else "" for k in keys))
+    out.print(table)
+    out.print(f"results in {out_dir}/results.csv, results.json and grid-*.png")
 
 
 def main() -> None:

@@ -12,13 +12,12 @@ so an interrupted bench picks up where it stopped. Sample j of prompt i uses see
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persres.api import apply_concepts, generation_metadata, train_concept
+from persres.api import apply_concepts, config_digest, generation_metadata, train_concept
 from persres.config import SampleConfig, TrainConfig
 from persres.errors import InputError
 from persres.eval.cc101 import CC101Concept, CC101Pair
@@ -35,6 +34,7 @@ PAPER_POINTS = {
 METRICS = ("clip_t", "clip_i", "dino_i")
 
 Log = Callable[[str], None]
+Advance = Callable[[int], None]  # prompts sampled (or found done)
 
 
 @dataclass
@@ -52,8 +52,7 @@ class BenchConfig:
 
 def pack_name(concept: CC101Concept, train: TrainConfig, model: str) -> str:
     """One pack per (concept, training config, base model): reused when all three match."""
-    digest = hashlib.sha256(json.dumps([train.to_dict(), model], sort_keys=True).encode()).hexdigest()[:8]
-    return f"cc101-{concept.key}-{digest}"
+    return f"cc101-{concept.key}-{config_digest(train, model)}"
 
 
 def ensure_pack(concept: CC101Concept, cfg: BenchConfig, registry: Registry, pipe, log: Log) -> str:
@@ -68,12 +67,13 @@ def ensure_pack(concept: CC101Concept, cfg: BenchConfig, registry: Registry, pip
     return name
 
 
-def sample_folder(folder: Path, prompts: Sequence[str], names: list[str], lag: bool, cfg: BenchConfig, registry: Registry, pipe, log: Log) -> None:
+def sample_folder(folder: Path, prompts: Sequence[str], names: list[str], lag: bool, cfg: BenchConfig, registry: Registry, pipe, log: Log, advance: Advance) -> None:
     from persres import residuals
     from persres.sample import generate
 
     given = [registry.get(n).bound() for n in names]
     todo = [(i, p) for i, p in enumerate(prompts) if any(not (folder / f"{i:03d}-{j:03d}.png").exists() for j in range(cfg.samples_per_prompt))]
+    advance(len(prompts) - len(todo))  # already sampled by an earlier run
     if not todo:
         return
     residuals.remove(pipe.unet)
@@ -85,6 +85,7 @@ def sample_folder(folder: Path, prompts: Sequence[str], names: list[str], lag: b
         for j, (image, seed) in enumerate(zip(result.images, result.seeds)):
             save_png(image, folder / f"{i:03d}-{j:03d}.png", generation_metadata(prompt, expanded, seed, concepts, config, cfg.model))
         log(f"{folder.parent.name}/{folder.name}: prompt {i + 1}/{len(prompts)} sampled")
+        advance(1)
     residuals.remove(pipe.unet)
 
 
@@ -112,6 +113,7 @@ def run_bench(
     pipe,
     registry: Registry | None = None,
     log: Log = lambda msg: None,
+    advance: Advance = lambda n: None,
 ) -> list[dict]:
     registry = registry or Registry()
     rows = []
@@ -119,18 +121,24 @@ def run_bench(
         name = ensure_pack(concept, cfg, registry, pipe, log)
         for mode in cfg.modes:
             folder = cfg.out / concept.key / mode_name(mode)
-            sample_folder(folder, concept.prompts(cfg.prompts_per_concept), [name], mode == "on", cfg, registry, pipe, log)
+            sample_folder(folder, concept.prompts(cfg.prompts_per_concept), [name], mode == "on", cfg, registry, pipe, log, advance)
             scores = score_folder(folder, [concept.images_dir], scorer, log)
             rows.append({"concept": concept.key, "category": concept.category, "method": f"persres {mode_name(mode)}", **scores})
     for pair in pairs:
         names = [ensure_pack(c, cfg, registry, pipe, log) for c in (pair.first, pair.second)]
         for mode in cfg.modes:
             folder = cfg.out / pair.key / mode_name(mode)
-            sample_folder(folder, pair.prompts(cfg.prompts_per_concept), names, mode == "on", cfg, registry, pipe, log)
+            sample_folder(folder, pair.prompts(cfg.prompts_per_concept), names, mode == "on", cfg, registry, pipe, log, advance)
             scores = score_folder(folder, [pair.first.images_dir, pair.second.images_dir], scorer, log)
             rows.append({"concept": pair.key, "category": "multi", "method": f"persres {mode_name(mode)}", **scores})
     write_results(cfg.out, rows)
     return rows
+
+
+def work_units(concepts: Sequence[CC101Concept], pairs: Sequence[CC101Pair], cfg: BenchConfig) -> int:
+    """How many prompts the bench samples in all (the progress bar's total)."""
+    per_mode = sum(len(c.prompts(cfg.prompts_per_concept)) for c in concepts) + sum(len(p.prompts(cfg.prompts_per_concept)) for p in pairs)
+    return per_mode * len(cfg.modes)
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -75,7 +75,7 @@ def read(image: Image.Image, objects: int = 1) -> Reading:
     img = np.asarray(image.convert("RGB").resize((world.SIZE, world.SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
     bg = background_color(img)
     mask = object_mask(img, bg)
-    parts = [mask] if objects == 1 else _split_left_right(mask)
+    parts = [mask] if objects == 1 else split_left_right(mask)
     colors, shapes = [], []
     for part in parts:
         if part.sum() < 6:
@@ -87,7 +87,7 @@ def read(image: Image.Image, objects: int = 1) -> Reading:
     return Reading(bg, tuple(colors), tuple(shapes))
 
 
-def _split_left_right(mask: np.ndarray) -> list[np.ndarray]:
+def split_left_right(mask: np.ndarray) -> list[np.ndarray]:
     """Two objects side by side: 2-means on the mask pixels' x coordinates (they may touch)."""
     ys, xs = np.nonzero(mask)
     if len(xs) < 2:
