@@ -49,3 +49,37 @@ def test_shipped_concept_examples_exist():
     root = Path(persres.toy.__file__).parent / "concepts"
     for name in world.NOVEL_CONCEPTS:
         assert len(list((root / name).glob("*.png"))) >= 4
+
+
+def test_bench_toy_quick_runs_end_to_end(tiny_model, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from persres.cli import app
+
+    out = tmp_path / "bench"
+    args = ["bench", "toy", "--quick", "--model", str(tiny_model), "--steps", "2", "--train-steps", "2", "--out", str(out),
+            "--concept", "checker_circle", "--concept", "striped_heart"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert {(r["category"], r["method"]) for r in summary} >= {("identity", "base"), ("background", "lag"), ("two_concepts", "lag")}
+    assert all(0 <= r["identity"] <= 1 for r in summary)
+    for category in ("identity", "background", "add_object", "attribute", "two_concepts"):
+        assert (out / f"grid-{category}.png").exists()
+    assert CliRunner().invoke(app, [*args[:2], "--concept", "nope"]).exit_code == 1
+
+
+def test_identity_score_prefers_the_concept():
+    import numpy as np
+
+    from persres.toy.bench import color_histogram, identity
+
+    rng = random.Random(3)
+    refs = [world.render(world.novel_scene(rng, "checker_circle", "white")) for _ in range(3)]
+    pixels = [np.asarray(r, dtype=np.float32)[checker.object_mask(np.asarray(r, dtype=np.float32), "white")] for r in refs]
+    ref_hist = color_histogram(np.concatenate(pixels))
+    same = world.render(world.novel_scene(rng, "checker_circle", "blue"))
+    plain = world.render(world.Scene("blue", (world.Obj("circle", "red", 16, 16, 18),)))
+    assert identity(same, ref_hist) > 0.8 > 0.2 > identity(plain, ref_hist)
