@@ -20,7 +20,10 @@ DEFAULTS_FILE = "persres_defaults.json"  # a model's own recommended training de
 def resolve_model(model: str | None, configured: str | None = None) -> str:
     """The model to use: the argument, else $PERSRES_MODEL, else the registry setting, else the toy model."""
     chosen = model or os.environ.get("PERSRES_MODEL") or configured or TOY
-    return str(TOY_DIR) if chosen == TOY else chosen
+    if chosen == TOY:
+        return str(TOY_DIR)
+    local = Path(chosen).expanduser()
+    return str(local.resolve()) if local.is_dir() else chosen  # a directory is recorded absolute
 
 
 def is_default_toy(model: str | None, configured: str | None = None) -> bool:

@@ -160,7 +160,48 @@ def build_tiny_scorers(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
 
 
 
-if __name__ == "__main__":
-    import sys
+def build_mini_cc101(root: str | Path) -> Path:
+    """A two-concept folder in CustomConcept101's layout (dataset.json, dataset_multiconcept.json,
+    prompts/, benchmark_dataset/), made of toy-world concepts and persres's own prompts, for
+    running `persres bench customconcept101` offline. It contains none of Adobe's files."""
+    import json
 
-    print(build_tiny_pipeline(sys.argv[1] if len(sys.argv) > 1 else "tiny-sd"))
+    from persres.toy import world
+
+    root = Path(root)
+    (root / "prompts").mkdir(parents=True, exist_ok=True)
+    (root / "prompts" / "circle.txt").write_text("photo of a {}.\nthe {} on a red background\nthe {} in the snow\n")
+    (root / "prompts" / "heart.txt").write_text("photo of a {}.\nthe {} on a blue background\n")
+    (root / "prompts" / "pair.txt").write_text("photo of {0} and {1}.\n")
+    world.write_concept_examples(root / "benchmark_dataset", per_concept=3)
+    (root / "benchmark_dataset" / "split_square").rename(root / "benchmark_dataset" / "toy_square")
+    (root / "benchmark_dataset" / "checker_circle").rename(root / "benchmark_dataset" / "toy_circle")
+    (root / "benchmark_dataset" / "striped_heart").rename(root / "benchmark_dataset" / "toy_heart")
+    entries = [
+        {"class_prompt": "circle", "instance_data_dir": "./benchmark_dataset/toy_circle", "prompt_filename": "prompts/circle.txt"},
+        {"class_prompt": "heart", "instance_data_dir": "./benchmark_dataset/toy_heart", "prompt_filename": "prompts/heart.txt"},
+    ]
+    (root / "dataset.json").write_text(json.dumps(entries, indent=1))
+    (root / "dataset_multiconcept.json").write_text(json.dumps([[*entries, {"prompt_filename_compose": "prompts/pair.txt"}]], indent=1))
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m persres.testing", description="Build tiny stand-in models and data, offline.")
+    sub = ap.add_subparsers(dest="what", required=True)
+    for name, help_text in (("pipeline", "a tiny SD v1.x pipeline"), ("scorers", "tiny CLIP and DINO stand-ins (DIR/clip, DIR/dino)"),
+                            ("cc101-mini", "a two-concept folder in CustomConcept101's layout")):
+        sub.add_parser(name, help=help_text).add_argument("dir", type=Path)
+    args = ap.parse_args(argv)
+    if args.what == "pipeline":
+        print(build_tiny_pipeline(args.dir))
+    elif args.what == "scorers":
+        print(*build_tiny_scorers(args.dir))
+    else:
+        print(build_mini_cc101(args.dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,7 @@ from persres.eval.cc101 import load_concepts, load_pairs
 from persres.eval.folder import eval_folder, strip_identifiers
 from persres.eval.metrics import CLIP_MEAN, CLIP_PREPROCESS, CLIP_STD, DINO_PREPROCESS, Scorer, image_alignment, text_alignment
 from persres.config import SampleConfig, TrainConfig
-from persres.testing import build_tiny_scorers
+from persres.testing import build_mini_cc101, build_tiny_scorers
 
 from conftest import write_concept_images
 
@@ -102,20 +102,7 @@ def test_customconcept101_files_parse():
 @pytest.fixture
 def mini_root(tmp_path):
     """A two-concept CustomConcept101 layout with tiny toy-world images."""
-    root = tmp_path / "cc101"
-    (root / "prompts").mkdir(parents=True)
-    (root / "prompts" / "circle.txt").write_text("photo of a {}.\nthe {} on a red background\nthe {} in the snow\n")
-    (root / "prompts" / "heart.txt").write_text("photo of a {}.\nthe {} on a blue background\n")
-    (root / "prompts" / "pair.txt").write_text("photo of {0} and {1}.\n")
-    write_concept_images(root / "benchmark_dataset" / "toy_circle", "checker_circle", n=3)
-    write_concept_images(root / "benchmark_dataset" / "toy_heart", "striped_heart", n=3)
-    entries = [
-        {"class_prompt": "circle", "instance_data_dir": "./benchmark_dataset/toy_circle", "prompt_filename": "prompts/circle.txt"},
-        {"class_prompt": "heart", "instance_data_dir": "./benchmark_dataset/toy_heart", "prompt_filename": "prompts/heart.txt"},
-    ]
-    (root / "dataset.json").write_text(json.dumps(entries))
-    (root / "dataset_multiconcept.json").write_text(json.dumps([[*entries, {"prompt_filename_compose": "prompts/pair.txt"}]]))
-    return root
+    return build_mini_cc101(tmp_path / "cc101")
 
 
 def test_bench_runs_end_to_end_and_resumes_without_redoing_work(mini_root, tiny_model, scorer, pipe, tmp_path, monkeypatch):

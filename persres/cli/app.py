@@ -257,11 +257,11 @@ def config_model(
 
 
 def _scores_table(title: str, rows: list[dict]) -> Table:
-    keys = [k for k in rows[0] if k not in ("concept", "category", "method")] if rows else []
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("concept", "category", "method")))
     table = Table(*(["concept", "method"] if rows and "method" in rows[0] else []), *keys, title=title)
     for r in rows:
         lead = [r["concept"], r["method"]] if "method" in r else []
-        table.add_row(*lead, *(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys))
+        table.add_row(*lead, *(f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys))
     return table
 
 
