@@ -83,3 +83,12 @@ def test_identity_score_prefers_the_concept():
     same = world.render(world.novel_scene(rng, "checker_circle", "blue"))
     plain = world.render(world.Scene("blue", (world.Obj("circle", "red", 16, 16, 18),)))
     assert identity(same, ref_hist) > 0.8 > 0.2 > identity(plain, ref_hist)
+
+
+def test_quality_measure_reports_fractions(tiny_model):
+    from persres.models import load_pipeline
+    from persres.toy.quality import measure
+
+    report = measure(load_pipeline(str(tiny_model)), samples=4, held_out=True, steps=2)
+    assert set(report) == {"background", "color", "shape"}
+    assert all(0 <= v <= 1 and (v * 4).is_integer() for v in report.values())
