@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,7 @@ from PIL import Image
 from persres import residuals
 from persres.config import SampleConfig
 from persres.errors import IncompatiblePack, PromptError
+from persres.kernels import attention_backend
 from persres.lag import ConceptTokens, lag_regions
 from persres.models import Fingerprint, fingerprint
 from persres.packs import PackMeta
@@ -95,20 +97,20 @@ def generate(
     )
     names = [c.name for c in concepts]
     masks: dict[str, list[np.ndarray]] = {}
-    if residuals.layers_of(pipe.unet):  # loaded concepts the prompt does not name stay off
-        with residuals.use_concepts(pipe.unet, names, merged=not config.lag):
-            if config.lag:
-                latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-                with lag_regions(pipe.unet, tokens, cfg=config.guidance > 1, backend=backend,
-                                 latent_hw=latent_hw, keep_masks=config.save_masks) as session:
-                    images = pipe(**call).images
-                batch = config.num_images
-                for name, m in session.average_masks().items():
-                    masks[name] = [m[-batch:][i].cpu().numpy() for i in range(batch)]  # cond half
-            else:
-                images = pipe(**call).images
-    else:
+    session = None
+    with ExitStack() as stack:
+        if residuals.layers_of(pipe.unet):  # loaded concepts the prompt does not name stay off
+            stack.enter_context(residuals.use_concepts(pipe.unet, names, merged=not config.lag))
+        if config.lag:
+            latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+            session = stack.enter_context(lag_regions(pipe.unet, tokens, cfg=config.guidance > 1, backend=backend,
+                                                      latent_hw=latent_hw, keep_masks=config.save_masks))
+        elif backend not in (None, "auto"):
+            stack.enter_context(attention_backend(pipe.unet, backend))
         images = pipe(**call).images
+    if session is not None:
+        for name, m in session.average_masks().items():
+            masks[name] = [m[-config.num_images:][i].cpu().numpy() for i in range(config.num_images)]  # cond half
     return Generated(images, seeds, prompt, masks)
 
 

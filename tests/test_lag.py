@@ -134,3 +134,17 @@ def test_loaded_concepts_the_prompt_does_not_name_stay_off(pipe, lag):
     residuals.new_concept(pipe.unet, "a", residuals.ranks_for(pipe.unet), init="random")
     again = generate(pipe, "a red circle", [], SampleConfig(steps=2, lag=lag)).images[0]
     assert list(plain.getdata()) == list(again.getdata())
+
+
+def test_reference_backend_without_lag_matches_the_default(pipe):
+    default = generate(pipe, "a red circle", [], SampleConfig(steps=2)).images[0]
+    reference = generate(pipe, "a red circle", [], SampleConfig(steps=2), backend="reference").images[0]
+    diff = (torch.tensor(list(default.getdata())) - torch.tensor(list(reference.getdata()))).abs().max()
+    assert diff <= 1  # the same picture up to rounding
+
+
+def test_unavailable_backend_is_refused_before_sampling(pipe):
+    from persres.errors import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable):
+        generate(pipe, "a red circle", [], SampleConfig(steps=2), backend="flash9")
