@@ -1,5 +1,8 @@
+import os
 import random
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it: tests never reach the network
 
 import pytest
 import torch
