@@ -25,6 +25,7 @@ from persres.images import read_folder, save_png
 from persres.models import fingerprint, is_default_toy, load_pipeline, model_defaults, pick_device, pick_dtype, resolve_model
 from persres.packs import PackMeta
 from persres.registry import ConceptRecord, Registry
+from persres.residuals import block_channels, proj_out_kind
 from persres.sample import Generated, apply_pack, generate, mask_overlay
 from persres.tokens import BoundConcept, expand_prompt
 
@@ -89,7 +90,6 @@ def train_concept(
     identifier = registry.next_identifier()
     result = train_residuals(pipe, [r.image for r in references], identifier, class_word, config, progress)
     fp = fingerprint(pipe.unet)
-    from persres.residuals import block_channels, proj_out_kind
 
     meta = PackMeta(
         name=name, identifier=identifier, class_word=class_word, ranks=result.ranks,

@@ -68,7 +68,8 @@ def test_bench_toy_quick_runs_end_to_end(tiny_model, tmp_path):
     assert all(0 <= r["identity"] <= 1 for r in summary)
     for category in ("identity", "background", "add_object", "attribute", "two_concepts"):
         assert (out / f"grid-{category}.png").exists()
-    assert CliRunner().invoke(app, [*args[:2], "--concept", "nope"]).exit_code == 1
+    bad = CliRunner().invoke(app, ["bench", "toy", "--concept", "nope"])
+    assert bad.exit_code == 1 and "unknown toy concept 'nope'" in bad.stderr
 
 
 def test_identity_score_prefers_the_concept():

@@ -365,32 +365,18 @@ def bench_toy(
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: the model's recommendation]."),
 ):
     """Train the shipped toy concepts and score identity, background, added objects and attributes, with and without LAG."""
-    from persres.api import apply_concepts, config_digest, train_concept, train_config_for
+    from persres.api import train_config_for
     from persres.config import SampleConfig
-    from persres.errors import InputError
-    from persres.images import read_folder
     from persres.models import load_pipeline
-    from persres.toy import world
-    from persres.toy.bench import reference_histogram, run_toy_bench, summarize
+    from persres.toy.bench import prepare_concepts, run_toy_bench, select_concepts, summarize
 
-    names = concept or list(world.NOVEL_CONCEPTS)
-    unknown = [n for n in names if n not in world.NOVEL_CONCEPTS]
-    if unknown:
-        raise InputError(f"unknown toy concept {unknown[0]!r} (choose from {', '.join(world.NOVEL_CONCEPTS)})")
+    names = select_concepts(concept)
     registry = _registry()
     resolved = _model(registry, model)
     config = train_config_for(resolved, {"steps": train_steps, "lr": lr})
     pipe = load_pipeline(resolved)
-    root = Path(world.__file__).parent / "concepts"
-    loaded = {}
-    for name in names:
-        pack = f"toybench-{name}-{config_digest(config, resolved)}"
-        if not registry.has(pack):
-            with err.status(f"training {name}..."):
-                train_concept(root / name, pack, world.NOVEL_CONCEPTS[name][0], model=resolved, config=config, registry=registry, pipe=pipe)
-        bound = apply_concepts(pipe, [pack], registry, resolved)[0]
-        refs = [r.image for r in read_folder(root / name)]
-        loaded[name] = (bound, reference_histogram(pipe, refs))
+    with err.status("training the toy concepts (reused when already trained with this config)..."):
+        loaded = prepare_concepts(pipe, names, registry, resolved, config)
     with err.status("sampling and scoring..."):
         rows = run_toy_bench(pipe, loaded, out_dir, quick, SampleConfig(steps=steps, guidance=guidance))
     summary = summarize(rows)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import sqlite_utils
@@ -48,8 +48,6 @@ class ConceptRecord:
         return BoundConcept(self.meta.name, self.meta.identifier, self.meta.class_word)
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return {**asdict(self.meta), "path": str(self.path), "sha256": self.sha256}
 
 
@@ -117,7 +115,7 @@ class Registry:
 
     def export_pack(self, name: str, out: Path) -> Path:
         record = self.get(name)
-        tensors, _ = read_pack(record.path, record.sha256)  # verify before copying
+        read_pack(record.path, record.sha256)  # verify before copying
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.copyfile(record.path, tmp)

@@ -31,6 +31,7 @@ from persres.tokens import BoundConcept, expand_prompt
 from persres.toy import checker, world
 
 BINS = 4  # per channel: 64 color bins
+CONCEPTS_DIR = Path(__file__).parent / "concepts"  # the shipped reference folders
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,34 @@ def mean_rows(rows: list[dict], keys: tuple[str, ...]) -> dict:
         if vals:
             out[k] = sum(vals) / len(vals)
     return out
+
+
+def select_concepts(names: list[str] | None) -> list[str]:
+    """The shipped toy concepts asked for (all by default); an unknown name is an error."""
+    from persres.errors import InputError
+
+    names = names or list(world.NOVEL_CONCEPTS)
+    unknown = [n for n in names if n not in world.NOVEL_CONCEPTS]
+    if unknown:
+        raise InputError(f"unknown toy concept {unknown[0]!r} (choose from {', '.join(world.NOVEL_CONCEPTS)})")
+    return names
+
+
+def prepare_concepts(pipe, names: list[str] | None, registry, model: str, config) -> dict[str, tuple[BoundConcept, np.ndarray]]:
+    """Train (or reuse) a pack per shipped concept, load them onto `pipe`, and compute the
+    references' histograms: what `run_toy_bench` takes."""
+    from persres.api import apply_concepts, config_digest, train_concept
+    from persres.images import read_folder
+
+    loaded = {}
+    for name in select_concepts(names):
+        pack = f"toybench-{name}-{config_digest(config, model)}"
+        folder = CONCEPTS_DIR / name
+        if not registry.has(pack):
+            train_concept(folder, pack, world.NOVEL_CONCEPTS[name][0], model=model, config=config, registry=registry, pipe=pipe)
+        bound = apply_concepts(pipe, [pack], registry, model)[0]
+        loaded[name] = (bound, reference_histogram(pipe, [r.image for r in read_folder(folder)]))
+    return loaded
 
 
 def run_toy_bench(pipe, concepts: dict[str, tuple[BoundConcept, np.ndarray]], out: Path, quick: bool, sample: SampleConfig,
