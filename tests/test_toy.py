@@ -93,3 +93,21 @@ def test_quality_measure_reports_fractions(tiny_model):
     report = measure(load_pipeline(str(tiny_model)), samples=4, held_out=True, steps=2)
     assert set(report) == {"background", "color", "shape"}
     assert all(0 <= v <= 1 and (v * 4).is_integer() for v in report.values())
+
+
+def test_build_script_exports_a_loadable_model_and_resumes(tmp_path):
+    from persres.config import SampleConfig
+    from persres.models import load_pipeline, model_defaults
+    from persres.sample import generate
+    from persres.toy import build
+
+    args = ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "model"), "--vae-steps", "2", "--steps", "2",
+            "--batch", "4", "--dataset", "64"]
+    build.main(args)
+    pipe = load_pipeline(str(tmp_path / "model"))
+    image = generate(pipe, "a red circle on a blue background", [], SampleConfig(steps=2)).images[0]
+    assert image.size == (world.SIZE, world.SIZE)
+    assert pipe.unet.config.use_linear_projection is False
+    assert model_defaults(str(tmp_path / "model"))["lr"] > 0
+    build.main(args[:-6] + ["--steps", "3", "--batch", "4", "--dataset", "64"])
+    assert "resumed at step 2" in (tmp_path / "work" / "log.txt").read_text()

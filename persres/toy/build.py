@@ -119,10 +119,10 @@ def to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
-def train_vae(vae, work: Path, steps: int, batch: int, log) -> None:
+def train_vae(vae, work: Path, steps: int, batch: int, log, device: torch.device = torch.device("cpu")) -> None:
     ckpt = work / "vae.pt"
     if ckpt.exists():
-        vae.load_state_dict(torch.load(ckpt, weights_only=True))
+        vae.load_state_dict(torch.load(ckpt, weights_only=True, map_location=device))
         log(f"vae: loaded {ckpt}")
         return
     rng = random.Random(1)
@@ -130,7 +130,7 @@ def train_vae(vae, work: Path, steps: int, batch: int, log) -> None:
     vae.train()
     for step in range(steps):
         xs = [generic_image(rng) if rng.random() < 0.3 else to_tensor(world.render(world.random_scene(rng))) for _ in range(batch)]
-        x = torch.stack(xs)
+        x = torch.stack(xs).to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
@@ -148,7 +148,7 @@ def train_vae(vae, work: Path, steps: int, batch: int, log) -> None:
 @torch.no_grad()
 def center_latents(vae, rng: random.Random) -> None:
     """Fold the latent per-channel mean into the biases and set scaling_factor = 1/std."""
-    x = torch.stack([to_tensor(world.render(world.random_scene(rng))) for _ in range(512)])
+    x = torch.stack([to_tensor(world.render(world.random_scene(rng))) for _ in range(512)]).to(vae.device)
     z = vae.encode(x).latent_dist.mean  # (N, 4, h, w)
     mu = z.mean(dim=(0, 2, 3))  # (4,)
     vae.quant_conv.bias[:4] -= mu
@@ -167,10 +167,10 @@ def make_dataset(vae, tokenizer, n: int, work: Path, log):
     with torch.no_grad():
         for start in range(0, n, 256):
             scenes = [world.random_scene(rng) for _ in range(min(256, n - start))]
-            x = torch.stack([to_tensor(world.render(s)) for s in scenes])
+            x = torch.stack([to_tensor(world.render(s)) for s in scenes]).to(vae.device)
             dist = vae.encode(x).latent_dist
-            means.append(dist.mean.half())
-            stds.append(dist.std.half())
+            means.append(dist.mean.half().cpu())
+            stds.append(dist.std.half().cpu())
             ids.append(tokenizer([s.caption() for s in scenes], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids)
             log(f"dataset {start + len(scenes)}/{n}")
     data = {"mean": torch.cat(means), "std": torch.cat(stds), "ids": torch.cat(ids)}
@@ -182,6 +182,8 @@ def train_unet(unet, text_encoder, vae, tokenizer, data, work: Path, steps: int,
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+    device = unet.device
+    data = {k: v.to(device) for k, v in data.items()}
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
@@ -189,17 +191,17 @@ def train_unet(unet, text_encoder, vae, tokenizer, data, work: Path, steps: int,
     start = 0
     ckpts = sorted(work.glob("unet-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
     if ckpts:
-        state = torch.load(ckpts[-1], weights_only=False)
+        state = torch.load(ckpts[-1], weights_only=False, map_location=device)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["te"])
         opt.load_state_dict(state["opt"])
         ema, ema_te, start = state["ema"], state["ema_te"], state["step"]
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
         log(f"unet: resumed at step {start}")
     else:
         torch.manual_seed(3)
-    empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
-    alphas = sched.alphas_cumprod
+    empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids.to(device)
+    alphas = sched.alphas_cumprod.to(device)
     snr = alphas / (1 - alphas)
     n = data["mean"].shape[0]
     sf = vae.config.scaling_factor
@@ -207,14 +209,16 @@ def train_unet(unet, text_encoder, vae, tokenizer, data, work: Path, steps: int,
     text_encoder.train()
     t0 = time.time()
     for step in range(start, steps):
-        idx = torch.randint(0, n, (batch,))
-        lat = (data["mean"][idx].float() + data["std"][idx].float() * torch.randn(batch, 4, world.SIZE // 2, world.SIZE // 2)) * sf
+        idx = torch.randint(0, n, (batch,)).to(device)  # drawn on the CPU: one random stream whatever the device
+        eps = torch.randn(batch, 4, world.SIZE // 2, world.SIZE // 2).to(device)
+        lat = (data["mean"][idx].float() + data["std"][idx].float() * eps) * sf
         ids = data["ids"][idx].clone()
-        drop = torch.rand(batch) < 0.1
+        drop = (torch.rand(batch) < 0.1).to(device)
         ids[drop] = empty
-        noise = torch.randn_like(lat)
-        t = torch.randint(0, 1000, (batch,))
-        noisy = sched.add_noise(lat, noise, t)
+        noise = torch.randn(lat.shape).to(device)
+        t = torch.randint(0, 1000, (batch,)).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
         emb = text_encoder(ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=emb).sample
         w = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
@@ -267,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--dataset", type=int, default=60000)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (minutes on a GPU instead of hours)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -281,9 +286,10 @@ def main(argv: list[str] | None = None) -> None:
 
     random.seed(0)
     tokenizer = build_tokenizer()
-    vae, text_encoder, unet = build_components(len(tokenizer))
+    device = torch.device(args.device)
+    vae, text_encoder, unet = (m.to(device) for m in build_components(len(tokenizer)))
     t0 = time.time()
-    train_vae(vae, args.work, args.vae_steps, 32, log)
+    train_vae(vae, args.work, args.vae_steps, 32, log, device)
     data = make_dataset(vae, tokenizer, args.dataset, args.work, log)
     ema = train_unet(unet, text_encoder, vae, tokenizer, data, args.work, args.steps, args.batch, log)
     export(args.out, vae, text_encoder, unet, tokenizer, ema["ema"], ema["ema_te"], args.steps)
