@@ -85,3 +85,21 @@ def test_exported_lora_loads_in_diffusers_and_matches_the_merged_model(fmt, trai
         got = theirs.unet(sample, 10, encoder_hidden_states=emb).sample
     assert not torch.allclose(expected, base, atol=1e-4)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_training_on_the_cpu(tiny_model, concept_dir):
+    import math
+
+    outcome = train_concept(concept_dir, "b16", "circle", model=str(tiny_model),
+                            config=TrainConfig(steps=3, precision="bf16", device="cpu"))
+    assert all(math.isfinite(x) for x in outcome.losses)
+    tensors, _ = Registry().load("b16")
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+
+
+def test_fp16_on_the_cpu_is_refused():
+    from persres.errors import InputError
+    from persres.models import pick_dtype
+
+    with pytest.raises(InputError, match="fp16 needs CUDA"):
+        pick_dtype("fp16", torch.device("cpu"))
