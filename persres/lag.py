@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from persres.kernels import Backend, KernelAttnProcessor, attention_processors, block_of
+from persres.kernels import Backend, KernelAttnProcessor, attention_processors, block_of, resolve_backend
 from persres.residuals import layers_of
 
 
@@ -141,7 +141,8 @@ def lag_regions(
     def make(name: str, old):
         if name.endswith("attn2.processor") and block_of(name) in layers:
             return KernelAttnProcessor(backend, session, block_of(name))
-        return old if backend in (None, "auto") else KernelAttnProcessor(backend)
+        # diffusers' default processor already is SDPA: keep it for self-attention then
+        return old if resolve_backend(backend) is Backend.SDPA else KernelAttnProcessor(backend)
 
     with attention_processors(unet, make):
         for layer in layers.values():

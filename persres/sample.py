@@ -21,7 +21,7 @@ from PIL import Image
 from persres import residuals
 from persres.config import SampleConfig
 from persres.errors import IncompatiblePack, PromptError
-from persres.kernels import attention_backend
+from persres.kernels import Backend, attention_backend, resolve_backend
 from persres.lag import ConceptTokens, lag_regions
 from persres.models import Fingerprint, fingerprint
 from persres.packs import PackMeta
@@ -105,7 +105,7 @@ def generate(
             latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
             session = stack.enter_context(lag_regions(pipe.unet, tokens, cfg=config.guidance > 1, backend=backend,
                                                       latent_hw=latent_hw, keep_masks=config.save_masks))
-        elif backend not in (None, "auto"):
+        elif resolve_backend(backend) is not Backend.SDPA:  # diffusers' default already is SDPA
             stack.enter_context(attention_backend(pipe.unet, backend))
         images = pipe(**call).images
     if session is not None:

@@ -7,7 +7,8 @@
 
 Backends: `reference` (plain math, what every other backend is tested against), `sdpa`
 (PyTorch's scaled_dot_product_attention, CPU and CUDA; the default) and `xformers`
-(memory-efficient attention, optional extra, CUDA only). With token sets, attention is
+(memory-efficient attention, optional extra, CUDA only; chosen by "auto" when it can run).
+With token sets, attention is
 cross-attention over the text's few keys: the probabilities are formed explicitly once and
 serve both the output and the maps, so no second QK^T is computed. Without token sets the
 fused kernels run and no Nq x Nk matrix is materialized.
@@ -85,9 +86,10 @@ def available_backends() -> list[Backend]:
 
 
 def resolve_backend(backend: Backend | str | None) -> Backend:
-    """`None`/"auto" picks SDPA; a named backend that cannot run here is an error."""
+    """`None`/"auto" picks xformers where it runs (CUDA, installed), else SDPA; a named
+    backend that cannot run here is an error."""
     if backend in (None, "auto"):
-        return Backend.SDPA
+        return Backend.XFORMERS if _xformers_available() else Backend.SDPA
     try:
         chosen = Backend(backend)
     except ValueError:
