@@ -140,13 +140,12 @@ class ResidualProjOut(nn.Module):
         for name, residual in self.residuals.items():
             if name in self.merged or (self.active is not None and name not in self.active):
                 continue
-            delta = residual(x, self.is_conv)
-            if self.regions is not None:
-                mask = self.regions.region(self.block, name, x)
-                if mask is None:
-                    continue
-                delta = delta * mask.to(delta.dtype)
-            out = out + delta
+            if self.regions is None:
+                out = out + residual(x, self.is_conv)
+                continue
+            mask = self.regions.region(self.block, name, x)  # LAG: (B, 1, H, W) or (B, N, 1)
+            if mask is not None:
+                out = out + residual(x, self.is_conv) * mask.to(x.dtype)
         return out
 
 
@@ -154,10 +153,10 @@ class ResidualProjOut(nn.Module):
 def use_concepts(unet: nn.Module, names: Sequence[str], merged: bool):
     """Inside the block only `names` act; `merged=True` folds them into the weights (no extra cost)."""
     layers = layers_of(unet)
+    missing = [n for n in names for layer in layers.values() if n not in layer.residuals]
+    if missing:
+        raise InputError(f"concept {missing[0]!r} is not loaded on this UNet")
     for layer in layers.values():
-        missing = [n for n in names if n not in layer.residuals]
-        if missing:
-            raise InputError(f"concept {missing[0]!r} is not loaded on this UNet")
         layer.unmerge()
         layer.active = tuple(names)
         if merged:
