@@ -103,6 +103,7 @@ def train(
     init: Optional[str] = typer.Option(None, help="Factor init: zero (A=0) or random [default: zero]."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing", help="Trade compute for memory (small GPUs)."),
 ):
     """Learn a concept's residuals from a folder of images and register the pack."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
@@ -118,7 +119,8 @@ def train(
     registry.check_new_name(name)
     resolved = _model(registry, model)
     overrides = dict(steps=steps, batch_size=batch_size, lr=lr, rank_ratio=rank_ratio, rank=rank,
-                     resolution=resolution, seed=seed, init=init, device=device, precision=precision)
+                     resolution=resolution, seed=seed, init=init, device=device, precision=precision,
+                     gradient_checkpointing=gradient_checkpointing)
     config = train_config_for(resolved, overrides)
     with Progress(TextColumn("[bold]training {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]:.4f}"), Speed(),
