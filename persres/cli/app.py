@@ -386,7 +386,7 @@ def bench_toy(
     table = Table("category", "method", *keys, title=f"toy bench ({'quick' if quick else 'full'})")
     for r in summary:
         table.add_row(r["category"], r["method"], *(f"{r[k]:.3f}" if k in r else "" for k in keys))
-    out.print(table)
+    out.print(table, width=max(out.width, 120))
     out.print(f"results in {out_dir}/results.csv, results.json and grid-*.png")
 
 
