@@ -27,7 +27,7 @@ from persres.models import Fingerprint, fingerprint
 from persres.packs import PackMeta
 from persres.tokens import BoundConcept, concept_positions
 
-MASK_COLORS = [(255, 64, 64), (64, 160, 255), (64, 220, 96), (255, 200, 0), (200, 80, 255)]
+MASK_COLORS = [(0, 220, 255), (255, 0, 200), (255, 230, 0), (0, 230, 90), (255, 120, 0)]  # cyan first: visible on most objects
 
 
 class OtherCheckpointWarning(UserWarning):
