@@ -107,12 +107,13 @@ def train_concept(
 def apply_concepts(pipe, names: Sequence[str], registry: Registry | None = None, model: str | None = None) -> list[BoundConcept]:
     """Load registered concepts onto a StableDiffusionPipeline; returns them bound for prompts."""
     registry = registry or Registry()
+    fp = fingerprint(pipe.unet)  # once for all packs
     bound = []
     for name in names:
         tensors, meta = registry.load(name)
         meta = dataclasses.replace(meta, name=name)
-        apply_pack(pipe, tensors, meta, model)
-        bound.append(registry.get(name).bound())
+        apply_pack(pipe, tensors, meta, model, fp)
+        bound.append(BoundConcept(name, meta.identifier, meta.class_word))
     return bound
 
 

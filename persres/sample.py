@@ -58,9 +58,9 @@ def check_fit(meta: PackMeta, fp: Fingerprint, model: str) -> None:
         )
 
 
-def apply_pack(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta, model: str | None = None) -> None:
+def apply_pack(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta, model: str | None = None, fp: Fingerprint | None = None) -> None:
     """Load a pack's residuals onto a diffusers pipeline you already hold (checked for fit)."""
-    check_fit(meta, fingerprint(pipe.unet), model or pipe.config.get("_name_or_path", "this model"))
+    check_fit(meta, fp or fingerprint(pipe.unet), model or pipe.config.get("_name_or_path", "this model"))
     if meta.name in residuals.loaded_concepts(pipe.unet):
         residuals.unload_concept(pipe.unet, meta.name)
     residuals.load_concept(pipe.unet, meta.name, tensors)
