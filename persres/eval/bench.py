@@ -71,13 +71,12 @@ def sample_folder(folder: Path, prompts: Sequence[str], names: list[str], lag: b
     from persres import residuals
     from persres.sample import generate
 
-    given = [registry.get(n).bound() for n in names]
     todo = [(i, p) for i, p in enumerate(prompts) if any(not (folder / f"{i:03d}-{j:03d}.png").exists() for j in range(cfg.samples_per_prompt))]
     advance(len(prompts) - len(todo))  # already sampled by an earlier run
     if not todo:
         return
     residuals.remove(pipe.unet)
-    apply_concepts(pipe, names, registry, cfg.model)
+    given = apply_concepts(pipe, names, registry, cfg.model)
     for i, prompt in todo:
         expanded, concepts = expand_prompt(prompt, given, lambda n: registry.get(n).bound())
         config = cfg.sample.replace(lag=lag, seed=1000 * i, num_images=cfg.samples_per_prompt)
