@@ -38,8 +38,36 @@ def background_color(img: np.ndarray) -> str:
 
 
 def object_mask(img: np.ndarray, background: str, threshold: float = 80.0) -> np.ndarray:
+    """Pixels far from the background color, without the 1-pixel frame (objects never touch the
+    border in this world; decoded samples often carry edge artifacts there)."""
     bg = np.array(world.PALETTE[background], dtype=np.float32)
-    return np.sqrt(((img - bg) ** 2).sum(-1)) > threshold  # (H, W) bool
+    mask = np.sqrt(((img - bg) ** 2).sum(-1)) > threshold  # (H, W) bool
+    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = False
+    return mask
+
+
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """8-connected components of a bool mask, largest first."""
+    seen = np.zeros_like(mask)
+    out = []
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        comp = np.zeros_like(mask)
+        stack = [(y0, x0)]
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            comp[y, x] = True
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = y + dy, x + dx
+                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+        out.append(comp)
+    return sorted(out, key=lambda c: -int(c.sum()))
 
 
 def classify_shape(mask: np.ndarray) -> str | None:
@@ -75,16 +103,31 @@ def read(image: Image.Image, objects: int = 1) -> Reading:
     img = np.asarray(image.convert("RGB").resize((world.SIZE, world.SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
     bg = background_color(img)
     mask = object_mask(img, bg)
-    parts = [mask] if objects == 1 else split_left_right(mask)
+    comps = components(mask)
+    if objects == 1:
+        parts = [comps[0] if comps else mask]
+    else:  # the two largest components, or a left/right split of one blob
+        big = [c for c in comps[:2] if c.sum() >= 6]
+        parts = sorted(big, key=lambda c: np.nonzero(c)[1].mean()) if len(big) == 2 else split_left_right(mask)
     colors, shapes = [], []
     for part in parts:
         if part.sum() < 6:
             colors.append(None)
             shapes.append(None)
             continue
-        colors.append(nearest_color(np.median(img[part], axis=0)))
+        core = _erode(part)  # edge pixels blend into the background
+        colors.append(nearest_color(np.median(img[core if core.sum() >= 6 else part], axis=0)))
         shapes.append(classify_shape(part))
     return Reading(bg, tuple(colors), tuple(shapes))
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    out = mask.copy()
+    out[1:, :] &= mask[:-1, :]
+    out[:-1, :] &= mask[1:, :]
+    out[:, 1:] &= mask[:, :-1]
+    out[:, :-1] &= mask[:, 1:]
+    return out
 
 
 def split_left_right(mask: np.ndarray) -> list[np.ndarray]:
