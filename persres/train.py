@@ -63,7 +63,7 @@ def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: i
     if flip:
         squares += [ImageOps.mirror(im) for im in squares]
     pixels = torch.stack([to_tensor(im) for im in squares]).to(device, pipe.vae.dtype)  # (N, 3, H, W)
-    dists = [pipe.vae.encode(chunk).latent_dist for chunk in pixels.split(chunk)]
+    dists = [pipe.vae.encode(part).latent_dist for part in pixels.split(chunk)]  # chunk: bounds the VAE's peak memory
     mean = torch.cat([d.mean for d in dists]).float()
     std = torch.cat([d.std for d in dists]).float()
     ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids

@@ -66,16 +66,8 @@ def color_histogram(pixels: np.ndarray) -> np.ndarray:
     return hist / hist.sum()
 
 
-def object_regions(image: Image.Image, objects: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    img = np.asarray(image.convert("RGB").resize((world.SIZE, world.SIZE)), dtype=np.float32)
-    bg = checker.background_color(img)
-    mask = checker.object_mask(img, bg)
-    parts = [mask] if objects == 1 else checker.split_left_right(mask)
-    return img, parts
-
-
 def identity(image: Image.Image, reference_hist: np.ndarray, objects: int = 1, which: int = 0) -> float:
-    img, parts = object_regions(image, objects)
+    img, _, parts = checker.segment(image, objects)
     hist = color_histogram(img[parts[which]])
     return float(np.minimum(hist, reference_hist).sum())
 
@@ -90,7 +82,7 @@ def reference_histogram(pipe, images: list[Image.Image]) -> np.ndarray:
         rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
     pixels = []
     for r in rec:
-        img, parts = object_regions(to_pil(r), 1)
+        img, _, parts = checker.segment(to_pil(r), 1)
         pixels.append(img[parts[0]])
     return color_histogram(np.concatenate(pixels))
 

@@ -99,16 +99,20 @@ class Reading:
     shapes: tuple[str | None, ...]
 
 
-def read(image: Image.Image, objects: int = 1) -> Reading:
+def segment(image: Image.Image, objects: int = 1) -> tuple[np.ndarray, str, list[np.ndarray]]:
+    """(pixels (H, W, 3), background color, one mask per object, left to right)."""
     img = np.asarray(image.convert("RGB").resize((world.SIZE, world.SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
     bg = background_color(img)
     mask = object_mask(img, bg)
     comps = components(mask)
     if objects == 1:
-        parts = [comps[0] if comps else mask]
-    else:  # the two largest components, or a left/right split of one blob
-        big = [c for c in comps[:2] if c.sum() >= 6]
-        parts = sorted(big, key=lambda c: np.nonzero(c)[1].mean()) if len(big) == 2 else split_left_right(mask)
+        return img, bg, [comps[0] if comps else mask]
+    big = [c for c in comps[:2] if c.sum() >= 6]  # the two largest components, or a left/right split of one blob
+    return img, bg, sorted(big, key=lambda c: np.nonzero(c)[1].mean()) if len(big) == 2 else split_left_right(mask)
+
+
+def read(image: Image.Image, objects: int = 1) -> Reading:
+    img, bg, parts = segment(image, objects)
     colors, shapes = [], []
     for part in parts:
         if part.sum() < 6:
