@@ -68,6 +68,8 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
     """A StableDiffusionPipeline with a DDIM scheduler, no safety checker, frozen and in eval mode."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    if model == TOY:
+        model = str(TOY_DIR)
     local = Path(model)
     if model == str(TOY_DIR) and not local.is_dir():
         raise ModelNotFound("the toy model is not built in this install; run `python -m persres.toy.build` or pass --model")
