@@ -21,7 +21,7 @@ from pathlib import Path
 
 from persres import __version__
 from persres.config import SampleConfig, TrainConfig
-from persres.images import read_folder, save_png
+from persres.images import contact_sheet, read_folder, save_png
 from persres.models import fingerprint, is_default_toy, load_pipeline, model_defaults, pick_device, pick_dtype, resolve_model
 from persres.packs import PackMeta
 from persres.registry import ConceptRecord, Registry
@@ -148,8 +148,10 @@ def generate_images(
     precision: str = "auto",
     backend: str | None = None,
     pipe=None,
+    sheet: bool = False,
 ) -> tuple[list[Path], Generated]:
-    """Expand the prompt, load its concepts, sample, and write PNGs that say how they were made."""
+    """Expand the prompt, load its concepts, sample, and write PNGs that say how they were made
+    (with `sheet`, also one enlarged contact sheet of the call: images, then each concept's masks)."""
     registry = registry or Registry()
     expanded, concepts = bind_prompt(prompt, concept_names, registry)
     model, _ = model_for(registry, model)
@@ -161,11 +163,18 @@ def generate_images(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    stem = f"{_slug(prompt)}-{'lag' if config.lag else 'nolag'}"
+    mask_rows: dict[str, list] = {}
     for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
-        path = out / f"{_slug(prompt)}-{'lag' if config.lag else 'nolag'}-{seed}.png"
+        path = out / f"{stem}-{seed}.png"
         save_png(image, path, generation_metadata(prompt, expanded, seed, concepts, config, model))
         paths.append(path)
         for k, (name, per_image) in enumerate(result.masks.items()):
             overlay = mask_overlay(image, per_image[i], k)
             overlay.save(path.with_name(f"{path.stem}.mask-{name}.png"))
+            mask_rows.setdefault(name, []).append(overlay)
+    if sheet:
+        sheet_path = out / f"{stem}-sheet.png"
+        contact_sheet([result.images, *mask_rows.values()]).save(sheet_path)
+        paths.append(sheet_path)
     return paths, result

@@ -84,3 +84,19 @@ def save_png(image: Image.Image, path: Path, text: dict) -> Path:
     image.save(tmp, format="PNG", pnginfo=info)
     tmp.replace(path)  # a half-written image never looks finished to a resumed run
     return path
+
+
+def contact_sheet(rows: list[list[Image.Image]], min_side: int = 128, gap: int = 4) -> Image.Image:
+    """Rows of images on one white sheet; small images are enlarged by a whole factor
+    (nearest neighbour, so a 32 px toy sample stays crisp) until a tile is >= min_side."""
+    tile_w = max(im.width for row in rows for im in row)
+    tile_h = max(im.height for row in rows for im in row)
+    scale = max(1, -(-min_side // min(tile_w, tile_h)))  # ceil
+    tw, th = tile_w * scale, tile_h * scale
+    cols = max(len(row) for row in rows)
+    sheet = Image.new("RGB", (cols * tw + (cols - 1) * gap, len(rows) * th + (len(rows) - 1) * gap), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            sheet.paste(im.convert("RGB").resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST),
+                        (c * (tw + gap), r * (th + gap)))
+    return sheet

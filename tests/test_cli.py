@@ -60,10 +60,16 @@ def test_train_list_show_gen_export_import_rm(trained, tmp_path, second_concept_
     assert meta["prompt"] == "a V* circle on a red background" and meta["expanded_prompt"] == "a sks circle on a red background"
     assert meta["steps"] == "2" and meta["guidance"] == "6.0" and meta["model"] == str(model)
 
-    result = run("gen", "a <mydog> circle", "--model", model, "--steps", "2", "--out", out, "--lag", "--save-masks")
+    result = run("gen", "a <mydog> circle", "--model", model, "--steps", "2", "--out", out, "--lag", "--save-masks", "-n", "3", "--sheet")
     assert result.exit_code == 0, result.output
-    assert Image.open(result.stdout.split()[0]).text["lag"] == "True"
-    assert list(out.glob("*.mask-mydog.png"))
+    paths = result.stdout.split()
+    assert Image.open(paths[0]).text["lag"] == "True"
+    assert len(list(out.glob("*.mask-mydog.png"))) == 3
+    side = Image.open(paths[0]).width
+    sheet = Image.open(paths[-1])  # 3 images over 3 masks, each enlarged to >= 128 px by a whole factor
+    scale = -(-128 // side)
+    assert paths[-1].endswith("-sheet.png") and sheet.size == (3 * side * scale + 8, 2 * side * scale + 4)
+    assert sheet.getpixel((0, 0)) == Image.open(paths[0]).convert("RGB").getpixel((0, 0))
 
     assert run("train", second_concept_dir, "--name", "mycat", "--class", "heart", "--model", model, "--steps", "2").exit_code == 0
     result = run("gen", "a V1 circle and a V2 heart", "-c", "mydog", "-c", "mycat", "--model", model, "--steps", "2", "--out", out, "--lag")

@@ -149,6 +149,7 @@ def gen(
     out_dir: Path = typer.Option(Path("."), "--out", help="Output folder."),
     model: Optional[str] = typer.Option(None, help="Diffusers directory, hub id, or 'toy'."),
     save_masks: bool = typer.Option(False, "--save-masks", help="Also write each concept's LAG region overlay."),
+    sheet: bool = typer.Option(False, "--sheet", help="Also write all images (and masks) of the call on one enlarged sheet."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
     backend: str = typer.Option("auto", help="Attention backend: auto, sdpa, xformers or reference."),
@@ -166,7 +167,8 @@ def gen(
     resolved = _model(registry, model)
     with err.status("generating..."):
         paths, _ = generate_images(prompt, concept, config=config, model=resolved, out_dir=out_dir,
-                                   registry=registry, device=device, precision=precision, backend=backend)
+                                   registry=registry, device=device, precision=precision, backend=backend,
+                                   sheet=sheet)
     for p in paths:
         out.print(str(p), markup=False, highlight=False)
 
