@@ -95,7 +95,7 @@ def train_concept(
         name=name, identifier=identifier, class_word=class_word, ranks=result.ranks,
         channels=block_channels(pipe.unet), parameter_count=result.parameter_count,
         base_model=model, architecture=fp.architecture, weights=fp.weights, proj_out=proj_out_kind(pipe.unet),
-        train_config={**config.to_dict(), "resolution": result.resolution, "prompt": result.prompt},
+        train_config={**config.to_dict(), "prompt_template": config.prompt, "resolution": result.resolution, "prompt": result.prompt},
         image_hashes=[r.sha256 for r in references],
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         loss_start=result.losses[0], loss_end=result.losses[-1], seconds=result.seconds,

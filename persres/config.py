@@ -23,6 +23,7 @@ class TrainConfig:
     resolution: int | None = None  # None: the base model's own sample size
     seed: int = 0
     init: Init = "zero"  # A = 0, B random: starts exactly at the base model (paper: both random)
+    prompt: str = "a photo of a {identifier} {class_word}"  # paper: "a photo of a [V] [class]"
     flip: bool = True  # horizontally flipped copies of the references as extra cached latents
     gradient_checkpointing: bool = False  # for small GPUs: trades compute for memory
     device: Device = "auto"
@@ -41,6 +42,8 @@ class TrainConfig:
             raise InputError(f"--rank-ratio must be in (0, 1], got {self.rank_ratio}")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise InputError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if "{identifier}" not in self.prompt or "{class_word}" not in self.prompt:
+            raise InputError(f"the training prompt must contain {{identifier}} and {{class_word}}, got {self.prompt!r}")
         if self.init not in ("zero", "random"):
             raise InputError(f"init must be 'zero' or 'random', got {self.init!r}")
 

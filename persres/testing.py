@@ -186,6 +186,24 @@ def build_mini_cc101(root: str | Path) -> Path:
     return root
 
 
+@torch.no_grad()
+def fixed_noise_loss(pipe, images, prompt: str, resolution: int, seed: int = 123, batches: int = 8) -> float:
+    """The training objective on `images` with seeded latents, noise and timesteps, so that two
+    calls (before and after training) compare like for like."""
+    from persres.train import cache_inputs
+
+    source = cache_inputs(pipe, images, prompt, resolution, flip=False)
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(batches):
+        latents, emb = source.sample(4, g)  # (4, 4, h, w)
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (4,), generator=g)
+        noisy = pipe.scheduler.add_noise(latents, noise, t)
+        total += torch.nn.functional.mse_loss(pipe.unet(noisy, t, encoder_hidden_states=emb).sample.float(), noise).item()
+    return total / batches
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 

@@ -40,8 +40,8 @@ def identifier_candidates():
         n += 1
 
 
-def training_prompt(identifier: str, class_word: str) -> str:
-    return f"a photo of a {identifier} {class_word}"  # paper: "a photo of a [V] [class]"
+def training_prompt(identifier: str, class_word: str, template: str = "a photo of a {identifier} {class_word}") -> str:
+    return template.replace("{identifier}", identifier).replace("{class_word}", class_word)  # paper: "a photo of a [V] [class]"
 
 
 def _word_ids(tokenizer, text: str) -> list[int]:

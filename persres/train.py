@@ -81,7 +81,7 @@ def train_residuals(
 ) -> TrainResult:
     """Learn one concept's residuals on a loaded pipeline; the pipeline is left as it was."""
     unet = pipe.unet
-    prompt = training_prompt(identifier, class_word)
+    prompt = training_prompt(identifier, class_word, config.prompt)
     concept_positions(pipe.tokenizer, prompt, identifier, class_word)  # identifier fits, or PromptError
     resolution = config.resolution or default_resolution(pipe)
     device = unet.device

@@ -191,3 +191,12 @@ def test_ctrl_c_during_training_leaves_the_registry_as_it_was(trained, concept_d
         api.train_concept(concept_dir, "b", "circle", model=str(trained), overrides={"steps": 5}, progress=interrupt)
     assert [(r.name, r.sha256) for r in Registry().list()] == before
     assert sorted(p.name for p in Registry().packs_dir.iterdir()) == ["mydog.safetensors"]
+
+
+def test_training_prompt_template(concept_dir, tiny_model):
+    result = run("train", concept_dir, "--name", "t", "--class", "circle", "--model", tiny_model, "--steps", "1",
+                 "--prompt", "a {identifier} {class_word} on a blue background")
+    assert result.exit_code == 0, result.output
+    assert json.loads(run("show", "t", "--json").stdout)["train_config"]["prompt"] == "a sks circle on a blue background"
+    bad = run("train", concept_dir, "--name", "u", "--class", "circle", "--model", tiny_model, "--prompt", "a photo of a dog")
+    assert_one_line_error(bad, "must contain {identifier} and {class_word}")

@@ -93,32 +93,17 @@ def test_only_residual_factors_receive_gradients(pipe):
                 assert p.grad is None, name
 
 
-def fixed_noise_loss(pipe, images, prompt, seed=123):
-    from persres.train import cache_inputs
-
-    source = cache_inputs(pipe, images, prompt, 16, flip=False)
-    g = torch.Generator().manual_seed(seed)
-    total = 0.0
-    with torch.no_grad():
-        for _ in range(8):
-            latents, emb = source.sample(4, g)
-            noise = torch.randn(latents.shape, generator=g)
-            t = torch.randint(0, 1000, (4,), generator=g)
-            noisy = pipe.scheduler.add_noise(latents, noise, t)
-            total += torch.nn.functional.mse_loss(pipe.unet(noisy, t, encoder_hidden_states=emb).sample, noise).item()
-    return total / 8
-
-
 def test_training_lowers_the_loss_on_the_concept_images(pipe, concept_dir):
     from persres.images import read_folder
+    from persres.testing import fixed_noise_loss
     from persres.train import train_residuals
 
     images = [r.image for r in read_folder(concept_dir)]
-    before = fixed_noise_loss(pipe, images, "a photo of a sks circle")
+    before = fixed_noise_loss(pipe, images, "a photo of a sks circle", 16)
     result = train_residuals(pipe, images, "sks", "circle", TrainConfig(steps=60, lr=1e-2))
     assert not residuals.loaded_concepts(pipe.unet)  # the pipeline is left as it was
     residuals.load_concept(pipe.unet, "c", result.tensors)
-    after = fixed_noise_loss(pipe, images, "a photo of a sks circle")
+    after = fixed_noise_loss(pipe, images, "a photo of a sks circle", 16)
     assert after < before * 0.97, (before, after)
     assert result.parameter_count == sum(t.numel() for t in result.tensors.values())
     assert len(result.losses) == 60

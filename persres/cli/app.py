@@ -101,6 +101,7 @@ def train(
     resolution: Optional[int] = typer.Option(None, help="Training resolution [default: the model's]."),
     seed: Optional[int] = typer.Option(None, help="Random seed [default: 0]."),
     init: Optional[str] = typer.Option(None, help="Factor init: zero (A=0) or random [default: zero]."),
+    prompt: Optional[str] = typer.Option(None, help='Training prompt template [default: "a photo of a {identifier} {class_word}", paper].'),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing", help="Trade compute for memory (small GPUs)."),
@@ -119,7 +120,7 @@ def train(
     registry.check_new_name(name)
     resolved = _model(registry, model)
     overrides = dict(steps=steps, batch_size=batch_size, lr=lr, rank_ratio=rank_ratio, rank=rank,
-                     resolution=resolution, seed=seed, init=init, device=device, precision=precision,
+                     resolution=resolution, seed=seed, init=init, prompt=prompt, device=device, precision=precision,
                      gradient_checkpointing=gradient_checkpointing)
     config = train_config_for(resolved, overrides)
     with Progress(TextColumn("[bold]training {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
@@ -367,6 +368,9 @@ def bench_toy(
     guidance: float = typer.Option(6.0, help="Guidance scale [paper: 6.0]."),
     train_steps: Optional[int] = typer.Option(None, help="Training steps [default: the model's recommendation]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: the model's recommendation]."),
+    init: Optional[str] = typer.Option(None, help="Factor init: zero or random [default: zero]."),
+    prompt: Optional[str] = typer.Option(None, help="Training prompt template [default: the model's recommendation]."),
+    rank_ratio: Optional[float] = typer.Option(None, help="Rank as a fraction of channels [default: the model's recommendation]."),
 ):
     """Train the shipped toy concepts and score identity, background, added objects and attributes, with and without LAG."""
     from persres.api import train_config_for
@@ -377,7 +381,8 @@ def bench_toy(
     names = select_concepts(concept)
     registry = _registry()
     resolved = _model(registry, model)
-    config = train_config_for(resolved, {"steps": train_steps, "lr": lr})
+    config = train_config_for(resolved, {"steps": train_steps, "lr": lr, "init": init, "prompt": prompt,
+                                          "rank_ratio": rank_ratio})
     pipe = load_pipeline(resolved)
     with err.status("training the toy concepts (reused when already trained with this config)..."):
         loaded = prepare_concepts(pipe, names, registry, resolved, config)
