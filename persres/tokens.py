@@ -40,8 +40,9 @@ def identifier_candidates():
         n += 1
 
 
-def training_prompt(identifier: str, class_word: str, template: str = "a photo of a {identifier} {class_word}") -> str:
-    return template.replace("{identifier}", identifier).replace("{class_word}", class_word)  # paper: "a photo of a [V] [class]"
+def training_prompt(identifier: str, class_word: str, template: str) -> str:
+    """`template` is `TrainConfig.prompt` (paper: "a photo of a {identifier} {class_word}")."""
+    return template.replace("{identifier}", identifier).replace("{class_word}", class_word)
 
 
 def _word_ids(tokenizer, text: str) -> list[int]:
