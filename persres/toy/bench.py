@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from persres.config import SampleConfig
+from persres.images import contact_sheet
 from persres.tokens import BoundConcept, expand_prompt
 from persres.toy import checker, world
 
@@ -101,14 +102,8 @@ def score_image(image: Image.Image, prompt: ToyPrompt, ref_hist: np.ndarray) -> 
 
 def grid(columns: dict[str, list[Image.Image]], scale: int = 3) -> Image.Image:
     """Columns side by side (e.g. no LAG | LAG), one row per sample, upscaled to be seen."""
-    names = list(columns)
-    rows = len(columns[names[0]])
-    side = columns[names[0]][0].width * scale
-    out = Image.new("RGB", (side * len(names) + 4 * (len(names) - 1), side * rows), (255, 255, 255))
-    for c, name in enumerate(names):
-        for r, im in enumerate(columns[name]):
-            out.paste(im.resize((side, side), Image.Resampling.NEAREST), (c * (side + 4), r * side))
-    return out
+    rows = [list(row) for row in zip(*columns.values())]
+    return contact_sheet(rows, min_side=rows[0][0].width * scale)
 
 
 def mean_rows(rows: list[dict], keys: tuple[str, ...]) -> dict:
@@ -178,12 +173,7 @@ def run_toy_bench(pipe, concepts: dict[str, tuple[BoundConcept, np.ndarray]], ou
     if len(names) >= 2:
         rows += multi_concept(pipe, concepts, names[0], names[1], sample.replace(num_images=samples, seed=999), grids)
     for category, parts in grids.items():
-        stack = Image.new("RGB", (max(p.width for p in parts), sum(p.height + 6 for p in parts)), (255, 255, 255))
-        y = 0
-        for p in parts:
-            stack.paste(p, (0, y))
-            y += p.height + 6
-        stack.save(out / f"grid-{category}.png")
+        contact_sheet([[p] for p in parts], min_side=1, gap=6).save(out / f"grid-{category}.png")  # one prompt per band
     write_rows(out, rows)
     return rows
 
