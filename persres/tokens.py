@@ -1,8 +1,8 @@
 """Which tokens a concept owns in a prompt, and the prompt placeholder syntax.
 
-One function, `concept_positions`, decides a concept's tokens for training, LAG and the
-CLI alike: every token of the identifier, plus the class word's tokens when the class
-word follows the identifier. Identifiers and class words may span several tokens.
+One function, `concept_span`, decides a concept's tokens for training, LAG and the CLI
+alike: every token of the identifier, plus the class word's tokens when the class word
+follows the identifier (kept apart by role, for multi-concept LAG's region tokens). Identifiers and class words may span several tokens.
 
 Placeholders: `V1`, `V2`, ... bind to the concepts given in order; `V*` to the only one;
 `<name>` to a registered concept by name. Each expands to the concept's identifier, so
@@ -30,14 +30,23 @@ class BoundConcept:
     class_word: str
 
 
+CONSONANTS = "bcdfghjklmnpqrstvwxz"
+
+
 def identifier_candidates():
-    """RARE_IDENTIFIERS, then an endless supply of further rare strings."""
+    """RARE_IDENTIFIERS, then every other consonant triple in a fixed shuffled order.
+
+    Letters only: CLIP's pre-tokenizer cuts digits off letters, so "sks2" would be "sks" + "2"
+    and share its first token with "sks". Whether a candidate is one token of a given model's
+    tokenizer is decided where one is allocated (the registry), not here.
+    """
+    import itertools
+    import random
+
     yield from RARE_IDENTIFIERS
-    n = 2
-    while True:
-        for base in RARE_IDENTIFIERS:
-            yield f"{base}{n}"
-        n += 1
+    triples = ["".join(t) for t in itertools.product(CONSONANTS, repeat=3)]
+    random.Random(0).shuffle(triples)
+    yield from (t for t in triples if t not in RARE_IDENTIFIERS)
 
 
 def training_prompt(identifier: str, class_word: str, template: str) -> str:
@@ -56,32 +65,51 @@ def _find(seq: list[int], sub: list[int], start: int = 0) -> int:
     return -1
 
 
-def concept_positions(tokenizer, prompt: str, identifier: str, class_word: str | None = None) -> tuple[int, ...]:
-    """Positions (in the padded, special-token-framed prompt) of the concept's tokens.
+@dataclass(frozen=True)
+class ConceptSpan:
+    """A concept's token positions in a prompt, by role: its identifier's and its class word's."""
 
+    identifier: tuple[int, ...]
+    class_word: tuple[int, ...]
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        return tuple(sorted(self.identifier + self.class_word))
+
+
+def concept_span(tokenizer, prompt: str, identifier: str, class_word: str | None = None) -> ConceptSpan:
+    """Positions (in the padded, special-token-framed prompt) of the concept's tokens, by role.
+
+    Every occurrence of the identifier counts, and the class word's tokens where they follow it.
     Raises PromptError when the identifier is absent or falls past the text encoder's limit.
     """
     full = tokenizer(prompt, add_special_tokens=True).input_ids  # untruncated
     limit = tokenizer.model_max_length
     ident = _word_ids(tokenizer, identifier)
     cls = _word_ids(tokenizer, class_word) if class_word else []
-    positions: list[int] = []
-    at = _find(full, ident)
+    ident_at: list[int] = []
+    class_at: list[int] = []
+    at = _find(full, ident) if ident else -1
     while at >= 0:
         end = at + len(ident)
-        positions.extend(range(at, end))
+        ident_at.extend(range(at, end))
         if cls and full[end : end + len(cls)] == cls:
-            positions.extend(range(end, end + len(cls)))
+            class_at.extend(range(end, end + len(cls)))
             end += len(cls)
         at = _find(full, ident, end)
-    if not positions:
+    if not ident_at:
         raise PromptError(f"the prompt does not contain the concept's identifier {identifier!r}")
-    if max(positions) >= limit - 1:  # the last kept position holds the end-of-text token
+    if max(ident_at + class_at) >= limit - 1:  # the last kept position holds the end-of-text token
         raise PromptError(
             f"the prompt is {len(full)} tokens; the text encoder keeps {limit}, which would cut off the concept "
             f"{identifier!r}: shorten the prompt or move the concept earlier"
         )
-    return tuple(positions)
+    return ConceptSpan(tuple(ident_at), tuple(class_at))
+
+
+def concept_positions(tokenizer, prompt: str, identifier: str, class_word: str | None = None) -> tuple[int, ...]:
+    """Every token the concept owns in the prompt: identifier, and class word where it follows."""
+    return concept_span(tokenizer, prompt, identifier, class_word).positions
 
 
 def expand_prompt(

@@ -6,6 +6,16 @@ Seeded and resumable: stage checkpoints live in --work and a rerun continues fro
 newest one. Stages: VAE (scenes plus generic textures, latents centered by folding the
 per-channel mean into quant_conv/post_quant_conv), then UNet and text encoder jointly
 (min-SNR weighting, EMA, 10% caption dropout for classifier-free guidance).
+
+The text side is made to behave like Stable Diffusion's: captions vary in framing ("a photo
+of a red circle ..."), leave out the color or the background at times, and now and then
+carry a rare identifier as a meaningless filler ("a sks red circle ..." draws the same
+picture), so identifiers are in-distribution tokens with weak meaning, as `sks` is in SD.
+Every word and identifier is one token.
+
+`--init-from DIR` starts from an exported model instead of from scratch (its VAE is kept
+and its tokenizer extended, existing token ids unchanged): how the shipped model was
+fine-tuned from the v0.1 model (see the README's toy section).
 """
 
 from __future__ import annotations
@@ -21,10 +31,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from persres.tokens import RARE_IDENTIFIERS as IDENTIFIERS  # whole tokens, never in captions
+from itertools import islice
+
+from persres.models import DEFAULTS_FILE
+from persres.tokens import identifier_candidates
 from persres.toy import world
 
 MAX_TOKENS = 32
+# Identifiers the toy tokenizer knows as whole tokens; each appears in training captions
+# only as a filler that does not change the picture.
+IDENTIFIERS = tuple(islice(identifier_candidates(), 24))
+CAPTION = {  # probabilities of the caption variations
+    "photo": 0.3,  # "a photo of " in front
+    "no_color": 0.2,  # "a circle" instead of "a red circle" (all objects)
+    "no_background": 0.2,  # no " on a ... background"
+    "filler": 0.1,  # per object: an identifier before or after the color
+}
 
 
 # What `persres train` uses on this model unless told otherwise (see the README's toy section:
@@ -34,27 +56,59 @@ MAX_TOKENS = 32
 RECOMMENDED_TRAIN = {"lr": 5e-3, "steps": 400, "prompt": "a {identifier} {class_word}"}
 
 
-def build_tokenizer():
+def build_tokenizer(base=None):
+    """A CLIP BPE tokenizer in which every caption word and identifier is one token.
+
+    `base` (a tokenizer to extend) keeps its ids and merges; new merges go after them, so
+    its existing words split as before and each new word gets merges joining its pieces.
+    """
     from transformers import CLIPTokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    if base is None:
+        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+        for c in string.ascii_lowercase + string.digits:
+            vocab.setdefault(c, len(vocab))
+            vocab.setdefault(c + "</w>", len(vocab))
+        merges: list[tuple[str, str]] = []
+    else:
+        model = json.loads(base.backend_tokenizer.to_str())["model"]
+        vocab, merges = dict(model["vocab"]), [tuple(m) for m in model["merges"]]
 
-    def add(token: str) -> None:
-        vocab.setdefault(token, len(vocab))
+    def make():
+        return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
 
-    for c in string.ascii_lowercase + string.digits:
-        add(c)
-        add(c + "</w>")
-    merges: list[tuple[str, str]] = []
+    tokenizer = make()
     for word in [*world.vocabulary(), *IDENTIFIERS]:
-        parts = [*word[:-1], word[-1] + "</w>"]
-        cur = parts[0]
-        for p in parts[1:]:
-            if (cur, p) not in merges:
-                merges.append((cur, p))
-            cur += p
-            add(cur)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+        pieces = tokenizer.tokenize(word)
+        if len(pieces) == 1:
+            continue
+        cur = pieces[0]
+        for piece in pieces[1:]:
+            merges.append((cur, piece))
+            cur += piece
+            vocab.setdefault(cur, len(vocab))
+        tokenizer = make()
+    bad = [w for w in [*world.vocabulary(), *IDENTIFIERS] if len(tokenizer.tokenize(w)) != 1]
+    if bad:
+        raise RuntimeError(f"toy tokenizer splits {bad}")
+    return tokenizer
+
+
+def training_caption(scene: world.Scene, rng: random.Random) -> str:
+    """One of the caption variations of `scene` (see CAPTION)."""
+    no_color = rng.random() < CAPTION["no_color"]
+    phrases = []
+    for o in scene.objects:
+        words = [o.shape] if no_color else [o.color, o.shape]
+        if rng.random() < CAPTION["filler"]:
+            words.insert(rng.randrange(len(words)), rng.choice(IDENTIFIERS))
+        phrases.append("a " + " ".join(words))
+    text = " and ".join(phrases)
+    if rng.random() >= CAPTION["no_background"]:
+        text += f" on a {scene.background} background"
+    if rng.random() < CAPTION["photo"]:
+        text = "a photo of " + text
+    return text
 
 
 def build_components(vocab_size: int):
@@ -165,45 +219,70 @@ def center_latents(vae, rng: random.Random) -> None:
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
 
 
-def make_dataset(vae, tokenizer, n: int, work: Path, log):
-    path = work / f"latents-{n}.pt"
+SCENE_FIELDS = 5  # background, then (color, shape) of up to two objects; -1 where absent
+
+
+def encode_scenes(scenes: list[world.Scene]) -> torch.Tensor:
+    rows = []
+    for s in scenes:
+        row = [world.COLORS.index(s.background)]
+        for o in s.objects:
+            row += [world.COLORS.index(o.color), world.SHAPES.index(o.shape)]
+        rows.append(row + [-1] * (SCENE_FIELDS - len(row)))
+    return torch.tensor(rows, dtype=torch.int16)  # (N, 5)
+
+
+def decode_scene(row: list[int]) -> world.Scene:
+    objs = tuple(world.Obj(world.SHAPES[row[i + 1]], world.COLORS[row[i]], 0, 0, 0) for i in (1, 3) if row[i] >= 0)
+    return world.Scene(world.COLORS[row[0]], objs)
+
+
+def make_dataset(vae, n: int, work: Path, log, two_prob: float = 0.3):
+    """Latent mean/std of n random scenes and the scenes themselves (captions are drawn per step)."""
+    path = work / f"latents-v2-{n}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
     rng = random.Random(2)
-    means, stds, ids = [], [], []
+    means, stds, rows = [], [], []
     with torch.no_grad():
         for start in range(0, n, 256):
-            scenes = [world.random_scene(rng) for _ in range(min(256, n - start))]
+            scenes = [world.random_scene(rng, two_prob=two_prob) for _ in range(min(256, n - start))]
             x = torch.stack([to_tensor(world.render(s)) for s in scenes]).to(vae.device)
             dist = vae.encode(x).latent_dist
             means.append(dist.mean.half().cpu())
             stds.append(dist.std.half().cpu())
-            ids.append(tokenizer([s.caption() for s in scenes], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids)
+            rows.append(encode_scenes(scenes))
             log(f"dataset {start + len(scenes)}/{n}")
-    data = {"mean": torch.cat(means), "std": torch.cat(stds), "ids": torch.cat(ids)}
+    data = {"mean": torch.cat(means), "std": torch.cat(stds), "scenes": torch.cat(rows)}
     torch.save(data, path)
     return data
 
 
-def train_unet(unet, text_encoder, vae, tokenizer, data, work: Path, steps: int, batch: int, log) -> dict:
+def train_unet(unet, text_encoder, vae, tokenizer, data, work: Path, steps: int, batch: int, log, lr: float = 5e-4,
+               warmup: int = 200) -> dict:
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
     device = unet.device
+    scenes = data.pop("scenes").tolist()
     data = {k: v.to(device) for k, v in data.items()}
     params = [*unet.parameters(), *text_encoder.parameters()]
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     ema_te = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
     start = 0
+    caption_rng = random.Random(4)
     ckpts = sorted(work.glob("unet-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
     if ckpts:
         state = torch.load(ckpts[-1], weights_only=False, map_location=device)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["te"])
         opt.load_state_dict(state["opt"])
+        sched_lr.load_state_dict(state["sched"])
         ema, ema_te, start = state["ema"], state["ema_te"], state["step"]
         torch.set_rng_state(state["rng"].cpu())
+        caption_rng.setstate(state["caption_rng"])
         log(f"unet: resumed at step {start}")
     else:
         torch.manual_seed(3)
@@ -219,7 +298,8 @@ def train_unet(unet, text_encoder, vae, tokenizer, data, work: Path, steps: int,
         idx = torch.randint(0, n, (batch,)).to(device)  # drawn on the CPU: one random stream whatever the device
         eps = torch.randn(batch, 4, world.SIZE // 2, world.SIZE // 2).to(device)
         lat = (data["mean"][idx].float() + data["std"][idx].float() * eps) * sf
-        ids = data["ids"][idx].clone()
+        captions = [training_caption(decode_scene(scenes[i]), caption_rng) for i in idx.tolist()]
+        ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids.to(device)
         drop = (torch.rand(batch) < 0.1).to(device)
         ids[drop] = empty
         noise = torch.randn(lat.shape).to(device)
@@ -234,6 +314,7 @@ def train_unet(unet, text_encoder, vae, tokenizer, data, work: Path, steps: int,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched_lr.step()
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, v in unet.state_dict().items():
@@ -244,7 +325,8 @@ def train_unet(unet, text_encoder, vae, tokenizer, data, work: Path, steps: int,
             log(f"unet step {step} loss {loss.item():.4f} {(step - start + 1) / (time.time() - t0):.2f} it/s")
         if (step + 1) % 500 == 0 or step + 1 == steps:
             state = {"unet": unet.state_dict(), "te": text_encoder.state_dict(), "opt": opt.state_dict(),
-                     "ema": ema, "ema_te": ema_te, "step": step + 1, "rng": torch.get_rng_state()}
+                     "ema": ema, "ema_te": ema_te, "step": step + 1, "rng": torch.get_rng_state(),
+                     "sched": sched_lr.state_dict(), "caption_rng": caption_rng.getstate()}
             tmp = work / "tmp.pt"
             torch.save(state, tmp)
             tmp.replace(work / f"unet-{step + 1}.pt")
@@ -253,7 +335,7 @@ def train_unet(unet, text_encoder, vae, tokenizer, data, work: Path, steps: int,
     return {"ema": ema, "ema_te": ema_te}
 
 
-def export(out: Path, vae, text_encoder, unet, tokenizer, ema: dict, ema_te: dict, steps: int) -> None:
+def export(out: Path, vae, text_encoder, unet, tokenizer, ema: dict, ema_te: dict, record: dict) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     unet.load_state_dict(ema)
@@ -264,9 +346,37 @@ def export(out: Path, vae, text_encoder, unet, tokenizer, ema: dict, ema_te: dic
                                 num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.to(torch.float16).save_pretrained(out)
+    # fp32 throughout: a plain `StableDiffusionPipeline.from_pretrained(dir)` then loads every
+    # component in one dtype (an fp16 text encoder beside an fp32 UNet fails in diffusers).
+    pipe.to(torch.float32).save_pretrained(out)
     # The model's own recommended training defaults (see README: "Model defaults").
-    (out / "persres_defaults.json").write_text(json.dumps({"train": RECOMMENDED_TRAIN, "toy_steps": steps}, indent=2) + "\n")
+    (out / "persres_defaults.json").write_text(json.dumps({"train": RECOMMENDED_TRAIN, **record}, indent=2) + "\n")
+
+
+def load_init(init: Path, log):
+    """Components of an exported model (fp32), its tokenizer extended to one token per word.
+
+    A word the old tokenizer split gets its new token's embedding from the mean of its old pieces'.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    old_tok = CLIPTokenizer.from_pretrained(init / "tokenizer")
+    tokenizer = build_tokenizer(old_tok)
+    vae = AutoencoderKL.from_pretrained(init / "vae", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder", dtype=torch.float32)
+    old_emb = text_encoder.get_input_embeddings().weight.detach().clone()  # (V_old, D)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    emb = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for word in [*world.vocabulary(), *IDENTIFIERS]:
+            pieces = old_tok(word, add_special_tokens=False).input_ids
+            new_id = tokenizer(word, add_special_tokens=False).input_ids[0]
+            if len(pieces) > 1 or new_id >= len(old_emb):
+                emb[new_id] = old_emb[pieces].mean(0)
+                log(f"init: {word!r} -> token {new_id} from {len(pieces)} old pieces")
+    return tokenizer, vae, text_encoder, unet
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dataset", type=int, default=60000)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (minutes on a GPU instead of hours)")
+    ap.add_argument("--init-from", type=Path, help="an exported toy model to fine-tune instead of training from scratch")
+    ap.add_argument("--lr", type=float, default=5e-4)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -292,14 +404,22 @@ def main(argv: list[str] | None = None) -> None:
         logf.flush()
 
     random.seed(0)
-    tokenizer = build_tokenizer()
     device = torch.device(args.device)
-    vae, text_encoder, unet = (m.to(device) for m in build_components(len(tokenizer)))
+    record: dict = {"toy_steps": args.steps}
+    if args.init_from:
+        tokenizer, *models = load_init(args.init_from, log)
+        vae, text_encoder, unet = (m.to(device) for m in models)
+        init_record = json.loads((args.init_from / DEFAULTS_FILE).read_text()) if (args.init_from / DEFAULTS_FILE).is_file() else {}
+        record = {"fine_tuned_from": {k: v for k, v in init_record.items() if k != "train"}, "fine_tune_steps": args.steps}
+    else:
+        tokenizer = build_tokenizer()
+        vae, text_encoder, unet = (m.to(device) for m in build_components(len(tokenizer)))
     t0 = time.time()
-    train_vae(vae, args.work, args.vae_steps, 32, log, device)
-    data = make_dataset(vae, tokenizer, args.dataset, args.work, log)
-    ema = train_unet(unet, text_encoder, vae, tokenizer, data, args.work, args.steps, args.batch, log)
-    export(args.out, vae, text_encoder, unet, tokenizer, ema["ema"], ema["ema_te"], args.steps)
+    if not args.init_from:
+        train_vae(vae, args.work, args.vae_steps, 32, log, device)
+    data = make_dataset(vae, args.dataset, args.work, log)
+    ema = train_unet(unet, text_encoder, vae, tokenizer, data, args.work, args.steps, args.batch, log, lr=args.lr)
+    export(args.out, vae, text_encoder, unet, tokenizer, ema["ema"], ema["ema_te"], record)
     log(f"done in {time.time() - t0:.0f}s (this run); model in {args.out}")
 
 
