@@ -101,29 +101,54 @@ def shape_mask(shape: str, cx: float, cy: float, size: float, side: int = SIZE) 
     return big.resize((side, side), Image.Resampling.BOX).point(lambda v: 255 if v >= 128 else 0)
 
 
-# Novel concepts: textures that no caption can express.
+# Novel concepts: textures that no caption can express, mostly in colors outside PALETTE.
 NOVEL_CONCEPTS: dict[str, tuple[str, str]] = {
     # name: (shape, texture)
     "checker_circle": ("circle", "checker"),
     "split_square": ("square", "split"),
     "striped_heart": ("heart", "stripes"),
+    "dotted_triangle": ("triangle", "dots"),
+    "diagonal_star": ("star", "diagonal"),
+    "gradient_cross": ("cross", "gradient"),
+    "quartered_circle": ("circle", "quarters"),
+    "ringed_square": ("square", "rings"),
+    "grid_heart": ("heart", "grid"),
 }
+# Fixed before any tuning: method choices are tuned on "tuning" and reported on "held_out".
+CONCEPT_SETS: dict[str, tuple[str, ...]] = {
+    "tuning": ("checker_circle", "split_square", "striped_heart", "dotted_triangle", "diagonal_star"),
+    "held_out": ("gradient_cross", "quartered_circle", "ringed_square", "grid_heart"),
+}
+
+
+def _texel(texture: str, i: int, j: int, cx: float, cy: float) -> tuple[int, int, int]:
+    """The color of pixel (i, j) of `texture` for an object centered at (cx, cy)."""
+    dx, dy = i - int(cx), j - int(cy)
+    if texture == "checker":  # black-and-yellow checker, 4 px cells
+        return PALETTE["yellow"] if (dx // 4 + dy // 4) % 2 == 0 else PALETTE["black"]
+    if texture == "split":  # two-tone: left half red, right half cyan-ish green
+        return PALETTE["red"] if i < cx else (20, 200, 200)
+    if texture == "stripes":  # horizontal pink/white stripes, 3 px
+        return (240, 90, 170) if (j // 3) % 2 == 0 else PALETTE["white"]
+    if texture == "dots":  # cream dots on teal, 4 px pitch
+        return (250, 235, 200) if dx % 4 < 2 and dy % 4 < 2 else (0, 140, 140)
+    if texture == "diagonal":  # brown/lime diagonal bands, 3 px
+        return (140, 80, 30) if ((dx + dy) // 3) % 2 == 0 else (170, 230, 60)
+    if texture == "gradient":  # magenta at the top to navy at the bottom
+        t = min(max((dy + 10) / 20, 0.0), 1.0)
+        return (round(230 + (20 - 230) * t), round(40 + (30 - 40) * t), round(160 + (110 - 160) * t))
+    if texture == "quarters":  # four quadrants: gray, pink, olive, sky
+        return ((128, 128, 128), (250, 160, 180), (120, 120, 20), (120, 200, 250))[(dx >= 0) + 2 * (dy >= 0)]
+    if texture == "rings":  # navy/gold concentric rings, 2 px
+        return (30, 40, 120) if int(math.hypot(dx, dy)) // 2 % 2 == 0 else (230, 180, 40)
+    if texture == "grid":  # dark green grid lines on beige, 4 px pitch
+        return (10, 90, 40) if dx % 4 == 0 or dy % 4 == 0 else (230, 210, 170)
+    raise ValueError(f"unknown texture {texture!r}")
 
 
 def _texture(texture: str, side: int, cx: float, cy: float) -> Image.Image:
     img = Image.new("RGB", (side, side))
-    px = img.load()
-    for j in range(side):
-        for i in range(side):
-            if texture == "checker":  # black-and-yellow checker, 4 px cells
-                on = ((i - int(cx)) // 4 + (j - int(cy)) // 4) % 2 == 0
-                px[i, j] = PALETTE["yellow"] if on else PALETTE["black"]
-            elif texture == "split":  # two-tone: left half red, right half cyan-ish green
-                px[i, j] = PALETTE["red"] if i < cx else (20, 200, 200)
-            elif texture == "stripes":  # horizontal pink/white stripes, 3 px
-                px[i, j] = (240, 90, 170) if (j // 3) % 2 == 0 else PALETTE["white"]
-            else:
-                raise ValueError(f"unknown texture {texture!r}")
+    img.putdata([_texel(texture, i, j, cx, cy) for j in range(side) for i in range(side)])
     return img
 
 
