@@ -11,6 +11,30 @@ from persres.errors import InputError
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
 Init = Literal["zero", "random"]
+RegionTokens = Literal["identifier+class", "class", "identifier"]
+MapSource = Literal["block", "aggregate"]
+
+
+@dataclass(frozen=True)
+class MultiLagConfig:
+    """How LAG finds regions when several concepts share a prompt.
+
+    One concept always follows the paper exactly (its identifier and class tokens, each
+    block's own maps, the median). With several, these choices apply; their defaults are
+    the ones `persres bench toy` measured best (README: "Two concepts in one picture").
+    """
+
+    tokens: RegionTokens = "identifier+class"  # which of a concept's tokens define its region
+    coverage: float = 0.5  # fraction of a block's pixels in each concept's mask (0.5: the median)
+    maps: MapSource = "block"  # each block's own maps, or the previous evaluation's maps of all blocks
+
+    def __post_init__(self) -> None:
+        if self.tokens not in ("identifier+class", "class", "identifier"):
+            raise InputError(f"LAG region tokens must be identifier+class, class or identifier, got {self.tokens!r}")
+        if not (isinstance(self.coverage, (int, float)) and 0 < self.coverage < 1):
+            raise InputError(f"LAG coverage must be in (0, 1), got {self.coverage!r}")
+        if self.maps not in ("block", "aggregate"):
+            raise InputError(f"LAG maps must be block or aggregate, got {self.maps!r}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +89,7 @@ class SampleConfig:
     height: int | None = None  # None: the base model's own size
     width: int | None = None
     save_masks: bool = False
+    multi: MultiLagConfig = MultiLagConfig()  # LAG with several concepts in one prompt
 
     def __post_init__(self) -> None:
         if self.steps <= 0:

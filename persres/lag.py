@@ -8,8 +8,10 @@ heads, binarized at their median (M_i), and the block's output projection become
 
 The maps come from the cross-attention of the same UNet evaluation (attn2 of block i runs
 before its proj_out), so LAG adds no model evaluation. Several concepts: each has its own
-median mask; where several masks are on, the concept with the highest max-normalized
-attention wins, so regions never overlap. Under classifier-free guidance the batch is
+mask; where several masks are on, the concept with the highest max-normalized attention
+wins, so regions never overlap. Which tokens, what fraction of pixels and which maps
+define several concepts' regions is set by `MultiLagConfig` (measured on the toy world);
+one concept always gets the paper's rule. Under classifier-free guidance the batch is
 [unconditional, conditional] and the unconditional half has no concept tokens: the
 conditional half's regions serve both halves.
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from persres.config import MultiLagConfig, RegionTokens
 from persres.kernels import Backend, KernelAttnProcessor, attention_processors, block_of, resolve_backend
 from persres.residuals import layers_of
 
@@ -33,7 +36,16 @@ class ConceptTokens:
     """A loaded concept and the positions of its tokens in the (padded) prompt."""
 
     name: str
-    positions: tuple[int, ...]
+    positions: tuple[int, ...]  # identifier and class word: the paper's region tokens
+    class_positions: tuple[int, ...] = ()  # the class word's alone (a subset of positions)
+
+    def region_tokens(self, which: RegionTokens) -> tuple[int, ...]:
+        """The tokens whose maps define the region; falls back to all when a role is absent."""
+        if which == "class" and self.class_positions:
+            return self.class_positions
+        if which == "identifier":
+            return tuple(p for p in self.positions if p not in self.class_positions) or self.positions
+        return self.positions
 
 
 def median_mask(maps: torch.Tensor) -> torch.Tensor:
@@ -42,9 +54,19 @@ def median_mask(maps: torch.Tensor) -> torch.Tensor:
     return maps > med
 
 
-def regions_from_maps(maps: torch.Tensor) -> torch.Tensor:
+def coverage_mask(maps: torch.Tensor, coverage: float = 0.5) -> torch.Tensor:
+    """maps: (..., N) -> bool mask of the round(coverage * N) largest values; 0.5 is `median_mask`."""
+    if coverage == 0.5:
+        return median_mask(maps)
+    n = maps.shape[-1]
+    keep = max(1, min(n - 1, round(coverage * n)))
+    kth = maps.kthvalue(n - keep, dim=-1, keepdim=True).values
+    return maps > kth
+
+
+def regions_from_maps(maps: torch.Tensor, coverage: float = 0.5) -> torch.Tensor:
     """maps: (B, K, N) token-summed attention of K concepts -> disjoint regions (B, K, N) in {0, 1}."""
-    on = median_mask(maps)  # (B, K, N)
+    on = coverage_mask(maps, coverage)  # (B, K, N)
     if maps.shape[1] == 1:
         return on.float()
     norm = maps / maps.amax(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, K, N) in [0, 1]
@@ -58,18 +80,29 @@ class LagSession:
     """Per-call state of LAG sampling: token sets in, per-block regions out.
 
     The attn2 processors `record` maps; each proj_out wrapper asks `region` for its concept.
-    Created and torn down by `lag_regions`, never global.
+    Created and torn down by `lag_regions`, never global. With several concepts and
+    `MultiLagConfig.maps == "aggregate"`, a block's regions come from the previous UNet
+    evaluation's maps of every block, averaged at the latent resolution (the block's own
+    maps on the first evaluation): no extra evaluation either way.
     """
 
-    def __init__(self, concepts: Sequence[ConceptTokens], cfg: bool, latent_hw: tuple[int, int] | None = None, keep_masks: bool = False):
+    def __init__(self, concepts: Sequence[ConceptTokens], cfg: bool, latent_hw: tuple[int, int] | None = None,
+                 keep_masks: bool = False, multi: MultiLagConfig = MultiLagConfig()):
         self.concepts = list(concepts)
         self.index = {c.name: i for i, c in enumerate(self.concepts)}
-        self.token_sets = [c.positions for c in self.concepts]
+        single = len(self.concepts) == 1  # the paper's rule, whatever `multi` says
+        self.token_sets = [c.positions if single else c.region_tokens(multi.tokens) for c in self.concepts]
+        self.coverage = 0.5 if single else multi.coverage
+        self.aggregate = not single and multi.maps == "aggregate"
         self.cfg = cfg
         self.latent_hw = latent_hw
         self.keep_masks = keep_masks
         self._maps: dict[str, torch.Tensor] = {}  # block -> (B, K, N), pending for its proj_out
         self._regions: dict[str, torch.Tensor] = {}  # block -> (B, K, N), this evaluation's
+        self._consumed: set[str] = set()  # blocks whose maps this evaluation already used
+        self._sum: torch.Tensor | None = None  # (B, K, H, W) this evaluation's maps, summed over blocks
+        self._sum_count = 0
+        self._previous: torch.Tensor | None = None  # (B, K, H, W) the previous evaluation's average
         self.mask_sums: dict[str, torch.Tensor] = {}  # concept -> (B, h, w) summed regions, if keep_masks
         self.mask_counts = 0
 
@@ -77,10 +110,18 @@ class LagSession:
         if self.cfg:  # (2B, K, N): [uncond, cond] -> the cond half's maps for both halves
             cond = maps[maps.shape[0] // 2 :]
             maps = torch.cat([cond, cond])
+        if block in self._consumed:  # this block's second visit: a new UNet evaluation began
+            self._next_evaluation()
         if block in self._maps:  # several transformer layers in one block (SDXL): sum them
             maps = self._maps[block] + maps
         self._maps[block] = maps
         self._regions.pop(block, None)
+
+    def _next_evaluation(self) -> None:
+        if self._sum is not None:
+            self._previous = self._sum / self._sum_count
+        self._sum, self._sum_count = None, 0
+        self._consumed.clear()
 
     def region(self, block: str, concept: str, x: torch.Tensor) -> torch.Tensor | None:
         """The concept's mask shaped to broadcast against proj_out's input `x`."""
@@ -91,16 +132,28 @@ class LagSession:
             maps = self._maps.pop(block, None)
             if maps is None:
                 return None
-            regions = self._regions[block] = regions_from_maps(maps.float())
+            maps = maps.float()  # (B, K, N)
+            self._consumed.add(block)
+            h, w = self._grid(x, maps.shape[-1])
+            if self.aggregate:
+                self._accumulate(maps, h, w)
+                if self._previous is not None and self._previous.shape[:2] == maps.shape[:2]:
+                    maps = F.interpolate(self._previous, size=(h, w), mode="area").flatten(2)  # (B, K, h*w)
+            regions = self._regions[block] = regions_from_maps(maps, self.coverage)
             if self.keep_masks:
-                self._keep(regions, x)
+                self._keep(regions, h, w)
         mask = regions[:, self.index[concept]]  # (B, N)
         if x.ndim == 4:  # conv proj_out: x (B, C, H, W)
             return mask.view(x.shape[0], 1, x.shape[2], x.shape[3])
         return mask.unsqueeze(-1)  # linear proj_out: x (B, N, C)
 
-    def _keep(self, regions: torch.Tensor, x: torch.Tensor) -> None:
-        h, w = self._grid(x, regions.shape[-1])
+    def _accumulate(self, maps: torch.Tensor, h: int, w: int) -> None:
+        out_hw = self.latent_hw or (h, w)
+        grid = F.interpolate(maps.view(*maps.shape[:2], h, w), size=out_hw, mode="bilinear", align_corners=False)
+        self._sum = grid if self._sum is None else self._sum + grid  # (B, K, H, W)
+        self._sum_count += 1
+
+    def _keep(self, regions: torch.Tensor, h: int, w: int) -> None:
         out_hw = self.latent_hw or (h, w)
         grid = regions.view(regions.shape[0], regions.shape[1], h, w)  # (B, K, h, w)
         grid = F.interpolate(grid, size=out_hw, mode="nearest")
@@ -133,9 +186,10 @@ def lag_regions(
     backend: Backend | str | None = None,
     latent_hw: tuple[int, int] | None = None,
     keep_masks: bool = False,
+    multi: MultiLagConfig = MultiLagConfig(),
 ):
     """Inside the block, every residual acts only in its concept's region (one UNet pass per step)."""
-    session = LagSession(concepts, cfg, latent_hw, keep_masks)
+    session = LagSession(concepts, cfg, latent_hw, keep_masks, multi)
     layers = layers_of(unet)
 
     def make(name: str, old):

@@ -25,7 +25,7 @@ from persres.kernels import Backend, attention_backend, resolve_backend
 from persres.lag import ConceptTokens, lag_regions
 from persres.models import Fingerprint, fingerprint
 from persres.packs import PackMeta
-from persres.tokens import BoundConcept, concept_positions
+from persres.tokens import BoundConcept, concept_span
 
 MASK_COLORS = [(0, 220, 255), (255, 0, 200), (255, 230, 0), (0, 230, 90), (255, 120, 0)]  # cyan first: visible on most objects
 
@@ -73,7 +73,8 @@ def concept_tokens(tokenizer, prompt: str, concepts: Sequence[BoundConcept]) -> 
         if c.identifier in seen:
             raise PromptError(f"concepts {seen[c.identifier]!r} and {c.name!r} share the identifier {c.identifier!r}; they cannot appear in one prompt")
         seen[c.identifier] = c.name
-    return [ConceptTokens(c.name, concept_positions(tokenizer, prompt, c.identifier, c.class_word)) for c in concepts]
+    spans = [concept_span(tokenizer, prompt, c.identifier, c.class_word) for c in concepts]
+    return [ConceptTokens(c.name, span.positions, span.class_word) for c, span in zip(concepts, spans)]
 
 
 @torch.no_grad()
@@ -104,7 +105,8 @@ def generate(
         if config.lag:
             latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
             session = stack.enter_context(lag_regions(pipe.unet, tokens, cfg=config.guidance > 1, backend=backend,
-                                                      latent_hw=latent_hw, keep_masks=config.save_masks))
+                                                      latent_hw=latent_hw, keep_masks=config.save_masks,
+                                                      multi=config.multi))
         elif resolve_backend(backend) is not Backend.SDPA:  # diffusers' default already is SDPA
             stack.enter_context(attention_backend(pipe.unet, backend))
         images = pipe(**call).images
