@@ -1,5 +1,7 @@
 import random
 
+import numpy as np
+
 import pytest
 
 from persres.toy import checker, world
@@ -64,12 +66,20 @@ def test_bench_toy_quick_runs_end_to_end(tiny_model, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "results.json").read_text())["summary"]
-    assert {(r["category"], r["method"]) for r in summary} >= {("identity", "base"), ("background", "lag"), ("two_concepts", "lag")}
-    assert all(0 <= r["identity"] <= 1 for r in summary)
+    assert {(r["category"], r["method"]) for r in summary} >= {
+        ("identity", "base"), ("background", "lag"), ("two_concepts", "lag"), ("two_concepts", "summed"), ("background", "nolag-base")}
+    assert {r["set"] for r in summary} == {"tuning"}
+    assert all(0 <= r["identity"] <= 1 for r in summary if not r["method"].endswith("-base"))
+    pair = next(r for r in summary if (r["category"], r["method"]) == ("two_concepts", "lag"))
+    assert 0 <= pair["both_present"] <= 1 and -1 <= pair["own_minus_other"] <= 1 and pair["n"] == 2
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 5 * 3 * 2 + 3 * 2  # header; 2 concepts x 5 quick prompts x 3 methods x 2 images; the pair
     for category in ("identity", "background", "add_object", "attribute", "two_concepts"):
         assert (out / f"grid-{category}.png").exists()
     bad = CliRunner().invoke(app, ["bench", "toy", "--concept", "nope"])
     assert bad.exit_code == 1 and "unknown toy concept 'nope'" in bad.stderr
+    bad = CliRunner().invoke(app, ["bench", "toy", "--set", "nope"])
+    assert bad.exit_code == 1 and "unknown concept set 'nope'" in bad.stderr
 
 
 def test_identity_score_prefers_the_concept():
@@ -84,6 +94,23 @@ def test_identity_score_prefers_the_concept():
     same = world.render(world.novel_scene(rng, "checker_circle", "blue"))
     plain = world.render(world.Scene("blue", (world.Obj("circle", "red", 16, 16, 18),)))
     assert identity(same, ref_hist) > 0.8 > 0.2 > identity(plain, ref_hist)
+
+
+def test_bench_counts_objects_and_picks_a_pair_background_away_from_the_concepts():
+    from persres.toy.bench import count_objects, pair_background
+
+    one = world.render(world.Scene("white", (world.Obj("circle", "red", 16, 16, 18),)))
+    two = world.render(world.Scene("white", (world.Obj("circle", "red", 8, 16, 10), world.Obj("star", "blue", 24, 16, 12))))
+    assert (count_objects(one), count_objects(two), count_objects(world.render(world.Scene("white", ())))) == (1, 2, 0)
+    white = np.full((10, 3), 245.0)
+    yellow = np.array([world.PALETTE["yellow"]] * 10, dtype=np.float64)
+    assert pair_background(white, yellow) not in ("white", "yellow")
+
+
+def test_concept_sets_are_disjoint_and_cover_every_shipped_concept():
+    tuning, held_out = (set(world.CONCEPT_SETS[s]) for s in ("tuning", "held_out"))
+    assert not tuning & held_out and tuning | held_out == set(world.NOVEL_CONCEPTS)
+    assert len(world.NOVEL_CONCEPTS) >= 9
 
 
 def test_quality_measure_reports_fractions(tiny_model):

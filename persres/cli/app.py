@@ -360,40 +360,59 @@ def bench_cc101(
 @bench_app.command("toy")
 @command
 def bench_toy(
-    quick: bool = typer.Option(False, "--quick", help="Fewer prompts and samples (a few minutes on a CPU)."),
-    concept: list[str] = typer.Option([], "--concept", help="A shipped toy concept (default: all)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer prompts, 2 samples, one seed (a few minutes on a CPU)."),
+    concept: list[str] = typer.Option([], "--concept", help="A shipped toy concept [default: every concept of --set]."),
+    concept_set: list[str] = typer.Option([], "--set", help="tuning or held_out [default: both]."),
     out_dir: Path = typer.Option(Path("bench-toy"), "--out", help="Output folder."),
     model: Optional[str] = typer.Option(None, help="Base model [default: the toy model]."),
-    steps: int = typer.Option(50, help="DDIM steps [paper: 50]."),
-    guidance: float = typer.Option(6.0, help="Guidance scale [paper: 6.0]."),
+    steps: int = typer.Option(50, help="DDIM steps (paper: 50)."),
+    guidance: float = typer.Option(6.0, help="Guidance scale (paper: 6.0)."),
+    samples: Optional[int] = typer.Option(None, help="Images per prompt and seed [default: 8; 2 with --quick]."),
+    seeds: Optional[int] = typer.Option(None, help="Seeds per prompt [default: 2; 1 with --quick]."),
+    singles: bool = typer.Option(True, "--singles/--no-singles", help="The one-concept categories."),
+    pairs: bool = typer.Option(True, "--pairs/--no-pairs", help="Two concepts in one prompt."),
     train_steps: Optional[int] = typer.Option(None, help="Training steps [default: the model's recommendation]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: the model's recommendation]."),
-    init: Optional[str] = typer.Option(None, help="Factor init: zero or random [default: zero]."),
+    init: Optional[str] = typer.Option(None, help="Factor init: zero or random [default: the model's recommendation]."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Flipped copies of the references [default: the model's recommendation]."),
     prompt: Optional[str] = typer.Option(None, help="Training prompt template [default: the model's recommendation]."),
     rank_ratio: Optional[float] = typer.Option(None, help="Rank as a fraction of channels [default: the model's recommendation]."),
+    lag_tokens: Optional[str] = typer.Option(None, help="Several concepts: region tokens, identifier+class, class or identifier."),
+    lag_coverage: Optional[float] = typer.Option(None, help="Several concepts: fraction of pixels in each mask (0.5: median)."),
+    lag_maps: Optional[str] = typer.Option(None, help="Several concepts: block (each block's own) or aggregate (previous evaluation's, all blocks)."),
 ):
-    """Train the shipped toy concepts and score identity, background, added objects and attributes, with and without LAG."""
-    from persres.api import train_config_for
-    from persres.config import SampleConfig
-    from persres.models import load_pipeline
-    from persres.toy.bench import prepare_concepts, run_toy_bench, select_concepts, summarize
+    """Train the toy concepts and score identity, background, added objects, attributes and concept pairs, with and without LAG."""
+    import dataclasses
 
-    names = select_concepts(concept)
+    from persres.api import train_config_for
+    from persres.config import MultiLagConfig, SampleConfig
+    from persres.models import load_pipeline
+    from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench, select_concepts, summarize
+
+    names = select_concepts(concept, concept_set)
+    multi = MultiLagConfig(**{k: v for k, v in {"tokens": lag_tokens, "coverage": lag_coverage, "maps": lag_maps}.items() if v is not None})
     registry = _registry()
     resolved = _model(registry, model)
-    config = train_config_for(resolved, {"steps": train_steps, "lr": lr, "init": init, "prompt": prompt,
+    config = train_config_for(resolved, {"steps": train_steps, "lr": lr, "init": init, "flip": flip, "prompt": prompt,
                                           "rank_ratio": rank_ratio})
+    cfg = ToyBenchConfig(samples=samples or (2 if quick else 8), seeds=tuple(range(seeds or (1 if quick else 2))), quick=quick,
+                         singles=singles, pairs=pairs, sample=SampleConfig(steps=steps, guidance=guidance, multi=multi))
     pipe = load_pipeline(resolved)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with err.status("training the toy concepts (reused when already trained with this config)..."):
         loaded = prepare_concepts(pipe, names, registry, resolved, config)
-    with err.status("sampling and scoring..."):
-        rows = run_toy_bench(pipe, loaded, out_dir, quick, SampleConfig(steps=steps, guidance=guidance))
+    meta = {"train": config.to_dict(), "model": resolved, "multi_lag": dataclasses.asdict(multi), "samples": cfg.samples,
+            "seeds": list(cfg.seeds), "quick": quick, "sample_steps": steps, "guidance": guidance}
+    with err.status("sampling and scoring...") as status:
+        rows = run_toy_bench(pipe, loaded, out_dir, cfg, log=lambda m: status.update(f"sampling and scoring: {m}"), meta=meta)
     summary = summarize(rows)
-    keys = list(dict.fromkeys(k for r in summary for k in r if k not in ("category", "method")))
-    table = Table("category", "method", *keys, title=f"toy bench ({'quick' if quick else 'full'})")
+    keys = [k for k in ("identity", "background", "added", "attribute", "both_present", "own_minus_other", "own_minus_other_2")
+            if any(k in r for r in summary)]
+    table = Table("set", "category", "method", "n", *keys, title=f"toy bench ({'quick' if quick else 'full'}; mean ± 95% interval)")
     for r in summary:
-        table.add_row(r["category"], r["method"], *(f"{r[k]:.3f}" if k in r else "" for k in keys))
-    out.print(table, width=max(out.width, 120))
+        table.add_row(r["set"], r["category"], r["method"], str(r["n"]),
+                      *(f"{r[k]:.2f}±{r[k + '_ci']:.2f}" if k in r else "" for k in keys))
+    out.print(table, width=max(out.width, 160))
     out.print(f"results in {out_dir}/results.csv, results.json and grid-*.png")
 
 

@@ -1,25 +1,30 @@
 """`persres bench toy`: the method measured on the toy world, with the analytic checker.
 
-For each shipped novel concept: train (the model's recommended defaults), then sample the
-prompt categories the paper analyses — identity, change background, add object, change
-attribute — without LAG, with LAG, and with the base model alone (no residual), on the
-same seeds. Scores:
+Concepts come in two sets fixed before any tuning (`world.CONCEPT_SETS`): method choices
+are tuned on "tuning" and reported on "held_out". For each concept: train (the model's
+recommended defaults), then sample the prompt categories the paper analyses — identity,
+change background, add object, change attribute — with the base model alone (no
+residual), without LAG and with LAG, on the same seeds. Scores, per image:
 - identity: histogram intersection between the colors of the concept's object region and
   those of the reference images as the model's own VAE reconstructs them (a palette count
   misses a VAE-blurred checker; a color histogram does not)
 - background: the checker's background color is the prompt's
 - added object: the second object's color is the prompt's
 - attribute: the object's dominant color is the prompt's
-Two concepts in one prompt: each side's identity against its own concept and against the
-other (bleeding), with LAG and with both residuals summed into the weights.
+Two concepts in one prompt (consecutive pairs within a set, on a background far from both
+concepts' colors): both objects present (the checker counts exactly two), and on each side
+the own concept's identity minus the other's, for the base model, both residuals summed
+into the weights, and LAG. Summaries are means with 95% intervals over images; identity
+lifts are paired (same seed, same prompt) differences against the base model.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +38,7 @@ from persres.toy import checker, world
 
 BINS = 4  # per channel: 64 color bins
 CONCEPTS_DIR = Path(__file__).parent / "concepts"  # the shipped reference folders
+MIN_OBJECT_PIXELS = 8  # a component smaller than this is noise, not an object
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,26 @@ class ToyPrompt:
     added: str | None = None  # color of the added object
     attribute: str | None = None  # color asked of the concept itself
     objects: int = 1
+
+
+@dataclass(frozen=True)
+class ToyBenchConfig:
+    samples: int = 8  # images per prompt and seed
+    seeds: tuple[int, ...] = (0, 1)
+    quick: bool = False  # fewer prompts
+    singles: bool = True  # the one-concept categories
+    pairs: bool = True  # two concepts in one prompt
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+@dataclass
+class BenchConcept:
+    name: str  # the toy concept's name (the pack's name is `bound.name`)
+    bound: BoundConcept
+    shape: str
+    concept_set: str
+    ref_hist: np.ndarray
+    ref_pixels: np.ndarray  # (N, 3) the references' object pixels, as rendered
 
 
 def prompts_for(shape: str, quick: bool) -> list[ToyPrompt]:
@@ -73,6 +99,13 @@ def identity(image: Image.Image, reference_hist: np.ndarray, objects: int = 1, w
     return float(np.minimum(hist, reference_hist).sum())
 
 
+def count_objects(image: Image.Image) -> int:
+    """How many objects the checker sees: components of the object mask of at least MIN_OBJECT_PIXELS."""
+    img = np.asarray(image.convert("RGB").resize((world.SIZE, world.SIZE), Image.Resampling.BILINEAR), dtype=np.float32)
+    mask = checker.object_mask(img, checker.background_color(img))
+    return sum(int(c.sum()) >= MIN_OBJECT_PIXELS for c in checker.components(mask))
+
+
 def reference_histogram(pipe, images: list[Image.Image]) -> np.ndarray:
     """The references' object colors after the model's own VAE round trip."""
     from persres.images import to_pil, to_tensor
@@ -88,6 +121,24 @@ def reference_histogram(pipe, images: list[Image.Image]) -> np.ndarray:
     return color_histogram(np.concatenate(pixels))
 
 
+def object_pixels(images: list[Image.Image]) -> np.ndarray:
+    out = []
+    for im in images:
+        img, _, parts = checker.segment(im, 1)
+        out.append(img[parts[0]])
+    return np.concatenate(out)
+
+
+def pair_background(a: np.ndarray, b: np.ndarray) -> str:
+    """The palette background farthest from both concepts' colors (5th percentile distance)."""
+    pixels = np.concatenate([a, b]).astype(np.float32)
+
+    def margin(color: str) -> float:
+        return float(np.percentile(np.sqrt(((pixels - np.array(world.PALETTE[color])) ** 2).sum(-1)), 5))
+
+    return max(world.COLORS, key=margin)
+
+
 def score_image(image: Image.Image, prompt: ToyPrompt, ref_hist: np.ndarray) -> dict:
     reading = checker.read(image, prompt.objects)
     row = {"identity": identity(image, ref_hist, prompt.objects)}
@@ -100,119 +151,174 @@ def score_image(image: Image.Image, prompt: ToyPrompt, ref_hist: np.ndarray) -> 
     return row
 
 
+def score_pair(image: Image.Image, left: BenchConcept, right: BenchConcept) -> dict:
+    own_l, other_l = identity(image, left.ref_hist, 2, 0), identity(image, right.ref_hist, 2, 0)
+    own_r, other_r = identity(image, right.ref_hist, 2, 1), identity(image, left.ref_hist, 2, 1)
+    return {"both_present": float(count_objects(image) == 2), "identity": own_l, "identity_2": own_r,
+            "own_minus_other": own_l - other_l, "own_minus_other_2": own_r - other_r}
+
+
 def grid(columns: dict[str, list[Image.Image]], scale: int = 3) -> Image.Image:
     """Columns side by side (e.g. no LAG | LAG), one row per sample, upscaled to be seen."""
     rows = [list(row) for row in zip(*columns.values())]
     return contact_sheet(rows, min_side=rows[0][0].width * scale)
 
 
-def mean_rows(rows: list[dict], keys: tuple[str, ...]) -> dict:
-    out = {}
-    for k in keys:
-        vals = [r[k] for r in rows if k in r]
-        if vals:
-            out[k] = sum(vals) / len(vals)
-    return out
+def concept_set_of(name: str) -> str:
+    return next((s for s, names in world.CONCEPT_SETS.items() if name in names), "other")
 
 
-def select_concepts(names: list[str] | None) -> list[str]:
-    """The shipped toy concepts asked for (all by default); an unknown name is an error."""
+def select_concepts(names: Sequence[str] | None = None, sets: Sequence[str] | None = None) -> list[str]:
+    """Shipped toy concepts by name, or every concept of the given sets (all by default)."""
     from persres.errors import InputError
 
-    names = names or list(world.NOVEL_CONCEPTS)
-    unknown = [n for n in names if n not in world.NOVEL_CONCEPTS]
-    if unknown:
-        raise InputError(f"unknown toy concept {unknown[0]!r} (choose from {', '.join(world.NOVEL_CONCEPTS)})")
-    return names
+    unknown_sets = [s for s in sets or () if s not in world.CONCEPT_SETS]
+    if unknown_sets:
+        raise InputError(f"unknown concept set {unknown_sets[0]!r} (choose from {', '.join(world.CONCEPT_SETS)})")
+    if names:
+        unknown = [n for n in names if n not in world.NOVEL_CONCEPTS]
+        if unknown:
+            raise InputError(f"unknown toy concept {unknown[0]!r} (choose from {', '.join(world.NOVEL_CONCEPTS)})")
+        return list(dict.fromkeys(names))
+    return [n for s in (sets or world.CONCEPT_SETS) for n in world.CONCEPT_SETS[s]]
 
 
-def prepare_concepts(pipe, names: list[str] | None, registry, model: str, config) -> dict[str, tuple[BoundConcept, np.ndarray]]:
+def prepare_concepts(pipe, names: Sequence[str], registry, model: str, config) -> dict[str, BenchConcept]:
     """Train (or reuse) a pack per shipped concept, load them onto `pipe`, and compute the
     references' histograms: what `run_toy_bench` takes."""
     from persres.api import apply_concepts, config_digest, train_concept
     from persres.images import read_folder
 
     loaded = {}
-    for name in select_concepts(names):
+    for name in names:
         pack = f"toybench-{name}-{config_digest(config, model)}"
         folder = CONCEPTS_DIR / name
+        shape = world.NOVEL_CONCEPTS[name][0]
         if not registry.has(pack):
-            train_concept(folder, pack, world.NOVEL_CONCEPTS[name][0], model=model, config=config, registry=registry, pipe=pipe)
+            train_concept(folder, pack, shape, model=model, config=config, registry=registry, pipe=pipe)
         bound = apply_concepts(pipe, [pack], registry, model)[0]
-        loaded[name] = (bound, reference_histogram(pipe, [r.image for r in read_folder(folder)]))
+        refs = [r.image for r in read_folder(folder)]
+        loaded[name] = BenchConcept(name, bound, shape, concept_set_of(name), reference_histogram(pipe, refs), object_pixels(refs))
     return loaded
 
 
-def run_toy_bench(pipe, concepts: dict[str, tuple[BoundConcept, np.ndarray]], out: Path, quick: bool, sample: SampleConfig,
-                  log: Callable[[str], None] = lambda m: None) -> list[dict]:
-    """`concepts`: name -> (bound concept already loaded on pipe, reference histogram)."""
-    from persres.sample import generate
-
-    out.mkdir(parents=True, exist_ok=True)
-    samples = 2 if quick else 8
-    rows: list[dict] = []
-    grids: dict[str, list[Image.Image]] = {}
-    for name, (concept, ref_hist) in concepts.items():
-        shape = world.NOVEL_CONCEPTS[name][0] if name in world.NOVEL_CONCEPTS else concept.class_word
-        for k, prompt in enumerate(prompts_for(shape, quick)):
-            expanded, used = expand_prompt(prompt.text, [concept], lambda n: concept)
-            base_text = prompt.text.replace("V* ", "")
-            cfg = sample.replace(num_images=samples, seed=100 * k)
-            images = {
-                "base": generate(pipe, base_text, [], cfg).images,
-                "nolag": generate(pipe, expanded, used, cfg.replace(lag=False)).images,
-                "lag": generate(pipe, expanded, used, cfg.replace(lag=True)).images,
-            }
-            for method, ims in images.items():
-                per = [score_image(im, prompt, ref_hist) for im in ims]
-                rows.append({"concept": name, "category": prompt.category, "prompt": prompt.text, "method": method,
-                             **mean_rows(per, ("identity", "background", "added", "attribute"))})
-            grids.setdefault(prompt.category, []).append(grid({"no LAG": images["nolag"], "LAG": images["lag"]}))
-            log(f"{name}: {prompt.text}")
-    names = list(concepts)
-    if len(names) >= 2:
-        rows += multi_concept(pipe, concepts, names[0], names[1], sample.replace(num_images=samples, seed=999), grids)
-    for category, parts in grids.items():
-        contact_sheet([[p] for p in parts], min_side=1, gap=6).save(out / f"grid-{category}.png")  # one prompt per band
-    write_rows(out, rows)
-    return rows
-
-
-def multi_concept(pipe, concepts, first: str, second: str, cfg: SampleConfig, grids) -> list[dict]:
-    from persres.sample import generate
-
-    (c1, h1), (c2, h2) = concepts[first], concepts[second]
-    s1 = world.NOVEL_CONCEPTS.get(first, (c1.class_word,))[0]
-    s2 = world.NOVEL_CONCEPTS.get(second, (c2.class_word,))[0]
-    text = f"a V1 {s1} and a V2 {s2} on a white background"
-    expanded, used = expand_prompt(text, [c1, c2], lambda n: c1)
-    rows, images = [], {}
-    for method, lag in (("nolag", False), ("lag", True)):
-        ims = generate(pipe, expanded, used, cfg.replace(lag=lag)).images
-        images[method] = ims
-        per = [{"identity": identity(im, h1, 2, 0), "identity_2": identity(im, h2, 2, 1),
-                "bleed": identity(im, h2, 2, 0), "bleed_2": identity(im, h1, 2, 1)} for im in ims]
-        rows.append({"concept": f"{first}+{second}", "category": "two_concepts", "prompt": text, "method": method,
-                     **mean_rows(per, ("identity", "identity_2", "bleed", "bleed_2"))})
-    grids.setdefault("two_concepts", []).append(grid({"summed (no LAG)": images["nolag"], "LAG": images["lag"]}))
-    return rows
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean of each score per (category, method) over concepts and prompts."""
-    keys = ("identity", "background", "added", "attribute", "identity_2", "bleed", "bleed_2")
+def pairs_of(concepts: dict[str, BenchConcept]) -> list[tuple[str, str]]:
+    """Consecutive pairs (cyclic) within each set, of concepts with different shapes."""
     out = []
-    for cat in dict.fromkeys(r["category"] for r in rows):
-        for method in dict.fromkeys(r["method"] for r in rows if r["category"] == cat):
-            sel = [r for r in rows if r["category"] == cat and r["method"] == method]
-            out.append({"category": cat, "method": method, **mean_rows(sel, keys)})
+    for s in dict.fromkeys(c.concept_set for c in concepts.values()):
+        names = [n for n, c in concepts.items() if c.concept_set == s]
+        if len(names) < 2:
+            continue
+        for i, a in enumerate(names):
+            b = names[(i + 1) % len(names)]
+            if (b, a) not in out and (a, b) not in out and concepts[a].shape != concepts[b].shape:
+                out.append((a, b))
     return out
 
 
-def write_rows(out: Path, rows: list[dict]) -> None:
+def run_toy_bench(pipe, concepts: dict[str, BenchConcept], out: Path, cfg: ToyBenchConfig,
+                  log: Callable[[str], None] = lambda m: None, meta: dict | None = None) -> list[dict]:
+    """Per-image rows of every score; also writes results.csv/json and grid-*.png into `out`."""
+    from persres.sample import generate
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    grids: dict[str, list[Image.Image]] = {}
+    for name, concept in concepts.items() if cfg.singles else ():
+        for k, prompt in enumerate(prompts_for(concept.shape, cfg.quick)):
+            expanded, used = expand_prompt(prompt.text, [concept.bound], lambda n: concept.bound)
+            base_text = prompt.text.replace("V* ", "")
+            for seed in cfg.seeds:
+                sample = cfg.sample.replace(num_images=cfg.samples, seed=1000 * seed + 100 * k)
+                images = {
+                    "base": generate(pipe, base_text, [], sample).images,
+                    "nolag": generate(pipe, expanded, used, sample.replace(lag=False)).images,
+                    "lag": generate(pipe, expanded, used, sample.replace(lag=True)).images,
+                }
+                for method, ims in images.items():
+                    for i, im in enumerate(ims):
+                        rows.append({"set": concept.concept_set, "concept": name, "category": prompt.category,
+                                     "prompt": prompt.text, "method": method, "seed": seed, "image": i,
+                                     **score_image(im, prompt, concept.ref_hist)})
+                if seed == cfg.seeds[0]:
+                    grids.setdefault(prompt.category, []).append(grid({"no LAG": images["nolag"], "LAG": images["lag"]}))
+            log(f"{name}: {prompt.text}")
+    for a, b in pairs_of(concepts) if cfg.pairs else ():
+        rows += two_concepts(pipe, concepts[a], concepts[b], cfg, grids)
+        log(f"{a} + {b}")
+    for category, parts in grids.items():
+        contact_sheet([[p] for p in parts], min_side=1, gap=6).save(out / f"grid-{category}.png")  # one prompt per band
+    write_rows(out, rows, meta or {})
+    return rows
+
+
+def two_concepts(pipe, left: BenchConcept, right: BenchConcept, cfg: ToyBenchConfig, grids) -> list[dict]:
+    from persres.sample import generate
+
+    bg = pair_background(left.ref_pixels, right.ref_pixels)
+    text = f"a V1 {left.shape} and a V2 {right.shape} on a {bg} background"
+    expanded, used = expand_prompt(text, [left.bound, right.bound], lambda n: left.bound)
+    base_text = text.replace("V1 ", "").replace("V2 ", "")
+    rows = []
+    for seed in cfg.seeds:
+        sample = cfg.sample.replace(num_images=cfg.samples, seed=1000 * seed + 999)
+        images = {
+            "base": generate(pipe, base_text, [], sample).images,
+            "summed": generate(pipe, expanded, used, sample.replace(lag=False)).images,
+            "lag": generate(pipe, expanded, used, sample.replace(lag=True)).images,
+        }
+        for method, ims in images.items():
+            for i, im in enumerate(ims):
+                rows.append({"set": left.concept_set, "concept": f"{left.name}+{right.name}", "category": "two_concepts", "prompt": text, "method": method, "seed": seed, "image": i,
+                             **score_pair(im, left, right)})
+        if seed == cfg.seeds[0]:
+            grids.setdefault("two_concepts", []).append(grid({"summed (no LAG)": images["summed"], "LAG": images["lag"]}))
+    return rows
+
+
+METRICS = ("identity", "background", "added", "attribute", "both_present", "identity_2", "own_minus_other", "own_minus_other_2")
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval (normal approximation; 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, 1.96 * math.sqrt(var / n)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (set, category, method): each score's mean and 95% interval, and the number of images.
+    Plus paired identity lifts over the base model ("nolag-base", "lag-base")."""
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["set"], r["category"], r["method"]), []).append(r)
+    for (s, cat, method), sel in groups.items():
+        entry = {"set": s, "category": cat, "method": method, "n": len(sel)}
+        for k in METRICS:
+            vals = [r[k] for r in sel if k in r]
+            if vals:
+                entry[k], entry[f"{k}_ci"] = mean_ci(vals)
+        out.append(entry)
+    base = {(r["set"], r["concept"], r["prompt"], r["seed"], r["image"]): r["identity"] for r in rows if r["method"] == "base"}
+    for s, cat in dict.fromkeys((r["set"], r["category"]) for r in rows if r["category"] != "two_concepts"):
+        for method in ("nolag", "lag"):
+            diffs = [r["identity"] - base[key] for r in rows
+                     if (r["set"], r["category"], r["method"]) == (s, cat, method)
+                     and (key := (r["set"], r["concept"], r["prompt"], r["seed"], r["image"])) in base]
+            if diffs:
+                mean, ci = mean_ci(diffs)
+                out.append({"set": s, "category": cat, "method": f"{method}-base", "n": len(diffs), "identity": mean, "identity_ci": ci})
+    return out
+
+
+def write_rows(out: Path, rows: list[dict], meta: dict) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "summary": summarize(rows)}, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summarize(rows)}, indent=2) + "\n")
