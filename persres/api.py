@@ -27,7 +27,7 @@ from persres.packs import PackMeta
 from persres.registry import ConceptRecord, Registry
 from persres.residuals import block_channels, proj_out_kind
 from persres.sample import Generated, apply_pack, generate, mask_overlay
-from persres.tokens import BoundConcept, expand_prompt
+from persres.tokens import BoundConcept, check_class_word, expand_prompt, is_single_token
 
 DEFAULT_MODEL_KEY = "default_model"
 TOY_NOTICE_KEY = "toy_notice_shown"
@@ -80,15 +80,21 @@ def train_concept(
     from persres.train import train_residuals
 
     registry = registry or Registry()
+    registry.require_writable()
     registry.check_new_name(name)
+    class_word = check_class_word(class_word)
     references = read_folder(images_dir)
     model, _ = model_for(registry, model)
     config = config or train_config_for(model, overrides or {})
     if pipe is None:
         device = pick_device(config.device)
         pipe = load_pipeline(model, device, pick_dtype(config.precision, device))
-    identifier = registry.next_identifier()
-    result = train_residuals(pipe, [r.image for r in references], identifier, class_word, config, progress)
+    with registry.reservation(name, fits=lambda ident: is_single_token(pipe.tokenizer, ident)) as identifier:
+        result = train_residuals(pipe, [r.image for r in references], identifier, class_word, config, progress)
+        return _register(registry, pipe, name, identifier, class_word, model, config, references, result)
+
+
+def _register(registry, pipe, name, identifier, class_word, model, config, references, result) -> TrainOutcome:
     fp = fingerprint(pipe.unet)
 
     meta = PackMeta(

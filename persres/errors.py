@@ -37,3 +37,7 @@ class ModelNotFound(PersresError):
 
 class BackendUnavailable(PersresError):
     """An attention backend that cannot run here (xformers without CUDA, say)."""
+
+
+class RegistryError(PersresError):
+    """A registry home or database that cannot be used: unreadable, newer schema, read-only."""

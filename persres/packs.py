@@ -1,10 +1,13 @@
 """Concept packs: safetensors files that describe themselves.
 
 Tensors: "{block}.up" (A_i, m x r) and "{block}.down" (B_i, r x m) per transformer block.
-Metadata (string to string, as safetensors requires): `persres.format_version` and one
-JSON key `persres.config` holding `PackMeta`, so `safe_open(...).metadata()` indexes a pack
-without loading its tensors and `persres import` rebuilds the registry row from the file.
-Writes go to a temporary file in the same folder, are fsynced, then renamed into place.
+Metadata (string to string, as safetensors requires): `persres.format_version`, one JSON
+key `persres.config` holding `PackMeta`, so `safe_open(...).metadata()` indexes a pack
+without loading its tensors and `persres import` rebuilds the registry row from the file,
+and `persres.content_sha256`: the sha256 of the metadata and every tensor (name, dtype,
+shape, bytes), so that any changed bit, in a tensor or in the header, is caught on read.
+Format 1 packs (persres 0.1) carry no content hash and are read with a warning.
+Metadata is validated field by field (`validate_meta`) before anything trusts it.
 """
 
 from __future__ import annotations
@@ -12,18 +15,31 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from persres.errors import PackError
+from persres.residuals import NAME_RE
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+LEGACY_VERSIONS = ("1",)  # readable, without a content hash
 VERSION_KEY = "persres.format_version"
 CONFIG_KEY = "persres.config"
+CONTENT_KEY = "persres.content_sha256"
+IDENTIFIER_RE = re.compile(r"[a-z]{1,32}")  # lowercase letters: CLIP cuts digits and symbols off into tokens of their own
+BLOCK_RE = re.compile(r"[A-Za-z0-9_.]{1,200}")
+MAX_CLASS_WORD = 64
+
+
+class UnverifiedPackWarning(UserWarning):
+    """A format-1 pack: it carries no content hash, so changed bytes cannot be detected."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +69,14 @@ class PackMeta:
     @classmethod
     def from_json(cls, text: str) -> "PackMeta":
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise ValueError(f"missing field {missing[0]!r}")
+        return validate_meta(cls(**{k: v for k, v in data.items() if k in known}))
 
     def expected_shapes(self) -> dict[str, tuple[int, int]]:
         shapes = {}
@@ -63,6 +85,67 @@ class PackMeta:
             shapes[f"{block}.up"] = (m, r)
             shapes[f"{block}.down"] = (r, m)
         return shapes
+
+
+def _bad(field: str, why: str) -> ValueError:
+    return ValueError(f"field {field!r} {why}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite_or_none(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+
+
+def validate_meta(meta: PackMeta) -> PackMeta:
+    """Types and ranges of every field; raises ValueError naming the first bad one."""
+    if not isinstance(meta.name, str) or not NAME_RE.fullmatch(meta.name):
+        raise _bad("name", f"must be letters, digits, '_' or '-' (at most 64), got {meta.name!r}")
+    if not isinstance(meta.identifier, str) or not IDENTIFIER_RE.fullmatch(meta.identifier):
+        raise _bad("identifier", f"must be 1-32 lowercase letters, got {meta.identifier!r}")
+    if (not isinstance(meta.class_word, str) or not meta.class_word.strip() or len(meta.class_word) > MAX_CLASS_WORD
+            or not meta.class_word.isprintable()):
+        raise _bad("class_word", f"must be 1-{MAX_CLASS_WORD} printable characters, got {meta.class_word!r}")
+    for field in ("ranks", "channels"):
+        value = getattr(meta, field)
+        if not isinstance(value, dict) or not value:
+            raise _bad(field, "must be a non-empty object of block -> integer")
+        for block, n in value.items():
+            if not BLOCK_RE.fullmatch(block) or not _is_int(n) or not 1 <= n <= 1 << 16:
+                raise _bad(field, f"has a bad entry {block!r}: {n!r}")
+    if set(meta.ranks) != set(meta.channels):
+        raise _bad("ranks", "and channels name different blocks")
+    for block, r in meta.ranks.items():
+        if r > meta.channels[block]:
+            raise _bad("ranks", f"has rank {r} above the {meta.channels[block]} channels of {block!r}")
+    expected = sum(2 * meta.channels[b] * r for b, r in meta.ranks.items())
+    if not _is_int(meta.parameter_count) or meta.parameter_count != expected:
+        raise _bad("parameter_count", f"is {meta.parameter_count!r}; the ranks and channels give {expected}")
+    for field in ("base_model", "architecture", "weights", "created_at"):
+        if not isinstance(getattr(meta, field), str):
+            raise _bad(field, "must be a string")
+    if meta.proj_out not in ("Conv2d", "Linear"):
+        raise _bad("proj_out", f"must be Conv2d or Linear, got {meta.proj_out!r}")
+    if not isinstance(meta.train_config, dict):
+        raise _bad("train_config", "must be an object")
+    if not isinstance(meta.image_hashes, list) or not all(isinstance(h, str) for h in meta.image_hashes):
+        raise _bad("image_hashes", "must be a list of strings")
+    for field in ("loss_start", "loss_end", "seconds"):
+        if not _finite_or_none(getattr(meta, field)):
+            raise _bad(field, f"must be a finite number or null, got {getattr(meta, field)!r}")
+    return meta
+
+
+def content_sha256(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
+    """sha256 of the metadata JSON and of every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256(meta_json.encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -77,55 +160,113 @@ def write_pack(path: Path, tensors: dict[str, torch.Tensor], meta: PackMeta) -> 
     """Write atomically; returns the file's sha256."""
     from safetensors.torch import save_file
 
-    _check(tensors, meta, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={VERSION_KEY: FORMAT_VERSION, CONFIG_KEY: meta.to_json()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tmp, digest = write_pack_temp(path.parent, tensors, meta, stem=path.name)
+    os.replace(tmp, path)
     return digest
 
 
-def read_meta(path: Path) -> PackMeta:
-    """The pack's metadata, without loading tensors."""
+def temp_name_prefix(stem: str) -> str:
+    """Temporary pack files are `.STEM.PID.*.tmp`: a sweep can tell whose writer is gone."""
+    return f".{stem}.{os.getpid()}."
+
+
+def write_pack_temp(folder: Path, tensors: dict[str, torch.Tensor], meta: PackMeta, stem: str = "pack") -> tuple[Path, str]:
+    """Write the pack under a unique temporary name in `folder`, fsynced; returns (path, file sha256).
+
+    The caller moves it into place (never over another file) or removes it.
+    """
+    from safetensors.torch import save_file
+
+    validate_meta(meta)
+    _check(tensors, meta, meta.name)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta_json = meta.to_json()
+    metadata = {VERSION_KEY: FORMAT_VERSION, CONFIG_KEY: meta_json, CONTENT_KEY: content_sha256(tensors, meta_json)}
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(stem), suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        return Path(tmp), sha256_file(Path(tmp))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_regular_file(path: Path, what: str = "pack file") -> None:
+    """Refuse what would hang or mislead a reader: FIFOs, devices, sockets, folders."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise PackError(f"{what} {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise PackError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise PackError(f"{what} {str(path)!r} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        raise PackError(f"{what} {str(path)!r} is not a regular file (a pipe, device or socket)")
+
+
+def _metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
+    check_regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except FileNotFoundError:
         raise PackError(f"pack file {str(path)!r} does not exist") from None
     except Exception as e:
-        raise PackError(f"{str(path)!r} is not a readable pack (truncated or not safetensors: {e})") from None
+        raise PackError(f"{str(path)!r} is not a readable pack (truncated or not safetensors: {_one_line(e)})") from None
     version = metadata.get(VERSION_KEY)
     if version is None or CONFIG_KEY not in metadata:
         raise PackError(f"{str(path)!r} is a safetensors file but not a persres pack (no {CONFIG_KEY} metadata)")
-    if version != FORMAT_VERSION:
-        raise PackError(f"{str(path)!r} has pack format {version}; this persres reads format {FORMAT_VERSION}")
+    if version != FORMAT_VERSION and version not in LEGACY_VERSIONS:
+        raise PackError(f"{str(path)!r} has pack format {version!r}; this persres reads formats "
+                        f"{', '.join((*LEGACY_VERSIONS, FORMAT_VERSION))}")
+    if version == FORMAT_VERSION and CONTENT_KEY not in metadata:
+        raise PackError(f"{str(path)!r} has no content hash ({CONTENT_KEY}): it was altered or damaged")
+    return metadata
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def _parse_meta(path: Path, metadata: dict[str, str]) -> PackMeta:
     try:
         return PackMeta.from_json(metadata[CONFIG_KEY])
-    except (TypeError, ValueError) as e:
-        raise PackError(f"{str(path)!r} has malformed pack metadata: {e}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise PackError(f"{str(path)!r} has malformed pack metadata: {_one_line(e)}") from None
+
+
+def read_meta(path: Path) -> PackMeta:
+    """The pack's metadata, without loading tensors (validated, not yet checked against the content hash)."""
+    return _parse_meta(path, _metadata(path))
 
 
 def read_pack(path: Path, expected_sha256: str | None = None) -> tuple[dict[str, torch.Tensor], PackMeta]:
     """Tensors and metadata, verified against each other (and against a known hash if given)."""
     from safetensors.torch import load_file
 
-    meta = read_meta(path)
+    metadata = _metadata(path)
+    meta = _parse_meta(path, metadata)
     if expected_sha256 is not None and sha256_file(path) != expected_sha256:
         raise PackError(f"pack file {str(path)!r} has changed since it was registered (sha256 mismatch)")
     try:
         tensors = load_file(str(path))
     except Exception as e:
-        raise PackError(f"{str(path)!r} is truncated or corrupt: {e}") from None
+        raise PackError(f"{str(path)!r} is truncated or corrupt: {_one_line(e)}") from None
+    if CONTENT_KEY in metadata:
+        if content_sha256(tensors, metadata[CONFIG_KEY]) != metadata[CONTENT_KEY]:
+            raise PackError(f"{str(path)!r} does not match its content hash: the file was altered or damaged")
+    elif expected_sha256 is None:
+        warnings.warn(f"{str(path)!r} is a format-{metadata[VERSION_KEY]} pack without a content hash; "
+                      "it cannot be checked for damage", UnverifiedPackWarning, stacklevel=2)
     _check(tensors, meta, str(path))
     return tensors, meta
 
@@ -139,5 +280,7 @@ def _check(tensors: dict[str, torch.Tensor], meta: PackMeta, where: str) -> None
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise PackError(f"pack {where!r}: tensor {key} has shape {tuple(tensors[key].shape)}, metadata says {shape}")
+        if not tensors[key].is_floating_point():
+            raise PackError(f"pack {where!r}: tensor {key} has dtype {tensors[key].dtype}, not a float type")
         if not torch.isfinite(tensors[key]).all():
             raise PackError(f"pack {where!r}: tensor {key} holds non-finite values")

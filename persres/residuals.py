@@ -27,7 +27,7 @@ from persres.errors import InputError
 if TYPE_CHECKING:
     from persres.config import Init
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # fullmatch: "$" would let a trailing newline in
 
 
 class RegionSource(Protocol):
@@ -44,7 +44,7 @@ def rank_for(channels: int, rank_ratio: float = 0.05, rank: int | None = None) -
 
 
 def check_concept_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InputError(f"invalid concept name {name!r}: use letters, digits, '_' or '-' (at most 64, starting with a letter or digit)")
     return name
 

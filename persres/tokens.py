@@ -49,6 +49,21 @@ def identifier_candidates():
     yield from (t for t in triples if t not in RARE_IDENTIFIERS)
 
 
+def is_single_token(tokenizer, identifier: str) -> bool:
+    """Whether `identifier` is one token of `tokenizer` when it stands alone in a prompt."""
+    return len(_word_ids(tokenizer, identifier)) == 1
+
+
+def check_class_word(class_word: str) -> str:
+    """A class word: 1-64 printable characters with something besides spaces."""
+    from persres.packs import MAX_CLASS_WORD
+
+    cleaned = " ".join(str(class_word).split())
+    if not cleaned or len(cleaned) > MAX_CLASS_WORD or not cleaned.isprintable():
+        raise PromptError(f"the class word must be 1-{MAX_CLASS_WORD} printable characters, got {class_word!r}")
+    return cleaned
+
+
 def training_prompt(identifier: str, class_word: str, template: str) -> str:
     """`template` is `TrainConfig.prompt` (paper: "a photo of a {identifier} {class_word}")."""
     return template.replace("{identifier}", identifier).replace("{class_word}", class_word)

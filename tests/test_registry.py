@@ -63,15 +63,34 @@ def test_failed_insert_removes_the_pack_it_wrote(monkeypatch):
     assert not list(reg.packs_dir.glob("*"))
 
 
-def test_identifiers_are_handed_out_distinct():
+def test_identifiers_are_handed_out_distinct_and_reservations_are_consumed():
     reg = Registry()
     ids = []
     for i in range(5):
-        ident = reg.next_identifier()
-        ids.append(ident)
-        meta = make_meta(f"c{i}", ident)
-        reg.add(make_tensors(meta), meta)
+        with reg.reservation(f"c{i}") as ident:
+            ids.append(ident)
+            meta = make_meta(f"c{i}", ident)
+            reg.add(make_tensors(meta), meta)
     assert len(set(ids)) == 5
+    assert reg.db.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0
+
+
+def test_a_reservation_holds_its_name_and_identifier_until_released():
+    reg = Registry()
+    with reg.reservation("a") as first:
+        with pytest.raises(DuplicateConcept, match="being trained"):
+            with reg.reservation("a"):
+                pass
+        with reg.reservation("b") as second:
+            assert second != first
+    with reg.reservation("a") as again:  # released: both free again
+        assert again == first
+
+
+def test_identifiers_must_fit_the_tokenizer():
+    reg = Registry()
+    with reg.reservation("a", fits=lambda ident: ident.startswith("q")) as ident:
+        assert ident.startswith("q")
 
 
 def test_export_import_round_trip(tmp_path):
@@ -131,7 +150,7 @@ def test_a_pack_changed_after_registration_is_refused():
 
 def test_migrations_apply_once(persres_home):
     reg = Registry()
-    assert migrate(reg.db) == []
+    assert migrate(reg.db, reg.transaction) == []
     assert [r["name"] for r in reg.db["_migrations"].rows] == [name for name, _ in MIGRATIONS]
     Registry()  # reopening applies nothing new and keeps data
     assert [r["name"] for r in reg.db["_migrations"].rows] == [name for name, _ in MIGRATIONS]

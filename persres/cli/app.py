@@ -68,7 +68,10 @@ def command(fn):
 def _registry():
     from persres.registry import Registry
 
-    return Registry()
+    registry = Registry()
+    for note in registry.notes:  # leftovers of a crashed writer, moved aside at start
+        err.print(f"note: {note}", markup=False)
+    return registry
 
 
 def _model(registry, model: Optional[str]) -> str:
@@ -178,16 +181,19 @@ def gen(
 @command
 def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """List registered concepts."""
-    records = _registry().list()
+    records, damaged = _registry().scan()
     if as_json:
-        print(json.dumps([r.to_dict() for r in records], indent=2))
+        print(json.dumps([r.to_dict() for r in records] + [{"name": d.name, "damaged": d.problem} for d in damaged], indent=2))
         return
     table = Table("name", "class", "identifier", "params", "loss", "base model", "created")
     for r in records:
         m = r.meta
         loss = f"{m.loss_start:.3f} -> {m.loss_end:.3f}" if m.loss_start is not None else ""
-        table.add_row(m.name, m.class_word, m.identifier, f"{m.parameter_count:,}", loss, m.base_model, m.created_at)
-    out.print(table if records else "no concepts registered yet (persres train IMAGES_DIR --name NAME --class CLASS)")
+        ident = m.identifier + (" (shared)" if r.shared_identifier else "")
+        table.add_row(m.name, m.class_word, ident, f"{m.parameter_count:,}", loss, m.base_model, m.created_at)
+    for d in damaged:
+        table.add_row(d.name, "[red]damaged[/]", "", "", "", d.problem, "")
+    out.print(table if records or damaged else "no concepts registered yet (persres train IMAGES_DIR --name NAME --class CLASS)")
 
 
 @app.command()
@@ -211,8 +217,8 @@ def show(name: str, as_json: bool = typer.Option(False, "--json", help="Machine-
 @command
 def rm(name: str):
     """Remove a concept and its pack file."""
-    record = _registry().remove(name)
-    out.print(f"removed {name} ({record.path})")
+    path = _registry().remove(name)
+    out.print(f"removed {name} ({path})", markup=False)
 
 
 @app.command()
@@ -221,18 +227,22 @@ def export(
     name: str,
     output: Path = typer.Option(..., "--output", "-o", help="File to write."),
     fmt: str = typer.Option("persres", "--format", help="persres (re-importable), diffusers, or kohya (A1111, ComfyUI)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ):
     """Export a concept: its pack, or a LoRA file diffusers, A1111 or ComfyUI load."""
     from persres.export import write_foreign
+    from persres.registry.store import check_export_target
 
     registry = _registry()
     if fmt == "persres":
-        registry.export_pack(name, output)
+        registry.export_pack(name, output, force=force)
     else:
         tensors, meta = registry.load(name)
+        check_export_target(output, registry, force)
         write_foreign(output, fmt, tensors, meta, conv=meta.proj_out == "Conv2d")
     meta = registry.get(name).meta
-    out.print(f"wrote {output} ({fmt}); prompt with the identifier '{meta.identifier} {meta.class_word}'")
+    out.print(f"wrote {output} ({fmt}); identifier {meta.identifier!r}: prompt it as '{meta.identifier} {meta.class_word}'",
+              markup=False)
 
 
 @app.command("import")
@@ -241,6 +251,23 @@ def import_(file: Path, name: Optional[str] = typer.Option(None, "--name", help=
     """Register a pack file (from `persres export`)."""
     record = _registry().import_pack(file, name)
     out.print(f"imported {record.name} ({record.meta.class_word}, identifier {record.meta.identifier!r})")
+
+
+@app.command()
+@command
+def doctor(repair: bool = typer.Option(False, "--repair", help="Fix what can be fixed (moves files to orphans/, never deletes packs).")):
+    """Check that registry rows and pack files agree; report (and with --repair, fix) what does not."""
+    registry = _registry()
+    for note in registry.notes:
+        out.print(note, markup=False)
+    problems = registry.doctor(repair=repair)
+    for p in problems:
+        out.print(p, markup=False)
+    good, damaged = registry.scan()
+    out.print(f"{len(good)} concepts, {len(damaged)} damaged rows, {len(problems)} problems"
+              f"{' repaired' if repair and problems else ''}; registry {registry.db_path}", markup=False)
+    if problems and not repair:
+        raise typer.Exit(1)
 
 
 @config_app.command("model")

@@ -50,16 +50,54 @@ def m002_settings(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
-def migrate(db: sqlite_utils.Database) -> list[str]:
-    """Apply every migration not yet applied; returns their names."""
-    with db.atomic():
+@migration
+def m003_unique_identifiers_and_reservations(db: sqlite_utils.Database) -> None:
+    """Identifiers unique among trained concepts; identifiers reserved while a training runs;
+    the pack's proj_out kind kept in its row.
+
+    A registry from v0.1 may already hold concepts that share an identifier (a race, or an
+    import): the later ones are marked `shared_identifier` and stay usable alone.
+    """
+    db.execute("ALTER TABLE concepts ADD COLUMN shared_identifier INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE concepts ADD COLUMN proj_out TEXT NOT NULL DEFAULT 'Conv2d'")  # Linear for SD 2.x / XL packs
+    db.execute(
+        """
+        UPDATE concepts SET shared_identifier = 1 WHERE rowid NOT IN
+            (SELECT MIN(rowid) FROM concepts GROUP BY identifier)
+        """
+    )
+    db.execute("DROP INDEX IF EXISTS concepts_identifier")
+    db.execute("CREATE UNIQUE INDEX concepts_identifier ON concepts(identifier) WHERE shared_identifier = 0")
+    db.execute(
+        """
+        CREATE TABLE reservations (
+            name TEXT PRIMARY KEY,
+            identifier TEXT NOT NULL UNIQUE,
+            pid INTEGER NOT NULL,
+            host TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )
+        """
+    )
+
+
+def unknown_migrations(db: sqlite_utils.Database) -> list[str]:
+    """Migrations the database has that this persres does not know (a newer persres wrote it)."""
+    if "_migrations" not in db.table_names():
+        return []
+    known = {name for name, _ in MIGRATIONS}
+    return [row["name"] for row in db["_migrations"].rows if row["name"] not in known]
+
+
+def migrate(db: sqlite_utils.Database, transaction) -> list[str]:
+    """Apply every migration not yet applied, each in `transaction()` (BEGIN IMMEDIATE); returns their names."""
+    with transaction():
         db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT DEFAULT CURRENT_TIMESTAMP)")
-    done = {row["name"] for row in db["_migrations"].rows}
     applied = []
     for name, fn in MIGRATIONS:
-        if name in done:
-            continue
-        with db.atomic():
+        with transaction():  # checked inside the lock: two processes never apply one migration twice
+            if list(db.execute("SELECT 1 FROM _migrations WHERE name = ?", [name]).fetchall()):
+                continue
             fn(db)
             db.execute("INSERT INTO _migrations (name) VALUES (?)", [name])
         applied.append(name)

@@ -1,28 +1,39 @@
 """The concept registry: a SQLite table of packs (sqlite-utils) plus the pack files beside it.
 
 Layout under PERSRES_HOME (default: the platform's user data directory):
-    registry.db          concepts, settings, _migrations
+    registry.db          concepts, reservations, settings, _migrations (WAL mode)
     packs/NAME.safetensors
+    orphans/             files the registry found without a row, moved aside (never deleted)
 
-A pack file is complete on disk before its row is inserted; a failed insert removes the
-file it wrote. Removing a concept deletes the row first, then the file.
+Every write is one `BEGIN IMMEDIATE` transaction, so concurrent processes queue (busy
+timeout) instead of racing. A training reserves its name and identifier before it starts
+(the identifier must be known to train) and turns the reservation into a row when it ends.
+A pack is written under a unique temporary name and moved into place only inside the
+transaction that inserts its row, never over an existing file: a crash leaves at most a
+temporary file or a file without a row, which the next start moves to orphans/.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
 import os
 import shutil
+import socket
+import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import sqlite_utils
 
-from persres.errors import ConceptNotFound, DuplicateConcept
-from persres.packs import PackMeta, read_pack, write_pack
-from persres.registry.migrations import migrate
+from persres.errors import ConceptNotFound, DuplicateConcept, PackError, RegistryError
+from persres.packs import PackMeta, check_regular_file, read_pack, validate_meta, write_pack_temp
+from persres.registry.migrations import MIGRATIONS, migrate, unknown_migrations
 from persres.residuals import check_concept_name
 from persres.tokens import BoundConcept, identifier_candidates
+
+BUSY_TIMEOUT_S = 60.0
 
 
 def persres_home() -> Path:
@@ -39,6 +50,7 @@ class ConceptRecord:
     meta: PackMeta
     path: Path
     sha256: str
+    shared_identifier: bool = False  # imported with an identifier another concept already had
 
     @property
     def name(self) -> str:
@@ -48,93 +60,353 @@ class ConceptRecord:
         return BoundConcept(self.meta.name, self.meta.identifier, self.meta.class_word)
 
     def to_dict(self) -> dict:
-        return {**asdict(self.meta), "path": str(self.path), "sha256": self.sha256}
+        return {**asdict(self.meta), "path": str(self.path), "sha256": self.sha256, "shared_identifier": self.shared_identifier}
+
+
+@dataclass(frozen=True)
+class DamagedRecord:
+    """A registry row that cannot be read as a concept; `list` shows it, `doctor` can remove it."""
+
+    name: str
+    problem: str
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Registry:
-    def __init__(self, home: Path | None = None):
+    def __init__(self, home: Path | None = None, sweep: bool = True):
         self.home = Path(home) if home is not None else persres_home()
         self.packs_dir = self.home / "packs"
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite_utils.Database(self.home / "registry.db")
-        migrate(self.db)
+        self.orphans_dir = self.home / "orphans"
+        self.db_path = self.home / "registry.db"
+        self.notes: list[str] = []  # what opening the registry repaired (orphans moved aside)
+        self._open()
+        if sweep and self.writable:
+            self.notes += self.sweep()
+
+    # --- opening -------------------------------------------------------------------------
+    def _open(self) -> None:
+        home = self.home
+        if home.exists() and not home.is_dir():
+            raise RegistryError(f"registry home {str(home)!r} is a file, not a folder: point PERSRES_HOME at a folder")
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RegistryError(f"cannot create the registry home {str(home)!r}: {e.strerror or e}") from None
+        if self.db_path.exists() and not self.db_path.is_file():
+            raise RegistryError(f"{str(self.db_path)!r} is not a file: move it aside to start a new registry")
+        self.writable = os.access(home, os.W_OK) and (not self.db_path.exists() or os.access(self.db_path, os.W_OK))
+        hint = "move it aside to start a new registry (or restore it from a backup); `persres doctor` explains"
+        try:
+            if not self.writable and not self.db_path.exists():
+                raise RegistryError(f"registry home {str(home)!r} is not writable and holds no registry yet")
+            uri = f"{self.db_path.resolve().as_uri()}{'' if self.writable else '?mode=ro'}"
+            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            if self.writable:
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            self.db = sqlite_utils.Database(conn)
+            newer = unknown_migrations(self.db)
+            if newer:
+                raise RegistryError(
+                    f"registry {str(self.db_path)!r} has schema {len(MIGRATIONS) + len(newer)} (migration {newer[0]!r}), "
+                    f"newer than this persres (schema {len(MIGRATIONS)}): upgrade persres"
+                )
+            if self.writable:
+                migrate(self.db, self.transaction)
+            elif "concepts" not in self.db.table_names():
+                raise RegistryError(f"registry {str(self.db_path)!r} is read-only and not initialized")
+            self._check_columns()
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise RegistryError(f"registry {str(self.db_path)!r} stayed locked by another process for "
+                                    f"{BUSY_TIMEOUT_S:.0f}s; try again when it has finished") from None
+            raise RegistryError(f"registry {str(self.db_path)!r} cannot be used ({e}): {hint}") from None
+        except sqlite3.DatabaseError as e:
+            raise RegistryError(f"registry {str(self.db_path)!r} is damaged ({e}): {hint}") from None
+
+    def _check_columns(self) -> None:
+        expected = {"name", "identifier", "class_word", "ranks", "channels", "parameter_count", "base_model",
+                    "architecture", "weights", "train_config", "image_hashes", "created_at", "loss_start", "loss_end",
+                    "seconds", "path", "sha256", "shared_identifier", "proj_out"}
+        have = {c.name for c in self.db["concepts"].columns}
+        if not expected <= have:
+            raise RegistryError(f"registry {str(self.db_path)!r} lacks columns {sorted(expected - have)}: "
+                                "it was changed by hand or by another program; move it aside to start a new registry")
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT: the write lock is taken up front, so writers queue, never interleave."""
+        conn = self.db.conn
+        if conn.in_transaction:  # nested: part of the outer transaction
+            yield
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def require_writable(self) -> None:
+        """Call before work whose result must be registered (a training, an import)."""
+        if not self.writable or not os.access(self.home, os.W_OK):
+            raise RegistryError(f"registry home {str(self.home)!r} is not writable")
+        if self.packs_dir.exists() and not os.access(self.packs_dir, os.W_OK):
+            raise RegistryError(f"packs folder {str(self.packs_dir)!r} is not writable")
 
     # --- reading ---------------------------------------------------------------------------
+    def scan(self) -> tuple[list[ConceptRecord], list[DamagedRecord]]:
+        """Every row: readable concepts, and rows that are damaged (reported, never a crash)."""
+        good, bad = [], []
+        cursor = self.db.execute("SELECT * FROM concepts ORDER BY created_at, name")
+        columns = [d[0] for d in cursor.description]
+        for values in cursor.fetchall():
+            row = dict(zip(columns, values))
+            try:
+                good.append(self._record(row))
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                bad.append(DamagedRecord(str(row.get("name")), " ".join(str(e).split())[:160]))
+        return good, bad
+
     def list(self) -> list[ConceptRecord]:
-        return [self._record(row) for row in self.db["concepts"].rows_where(order_by="created_at, name")]
+        return self.scan()[0]
+
+    def names(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM concepts ORDER BY name").fetchall()]
 
     def get(self, name: str) -> ConceptRecord:
         rows = list(self.db["concepts"].rows_where("name = ?", [name]))
         if not rows:
-            known = ", ".join(r["name"] for r in self.db["concepts"].rows_where(select="name")) or "none registered"
-            raise ConceptNotFound(f"unknown concept {name!r} (known: {known})")
-        return self._record(rows[0])
+            raise ConceptNotFound(f"unknown concept {name!r} (known: {', '.join(self.names()) or 'none registered'})")
+        try:
+            return self._record(rows[0])
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise RegistryError(f"the registry row of {name!r} is damaged ({' '.join(str(e).split())[:160]}); "
+                                f"`persres doctor --repair` removes it") from None
 
     def has(self, name: str) -> bool:
-        return bool(list(self.db["concepts"].rows_where("name = ?", [name], select="name")))
+        return self.db.execute("SELECT 1 FROM concepts WHERE name = ?", [name]).fetchone() is not None
 
     def load(self, name: str):
         """(tensors, meta) of a registered concept, verified against its recorded sha256."""
         record = self.get(name)
         return read_pack(record.path, record.sha256)
 
-    def next_identifier(self) -> str:
-        used = {row["identifier"] for row in self.db["concepts"].rows_where(select="identifier")}
-        return next(i for i in identifier_candidates() if i not in used)
-
     def check_new_name(self, name: str) -> None:
         check_concept_name(name)
         if self.has(name):
             raise DuplicateConcept(f"a concept named {name!r} already exists (persres rm {name}, or choose another --name)")
+        if self._live_reservation(name):
+            raise DuplicateConcept(f"a concept named {name!r} is being trained by another process right now")
+
+    # --- reservations ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reservation(self, name: str, fits=None):
+        """Reserve `name` and a fresh identifier for a training; yields the identifier.
+
+        `fits(identifier) -> bool` says whether the model's tokenizer takes it as one token.
+        `add` consumes the reservation; leaving the block without `add` releases it.
+        """
+        self.require_writable()
+        with self.transaction():
+            self._drop_stale_reservations()
+            self.check_new_name(name)
+            identifier = self._free_identifier(fits)
+            self.db.execute("INSERT INTO reservations (name, identifier, pid, host, created_at) VALUES (?, ?, ?, ?, ?)",
+                            [name, identifier, os.getpid(), socket.gethostname(), _now()])
+        try:
+            yield identifier
+        finally:
+            with self.transaction():
+                self.db.execute("DELETE FROM reservations WHERE name = ? AND pid = ?", [name, os.getpid()])
+
+    def _free_identifier(self, fits) -> str:
+        used = {r[0] for r in self.db.execute("SELECT identifier FROM concepts UNION SELECT identifier FROM reservations")}
+        for n, candidate in enumerate(identifier_candidates()):
+            if candidate in used:
+                continue
+            if fits is None or fits(candidate):
+                return candidate
+            if n > 20_000:
+                break
+        raise RegistryError(f"no free identifier: the model's tokenizer has no unused single-token identifier left "
+                            f"({len(used)} in use); remove concepts you no longer need")
+
+    def _live_reservation(self, name: str) -> bool:
+        row = self.db.execute("SELECT pid, host FROM reservations WHERE name = ?", [name]).fetchone()
+        return row is not None and (row[1] != socket.gethostname() or _pid_alive(row[0]))
+
+    def _drop_stale_reservations(self) -> None:
+        host = socket.gethostname()
+        for name, pid, rhost in self.db.execute("SELECT name, pid, host FROM reservations").fetchall():
+            if rhost == host and not _pid_alive(pid):
+                self.db.execute("DELETE FROM reservations WHERE name = ?", [name])
 
     # --- writing ---------------------------------------------------------------------------
-    def add(self, tensors, meta: PackMeta) -> ConceptRecord:
-        """Write the pack file atomically, then register it in one transaction."""
-        self.check_new_name(meta.name)
+    def add(self, tensors, meta: PackMeta, *, allow_shared_identifier: bool = False) -> ConceptRecord:
+        """Register a pack: written to a temporary file, moved into place and inserted in one transaction.
+
+        A trained concept's identifier must be its own reservation's; an imported one may
+        share an identifier with another concept (`allow_shared_identifier`), and is marked so.
+        """
+        self.require_writable()
+        validate_meta(meta)
+        check_concept_name(meta.name)
+        tmp, digest = write_pack_temp(self.packs_dir, tensors, meta, stem=meta.name)
         path = self.packs_dir / f"{meta.name}.safetensors"
-        digest = write_pack(path, tensors, meta)
         try:
-            self._insert(meta, path, digest)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        return ConceptRecord(meta, path, digest)
+            with self.transaction():
+                if self.has(meta.name):
+                    raise DuplicateConcept(f"a concept named {meta.name!r} already exists")
+                holder = self.db.execute("SELECT pid, host FROM reservations WHERE name = ?", [meta.name]).fetchone()
+                if holder is not None and tuple(holder) != (os.getpid(), socket.gethostname()) and self._live_reservation(meta.name):
+                    raise DuplicateConcept(f"a concept named {meta.name!r} is being trained by another process right now")
+                owner = self.db.execute("SELECT name FROM concepts WHERE identifier = ? AND shared_identifier = 0",
+                                        [meta.identifier]).fetchone()
+                reserved = self.db.execute("SELECT name FROM reservations WHERE identifier = ?", [meta.identifier]).fetchone()
+                shared = owner is not None or (reserved is not None and reserved[0] != meta.name)
+                if shared and not allow_shared_identifier:
+                    raise DuplicateConcept(f"identifier {meta.identifier!r} already belongs to "
+                                           f"{(owner or reserved)[0]!r}")
+                if path.exists():  # a file without a row (the name is free): keep it, aside
+                    self._move_to_orphans(path, "a pack file without a registry row was in the way of a new concept")
+                _move_no_replace(tmp, path)
+                try:
+                    self._insert(meta, path, digest, shared)
+                    self.db.execute("DELETE FROM reservations WHERE name = ?", [meta.name])
+                except BaseException:
+                    path.unlink(missing_ok=True)
+                    raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        return ConceptRecord(meta, path, digest, shared)
 
     def import_pack(self, source: Path, name: str | None = None) -> ConceptRecord:
         tensors, meta = read_pack(Path(source))
         if name is not None:
+            check_concept_name(name)
             meta = PackMeta(**{**meta.__dict__, "name": name})
-        return self.add(tensors, meta)
+        self.check_new_name(meta.name)
+        return self.add(tensors, meta, allow_shared_identifier=True)
 
-    def remove(self, name: str) -> ConceptRecord:
-        record = self.get(name)
-        with self.db.atomic():
+    def remove(self, name: str) -> Path:
+        """Delete the row, then its pack file; returns the pack's path. Works on damaged rows too."""
+        self.require_writable()
+        with self.transaction():
+            row = self.db.execute("SELECT path FROM concepts WHERE name = ?", [name]).fetchone()
+            if row is None:
+                raise ConceptNotFound(f"unknown concept {name!r} (known: {', '.join(self.names()) or 'none registered'})")
             self.db.execute("DELETE FROM concepts WHERE name = ?", [name])
-        record.path.unlink(missing_ok=True)
-        return record
+            path = Path(row[0])
+            if path.parent.resolve() == self.packs_dir.resolve():  # never delete outside the registry
+                path.unlink(missing_ok=True)
+        return path
 
-    def export_pack(self, name: str, out: Path) -> Path:
+    def export_pack(self, name: str, out: Path, force: bool = False) -> Path:
         record = self.get(name)
+        check_export_target(out, self, force)
         read_pack(record.path, record.sha256)  # verify before copying
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         shutil.copyfile(record.path, tmp)
         os.replace(tmp, out)
         return out
 
     def setting(self, key: str) -> str | None:
-        rows = list(self.db["settings"].rows_where("key = ?", [key]))
-        return rows[0]["value"] if rows else None
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
+        return row[0] if row else None
 
     def set_setting(self, key: str, value: str | None) -> None:
-        with self.db.atomic():
+        if not self.writable:
+            return  # a read-only registry cannot remember settings; nothing else depends on them
+        with self.transaction():
             if value is None:
                 self.db.execute("DELETE FROM settings WHERE key = ?", [key])
             else:
                 self.db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", [key, value])
 
+    # --- consistency -------------------------------------------------------------------------
+    def sweep(self) -> list[str]:
+        """Move leftovers of crashed writers to orphans/: temporary files whose writer is gone,
+        and pack files no row points at. Returns one note per file moved."""
+        if not self.packs_dir.is_dir():
+            return []
+        notes = []
+        with self.transaction():  # writers link pack files only while holding this lock
+            paths = {Path(r[0]).name for r in self.db.execute("SELECT path FROM concepts").fetchall()}
+            for f in sorted(self.packs_dir.iterdir()):
+                if f.name.endswith(".tmp") and f.name.startswith("."):
+                    if _writer_alive(f.name):
+                        continue
+                    notes.append(self._move_to_orphans(f, "an unfinished pack write (its process is gone)"))
+                elif f.suffix == ".safetensors" and f.name not in paths:
+                    notes.append(self._move_to_orphans(f, "a pack file without a registry row"))
+        return notes
+
+    def doctor(self, repair: bool = False) -> list[str]:
+        """Problems between rows and files, one line each; with `repair`, fix what can be fixed."""
+        from persres.packs import sha256_file
+
+        problems = []
+        good, bad = self.scan()
+        for d in bad:
+            problems.append(f"row {d.name!r} is damaged: {d.problem}" + ("; removed (its pack, if any, moved to orphans/)" if repair else ""))
+            if repair:
+                with self.transaction():
+                    row = self.db.execute("SELECT path FROM concepts WHERE name = ?", [d.name]).fetchone()
+                    self.db.execute("DELETE FROM concepts WHERE name = ?", [d.name])
+                    if row and Path(str(row[0])).is_file():
+                        self._move_to_orphans(Path(str(row[0])), f"the pack of the damaged row {d.name!r}")
+        for r in good:
+            if not r.path.is_file():
+                problems.append(f"{r.name!r}: its pack {str(r.path)!r} is missing" + ("; row removed" if repair else ""))
+                if repair:
+                    with self.transaction():
+                        self.db.execute("DELETE FROM concepts WHERE name = ?", [r.name])
+            elif sha256_file(r.path) != r.sha256:
+                problems.append(f"{r.name!r}: its pack {str(r.path)!r} changed since it was registered"
+                                + ("; row removed, pack moved to orphans/" if repair else ""))
+                if repair:
+                    with self.transaction():
+                        self.db.execute("DELETE FROM concepts WHERE name = ?", [r.name])
+                        self._move_to_orphans(r.path, f"a pack that changed after registration ({r.name!r})")
+        stale = self.db.execute("SELECT name, pid, host FROM reservations").fetchall()
+        host = socket.gethostname()
+        for name, pid, rhost in stale:
+            if rhost == host and not _pid_alive(pid):
+                problems.append(f"reservation of {name!r} by a finished process {pid}" + ("; released" if repair else ""))
+        if repair:
+            with self.transaction():
+                self._drop_stale_reservations()
+        return problems
+
+    def _move_to_orphans(self, path: Path, why: str) -> str:
+        self.orphans_dir.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        target = self.orphans_dir / f"{stamp}-{path.name.lstrip('.')}"
+        k = 1
+        while target.exists():
+            target = self.orphans_dir / f"{stamp}-{k}-{path.name.lstrip('.')}"
+            k += 1
+        os.replace(path, target)
+        note = f"moved {path.name} to {target} ({why})"
+        with open(self.orphans_dir / "NOTES.txt", "a") as f:
+            f.write(f"{_now()} {note}\n")
+        return note
+
     # --- internals -------------------------------------------------------------------------
-    def _insert(self, meta: PackMeta, path: Path, digest: str) -> None:
+    def _insert(self, meta: PackMeta, path: Path, digest: str, shared: bool) -> None:
         row = {
             "name": meta.name,
             "identifier": meta.identifier,
@@ -145,6 +417,7 @@ class Registry:
             "base_model": meta.base_model,
             "architecture": meta.architecture,
             "weights": meta.weights,
+            "proj_out": meta.proj_out,
             "train_config": json.dumps(meta.train_config),
             "image_hashes": json.dumps(meta.image_hashes),
             "created_at": meta.created_at,
@@ -153,20 +426,66 @@ class Registry:
             "seconds": meta.seconds,
             "path": str(path),
             "sha256": digest,
+            "shared_identifier": int(shared),
         }
-        with self.db.atomic():
-            if self.has(meta.name):
-                raise DuplicateConcept(f"a concept named {meta.name!r} already exists")
-            cols = ", ".join(row)
+        cols = ", ".join(row)
+        try:
             self.db.execute(f"INSERT INTO concepts ({cols}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        except sqlite3.IntegrityError as e:
+            raise DuplicateConcept(f"cannot register {meta.name!r}: {e}") from None
 
     def _record(self, row: dict) -> ConceptRecord:
-        meta = PackMeta(
+        meta = validate_meta(PackMeta(
             name=row["name"], identifier=row["identifier"], class_word=row["class_word"],
             ranks=json.loads(row["ranks"]), channels=json.loads(row["channels"]),
             parameter_count=row["parameter_count"], base_model=row["base_model"],
-            architecture=row["architecture"], weights=row["weights"],
+            architecture=row["architecture"], weights=row["weights"], proj_out=row["proj_out"],
             train_config=json.loads(row["train_config"]), image_hashes=json.loads(row["image_hashes"]),
             created_at=row["created_at"], loss_start=row["loss_start"], loss_end=row["loss_end"], seconds=row["seconds"],
-        )
-        return ConceptRecord(meta, Path(row["path"]), row["sha256"])
+        ))
+        if not isinstance(row["path"], str) or not isinstance(row["sha256"], str):
+            raise ValueError("path or sha256 is not text")
+        return ConceptRecord(meta, Path(row["path"]), row["sha256"], bool(row.get("shared_identifier", 0)))
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _writer_alive(temp_name: str) -> bool:
+    """`.STEM.PID.RANDOM.tmp` -> whether process PID still runs (old-style names: assume not)."""
+    parts = temp_name.split(".")
+    return len(parts) >= 5 and parts[-3].isdigit() and _pid_alive(int(parts[-3]))
+
+
+def _move_no_replace(src: Path, dst: Path) -> None:
+    """Move src to dst, failing if dst exists (a hard link where the filesystem has them)."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise PackError(f"{str(dst)!r} appeared while registering; nothing was overwritten") from None
+    except OSError:  # no hard links here: the registry's write lock already excludes other persres writers
+        if dst.exists():
+            raise PackError(f"{str(dst)!r} appeared while registering; nothing was overwritten") from None
+        os.replace(src, dst)
+
+
+def check_export_target(out: Path, registry: Registry, force: bool) -> None:
+    """An export never writes into the registry's own folders, over a folder, or over a file unless forced."""
+    from persres.errors import InputError
+
+    target = out.expanduser().resolve()
+    for inside in (registry.packs_dir, registry.orphans_dir, registry.home / "registry.db"):
+        inside = inside.resolve()
+        if target == inside or inside in target.parents:
+            raise InputError(f"{str(out)!r} is inside the registry ({str(inside)}): export somewhere else")
+    if target.is_dir():
+        raise InputError(f"{str(out)!r} is a folder: give a file name, e.g. {str(out / 'concept.safetensors')!r}")
+    if target.exists() and not force:
+        raise InputError(f"{str(out)!r} exists: pass --force to overwrite it")
+    if target.exists():
+        check_regular_file(target, "export target")
+    if not target.parent.exists():
+        return
+    if not os.access(target.parent, os.W_OK):
+        raise InputError(f"cannot write to {str(target.parent)!r}: permission denied")
