@@ -21,8 +21,9 @@ from pathlib import Path
 
 from persres import __version__
 from persres.config import SampleConfig, TrainConfig
-from persres.images import contact_sheet, read_folder, save_png
-from persres.models import fingerprint, is_default_toy, load_pipeline, model_defaults, pick_device, pick_dtype, resolve_model
+from persres.images import check_writable_dir, contact_sheet, read_folder, save_png, warn_if_small
+from persres.errors import InputError, PersresError
+from persres.models import DEFAULTS_FILE, fingerprint, is_default_toy, load_pipeline, model_defaults, pick_device, pick_dtype, resolve_model
 from persres.packs import PackMeta
 from persres.registry import ConceptRecord, Registry
 from persres.residuals import block_channels, proj_out_kind
@@ -48,6 +49,10 @@ def train_config_for(model: str, overrides: dict) -> TrainConfig:
     given = {k: v for k, v in overrides.items() if v is not None}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     recommended = {k: v for k, v in model_defaults(model).items() if k in fields}
+    try:
+        TrainConfig(**recommended)
+    except PersresError as e:
+        raise InputError(f"the model's {DEFAULTS_FILE} has a bad training default: {e}") from None
     return TrainConfig(**{**recommended, **given})
 
 
@@ -89,6 +94,9 @@ def train_concept(
     if pipe is None:
         device = pick_device(config.device)
         pipe = load_pipeline(model, device, pick_dtype(config.precision, device))
+    from persres.train import default_resolution
+
+    warn_if_small(references, config.resolution or default_resolution(pipe))
     with registry.reservation(name, fits=lambda ident: is_single_token(pipe.tokenizer, ident)) as identifier:
         result = train_residuals(pipe, [r.image for r in references], identifier, class_word, config, progress)
         return _register(registry, pipe, name, identifier, class_word, model, config, references, result)
@@ -155,17 +163,19 @@ def generate_images(
     backend: str | None = None,
     pipe=None,
     sheet: bool = False,
+    on_step=None,
 ) -> tuple[list[Path], Generated]:
     """Expand the prompt, load its concepts, sample, and write PNGs that say how they were made
     (with `sheet`, also one enlarged contact sheet of the call: images, then each concept's masks)."""
     registry = registry or Registry()
+    check_writable_dir(Path(out_dir))
     expanded, concepts = bind_prompt(prompt, concept_names, registry)
     model, _ = model_for(registry, model)
     if pipe is None:
         dev = pick_device(device)
         pipe = load_pipeline(model, dev, pick_dtype(precision, dev))
     apply_concepts(pipe, [c.name for c in concepts], registry, model)
-    result = generate(pipe, expanded, concepts, config, backend)
+    result = generate(pipe, expanded, concepts, config, backend, on_step=on_step)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -177,7 +187,9 @@ def generate_images(
         paths.append(path)
         for k, (name, per_image) in enumerate(result.masks.items()):
             overlay = mask_overlay(image, per_image[i], k)
-            overlay.save(path.with_name(f"{path.stem}.mask-{name}.png"))
+            mask_path = path.with_name(f"{path.stem}.mask-{name}.png")
+            overlay.save(mask_path)
+            paths.append(mask_path)
             mask_rows.setdefault(name, []).append(overlay)
     if sheet:
         sheet_path = out / f"{stem}-sheet.png"

@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 from persres.errors import InputError
+
+SEED_LIMIT = 2**63  # torch generators take seeds in [0, 2**64); one image per seed from seed to seed + n - 1
+MAX_SIDE = 4096  # pixels: beyond this a Stable Diffusion UNet runs out of memory everywhere
+MAX_IMAGES = 10_000  # per gen call (sampled in batches)
+
+
+def _number(name: str, value, kind: type = float, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> None:
+    """Type and range of one option; InputError naming it otherwise."""
+    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if not ok_type or isinstance(value, bool):
+        raise InputError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise InputError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value!r}")
+    if high is not None and value > high:
+        raise InputError(f"{name} must be <= {high:g}, got {value!r}")
+
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -54,18 +74,26 @@ class TrainConfig:
     precision: Precision = "auto"
 
     def __post_init__(self) -> None:
-        if self.steps <= 0:
-            raise InputError(f"--steps must be positive, got {self.steps}")
-        if self.batch_size <= 0:
-            raise InputError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.lr <= 0:
-            raise InputError(f"--lr must be positive, got {self.lr}")
-        if self.rank is not None and self.rank <= 0:
-            raise InputError(f"--rank must be positive, got {self.rank}")
-        if not 0 < self.rank_ratio <= 1:
-            raise InputError(f"--rank-ratio must be in (0, 1], got {self.rank_ratio}")
-        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            raise InputError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        _number("--steps", self.steps, int, 1, 1_000_000)
+        _number("--batch-size", self.batch_size, int, 1, 1024)
+        _number("--lr", self.lr, float, 0, 1, low_open=True)
+        if self.rank is not None:
+            _number("--rank", self.rank, int, 1, 1 << 16)
+        _number("--rank-ratio", self.rank_ratio, float, 0, 1, low_open=True)
+        if self.resolution is not None:
+            _number("--resolution", self.resolution, int, 8, MAX_SIDE)
+            if self.resolution % 8:
+                raise InputError(f"--resolution must be a multiple of 8, got {self.resolution}")
+        _number("--seed", self.seed, int, 0, SEED_LIMIT - 1)
+        for name in ("flip", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise InputError(f"--precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
+        if not isinstance(self.prompt, str):
+            raise InputError(f"the training prompt must be text, got {self.prompt!r}")
         if "{identifier}" not in self.prompt or "{class_word}" not in self.prompt:
             raise InputError(f"the training prompt must contain {{identifier}} and {{class_word}}, got {self.prompt!r}")
         if self.init not in ("zero", "random"):
@@ -92,13 +120,16 @@ class SampleConfig:
     multi: MultiLagConfig = MultiLagConfig()  # LAG with several concepts in one prompt
 
     def __post_init__(self) -> None:
-        if self.steps <= 0:
-            raise InputError(f"--steps must be positive, got {self.steps}")
-        if self.num_images <= 0:
-            raise InputError(f"-n must be positive, got {self.num_images}")
-        for side in (self.height, self.width):
-            if side is not None and (side <= 0 or side % 8):
-                raise InputError(f"--height/--width must be positive multiples of 8, got {side}")
+        _number("--steps", self.steps, int, 1, 1000)  # 1000: the training timesteps of every SD scheduler
+        _number("--guidance", self.guidance, float, 0, 100)
+        _number("--eta", self.eta, float, 0, 1)
+        _number("-n", self.num_images, int, 1, MAX_IMAGES)
+        _number("--seed", self.seed, int, 0, SEED_LIMIT - self.num_images)
+        for name, side in (("--height", self.height), ("--width", self.width)):
+            if side is not None:
+                _number(name, side, int, 8, MAX_SIDE)
+                if side % 8:
+                    raise InputError(f"{name} must be a multiple of 8, got {side}")
 
     def replace(self, **changes) -> "SampleConfig":
         return dataclasses.replace(self, **changes)

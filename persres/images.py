@@ -20,6 +20,13 @@ class CorruptImageWarning(UserWarning):
     """A file in the reference folder that could not be read; the others are used."""
 
 
+class FewImagesWarning(UserWarning):
+    """Fewer references than the method is made for, or references smaller than the training resolution."""
+
+
+MIN_IMAGES = 3  # the paper's concepts have 3-15 photos
+
+
 @dataclass(frozen=True)
 class ReferenceImage:
     path: Path
@@ -27,30 +34,94 @@ class ReferenceImage:
     sha256: str
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: EXIF orientation applied, 16-bit and float scaled (not
+    clipped to white), palette and alpha composited on white, CMYK converted."""
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        elif arr.size and np.nanmax(arr) > 255:
+            arr = arr * (255.0 / 65535.0)  # 16-bit samples
+        im = Image.fromarray(np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im).convert("RGB")
+    return im.convert("RGB")
+
+
 def read_folder(folder: str | Path) -> list[ReferenceImage]:
+    """The readable images of a folder, as RGB; unreadable files and non-files are skipped with a warning."""
+    import stat
+
     folder = Path(folder)
     if not folder.exists():
         raise InputError(f"image folder {str(folder)!r} does not exist")
     if not folder.is_dir():
         raise InputError(f"{str(folder)!r} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
+    try:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as e:
+        raise InputError(f"cannot read the image folder {str(folder)!r}: {e.strerror or e}") from None
+    if not entries:
         raise InputError(f"image folder {str(folder)!r} is empty")
     images = []
-    for path in files:
-        data = path.read_bytes()
+    for path in entries:
         try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):  # a pipe or device would block or never end
+            warnings.warn(f"skipping {path}: not a regular file", CorruptImageWarning, stacklevel=2)
+            continue
+        try:
+            data = path.read_bytes()
             with Image.open(path) as im:
                 im.load()
-                rgb = im.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+                rgb = to_rgb(im)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 warnings.warn(f"skipping unreadable image {path}", CorruptImageWarning, stacklevel=2)
             continue
         images.append(ReferenceImage(path, rgb, hashlib.sha256(data).hexdigest()))
     if not images:
         raise InputError(f"image folder {str(folder)!r} holds no readable image")
+    if len(images) < MIN_IMAGES:
+        warnings.warn(f"only {len(images)} reference image(s) in {str(folder)!r}; the method is made for "
+                      f"{MIN_IMAGES}-15 and may copy a single photo", FewImagesWarning, stacklevel=2)
     return images
+
+
+def warn_if_small(references: list[ReferenceImage], side: int) -> None:
+    small = [r.path.name for r in references if min(r.image.size) < side]
+    if small:
+        warnings.warn(f"{len(small)} reference image(s) smaller than the training resolution {side} px "
+                      f"(e.g. {small[0]}); they are upscaled and will look soft", FewImagesWarning, stacklevel=2)
+
+
+def check_writable_dir(folder: Path, what: str = "--out") -> Path:
+    """Create `folder` if needed and prove it takes a file, before any work is done."""
+    import tempfile
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{what} {str(folder)!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write to {what} {str(folder)!r}: {e.strerror or e}") from None
+    return folder
 
 
 def center_square(image: Image.Image, size: int) -> Image.Image:

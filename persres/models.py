@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,27 @@ def resolve_model(model: str | None, configured: str | None = None) -> str:
         return str(TOY_DIR)
     local = Path(chosen).expanduser()
     return str(local.resolve()) if local.is_dir() else chosen  # a directory is recorded absolute
+
+
+HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
+
+
+def check_model_value(value: str) -> str:
+    """What `--model` and `config model` accept: 'toy', a diffusers directory, or an org/name hub id."""
+    if not isinstance(value, str) or not value.strip():
+        raise ModelNotFound("the model must be 'toy', a diffusers directory or a hub id (org/name), got an empty value")
+    if value == TOY:
+        return value
+    local = Path(value).expanduser()
+    if local.exists() or value.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise ModelNotFound(f"model {value!r} is not a diffusers directory (no such folder)")
+        if not (local / "model_index.json").is_file():
+            raise ModelNotFound(f"model {value!r} is a folder without model_index.json, not a diffusers pipeline")
+        return str(local.resolve())
+    if not HUB_ID_RE.fullmatch(value):
+        raise ModelNotFound(f"model {value!r} is neither a local diffusers directory nor a hub id of the form org/name")
+    return value
 
 
 def is_default_toy(model: str | None, configured: str | None = None) -> bool:
@@ -59,9 +81,13 @@ def model_defaults(model: str) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text()).get("train", {})
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {path}: {e}") from None
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {path}: {' '.join(str(e).split())}") from None
+    train = data.get("train", {}) if isinstance(data, dict) else None
+    if not isinstance(train, dict):
+        raise InputError(f"{path} must hold an object with a \"train\" object of training defaults")
+    return train
 
 
 def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from persres import residuals
 from persres.config import SampleConfig
-from persres.errors import IncompatiblePack, PromptError
+from persres.errors import IncompatiblePack, InputError, PromptError
 from persres.kernels import Backend, attention_backend, resolve_backend
 from persres.lag import ConceptTokens, lag_regions
 from persres.models import Fingerprint, fingerprint
@@ -77,6 +77,9 @@ def concept_tokens(tokenizer, prompt: str, concepts: Sequence[BoundConcept]) -> 
     return [ConceptTokens(c.name, span.positions, span.class_word) for c, span in zip(concepts, spans)]
 
 
+SAMPLE_BATCH = 8  # images per UNet batch: a large -n is sampled in chunks, not all at once
+
+
 @torch.no_grad()
 def generate(
     pipe,
@@ -84,18 +87,45 @@ def generate(
     concepts: Sequence[BoundConcept] = (),
     config: SampleConfig = SampleConfig(),
     backend: str | None = None,
+    on_step=None,
 ) -> Generated:
-    """Sample `config.num_images` images of an expanded prompt with the given (loaded) concepts."""
+    """Sample `config.num_images` images of an expanded prompt with the given (loaded) concepts.
+
+    `on_step(done, total)` is called after every denoising step (for a progress bar).
+    """
     tokens = concept_tokens(pipe.tokenizer, prompt, concepts)
+    limit = pipe.scheduler.config.get("num_train_timesteps", 1000)
+    if config.steps > limit:
+        raise InputError(f"--steps must be <= {limit} (the scheduler's training timesteps), got {config.steps}")
     height = config.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = config.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     seeds = [config.seed + i for i in range(config.num_images)]
+    images: list[Image.Image] = []
+    masks: dict[str, list[np.ndarray]] = {}
+    total = config.num_images * config.steps
+    for start in range(0, len(seeds), SAMPLE_BATCH):
+        chunk = seeds[start : start + SAMPLE_BATCH]
+        callback = None
+        if on_step is not None:
+            def callback(pipeline, step, timestep, kwargs, _done=start * config.steps, _n=len(chunk)):
+                on_step(_done + (step + 1) * _n, total)
+                return kwargs
+        chunk_images, chunk_masks = _sample(pipe, prompt, concepts, tokens, config, backend, chunk, height, width, callback)
+        images += chunk_images
+        for name, per_image in chunk_masks.items():
+            masks.setdefault(name, []).extend(per_image)
+    return Generated(images, seeds, prompt, masks)
+
+
+def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds, height, width, callback):
     device = pipe.unet.device
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     call = dict(
         prompt=prompt, num_inference_steps=config.steps, guidance_scale=config.guidance, eta=config.eta,
-        num_images_per_prompt=config.num_images, generator=generators, height=height, width=width,
+        num_images_per_prompt=len(seeds), generator=generators, height=height, width=width,
     )
+    if callback is not None:
+        call["callback_on_step_end"] = callback
     names = [c.name for c in concepts]
     masks: dict[str, list[np.ndarray]] = {}
     session = None
@@ -112,8 +142,8 @@ def generate(
         images = pipe(**call).images
     if session is not None:
         for name, m in session.average_masks().items():
-            masks[name] = [m[-config.num_images:][i].cpu().numpy() for i in range(config.num_images)]  # cond half
-    return Generated(images, seeds, prompt, masks)
+            masks[name] = [m[-len(seeds):][i].cpu().numpy() for i in range(len(seeds))]  # cond half
+    return images, masks
 
 
 def mask_overlay(image: Image.Image, mask: np.ndarray, color_index: int = 0) -> Image.Image:

@@ -4,8 +4,10 @@ One function, `concept_span`, decides a concept's tokens for training, LAG and t
 alike: every token of the identifier, plus the class word's tokens when the class word
 follows the identifier (kept apart by role, for multi-concept LAG's region tokens). Identifiers and class words may span several tokens.
 
-Placeholders: `V1`, `V2`, ... bind to the concepts given in order; `V*` to the only one;
-`<name>` to a registered concept by name. Each expands to the concept's identifier, so
+Placeholders: `V1`, `V2`, ... bind to the concepts given in order (-c); `V*` to the only
+one; `<name>` to a registered concept by name. With no concept given, `V1`, `V8`, ... are
+ordinary words ("a V8 engine"); with concepts given, a `V<n>` beyond their count is an
+error (a typo far more often than a word). Each expands to the concept's identifier, so
 the class word stays the user's ("a V* dog" -> "a sks dog").
 """
 
@@ -101,6 +103,8 @@ def concept_span(tokenizer, prompt: str, identifier: str, class_word: str | None
     full = tokenizer(prompt, add_special_tokens=True).input_ids  # untruncated
     limit = tokenizer.model_max_length
     ident = _word_ids(tokenizer, identifier)
+    if not ident:  # an empty identifier would match everywhere, forever
+        raise PromptError(f"the identifier {identifier!r} has no tokens")
     cls = _word_ids(tokenizer, class_word) if class_word else []
     ident_at: list[int] = []
     class_at: list[int] = []
@@ -149,6 +153,8 @@ def expand_prompt(
         if name is not None:
             return use(lookup(name))
         if index is not None:
+            if not concepts:  # no -c: V-numbers are ordinary words ("a V8 engine")
+                return m.group(0)
             i = int(index)
             if not 1 <= i <= len(concepts):
                 raise PromptError(f"V{i} is not bound: give at least {i} concept(s) with -c (got {len(concepts)})")

@@ -96,11 +96,16 @@ def test_first_use_of_the_default_toy_model_says_so_once(monkeypatch, tiny_model
     assert "toy model" not in second.stderr
 
 
-def test_config_model(tmp_path):
+def test_config_model(tmp_path, tiny_model):
     assert run("config", "model").stdout.strip() == "toy"
-    assert run("config", "model", str(tmp_path)).stdout.strip() == str(tmp_path)
-    assert Registry().setting("default_model") == str(tmp_path)
+    assert run("config", "model", str(tiny_model)).stdout.strip() == str(tiny_model)
+    assert Registry().setting("default_model") == str(tiny_model)
+    assert run("config", "model", "someorg/some-model").stdout.strip() == "someorg/some-model"
     assert run("config", "model", "--unset").stdout.strip() == "toy"
+    assert_one_line_error(run("config", "model", str(tmp_path / "nowhere")), "not a diffusers directory")
+    assert_one_line_error(run("config", "model", str(tmp_path)), "without model_index.json")
+    assert_one_line_error(run("config", "model", "not a hub id"), "neither a local diffusers directory nor a hub id")
+    assert Registry().setting("default_model") is None
 
 
 def test_corrupt_image_is_skipped_with_a_warning(tiny_model, concept_dir):
@@ -128,7 +133,7 @@ def test_error_no_readable_image(tmp_path, tiny_model):
     assert_one_line_error(run("train", folder, "--name", "a", "--class", "dog", "--model", tiny_model), "no readable image")
 
 
-@pytest.mark.parametrize("option,value,match", [("--steps", "0", "--steps must be positive"), ("--rank", "0", "--rank must be positive"), ("--steps", "-3", "--steps must be positive")])
+@pytest.mark.parametrize("option,value,match", [("--steps", "0", "--steps must be >= 1"), ("--rank", "0", "--rank must be >= 1"), ("--steps", "-3", "--steps must be >= 1")])
 def test_error_non_positive_numbers(concept_dir, tiny_model, option, value, match):
     assert_one_line_error(run("train", concept_dir, "--name", "a", "--class", "dog", "--model", tiny_model, option, value), match)
     assert Registry().list() == []
@@ -152,7 +157,7 @@ def test_error_invalid_name(concept_dir, tiny_model):
         (["gen", "a V2 dog", "-c", "mydog"], "V2 is not bound"),
         (["gen", "a dog", "-c", "mydog"], "is not in the prompt"),
         (["gen", " ".join(["red"] * 40) + " V* circle", "-c", "mydog", "--steps", "1"], "cut off"),
-        (["gen", "a V* circle", "-c", "mydog", "--steps", "0"], "--steps must be positive"),
+        (["gen", "a V* circle", "-c", "mydog", "--steps", "0"], "--steps must be >= 1"),
         (["gen", "a V* circle", "-c", "mydog", "--save-masks"], "add --lag"),
         (["show", "nobody"], "unknown concept"),
         (["rm", "nobody"], "unknown concept"),

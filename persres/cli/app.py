@@ -65,6 +65,19 @@ def command(fn):
     return wrapper
 
 
+def _progress(label: str, unit: str, *fields: str):
+    """One Rich progress bar on stderr (off when stderr is not a terminal): label, bar, done/total, speed, ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Speed(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:.2f} {unit}/s" if task.speed else "")
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), *map(TextColumn, fields),
+                    Speed(), TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+
+
 def _registry():
     from persres.registry import Registry
 
@@ -169,10 +182,11 @@ def gen(
                           height=height, width=width, save_masks=save_masks)
     registry = _registry()
     resolved = _model(registry, model)
-    with err.status("generating..."):
+    with _progress("generating", "steps") as bar:
+        task = bar.add_task("gen", total=n * steps)
         paths, _ = generate_images(prompt, concept, config=config, model=resolved, out_dir=out_dir,
                                    registry=registry, device=device, precision=precision, backend=backend,
-                                   sheet=sheet)
+                                   sheet=sheet, on_step=lambda done, total: bar.update(task, completed=done))
     for p in paths:
         out.print(str(p), markup=False, highlight=False)
 
@@ -283,7 +297,10 @@ def config_model(
     if unset:
         registry.set_setting(DEFAULT_MODEL_KEY, None)
     elif value is not None:
-        registry.set_setting(DEFAULT_MODEL_KEY, value)
+        from persres.models import check_model_value
+
+        registry.require_writable()
+        registry.set_setting(DEFAULT_MODEL_KEY, check_model_value(value))
     current = os.environ.get("PERSRES_MODEL") or registry.setting(DEFAULT_MODEL_KEY) or "toy"
     out.print(current, markup=False, highlight=False)
 

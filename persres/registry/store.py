@@ -159,11 +159,17 @@ class Registry:
         conn.execute("COMMIT")
 
     def require_writable(self) -> None:
-        """Call before work whose result must be registered (a training, an import)."""
-        if not self.writable or not os.access(self.home, os.W_OK):
+        """Call before work whose result must be registered (a training, an import): probes a real write."""
+        import tempfile
+
+        if not self.writable:
             raise RegistryError(f"registry home {str(self.home)!r} is not writable")
-        if self.packs_dir.exists() and not os.access(self.packs_dir, os.W_OK):
-            raise RegistryError(f"packs folder {str(self.packs_dir)!r} is not writable")
+        try:
+            self.packs_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.packs_dir):
+                pass
+        except OSError as e:
+            raise RegistryError(f"cannot write to the packs folder {str(self.packs_dir)!r}: {e.strerror or e}") from None
 
     # --- reading ---------------------------------------------------------------------------
     def scan(self) -> tuple[list[ConceptRecord], list[DamagedRecord]]:
