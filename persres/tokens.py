@@ -60,7 +60,7 @@ def check_class_word(class_word: str) -> str:
     """A class word: 1-64 printable characters with something besides spaces."""
     from persres.packs import MAX_CLASS_WORD
 
-    cleaned = " ".join(str(class_word).split())
+    cleaned = str(class_word).strip(" ")
     if not cleaned or len(cleaned) > MAX_CLASS_WORD or not cleaned.isprintable():
         raise PromptError(f"the class word must be 1-{MAX_CLASS_WORD} printable characters, got {class_word!r}")
     return cleaned

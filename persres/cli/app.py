@@ -17,12 +17,38 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a missing argument, an unknown option, a value of the wrong type) as one
+    `error:` line and exit code 1, like every other bad input, instead of click's usage block."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            err.print("interrupted", markup=False)
+            rv = 130
+        except typer.TyperException as e:  # click's usage errors, as Typer vendors them
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare `persres` or `persres config`: help, not an error
+                e.show()
+                rv = 0
+                return rv if not standalone_mode else sys.exit(0)
+            where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
+            err.print(f"error: {' '.join(e.format_message().split())}{where}", markup=False)
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
     help="Personalized residuals for Stable Diffusion: learn a concept from a few photos, draw it anywhere.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=OneLineErrors,
 )
 config_app = typer.Typer(help="Show or change persres settings (the default model).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -61,6 +87,18 @@ def command(fn):
         except KeyboardInterrupt:
             err.print("interrupted: nothing was registered", markup=False)
             raise typer.Exit(130) from None
+        except OSError as e:  # the filesystem said no: a path we could not create, read or write
+            where = f": {e.filename}" if e.filename else ""
+            err.print(f"error: {e.strerror or e}{where}", markup=False)
+            raise typer.Exit(1) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except Exception as e:  # a bug: still one line; PERSRES_DEBUG=1 shows the traceback
+            if os.environ.get("PERSRES_DEBUG"):
+                raise
+            err.print(f"error: internal error {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+                      "(please report it; PERSRES_DEBUG=1 shows the traceback)", markup=False)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -123,13 +161,6 @@ def train(
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing", help="Trade compute for memory (small GPUs)."),
 ):
     """Learn a concept's residuals from a folder of images and register the pack."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-    from rich.text import Text
-
-    class Speed(ProgressColumn):
-        def render(self, task):
-            return Text(f"{task.speed:.2f} it/s" if task.speed else "")
-
     from persres.api import train_concept, train_config_for
 
     registry = _registry()
@@ -139,12 +170,10 @@ def train(
                      resolution=resolution, seed=seed, init=init, prompt=prompt, device=device, precision=precision,
                      gradient_checkpointing=gradient_checkpointing)
     config = train_config_for(resolved, overrides)
-    with Progress(TextColumn("[bold]training {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("loss {task.fields[loss]:.4f}"), Speed(),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
-        task = bar.add_task("train", total=config.steps, name=name, loss=float("nan"))
+    with _progress(f"training {name}", "steps", "loss {task.fields[loss]}") as bar:
+        task = bar.add_task("train", total=config.steps, loss="...")
         outcome = train_concept(images_dir, name, class_word, model=resolved, config=config, registry=registry,
-                                progress=lambda step, loss: bar.update(task, completed=step, loss=loss))
+                                progress=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.4f}"))
     rec = outcome.record
     out.print(f"trained [bold]{name}[/] ({rec.meta.parameter_count:,} parameters, loss {rec.meta.loss_start:.4f} -> "
               f"{rec.meta.loss_end:.4f}) in {outcome.seconds:.1f}s; pack {rec.path}; prompt it as "

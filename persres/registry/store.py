@@ -102,7 +102,7 @@ class Registry:
         except OSError as e:
             raise RegistryError(f"cannot create the registry home {str(home)!r}: {e.strerror or e}") from None
         if self.db_path.exists() and not self.db_path.is_file():
-            raise RegistryError(f"{str(self.db_path)!r} is not a file: move it aside to start a new registry")
+            raise RegistryError(f"registry {str(self.db_path)!r} is not a file: move it aside to start a new registry")
         self.writable = os.access(home, os.W_OK) and (not self.db_path.exists() or os.access(self.db_path, os.W_OK))
         hint = "move it aside to start a new registry (or restore it from a backup); `persres doctor` explains"
         try:
@@ -231,6 +231,7 @@ class Registry:
             identifier = self._free_identifier(fits)
             self.db.execute("INSERT INTO reservations (name, identifier, pid, host, created_at) VALUES (?, ?, ?, ?, ?)",
                             [name, identifier, os.getpid(), socket.gethostname(), _now()])
+        _fault("reserved")
         try:
             yield identifier
         finally:
@@ -270,6 +271,7 @@ class Registry:
         validate_meta(meta)
         check_concept_name(meta.name)
         tmp, digest = write_pack_temp(self.packs_dir, tensors, meta, stem=meta.name)
+        _fault("temp-written")
         path = self.packs_dir / f"{meta.name}.safetensors"
         try:
             with self.transaction():
@@ -288,9 +290,11 @@ class Registry:
                 if path.exists():  # a file without a row (the name is free): keep it, aside
                     self._move_to_orphans(path, "a pack file without a registry row was in the way of a new concept")
                 _move_no_replace(tmp, path)
+                _fault("linked")
                 try:
                     self._insert(meta, path, digest, shared)
                     self.db.execute("DELETE FROM reservations WHERE name = ?", [meta.name])
+                    _fault("inserted")
                 except BaseException:
                     path.unlink(missing_ok=True)
                     raise
@@ -452,6 +456,14 @@ class Registry:
         if not isinstance(row["path"], str) or not isinstance(row["sha256"], str):
             raise ValueError("path or sha256 is not text")
         return ConceptRecord(meta, Path(row["path"]), row["sha256"], bool(row.get("shared_identifier", 0)))
+
+
+def _fault(point: str) -> None:
+    """Fault injection for the kill tests: PERSRES_FAULT=point makes this process SIGKILL itself there."""
+    if os.environ.get("PERSRES_FAULT") == point:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _now() -> str:
