@@ -118,6 +118,74 @@ def _register(registry, pipe, name, identifier, class_word, model, config, refer
     return TrainOutcome(record, result.losses, result.seconds, model)
 
 
+def import_concept(
+    path: str | Path,
+    name: str | None = None,
+    class_word: str | None = None,
+    identifier: str | None = None,
+    *,
+    model: str | None = None,
+    registry: Registry | None = None,
+    proj_out_only: bool = False,
+    pipe=None,
+) -> ConceptRecord:
+    """Register a persres pack, or any proj_out LoRA (kohya, diffusers/peft, a persres export) fitted to `model`.
+
+    A foreign file needs a name and a class word (given, or found in its persres.* metadata); its
+    identifier is the one given, the one in its metadata, or a fresh one.
+    """
+    from persres.interop.lora import read_foreign
+    from persres.packs import CONFIG_KEY, IDENTIFIER_RE, check_regular_file, file_metadata
+
+    registry = registry or Registry()
+    registry.require_writable()
+    path = Path(path)
+    check_regular_file(path)
+    metadata = file_metadata(path)
+    if CONFIG_KEY in metadata:
+        return registry.import_pack(path, name)
+    name = name or metadata.get("persres.name")
+    class_word = class_word or metadata.get("persres.class_word")
+    if not name or not class_word:
+        raise InputError(f"{str(path)!r} is a LoRA file, not a persres pack: give --name and --class to import it")
+    registry.check_new_name(name)
+    class_word = check_class_word(class_word)
+    identifier = identifier or metadata.get("persres.identifier")
+    if identifier is not None and not IDENTIFIER_RE.fullmatch(identifier):
+        raise InputError(f"the identifier must be 1-32 lowercase letters, got {identifier!r}")
+    model, _ = model_for(registry, model)
+    if pipe is None:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        pipe = load_pipeline(model)
+    if identifier is not None and not is_single_token(pipe.tokenizer, identifier):
+        raise InputError(f"the identifier {identifier!r} is not one token of this model's tokenizer; pick another with --identifier")
+    lora = read_foreign(path, block_channels(pipe.unet), proj_out_only)
+    fp = fingerprint(pipe.unet)
+    tensors = {}
+    for block, (up, down) in lora.factors.items():
+        tensors[f"{block}.up"], tensors[f"{block}.down"] = up, down
+    channels = block_channels(pipe.unet)
+    ranks = {block: up.shape[1] for block, (up, _) in lora.factors.items()}
+
+    def meta_for(ident: str) -> PackMeta:
+        return PackMeta(
+            name=name, identifier=ident, class_word=class_word, ranks=ranks, channels=channels,
+            parameter_count=sum(2 * channels[b] * r for b, r in ranks.items()), base_model=model,
+            architecture=fp.architecture, weights=fp.weights, proj_out=proj_out_kind(pipe.unet),
+            train_config={"imported_from": lora.fmt, "source_file": path.name},
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+
+    if identifier is not None:
+        return registry.add(tensors, meta_for(identifier), allow_shared_identifier=True)
+    with registry.reservation(name, fits=lambda ident: is_single_token(pipe.tokenizer, ident)) as fresh:
+        return registry.add(tensors, meta_for(fresh))
+
+
 def apply_concepts(pipe, names: Sequence[str], registry: Registry | None = None, model: str | None = None) -> list[BoundConcept]:
     """Load registered concepts onto a StableDiffusionPipeline; returns them bound for prompts."""
     registry = registry or Registry()

@@ -211,6 +211,18 @@ def check_regular_file(path: Path, what: str = "pack file") -> None:
         raise PackError(f"{what} {str(path)!r} is not a regular file (a pipe, device or socket)")
 
 
+def file_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's string metadata (any file persres reads: packs and LoRAs)."""
+    from safetensors import safe_open
+
+    check_regular_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise PackError(f"{str(path)!r} is not a readable pack (truncated or not safetensors: {_one_line(e)})") from None
+
+
 def _metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 

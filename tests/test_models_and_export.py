@@ -5,7 +5,7 @@ from persres import residuals
 from persres.api import apply_concepts, train_concept
 from persres.config import SampleConfig, TrainConfig
 from persres.errors import IncompatiblePack, ModelNotFound
-from persres.export import write_foreign
+from persres.interop import write_lora as write_foreign
 from persres.models import fingerprint, load_pipeline, model_defaults
 from persres.registry import Registry
 from persres.sample import OtherCheckpointWarning, generate

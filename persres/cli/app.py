@@ -273,7 +273,7 @@ def export(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ):
     """Export a concept: its pack, or a LoRA file diffusers, A1111 or ComfyUI load."""
-    from persres.export import write_foreign
+    from persres.interop import write_lora
     from persres.registry.store import check_export_target
 
     registry = _registry()
@@ -282,7 +282,7 @@ def export(
     else:
         tensors, meta = registry.load(name)
         check_export_target(output, registry, force)
-        write_foreign(output, fmt, tensors, meta, conv=meta.proj_out == "Conv2d")
+        write_lora(output, fmt, tensors, meta)
     meta = registry.get(name).meta
     out.print(f"wrote {output} ({fmt}); identifier {meta.identifier!r}: prompt it as '{meta.identifier} {meta.class_word}'",
               markup=False)
@@ -290,10 +290,22 @@ def export(
 
 @app.command("import")
 @command
-def import_(file: Path, name: Optional[str] = typer.Option(None, "--name", help="Register under a new name.")):
-    """Register a pack file (from `persres export`)."""
-    record = _registry().import_pack(file, name)
-    out.print(f"imported {record.name} ({record.meta.class_word}, identifier {record.meta.identifier!r})")
+def import_(
+    file: Path = typer.Argument(..., help="A persres pack, or a kohya / diffusers / peft LoRA of the proj_out layers."),
+    name: Optional[str] = typer.Option(None, "--name", help="Register under this name (needed for a foreign LoRA)."),
+    class_word: Optional[str] = typer.Option(None, "--class", help="The concept's class word (needed for a foreign LoRA)."),
+    identifier: Optional[str] = typer.Option(None, "--identifier", help="The token that calls the concept [default: the file's, else a fresh one]."),
+    model: Optional[str] = typer.Option(None, help="Base model a foreign LoRA is fitted to [default: the configured model]."),
+    proj_out_only: bool = typer.Option(False, "--proj-out-only", help="Drop a foreign LoRA's targets other than proj_out (with a warning)."),
+):
+    """Register a pack file (from `persres export`) or a proj_out LoRA from another tool."""
+    from persres.api import import_concept
+
+    registry = _registry()
+    record = import_concept(file, name, class_word, identifier, model=_model(registry, model) if model else None,
+                            registry=registry, proj_out_only=proj_out_only)
+    shared = " (shared with another concept: they cannot share a prompt)" if record.shared_identifier else ""
+    out.print(f"imported {record.name} ({record.meta.class_word}, identifier {record.meta.identifier!r}{shared})", markup=False)
 
 
 @app.command()

@@ -1,0 +1,96 @@
+"""Any proj_out LoRA (kohya, diffusers/peft, a persres export) as a pack for a loaded model.
+
+Checks that the file targets the proj_out of this model's transformer blocks (and nothing
+else, unless told to drop the rest), that every pair of factors has the block's channels
+and one rank, that the values are finite and alpha is positive; folds alpha / r into A.
+Zero rank components (the padding of persres's diffusers exports) are trimmed, so an
+export and re-import gives back the original factors exactly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from persres.errors import PackError
+
+
+class DroppedTargetsWarning(UserWarning):
+    """A foreign LoRA also trained layers other than proj_out; those were left out."""
+
+
+@dataclass(frozen=True)
+class ForeignLora:
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # block -> (A (m, r), B (r, m)), scale folded into A
+    metadata: dict[str, str]
+    fmt: str
+
+
+def read_foreign(path: Path, channels: dict[str, int], proj_out_only: bool = False) -> ForeignLora:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from persres.interop import kohya, peft
+    from persres.packs import check_regular_file
+
+    check_regular_file(path, "LoRA file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise PackError(f"{str(path)!r} is not a readable safetensors file ({' '.join(str(e).split())[:160]})") from None
+    blocks = sorted(channels)
+    if kohya.is_kohya(tensors):
+        fmt, (found, others) = "kohya", kohya.read(tensors, blocks)
+    elif peft.is_peft(tensors):
+        fmt, (found, others) = "diffusers", peft.read(tensors, blocks, metadata)
+    else:
+        raise PackError(f"{str(path)!r} holds no LoRA weights persres knows (kohya lora_unet_* or peft lora_A/lora_B keys)")
+    if not found:
+        raise PackError(f"{str(path)!r} ({fmt}) targets no proj_out layer of this model ({len(others)} other targets, "
+                        f"e.g. {others[0] if others else 'none'}): it was made for another architecture or other layers")
+    missing = [b for b in blocks if b not in found]
+    if missing:
+        raise PackError(f"{str(path)!r} ({fmt}) has no factors for {len(missing)} of this model's {len(blocks)} "
+                        f"proj_out layers (e.g. {missing[0]}): it was made for another architecture")
+    if others and not proj_out_only:
+        raise PackError(f"{str(path)!r} ({fmt}) also targets {len(others)} layers that are not proj_out "
+                        f"(e.g. {others[0]}); persres would have to drop them: pass --proj-out-only to do so")
+    if others:
+        warnings.warn(f"dropped {len(others)} non-proj_out targets of {path.name} (e.g. {others[0]})", DroppedTargetsWarning, stacklevel=2)
+    factors = {block: _factors(path, block, *found[block], channels[block]) for block in blocks}
+    return ForeignLora(factors, metadata, fmt)
+
+
+def _factors(path: Path, block: str, up, down, alpha, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    where = f"{str(path)!r}, {block}"
+    if up is None or down is None:
+        raise PackError(f"{where}: one of the two LoRA factors is missing")
+    up, down = up.float(), down.float()
+    if up.ndim == 4:
+        up = up.flatten(1) if up.shape[2:] == (1, 1) else None
+    if down.ndim == 4:
+        down = down.flatten(1) if down.shape[2:] == (1, 1) else None
+    if up is None or down is None or up.ndim != 2 or down.ndim != 2:
+        raise PackError(f"{where}: factors must be matrices or 1x1 convolutions")
+    r = down.shape[0]
+    if up.shape != (m, r) or down.shape != (r, m):
+        raise PackError(f"{where}: factor shapes {tuple(up.shape)} and {tuple(down.shape)} do not fit {m} channels "
+                        f"at one rank (expected ({m}, r) and (r, {m}))")
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise PackError(f"{where}: factors hold non-finite values")
+    scale = 1.0
+    if alpha is not None:
+        a = float(alpha.float().reshape(-1)[0]) if torch.is_tensor(alpha) else float(alpha)
+        if not a > 0 or a != a or a == float("inf"):
+            raise PackError(f"{where}: alpha must be a positive finite number, got {a}")
+        scale = a / r
+    keep = (up.abs().sum(0) > 0) | (down.abs().sum(1) > 0)  # (r,) components that are not all zero
+    if not keep.any():
+        keep[0] = True
+    up, down = up[:, keep], down[keep]
+    return (up * scale if scale != 1.0 else up).contiguous(), down.contiguous()

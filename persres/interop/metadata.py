@@ -1,0 +1,90 @@
+"""What an exported LoRA says about itself, for the tools people load it in.
+
+- kohya `ss_*` keys: AUTOMATIC1111's metadata panel and its tag list (`ss_tag_frequency`,
+  which offers the trigger words), sd-scripts conventions for module, dims and training.
+- SAI model spec `modelspec.*` (the keys sd-scripts writes): architecture, implementation,
+  title, date, resolution, trigger phrase, prediction type; model hubs and ComfyUI read them.
+- `persres.*`: name, identifier, class word and per-block ranks, read back by `persres import`.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+
+from persres.packs import PackMeta
+
+FAMILY_SS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # sd-scripts' ss_base_model_version
+FAMILY_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
+               "sdxl": "stable-diffusion-xl-v1-base"}
+IMPL_DIFFUSERS = "diffusers"
+IMPL_STABILITY = "https://github.com/Stability-AI/generative-models"  # what sd-scripts writes for SDXL LoRAs
+
+
+def family_of(meta: PackMeta) -> str:
+    """The model family a pack was trained on: recorded, or inferred from its blocks."""
+    recorded = meta.train_config.get("family")
+    if recorded in FAMILY_SS:
+        return recorded
+    if meta.proj_out == "Conv2d":
+        return "sd1"
+    channels = set(meta.channels.values())
+    return "sdxl" if channels <= {640, 1280} and len(meta.channels) == 11 else "sd2"
+
+
+def for_export(meta: PackMeta, fmt: str) -> dict[str, str]:
+    family = family_of(meta)
+    config = meta.train_config
+    prediction = config.get("prediction_type", "epsilon")
+    arch_key = "sd2-v" if family == "sd2" and prediction == "v_prediction" else family
+    resolution = int(config.get("resolution") or {"sdxl": 1024}.get(family, 512))
+    trigger = f"{meta.identifier} {meta.class_word}"
+    ranks = collections.Counter(meta.ranks.values())
+    dim = ranks.most_common(1)[0][0] if fmt == "kohya" else max(meta.ranks.values())
+    date = meta.created_at or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return {
+        # kohya / sd-scripts
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(dim),  # alpha = rank in every module: scale 1
+        "ss_network_args": json.dumps({"module_dims": "per block, alpha = dim", "ranks": sorted(set(meta.ranks.values()))}),
+        "ss_base_model_version": FAMILY_SS[family],
+        "ss_v2": str(family == "sd2"),
+        "ss_training_comment": f"persres personalized residuals (proj_out of every transformer block, ranks "
+                               f"{'/'.join(map(str, sorted(ranks)))}); trigger: {trigger}",
+        "ss_tag_frequency": json.dumps({meta.name: {trigger: max(len(meta.image_hashes), 1)}}),
+        "ss_num_train_images": str(len(meta.image_hashes)),
+        "ss_steps": str(config.get("steps", "")),
+        "ss_max_train_steps": str(config.get("steps", "")),
+        "ss_learning_rate": str(config.get("lr", "")),
+        "ss_unet_lr": str(config.get("lr", "")),
+        "ss_text_encoder_lr": "0",
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_output_name": meta.name,
+        "ss_training_started_at": date,
+        # SAI model spec
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{FAMILY_ARCH[arch_key]}/lora",
+        "modelspec.implementation": IMPL_STABILITY if family == "sdxl" else IMPL_DIFFUSERS,
+        "modelspec.title": meta.name,
+        "modelspec.description": f"persres concept '{meta.name}' ({meta.class_word}); write '{trigger}' in the prompt",
+        "modelspec.date": date,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.trigger_phrase": trigger,
+        "modelspec.usage_hint": f"Use '{trigger}' in the prompt",
+        "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
+        # persres
+        "persres.name": meta.name,
+        "persres.identifier": meta.identifier,
+        "persres.class_word": meta.class_word,
+        "persres.ranks": json.dumps(meta.ranks, sort_keys=True),
+        "persres.family": family,
+        **({"lora_adapter_metadata": _peft_metadata(meta)} if fmt == "diffusers" else {}),
+    }
+
+
+def _peft_metadata(meta: PackMeta) -> str:
+    from persres.interop.peft import adapter_metadata
+
+    return adapter_metadata(meta)
