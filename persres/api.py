@@ -56,6 +56,37 @@ def train_config_for(model: str, overrides: dict) -> TrainConfig:
     return TrainConfig(**{**recommended, **given})
 
 
+PAPER_FIELDS = ("steps", "batch_size", "lr", "rank_ratio", "prompt")  # set by the paper (Sec. 4); the rest are persres's
+SHOWN_FIELDS = ("steps", "batch_size", "lr", "rank_ratio", "rank", "resolution", "init", "flip", "prompt", "seed",
+                "device", "precision")
+
+
+def settings_sources(model: str, overrides: dict) -> dict[str, str]:
+    """Where each training setting comes from: "option", "model default" (its persres_defaults.json),
+    "paper" or "persres"."""
+    given = {k for k, v in overrides.items() if v is not None}
+    recommended = set(model_defaults(model))
+    return {f: "option" if f in given else "model default" if f in recommended else "paper" if f in PAPER_FIELDS else "persres"
+            for f in SHOWN_FIELDS}
+
+
+def effective_settings(config: TrainConfig, sources: dict[str, str]) -> str:
+    """One line: every training setting, its value and where it came from; auto device/precision resolved."""
+    device = pick_device(config.device)
+    dtype = str(pick_dtype(config.precision, device)).removeprefix("torch.")
+    values = {**config.to_dict(), "device": device.type if config.device == "auto" else config.device,
+              "precision": {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]}
+    parts = []
+    for f in SHOWN_FIELDS:
+        value = values[f]
+        if value is None:
+            continue
+        source = "auto" if f in ("device", "precision") and getattr(config, f) == "auto" else sources[f]
+        shown = repr(value) if f == "prompt" else value
+        parts.append(f"{f} {shown} ({source})")
+    return ", ".join(parts)
+
+
 def config_digest(config: TrainConfig, model: str) -> str:
     """A short, stable digest of (training config, base model): packs with equal digests are interchangeable."""
     return hashlib.sha256(json.dumps([config.to_dict(), model], sort_keys=True).encode()).hexdigest()[:8]
@@ -80,6 +111,7 @@ def train_concept(
     registry: Registry | None = None,
     progress=None,
     pipe=None,
+    sources: dict[str, str] | None = None,
 ) -> TrainOutcome:
     """Train a concept from a folder of images and register its pack. Nothing is registered on failure."""
     from persres.train import train_residuals
@@ -99,17 +131,18 @@ def train_concept(
     warn_if_small(references, config.resolution or default_resolution(pipe))
     with registry.reservation(name, fits=lambda ident: is_single_token(pipe.tokenizer, ident)) as identifier:
         result = train_residuals(pipe, [r.image for r in references], identifier, class_word, config, progress)
-        return _register(registry, pipe, name, identifier, class_word, model, config, references, result)
+        return _register(registry, pipe, name, identifier, class_word, model, config, references, result, sources)
 
 
-def _register(registry, pipe, name, identifier, class_word, model, config, references, result) -> TrainOutcome:
+def _register(registry, pipe, name, identifier, class_word, model, config, references, result, sources) -> TrainOutcome:
     fp = fingerprint(pipe.unet)
 
     meta = PackMeta(
         name=name, identifier=identifier, class_word=class_word, ranks=result.ranks,
         channels=block_channels(pipe.unet), parameter_count=result.parameter_count,
         base_model=model, architecture=fp.architecture, weights=fp.weights, proj_out=proj_out_kind(pipe.unet),
-        train_config={**config.to_dict(), "prompt_template": config.prompt, "resolution": result.resolution, "prompt": result.prompt},
+        train_config={**config.to_dict(), "prompt_template": config.prompt, "resolution": result.resolution, "prompt": result.prompt,
+                      **({"sources": sources} if sources else {})},
         image_hashes=[r.sha256 for r in references],
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         loss_start=result.losses[0], loss_end=result.losses[-1], seconds=result.seconds,

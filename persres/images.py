@@ -57,11 +57,27 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+TOY_PREFIX = "toy:"  # "toy:checker_circle": a reference folder shipped with persres, usable from any directory
+
+
+def resolve_folder(folder: str | Path) -> Path:
+    text = str(folder)
+    if not text.startswith(TOY_PREFIX):
+        return Path(folder)
+    from persres.toy.world import NOVEL_CONCEPTS
+
+    name = text[len(TOY_PREFIX):]
+    if name not in NOVEL_CONCEPTS:
+        raise InputError(f"unknown toy concept {name!r} (choose from {', '.join(NOVEL_CONCEPTS)})")
+    return Path(__file__).parent / "toy" / "concepts" / name
+
+
 def read_folder(folder: str | Path) -> list[ReferenceImage]:
-    """The readable images of a folder, as RGB; unreadable files and non-files are skipped with a warning."""
+    """The readable images of a folder (or of a shipped toy concept, "toy:NAME"), as RGB;
+    unreadable files and non-files are skipped with a warning."""
     import stat
 
-    folder = Path(folder)
+    folder = resolve_folder(folder)
     if not folder.exists():
         raise InputError(f"image folder {str(folder)!r} does not exist")
     if not folder.is_dir():

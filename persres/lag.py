@@ -1,4 +1,4 @@
-"""LAG: localized attention-guided sampling (Ham et al., Sec. 3.2), for one or several concepts.
+"""LAG: localized attention-guided sampling (Ham et al., Sec. 3.3), for one or several concepts.
 
 In transformer block i, at every denoising step, the cross-attention probabilities of a
 concept's tokens (identifier and class word) are summed over the tokens and averaged over

@@ -1,4 +1,4 @@
-"""Personalized residuals on the UNet's transformer output projections (Ham et al., Sec. 3.1).
+"""Personalized residuals on the UNet's transformer output projections (Ham et al., Sec. 3.2).
 
 For transformer block i with output projection W_i (m_i x m_i; a 1x1 Conv2d in SD v1.x, a
 Linear in SD 2.x/XL) a concept learns Delta W_i = A_i B_i, A_i in R^{m_i x r_i},

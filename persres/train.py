@@ -1,4 +1,4 @@
-"""Training personalized residuals (Ham et al., Sec. 3.1 and 4): a library function over TrainConfig.
+"""Training personalized residuals (Ham et al., Sec. 3.2 and 4): a library function over TrainConfig.
 
 Only the residual factors require grad. Everything frozen is computed once: the reference
 images are encoded by the VAE a single time (the latent distribution's mean and std are
@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 
 from persres import residuals
 from persres.config import TrainConfig
+from persres.errors import InputError
 from persres.images import center_square, to_tensor
 from persres.tokens import concept_positions, training_prompt
 
@@ -81,6 +82,10 @@ def train_residuals(
 ) -> TrainResult:
     """Learn one concept's residuals on a loaded pipeline; the pipeline is left as it was."""
     unet = pipe.unet
+    noise_sched = pipe.scheduler
+    prediction = noise_sched.config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):  # "sample" (x0) models: no SD release uses them
+        raise InputError(f"the model's scheduler predicts {prediction!r}; persres trains epsilon and v_prediction models only")
     prompt = training_prompt(identifier, class_word, config.prompt)
     concept_positions(pipe.tokenizer, prompt, identifier, class_word)  # identifier fits, or PromptError
     resolution = config.resolution or default_resolution(pipe)
@@ -89,14 +94,18 @@ def train_residuals(
     source = cache_inputs(pipe, images, prompt, resolution, config.flip, chunk=config.batch_size)
 
     ranks = residuals.ranks_for(unet, config.rank_ratio, config.rank)
+    # Only the factors learn: a pipeline handed in unfrozen would otherwise back-propagate into
+    # every base weight. Restored on the way out, so the pipeline is left as it was.
+    base_params = [p for part in (unet, pipe.vae, pipe.text_encoder) for p in part.parameters()]
+    trainable = [p.requires_grad for p in base_params]
+    for p in base_params:
+        p.requires_grad_(False)
     slot = "_training"
     factors = residuals.new_concept(unet, slot, ranks, config.init, config.seed)
     params = [p for f in factors.values() for p in f.parameters()]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # = Adam, as in the paper
-    noise_sched = pipe.scheduler
-    prediction = noise_sched.config.get("prediction_type", "epsilon")
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # = Adam; the paper names no optimizer
     alphas = noise_sched.alphas_cumprod.to(device)
     num_t = noise_sched.config.num_train_timesteps
     if config.gradient_checkpointing:
@@ -122,6 +131,8 @@ def train_residuals(
         tensors = residuals.concept_tensors(unet, slot)
     finally:
         residuals.unload_concept(unet, slot)
+        for p, flag in zip(base_params, trainable):
+            p.requires_grad_(flag)
         if config.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
     seconds = time.perf_counter() - t0

@@ -205,3 +205,100 @@ def test_training_prompt_template(concept_dir, tiny_model):
     assert json.loads(run("show", "t", "--json").stdout)["train_config"]["prompt"] == "a sks circle on a blue background"
     bad = run("train", concept_dir, "--name", "u", "--class", "circle", "--model", tiny_model, "--prompt", "a photo of a dog")
     assert_one_line_error(bad, "must contain {identifier} and {class_word}")
+
+
+def documented_defaults(command) -> list[str]:
+    """Every "[default: ...]" / "[paper: ...]" text in a command's option help strings."""
+    import re
+
+    texts = []
+    for param in command.params:
+        texts += re.findall(r"\[(?:default|paper)[^\]]*\]", getattr(param, "help", None) or "")
+    return texts
+
+
+def every_command():
+    import typer
+
+    group = typer.main.get_command(app)
+    stack = [((), group)]
+    while stack:
+        path, cmd = stack.pop()
+        for name, sub in getattr(cmd, "commands", {}).items():
+            stack.append(((*path, name), sub))
+        if not getattr(cmd, "commands", None):
+            yield path, cmd
+
+
+def test_help_shows_every_documented_default_as_written():
+    checked = 0
+    for path, cmd in every_command():
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "400"}, terminal_width=400)
+        text = " ".join(result.output.split())
+        for default in documented_defaults(cmd):
+            assert " ".join(default.split()) in text, (path, default)
+            checked += 1
+    assert checked >= 20
+
+
+def test_train_prints_its_effective_settings_and_show_records_them(tiny_model, concept_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "persres_defaults.json").write_text('{"train": {"lr": 0.02}}')
+    result = run("train", concept_dir, "--name", "s", "--class", "circle", "--model", model, "--steps", "2")
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if line.startswith("settings: "))
+    for part in ("steps 2 (option)", "lr 0.02 (model default)", "batch_size 4 (paper)", "rank_ratio 0.05 (paper)",
+                 "init zero (persres)", "device cpu (auto)", "precision fp32 (auto)"):
+        assert part in line, line
+    sources = json.loads(run("show", "s", "--json").stdout)["train_config"]["sources"]
+    assert sources["lr"] == "model default" and sources["steps"] == "option"
+
+
+def test_gen_prints_every_file_it_writes(trained, tmp_path):
+    out = tmp_path / "o"
+    result = run("gen", "a V* circle", "-c", "mydog", "--model", trained, "--steps", "2", "-n", "2", "--lag",
+                 "--save-masks", "--sheet", "--out", out)
+    assert result.exit_code == 0, result.output
+    printed = {str(p) for p in result.stdout.split()}
+    written = {str(p) for p in out.iterdir()}
+    assert printed == written and len(written) == 5  # 2 images, 2 masks, 1 sheet
+
+
+def test_gen_shows_a_progress_bar_on_a_terminal_only(trained, tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "120"}
+    args = [sys.executable, "-m", "persres", "gen", "a V* circle", "-c", "mydog", "--model", str(trained), "--steps", "3",
+            "-n", "2", "--out", str(tmp_path / "o")]
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(args, stdin=secondary, stdout=secondary, stderr=secondary, env=env)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=120)
+    os.close(primary)
+    on_tty = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0 and "generating" in on_tty and "steps" in on_tty, on_tty
+    piped = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert piped.returncode == 0 and piped.stderr.strip() == "", piped.stderr
+
+
+def test_shipped_toy_concepts_train_from_any_directory(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("train", "toy:checker_circle", "--name", "c", "--class", "circle", "--model", tiny_model, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert len(Registry().get("c").meta.image_hashes) == 5
+    assert_one_line_error(run("train", "toy:nope", "--name", "d", "--class", "circle", "--model", tiny_model), "unknown toy concept 'nope'")

@@ -71,3 +71,40 @@ def test_cuda_backends_in_half_precision_match_the_reference(backend, dtype):
     _, maps = attention(q, k, v, token_sets=[(3, 4)], backend=backend)
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(maps.float(), ref_maps.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_lag_path_honours_upcast_attention():
+    """SD 2.x sets upcast_attention: the scores are then computed in fp32, not in the model's dtype."""
+    from diffusers.models.attention_processor import Attention
+
+    from persres.kernels import KernelAttnProcessor
+
+    class Sink:
+        token_sets = [(1, 2)]
+
+        def record(self, block, maps):
+            self.maps = maps
+
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(1, 16, 64, generator=g).bfloat16(), torch.randn(1, 8, 64, generator=g).bfloat16()
+
+    def run(upcast: bool):
+        torch.manual_seed(0)
+        attn = Attention(query_dim=64, cross_attention_dim=64, heads=1, dim_head=64, upcast_attention=upcast)
+        with torch.no_grad():
+            for lin in (attn.to_q, attn.to_k):
+                lin.weight.mul_(8)  # large scores: where low-precision logits go wrong
+        attn.to(torch.bfloat16)
+        sink = Sink()
+        attn.set_processor(KernelAttnProcessor("sdpa", sink, "block"))
+        with torch.no_grad():
+            out = attn(x, encoder_hidden_states=ctx)
+            q, k = attn.to_q(x).float(), attn.to_k(ctx).float()  # the module's own bf16 projections
+        probs = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1)  # (1, 16, 8) in fp32
+        expected = probs[..., [1, 2]].sum(-1)  # (1, 16)
+        return (sink.maps[:, 0] - expected).abs().max().item(), out.dtype
+
+    err_plain, dtype = run(False)
+    err_upcast, _ = run(True)
+    assert dtype == torch.bfloat16
+    assert err_upcast < 1e-5 < err_plain, (err_upcast, err_plain)

@@ -115,3 +115,24 @@ def test_zero_init_starts_at_the_base_model(pipe):
     assert torch.equal(unet_out(pipe.unet), base)
     residuals.new_concept(pipe.unet, "r", residuals.ranks_for(pipe.unet), init="random")
     assert not torch.equal(unet_out(pipe.unet), base)
+
+
+def test_training_freezes_a_pipeline_handed_in_unfrozen_and_restores_it(pipe, concept_dir):
+    from persres.images import read_folder
+    from persres.train import train_residuals
+
+    pipe.unet.requires_grad_(True)
+    train_residuals(pipe, [r.image for r in read_folder(concept_dir)], "sks", "circle", TrainConfig(steps=2))
+    assert all(p.grad is None for p in pipe.unet.parameters())  # no backward compute spent on base weights
+    assert all(p.requires_grad for p in pipe.unet.parameters())  # and the pipeline is left as it was
+
+
+def test_a_sample_prediction_scheduler_is_refused(pipe, concept_dir):
+    from persres.errors import InputError
+    from persres.images import read_folder
+    from persres.train import train_residuals
+
+    pipe.scheduler.register_to_config(prediction_type="sample")
+    with pytest.raises(InputError, match="'sample'"):
+        train_residuals(pipe, [r.image for r in read_folder(concept_dir)], "sks", "circle", TrainConfig(steps=1))
+    assert not residuals.layers_of(pipe.unet) or not residuals.loaded_concepts(pipe.unet)

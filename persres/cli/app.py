@@ -49,10 +49,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     cls=OneLineErrors,
+    rich_markup_mode=None,  # help strings render as written: "[default: 150, paper]" is text, not markup
 )
-config_app = typer.Typer(help="Show or change persres settings (the default model).", no_args_is_help=True)
+config_app = typer.Typer(help="Show or change persres settings (the default model).", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(config_app, name="config")
-bench_app = typer.Typer(help="Benchmarks of the method: CustomConcept101 (CLIP/DINO) and the toy world.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks of the method: CustomConcept101 (CLIP/DINO) and the toy world.", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -143,7 +145,7 @@ def _model(registry, model: Optional[str]) -> str:
 @app.command()
 @command
 def train(
-    images_dir: Path = typer.Argument(..., help="Folder of 3-15 photos of one thing."),
+    images_dir: str = typer.Argument(..., help="Folder of 3-15 photos of one thing, or toy:NAME for a shipped toy concept."),
     name: str = typer.Option(..., "--name", help="Name to register the concept under."),
     class_word: str = typer.Option(..., "--class", help='The concept\'s class word, e.g. "dog".'),
     model: Optional[str] = typer.Option(None, help="Diffusers directory, hub id, or 'toy'."),
@@ -155,25 +157,29 @@ def train(
     resolution: Optional[int] = typer.Option(None, help="Training resolution [default: the model's]."),
     seed: Optional[int] = typer.Option(None, help="Random seed [default: 0]."),
     init: Optional[str] = typer.Option(None, help="Factor init: zero (A=0) or random [default: zero]."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Also train on mirrored references [default: on]."),
     prompt: Optional[str] = typer.Option(None, help='Training prompt template [default: "a photo of a {identifier} {class_word}", paper].'),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing", help="Trade compute for memory (small GPUs)."),
 ):
     """Learn a concept's residuals from a folder of images and register the pack."""
-    from persres.api import train_concept, train_config_for
+    from persres.api import effective_settings, settings_sources, train_concept, train_config_for
 
     registry = _registry()
     registry.check_new_name(name)
     resolved = _model(registry, model)
     overrides = dict(steps=steps, batch_size=batch_size, lr=lr, rank_ratio=rank_ratio, rank=rank,
-                     resolution=resolution, seed=seed, init=init, prompt=prompt, device=device, precision=precision,
-                     gradient_checkpointing=gradient_checkpointing)
+                     resolution=resolution, seed=seed, init=init, flip=flip, prompt=prompt, device=device if device != "auto" else None,
+                     precision=precision if precision != "auto" else None, gradient_checkpointing=gradient_checkpointing)
     config = train_config_for(resolved, overrides)
+    sources = settings_sources(resolved, overrides)
+    out.print(f"settings: {effective_settings(config, sources)}", markup=False, highlight=False)
     with _progress(f"training {name}", "steps", "loss {task.fields[loss]}") as bar:
         task = bar.add_task("train", total=config.steps, loss="...")
         outcome = train_concept(images_dir, name, class_word, model=resolved, config=config, registry=registry,
-                                progress=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.4f}"))
+                                progress=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.4f}"),
+                                sources=sources)
     rec = outcome.record
     out.print(f"trained [bold]{name}[/] ({rec.meta.parameter_count:,} parameters, loss {rec.meta.loss_start:.4f} -> "
               f"{rec.meta.loss_end:.4f}) in {outcome.seconds:.1f}s; pack {rec.path}; prompt it as "
@@ -228,14 +234,19 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
     if as_json:
         print(json.dumps([r.to_dict() for r in records] + [{"name": d.name, "damaged": d.problem} for d in damaged], indent=2))
         return
-    table = Table("name", "class", "identifier", "params", "loss", "base model", "created")
+    from rich.table import Column
+
+    wide = out.width >= 120  # a narrow terminal drops base model and date; names, identifiers and hashes are never cut
+    table = Table(Column("name", overflow="fold"), Column("class", overflow="fold"), Column("identifier", overflow="fold"),
+                  Column("params", no_wrap=True), Column("loss", overflow="fold"),
+                  *((Column("base model", overflow="fold"), Column("created", overflow="fold")) if wide else ()))
     for r in records:
         m = r.meta
         loss = f"{m.loss_start:.3f} -> {m.loss_end:.3f}" if m.loss_start is not None else ""
         ident = m.identifier + (" (shared)" if r.shared_identifier else "")
-        table.add_row(m.name, m.class_word, ident, f"{m.parameter_count:,}", loss, m.base_model, m.created_at)
+        table.add_row(m.name, m.class_word, ident, f"{m.parameter_count:,}", loss, *((m.base_model, m.created_at) if wide else ()))
     for d in damaged:
-        table.add_row(d.name, "[red]damaged[/]", "", "", "", d.problem, "")
+        table.add_row(d.name, "[red]damaged[/]", "", "", d.problem, *(("", "") if wide else ()))
     out.print(table if records or damaged else "no concepts registered yet (persres train IMAGES_DIR --name NAME --class CLASS)")
 
 
@@ -248,7 +259,9 @@ def show(name: str, as_json: bool = typer.Option(False, "--json", help="Machine-
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    table = Table("field", "value", show_header=False)
+    from rich.table import Column
+
+    table = Table(Column("field", no_wrap=True), Column("value", overflow="fold"), show_header=False)
     for key, value in data.items():
         if key in ("ranks", "channels"):
             value = ", ".join(sorted({str(v) for v in value.values()}, key=int))

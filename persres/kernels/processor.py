@@ -62,6 +62,9 @@ class KernelAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        dtype = query.dtype
+        if getattr(attn, "upcast_attention", False):  # SD 2.x sets it: fp16 scores overflow otherwise
+            query, key, value = query.float(), key.float(), value.float()
         wants_maps = self.sink is not None and is_cross and attention_mask is None
         if attention_mask is not None:  # masks are rare in SD; the plain SDPA path handles them
             out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
@@ -74,7 +77,7 @@ class KernelAttnProcessor:
         if maps is not None:
             self.sink.record(self.block, maps)  # (B, S, Nq)
 
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # (B, Nq, C)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(dtype)  # (B, Nq, C)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if input_ndim == 4:
