@@ -27,9 +27,11 @@ def test_packaged_model_is_sd_v1_structured_and_small():
     pipe = load_pipeline("toy")
     assert type(pipe.unet).__name__ == "UNet2DConditionModel" and pipe.unet.config.use_linear_projection is False
     assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
-    for word in world.vocabulary():  # every caption word is made of known tokens and comes back whole
+    from persres.toy.build import IDENTIFIERS
+
+    for word in [*world.vocabulary(), *IDENTIFIERS]:  # every caption word and filler identifier is one known token
         ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
-        assert pipe.tokenizer.unk_token_id not in ids and pipe.tokenizer.decode(ids).strip() == word, word
+        assert len(ids) == 1 and pipe.tokenizer.decode(ids).strip() == word, word
     size = sum(p.stat().st_size for p in TOY_DIR.rglob("*") if p.is_file())
     assert size < 30 * 2**20
     assert model_defaults(str(TOY_DIR))["lr"] > 0
@@ -53,3 +55,17 @@ def test_short_training_on_a_shipped_concept_lowers_the_loss():
     with residuals.use_concepts(pipe.unet, ["checker"], merged=True):
         after = fixed_noise_loss(pipe, images, prompt, world.SIZE)
     assert after < 0.9 * before, (before, after)
+
+
+def test_training_captions_vary_like_real_captions():
+    import random
+
+    from persres.toy.build import IDENTIFIERS, training_caption
+
+    rng = random.Random(0)
+    captions = [training_caption(world.random_scene(rng), rng) for _ in range(2000)]
+    assert any(c.startswith("a photo of a ") for c in captions)
+    assert any(not c.endswith("background") for c in captions)  # background left out
+    assert any(c.split()[1] in world.SHAPES for c in captions)  # color left out: "a circle ..."
+    with_filler = [c for c in captions if set(c.split()) & set(IDENTIFIERS)]
+    assert 0.05 < len(with_filler) / len(captions) < 0.25  # identifiers: rare, meaningless fillers

@@ -469,6 +469,8 @@ def bench_toy(
     seeds: Optional[int] = typer.Option(None, help="Seeds per prompt [default: 2; 1 with --quick]."),
     singles: bool = typer.Option(True, "--singles/--no-singles", help="The one-concept categories."),
     pairs: bool = typer.Option(True, "--pairs/--no-pairs", help="Two concepts in one prompt."),
+    category: list[str] = typer.Option([], "--category", help="Only these one-concept categories (identity, background, add_object, attribute)."),
+    pair_method: list[str] = typer.Option([], "--pair-method", help="Only these two-concept methods (base, summed, lag)."),
     train_steps: Optional[int] = typer.Option(None, help="Training steps [default: the model's recommendation]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: the model's recommendation]."),
     init: Optional[str] = typer.Option(None, help="Factor init: zero or random [default: the model's recommendation]."),
@@ -494,7 +496,9 @@ def bench_toy(
     config = train_config_for(resolved, {"steps": train_steps, "lr": lr, "init": init, "flip": flip, "prompt": prompt,
                                           "rank_ratio": rank_ratio})
     cfg = ToyBenchConfig(samples=samples or (2 if quick else 8), seeds=tuple(range(seeds or (1 if quick else 2))), quick=quick,
-                         singles=singles, pairs=pairs, sample=SampleConfig(steps=steps, guidance=guidance, multi=multi))
+                         singles=singles, pairs=pairs, categories=tuple(category) or None,
+                         pair_methods=tuple(pair_method) or ("base", "summed", "lag"),
+                         sample=SampleConfig(steps=steps, guidance=guidance, multi=multi))
     pipe = load_pipeline(resolved)
     out_dir.mkdir(parents=True, exist_ok=True)
     with err.status("training the toy concepts (reused when already trained with this config)..."):
@@ -506,7 +510,10 @@ def bench_toy(
     summary = summarize(rows)
     keys = [k for k in ("identity", "background", "added", "attribute", "both_present", "own_minus_other", "own_minus_other_2")
             if any(k in r for r in summary)]
-    table = Table("set", "category", "method", "n", *keys, title=f"toy bench ({'quick' if quick else 'full'}; mean ± 95% interval)")
+    from rich.table import Column
+
+    table = Table(*(Column(h, no_wrap=True) for h in ("set", "category", "method", "n", *keys)),
+                  title=f"toy bench ({'quick' if quick else 'full'}; mean ± 95% interval)")
     for r in summary:
         table.add_row(r["set"], r["category"], r["method"], str(r["n"]),
                       *(f"{r[k]:.2f}±{r[k + '_ci']:.2f}" if k in r else "" for k in keys))

@@ -58,6 +58,8 @@ class ToyBenchConfig:
     quick: bool = False  # fewer prompts
     singles: bool = True  # the one-concept categories
     pairs: bool = True  # two concepts in one prompt
+    categories: tuple[str, ...] | None = None  # one-concept categories to run (None: all)
+    pair_methods: tuple[str, ...] = ("base", "summed", "lag")
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
@@ -226,6 +228,8 @@ def run_toy_bench(pipe, concepts: dict[str, BenchConcept], out: Path, cfg: ToyBe
     grids: dict[str, list[Image.Image]] = {}
     for name, concept in concepts.items() if cfg.singles else ():
         for k, prompt in enumerate(prompts_for(concept.shape, cfg.quick)):
+            if cfg.categories is not None and prompt.category not in cfg.categories:
+                continue
             expanded, used = expand_prompt(prompt.text, [concept.bound], lambda n: concept.bound)
             base_text = prompt.text.replace("V* ", "")
             for seed in cfg.seeds:
@@ -262,17 +266,15 @@ def two_concepts(pipe, left: BenchConcept, right: BenchConcept, cfg: ToyBenchCon
     rows = []
     for seed in cfg.seeds:
         sample = cfg.sample.replace(num_images=cfg.samples, seed=1000 * seed + 999)
-        images = {
-            "base": generate(pipe, base_text, [], sample).images,
-            "summed": generate(pipe, expanded, used, sample.replace(lag=False)).images,
-            "lag": generate(pipe, expanded, used, sample.replace(lag=True)).images,
-        }
+        runs = {"base": (base_text, [], sample), "summed": (expanded, used, sample.replace(lag=False)),
+                "lag": (expanded, used, sample.replace(lag=True))}
+        images = {method: generate(pipe, *runs[method]).images for method in cfg.pair_methods}
         for method, ims in images.items():
             for i, im in enumerate(ims):
                 rows.append({"set": left.concept_set, "concept": f"{left.name}+{right.name}", "category": "two_concepts", "prompt": text, "method": method, "seed": seed, "image": i,
                              **score_pair(im, left, right)})
         if seed == cfg.seeds[0]:
-            grids.setdefault("two_concepts", []).append(grid({"summed (no LAG)": images["summed"], "LAG": images["lag"]}))
+            grids.setdefault("two_concepts", []).append(grid(images))
     return rows
 
 

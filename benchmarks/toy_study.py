@@ -1,0 +1,119 @@
+"""Method choices measured on the toy world's *tuning* concepts (never the held-out ones).
+
+    python benchmarks/toy_study.py training --out benchmarks/results/toy-study-training
+    python benchmarks/toy_study.py lag --out benchmarks/results/toy-study-lag
+
+`training`: factor init (zero / the paper's random), flip augmentation, training prompt and
+lr, each against the shipped model's defaults, on identity and change-background prompts
+(base / no LAG / LAG). `lag`: the multi-concept LAG choices (region tokens, coverage, map
+source) on every tuning pair, with the default training. One process, one pipeline; each
+training variant keeps its packs in its own registry under --out. Writes study.json and
+prints one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+TRAINING_VARIANTS = {
+    "defaults": {},
+    "init random (paper)": {"init": "random"},
+    "no flip (paper)": {"flip": False},
+    "paper prompt": {"prompt": "a photo of a {identifier} {class_word}"},
+    "lr 1e-2": {"lr": 1e-2},
+}
+LAG_VARIANTS = {
+    f"{tokens}, {coverage}, {maps}": {"tokens": tokens, "coverage": coverage, "maps": maps}
+    for tokens in ("identifier+class", "class", "identifier")
+    for coverage in (0.5, 0.3)
+    for maps in ("block", "aggregate")
+}
+
+
+def lifts(summary: list[dict], category: str) -> dict:
+    get = {(r["category"], r["method"]): r for r in summary if r["set"] == "tuning"}
+    out = {}
+    for method in ("nolag-base", "lag-base"):
+        r = get.get((category, method))
+        if r:
+            out[method] = (round(r["identity"], 3), round(r["identity_ci"], 3))
+    for method in ("base", "nolag", "lag"):
+        r = get.get((category, method))
+        if r and "background" in r:
+            out[f"background {method}"] = round(r["background"], 3)
+    return out
+
+
+def pair_scores(summary: list[dict]) -> dict:
+    out = {}
+    for r in summary:
+        if r["category"] == "two_concepts":
+            out[r["method"]] = {k: (round(r[k], 3), round(r[f"{k}_ci"], 3))
+                                for k in ("both_present", "own_minus_other", "own_minus_other_2")}
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("study", choices=("training", "lag"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", default="toy")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=25, help="DDIM steps (studies use 25; reports use the paper's 50)")
+    ap.add_argument("--only", nargs="*", help="variant names to run")
+    args = ap.parse_args(argv)
+
+    from persres.api import train_config_for
+    from persres.config import MultiLagConfig, SampleConfig
+    from persres.models import load_pipeline, resolve_model
+    from persres.registry import Registry
+    from persres.toy import world
+    from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench, summarize
+
+    model = resolve_model(args.model)
+    pipe = load_pipeline(model)
+    names = list(world.CONCEPT_SETS["tuning"])
+    sample = SampleConfig(steps=args.steps)
+    results = {}
+    variants = TRAINING_VARIANTS if args.study == "training" else LAG_VARIANTS
+    for label, change in variants.items():
+        if args.only and label not in args.only:
+            continue
+        t0 = time.time()
+        if args.study == "training":
+            registry = Registry(args.out / "registries" / label.replace(" ", "_").replace("(", "").replace(")", ""))
+            config = train_config_for(model, change)
+            cfg = ToyBenchConfig(samples=args.samples, seeds=tuple(range(args.seeds)), categories=("identity", "background"),
+                                 pairs=False, sample=sample)
+        else:
+            registry = Registry(args.out / "registries" / "defaults")
+            config = train_config_for(model, {})
+            cfg = ToyBenchConfig(samples=args.samples, seeds=tuple(range(args.seeds)), singles=False,
+                                 pair_methods=("lag",) if results else ("base", "summed", "lag"),
+                                 sample=sample.replace(multi=MultiLagConfig(**change)))
+        loaded = prepare_concepts(pipe, names, registry, model, config)
+        rows = run_toy_bench(pipe, loaded, args.out / label.replace(" ", "_").replace(",", ""), cfg,
+                             meta={"variant": label, "train": config.to_dict()})
+        summary = summarize(rows)
+        if args.study == "training":
+            results[label] = {"identity": lifts(summary, "identity"), "background": lifts(summary, "background")}
+        else:
+            results[label] = pair_scores(summary)
+        results[label]["seconds"] = round(time.time() - t0)
+        from persres import residuals
+
+        residuals.remove(pipe.unet)
+        print(label, json.dumps(results[label]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"study": args.study, "model": model, "samples": args.samples, "seeds": args.seeds, "ddim_steps": args.steps,
+            "concepts": names, "defaults": dataclasses.asdict(train_config_for(model, {}))}
+    (args.out / "study.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
