@@ -302,3 +302,37 @@ def test_shipped_toy_concepts_train_from_any_directory(tiny_model, tmp_path, mon
     assert result.exit_code == 0, result.output
     assert len(Registry().get("c").meta.image_hashes) == 5
     assert_one_line_error(run("train", "toy:nope", "--name", "d", "--class", "circle", "--model", tiny_model), "unknown toy concept 'nope'")
+
+
+def test_images_are_normalized_by_mode(tmp_path):
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from persres.images import to_rgb
+
+    sixteen = PILImage.fromarray(np.full((8, 8), 30000, dtype=np.uint16))  # 16-bit gray: mid-gray, not white
+    assert to_rgb(sixteen).getpixel((0, 0)) == (117, 117, 117)
+    clear = PILImage.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red: white after compositing
+    assert to_rgb(clear).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(PILImage.new("LA", (4, 4), (0, 255))).getpixel((0, 0)) == (0, 0, 0)
+    assert to_rgb(PILImage.new("CMYK", (4, 4), (0, 255, 255, 0))).getpixel((0, 0)) == (255, 0, 0)
+    wide = PILImage.new("RGB", (6, 2), (10, 20, 30))
+    exif = wide.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    wide.save(tmp_path / "rot.jpg", exif=exif)
+    with PILImage.open(tmp_path / "rot.jpg") as im:
+        assert to_rgb(im).size == (2, 6)
+
+
+def test_few_or_small_references_warn_but_train(tiny_model, tmp_path):
+    from conftest import write_concept_images
+
+    folder = write_concept_images(tmp_path / "two", n=2)
+    result = run("train", folder, "--name", "two", "--class", "circle", "--model", tiny_model, "--steps", "1")
+    assert result.exit_code == 0 and "only 2 reference image(s)" in result.stderr, result.output
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    for i in range(3):
+        Image.new("RGB", (1, 1), (i, 0, 0)).save(tiny / f"{i}.png")
+    result = run("train", tiny, "--name", "tiny", "--class", "circle", "--model", tiny_model, "--steps", "1")
+    assert result.exit_code == 0 and "smaller than the training resolution" in result.stderr, result.output

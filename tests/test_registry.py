@@ -163,3 +163,26 @@ def test_settings():
     assert Registry().setting("default_model") == "/models/sd14"
     reg.set_setting("default_model", None)
     assert reg.setting("default_model") is None
+
+
+def test_doctor_reports_and_repairs_rows_and_files_that_disagree(persres_home):
+    from typer.testing import CliRunner
+
+    from persres.cli import app
+
+    reg = Registry()
+    for name in ("a", "b"):
+        meta = make_meta(name, {"a": "sks", "b": "zwx"}[name])
+        reg.add(make_tensors(meta), meta)
+    (reg.packs_dir / "b.safetensors").unlink()  # a row without its pack
+    stray = make_meta("stray", "qrv")
+    write_pack(reg.packs_dir / "stray.safetensors", make_tensors(stray), stray)  # a pack without a row
+    result = CliRunner().invoke(app, ["doctor"])
+    assert result.exit_code == 1 and "'b': its pack" in result.stdout, result.output
+    assert "stray.safetensors" in result.stderr + result.stdout  # swept to orphans/ on start, with a note
+    assert len((persres_home / "orphans" / "NOTES.txt").read_text().splitlines()) == 1  # one file moved, once
+    repaired = CliRunner().invoke(app, ["doctor", "--repair"])
+    assert repaired.exit_code == 0 and "row removed" in repaired.stdout
+    clean = CliRunner().invoke(app, ["doctor"])
+    assert clean.exit_code == 0 and "1 concepts, 0 damaged rows, 0 problems" in clean.stdout
+    assert [r.name for r in Registry().list()] == ["a"]
