@@ -31,7 +31,7 @@ LAG_VARIANTS = {
     for tokens in ("identifier+class", "class", "identifier")
     for coverage in (0.5, 0.3)
     for maps in ("block", "aggregate")
-}
+} | {f"paper rule, delay {d}": {"delay": d} for d in (0.1, 0.2, 0.3, 0.5)}
 
 
 def lifts(summary: list[dict], category: str) -> dict:

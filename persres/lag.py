@@ -87,13 +87,16 @@ class LagSession:
     """
 
     def __init__(self, concepts: Sequence[ConceptTokens], cfg: bool, latent_hw: tuple[int, int] | None = None,
-                 keep_masks: bool = False, multi: MultiLagConfig = MultiLagConfig()):
+                 keep_masks: bool = False, multi: MultiLagConfig = MultiLagConfig(), steps: int | None = None):
         self.concepts = list(concepts)
         self.index = {c.name: i for i, c in enumerate(self.concepts)}
         single = len(self.concepts) == 1  # the paper's rule, whatever `multi` says
         self.token_sets = [c.positions if single else c.region_tokens(multi.tokens) for c in self.concepts]
         self.coverage = 0.5 if single else multi.coverage
         self.aggregate = not single and multi.maps == "aggregate"
+        # several concepts: the base model alone lays out the first `delay` of the steps
+        self.delayed = 0 if single or not steps else round(multi.delay * steps)
+        self.evaluation = 0
         self.cfg = cfg
         self.latent_hw = latent_hw
         self.keep_masks = keep_masks
@@ -118,6 +121,7 @@ class LagSession:
         self._regions.pop(block, None)
 
     def _next_evaluation(self) -> None:
+        self.evaluation += 1
         if self._sum is not None:
             self._previous = self._sum / self._sum_count
         self._sum, self._sum_count = None, 0
@@ -140,6 +144,8 @@ class LagSession:
                 if self._previous is not None and self._previous.shape[:2] == maps.shape[:2]:
                     maps = F.interpolate(self._previous, size=(h, w), mode="area").flatten(2)  # (B, K, h*w)
             regions = self._regions[block] = regions_from_maps(maps, self.coverage)
+            if self.evaluation < self.delayed:
+                regions.zero_()
             if self.keep_masks:
                 self._keep(regions, h, w)
         mask = regions[:, self.index[concept]]  # (B, N)
@@ -187,9 +193,10 @@ def lag_regions(
     latent_hw: tuple[int, int] | None = None,
     keep_masks: bool = False,
     multi: MultiLagConfig = MultiLagConfig(),
+    steps: int | None = None,
 ):
     """Inside the block, every residual acts only in its concept's region (one UNet pass per step)."""
-    session = LagSession(concepts, cfg, latent_hw, keep_masks, multi)
+    session = LagSession(concepts, cfg, latent_hw, keep_masks, multi, steps)
     layers = layers_of(unet)
 
     def make(name: str, old):

@@ -136,7 +136,7 @@ def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds
             latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
             session = stack.enter_context(lag_regions(pipe.unet, tokens, cfg=config.guidance > 1, backend=backend,
                                                       latent_hw=latent_hw, keep_masks=config.save_masks,
-                                                      multi=config.multi))
+                                                      multi=config.multi, steps=config.steps))
         elif resolve_backend(backend) is not Backend.SDPA:  # diffusers' default already is SDPA
             stack.enter_context(attention_backend(pipe.unet, backend))
         images = pipe(**call).images

@@ -148,3 +148,64 @@ def test_unavailable_backend_is_refused_before_sampling(pipe):
 
     with pytest.raises(BackendUnavailable):
         generate(pipe, "a red circle", [], SampleConfig(steps=2), backend="flash9")
+
+
+def drive(session, evaluations: int, blocks=("b0", "b1"), n: int = 16, seed: int = 0):
+    """Feed the session `evaluations` UNet passes of random maps; the regions of each pass, per block."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(1, 4, 4, 4)
+    out = []
+    for _ in range(evaluations):
+        per = {}
+        for block in blocks:
+            session.record(block, torch.rand(1, len(session.concepts), n, generator=g))
+            per[block] = torch.stack([session.region(block, c.name, x) for c in session.concepts])
+        out.append(per)
+    return out
+
+
+def test_multi_concept_options_leave_a_single_concept_on_the_paper_rule():
+    from persres.config import MultiLagConfig
+
+    multi = MultiLagConfig(tokens="class", coverage=0.25, maps="aggregate", delay=0.5)
+    one = [ConceptTokens("a", (1, 2), (2,))]
+    paper = drive(LagSession(one, cfg=False, latent_hw=(4, 4)), 3)
+    tuned = drive(LagSession(one, cfg=False, latent_hw=(4, 4), multi=multi, steps=3), 3)
+    for p, t in zip(paper, tuned):
+        for block in p:
+            assert torch.equal(p[block], t[block])
+    assert LagSession(one, cfg=False, multi=multi).token_sets == [(1, 2)]
+
+
+def test_multi_concept_tokens_coverage_and_delay():
+    from persres.config import MultiLagConfig
+
+    two = [ConceptTokens("a", (1, 2), (2,)), ConceptTokens("b", (4, 5), (5,))]
+    session = LagSession(two, cfg=False, latent_hw=(4, 4), multi=MultiLagConfig(tokens="class", coverage=0.25, delay=0.4), steps=5)
+    assert session.token_sets == [(2,), (5,)]
+    passes = drive(session, 5)
+    for k, per in enumerate(passes):
+        for regions in per.values():
+            on = regions.sum().item()
+            if k < 2:  # round(0.4 * 5) = 2 passes of the base model alone
+                assert on == 0
+            else:
+                assert 0 < on <= 2 * 4  # each concept at most a quarter of the 16 pixels, disjoint
+    assert session.evaluation == 4
+
+
+def test_aggregate_maps_come_from_the_previous_pass_of_every_block():
+    from persres.config import MultiLagConfig
+
+    two = [ConceptTokens("a", (1,)), ConceptTokens("b", (2,))]
+    session = LagSession(two, cfg=False, latent_hw=(4, 4), multi=MultiLagConfig(maps="aggregate"))
+    first = torch.zeros(1, 2, 16)
+    first[0, 0, :8], first[0, 1, 8:] = 1.0, 1.0  # a: top half, b: bottom half
+    x = torch.zeros(1, 4, 4, 4)
+    for block in ("b0", "b1"):
+        session.record(block, first)
+        session.region(block, "a", x)
+    flipped = first.flip(1)  # this pass's own maps say the opposite
+    session.record("b0", flipped)
+    a = session.region("b0", "a", x).flatten()
+    assert a[:8].all() and not a[8:].any()  # the previous pass's aggregate decides, not this pass's block

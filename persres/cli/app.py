@@ -480,6 +480,7 @@ def bench_toy(
     lag_tokens: Optional[str] = typer.Option(None, help="Several concepts: region tokens, identifier+class, class or identifier."),
     lag_coverage: Optional[float] = typer.Option(None, help="Several concepts: fraction of pixels in each mask (0.5: median)."),
     lag_maps: Optional[str] = typer.Option(None, help="Several concepts: block (each block's own) or aggregate (previous evaluation's, all blocks)."),
+    lag_delay: Optional[float] = typer.Option(None, help="Several concepts: fraction of steps the base model runs alone first."),
 ):
     """Train the toy concepts and score identity, background, added objects, attributes and concept pairs, with and without LAG."""
     import dataclasses
@@ -490,7 +491,7 @@ def bench_toy(
     from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench, select_concepts, summarize
 
     names = select_concepts(concept, concept_set)
-    multi = MultiLagConfig(**{k: v for k, v in {"tokens": lag_tokens, "coverage": lag_coverage, "maps": lag_maps}.items() if v is not None})
+    multi = MultiLagConfig(**{k: v for k, v in {"tokens": lag_tokens, "coverage": lag_coverage, "maps": lag_maps, "delay": lag_delay}.items() if v is not None})
     registry = _registry()
     resolved = _model(registry, model)
     config = train_config_for(resolved, {"steps": train_steps, "lr": lr, "init": init, "flip": flip, "prompt": prompt,
