@@ -518,7 +518,7 @@ def bench_toy(
     for r in summary:
         table.add_row(r["set"], r["category"], r["method"], str(r["n"]),
                       *(f"{r[k]:.2f}±{r[k + '_ci']:.2f}" if k in r else "" for k in keys))
-    out.print(table, width=max(out.width, 160))
+    Console(width=max(out.width, 200)).print(table)  # never squeezed into a pipe's 80 columns
     out.print(f"results in {out_dir}/results.csv, results.json and grid-*.png")
 
 
