@@ -188,11 +188,6 @@ def import_concept(
         raise InputError(f"the identifier must be 1-32 lowercase letters, got {identifier!r}")
     model, _ = model_for(registry, model)
     if pipe is None:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
         pipe = load_pipeline(model)
     if identifier is not None and not is_single_token(pipe.tokenizer, identifier):
         raise InputError(f"the identifier {identifier!r} is not one token of this model's tokenizer; pick another with --identifier")

@@ -34,10 +34,10 @@ class OneLineErrors(TyperGroup):
             if type(e).__name__ == "NoArgsIsHelpError":  # a bare `persres` or `persres config`: help, not an error
                 e.show()
                 rv = 0
-                return rv if not standalone_mode else sys.exit(0)
-            where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
-            err.print(f"error: {' '.join(e.format_message().split())}{where}", markup=False)
-            rv = 1
+            else:
+                where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
+                err.print(f"error: {' '.join(e.format_message().split())}{where}", markup=False)
+                rv = 1
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -315,7 +315,7 @@ def import_(
     from persres.api import import_concept
 
     registry = _registry()
-    record = import_concept(file, name, class_word, identifier, model=_model(registry, model) if model else None,
+    record = import_concept(file, name, class_word, identifier, model=_model(registry, model),
                             registry=registry, proj_out_only=proj_out_only)
     shared = " (shared with another concept: they cannot share a prompt)" if record.shared_identifier else ""
     out.print(f"imported {record.name} ({record.meta.class_word}, identifier {record.meta.identifier!r}{shared})", markup=False)
