@@ -25,6 +25,8 @@ TRAINING_VARIANTS = {
     "no flip (paper)": {"flip": False},
     "paper prompt": {"prompt": "a photo of a {identifier} {class_word}"},
     "lr 1e-2": {"lr": 1e-2},
+    "rank ratio 0.2": {"rank_ratio": 0.2},
+    "800 steps": {"steps": 800},
 }
 LAG_VARIANTS = {
     f"{tokens}, {coverage}, {maps}": {"tokens": tokens, "coverage": coverage, "maps": maps}
