@@ -27,6 +27,11 @@ TRAINING_VARIANTS = {
     "lr 1e-2": {"lr": 1e-2},
     "rank ratio 0.2": {"rank_ratio": 0.2},
     "800 steps": {"steps": 800},
+    "rank ratio 0.2, 800 steps": {"rank_ratio": 0.2, "steps": 800},
+    "rank ratio 0.5": {"rank_ratio": 0.5},
+    "rank ratio 0.2, lr 1e-2": {"rank_ratio": 0.2, "lr": 1e-2},
+    "zoom 0.5": {"scale_min": 0.5},
+    "rank ratio 0.2, zoom 0.5": {"rank_ratio": 0.2, "scale_min": 0.5},
 }
 LAG_VARIANTS = {
     f"{tokens}, {coverage}, {maps}": {"tokens": tokens, "coverage": coverage, "maps": maps}
@@ -68,6 +73,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps (studies use 25; reports use the paper's 50)")
     ap.add_argument("--only", nargs="*", help="variant names to run")
+    ap.add_argument("--pairs", action="store_true", help="training study: also the two-concept prompts (summed, LAG)")
     args = ap.parse_args(argv)
 
     from persres.api import train_config_for
@@ -91,7 +97,7 @@ def main(argv=None) -> None:
             registry = Registry(args.out / "registries" / label.replace(" ", "_").replace("(", "").replace(")", ""))
             config = train_config_for(model, change)
             cfg = ToyBenchConfig(samples=args.samples, seeds=tuple(range(args.seeds)), categories=("identity", "background"),
-                                 pairs=False, sample=sample)
+                                 pairs=args.pairs, pair_methods=("summed", "lag"), sample=sample)
         else:
             registry = Registry(args.out / "registries" / "defaults")
             config = train_config_for(model, {})
@@ -104,6 +110,8 @@ def main(argv=None) -> None:
         summary = summarize(rows)
         if args.study == "training":
             results[label] = {"identity": lifts(summary, "identity"), "background": lifts(summary, "background")}
+            if args.pairs:
+                results[label]["pairs"] = pair_scores(summary)
         else:
             results[label] = pair_scores(summary)
         results[label]["seconds"] = round(time.time() - t0)
@@ -114,7 +122,12 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"study": args.study, "model": model, "samples": args.samples, "seeds": args.seeds, "ddim_steps": args.steps,
             "concepts": names, "defaults": dataclasses.asdict(train_config_for(model, {}))}
-    (args.out / "study.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    path = args.out / "study.json"
+    if path.exists():  # variants run in several invocations accumulate; the latest run of a variant wins
+        previous = json.loads(path.read_text())
+        meta = previous["meta"] | {"note": previous["meta"].get("note", "")}
+        results = previous["results"] | results
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def train_config_for(model: str, overrides: dict) -> TrainConfig:
 
 
 PAPER_FIELDS = ("steps", "batch_size", "lr", "rank_ratio", "prompt")  # set by the paper (Sec. 4); the rest are persres's
-SHOWN_FIELDS = ("steps", "batch_size", "lr", "rank_ratio", "rank", "resolution", "init", "flip", "prompt", "seed",
+SHOWN_FIELDS = ("steps", "batch_size", "lr", "rank_ratio", "rank", "resolution", "init", "flip", "scale_min", "prompt", "seed",
                 "device", "precision")
 
 

@@ -196,7 +196,7 @@ def fixed_noise_loss(pipe, images, prompt: str, resolution: int, seed: int = 123
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(batches):
-        latents, emb = source.sample(4, g)  # (4, 4, h, w)
+        latents, emb, _ = source.sample(4, g)  # (4, 4, h, w)
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (4,), generator=g)
         noisy = pipe.scheduler.add_noise(latents, noise, t)

@@ -2,19 +2,21 @@
 
 Only the residual factors require grad. Everything frozen is computed once: the reference
 images are encoded by the VAE a single time (the latent distribution's mean and std are
-kept and a latent is sampled per step; horizontal flips are extra cached entries), and the
-prompt "a photo of a {identifier} {class}" is encoded a single time. Each step is then one
+kept and a latent is sampled per step; horizontal flips and zoom-out views are extra cached
+entries, a zoom-out view with a latent mask that keeps its loss on the image), and the prompt "a photo of a {identifier} {class}" is encoded a single time. Each step is then one
 UNet forward and backward, the floor of what a trainer must do.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import numpy as np
 from PIL import Image, ImageOps
 
 from persres import residuals
@@ -45,12 +47,40 @@ class CachedBatchSource:
     std: torch.Tensor  # (N, 4, h, w)
     embedding: torch.Tensor  # (1, tokens, D)
     scaling_factor: float
+    mask: torch.Tensor | None = None  # (N, 1, h, w) where the loss counts; None: everywhere
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, self.mean.shape[0], (batch_size,), generator=generator, device=generator.device)
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(latents (B, 4, h, w), prompt embeddings (B, tokens, D), loss mask (B, 1, h, w) or None)."""
+        if self.mask is None:
+            idx = torch.randint(0, self.mean.shape[0], (batch_size,), generator=generator, device=generator.device)
+        else:  # half the draws are whole references, half zoom-out views
+            full = self.mask.flatten(1).all(dim=1)  # (N,)
+            weights = torch.where(full, 1.0 / full.sum(), 1.0 / (~full).sum().clamp_min(1)).to(generator.device)
+            idx = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
         eps = torch.randn(self.mean[idx].shape, generator=generator, device=generator.device)
         latents = (self.mean[idx] + self.std[idx] * eps) * self.scaling_factor  # (B, 4, h, w)
-        return latents, self.embedding.expand(batch_size, -1, -1)
+        mask = None if self.mask is None else self.mask[idx]
+        return latents, self.embedding.expand(batch_size, -1, -1), mask
+
+
+ZOOM_VIEWS = 4  # zoom-out views cached per reference (and per flipped reference); drawn half the time
+
+
+def zoom_out_views(square: Image.Image, scale_min: float, cell: int, rng: random.Random) -> list[tuple[Image.Image, tuple[int, int, int, int]]]:
+    """ZOOM_VIEWS copies of `square`, each shrunk to a random scale in [scale_min, 1) and placed at
+    a random position on a canvas of the same size whose outside repeats the image's edge pixels
+    (Custom Diffusion's augmentation). Sizes and positions are multiples of `cell` (the VAE's
+    scale factor), so each view's box (left, top, right, bottom), in latent cells, is exact."""
+    side = square.size[0]
+    cells = side // cell
+    out = []
+    for _ in range(ZOOM_VIEWS):
+        n = max(1, min(cells - 1, round(rng.uniform(scale_min, 1.0) * cells)))  # the view's side, in cells
+        x0, y0 = rng.randint(0, cells - n), rng.randint(0, cells - n)
+        small = np.asarray(square.resize((n * cell, n * cell), Image.Resampling.BICUBIC).convert("RGB"))
+        pad = ((y0 * cell, (cells - n - y0) * cell), (x0 * cell, (cells - n - x0) * cell), (0, 0))
+        out.append((Image.fromarray(np.pad(small, pad, mode="edge")), (x0, y0, x0 + n, y0 + n)))
+    return out
 
 
 def default_resolution(pipe) -> int:
@@ -58,18 +88,29 @@ def default_resolution(pipe) -> int:
 
 
 @torch.no_grad()
-def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: int, flip: bool, chunk: int = 4) -> CachedBatchSource:
+def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: int, flip: bool, chunk: int = 4,
+                 scale_min: float = 1.0, seed: int = 0) -> CachedBatchSource:
     device, dtype = pipe.unet.device, pipe.unet.dtype
     squares = [center_square(im, resolution) for im in images]
     if flip:
         squares += [ImageOps.mirror(im) for im in squares]
+    mask = None
+    if scale_min < 1.0:
+        cell = pipe.vae_scale_factor
+        cells = resolution // cell
+        views = [v for i, im in enumerate(squares) for v in zoom_out_views(im, scale_min, cell, random.Random(seed * 1_000_003 + i))]
+        mask = torch.ones(len(squares) + len(views), 1, cells, cells, device=device)  # (N, 1, h, w)
+        for k, (_, (x0, y0, x1, y1)) in enumerate(views, start=len(squares)):
+            mask[k] = 0
+            mask[k, :, y0:y1, x0:x1] = 1
+        squares += [im for im, _ in views]
     pixels = torch.stack([to_tensor(im) for im in squares]).to(device, pipe.vae.dtype)  # (N, 3, H, W)
     dists = [pipe.vae.encode(part).latent_dist for part in pixels.split(chunk)]  # chunk: bounds the VAE's peak memory
     mean = torch.cat([d.mean for d in dists]).float()
     std = torch.cat([d.std for d in dists]).float()
     ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     embedding = pipe.text_encoder(ids.to(device))[0].to(dtype)  # (1, tokens, D)
-    return CachedBatchSource(mean, std, embedding, pipe.vae.config.scaling_factor)
+    return CachedBatchSource(mean, std, embedding, pipe.vae.config.scaling_factor, mask)
 
 
 def train_residuals(
@@ -91,7 +132,8 @@ def train_residuals(
     resolution = config.resolution or default_resolution(pipe)
     device = unet.device
     gen = torch.Generator(device=device).manual_seed(config.seed)
-    source = cache_inputs(pipe, images, prompt, resolution, config.flip, chunk=config.batch_size)
+    source = cache_inputs(pipe, images, prompt, resolution, config.flip, chunk=config.batch_size,
+                          scale_min=config.scale_min, seed=config.seed)
 
     ranks = residuals.ranks_for(unet, config.rank_ratio, config.rank)
     # Only the factors learn: a pipeline handed in unfrozen would otherwise back-propagate into
@@ -114,14 +156,17 @@ def train_residuals(
     t0 = time.perf_counter()
     try:
         for step in range(config.steps):
-            latents, emb = source.sample(config.batch_size, gen)
+            latents, emb, mask = source.sample(config.batch_size, gen)
             noise = torch.randn(latents.shape, generator=gen, device=device)
             t = torch.randint(0, num_t, (config.batch_size,), generator=gen, device=device)
             a = alphas[t].view(-1, 1, 1, 1)
             noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # (B, 4, h, w)
             target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
             pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=emb).sample
-            loss = F.mse_loss(pred.float(), target)
+            if mask is None:
+                loss = F.mse_loss(pred.float(), target)
+            else:  # the mean over the image's cells only
+                loss = ((pred.float() - target) ** 2 * mask).sum() / (mask.sum() * pred.shape[1])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -82,7 +82,7 @@ def test_only_residual_factors_receive_gradients(pipe):
     from PIL import Image
 
     source = cache_inputs(pipe, [Image.new("RGB", (16, 16), (200, 10, 10))], "a photo of a sks circle", 16, flip=False)
-    latents, emb = source.sample(2, torch.Generator().manual_seed(0))
+    latents, emb, _ = source.sample(2, torch.Generator().manual_seed(0))
     unet(latents, torch.tensor([1, 2]), encoder_hidden_states=emb).sample.square().mean().backward()
     trainable = {id(p) for f in factors.values() for p in f.parameters()}
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -136,3 +136,58 @@ def test_a_sample_prediction_scheduler_is_refused(pipe, concept_dir):
     with pytest.raises(InputError, match="'sample'"):
         train_residuals(pipe, [r.image for r in read_folder(concept_dir)], "sks", "circle", TrainConfig(steps=1))
     assert not residuals.layers_of(pipe.unet) or not residuals.loaded_concepts(pipe.unet)
+
+
+def test_zoom_out_views_shrink_the_reference_onto_its_own_edge_pixels():
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from persres.train import ZOOM_VIEWS, zoom_out_views
+
+    arr = np.zeros((32, 32, 3), np.uint8)
+    arr[:, :] = (10, 20, 200)  # a blue border all round ...
+    arr[8:24, 8:24] = (250, 250, 0)  # ... around a yellow square
+    square = Image.fromarray(arr)
+    views = zoom_out_views(square, 0.5, 4, random.Random(3))
+    assert len(views) == ZOOM_VIEWS
+    assert [b for _, b in views] == [b for _, b in zoom_out_views(square, 0.5, 4, random.Random(3))]  # seeded
+    for image, (x0, y0, x1, y1) in views:
+        assert image.size == (32, 32)
+        assert 0 <= x0 < x1 <= 8 and 0 <= y0 < y1 <= 8 and x1 - x0 == y1 - y0  # in cells of 4 px
+        assert 4 <= x1 - x0 <= 7  # scale in [0.5, 1): never the whole canvas
+        px = np.asarray(image)
+        outside = np.ones((32, 32), bool)
+        outside[y0 * 4 : y1 * 4, x0 * 4 : x1 * 4] = False
+        assert (px[outside] == (10, 20, 200)).all()  # the edge repeated: no black frame
+        inside = px[y0 * 4 : y1 * 4, x0 * 4 : x1 * 4].reshape(-1, 3)
+        assert (np.abs(inside.astype(int) - (250, 250, 0)).sum(-1) < 30).mean() > 0.15  # the object is in the box
+
+
+def test_zoom_out_training_masks_the_loss_to_the_image(pipe, concept_dir):
+    from persres.images import read_folder
+    from persres.train import ZOOM_VIEWS, cache_inputs
+
+    images = [r.image for r in read_folder(concept_dir)]
+    plain = cache_inputs(pipe, images, "a photo of a sks circle", 16, flip=True)
+    assert plain.mask is None
+    source = cache_inputs(pipe, images, "a photo of a sks circle", 16, flip=True, scale_min=0.5, seed=1)
+    n = 2 * len(images)
+    assert source.mean.shape[0] == n * (1 + ZOOM_VIEWS)
+    torch.testing.assert_close(source.mean[:n], plain.mean)  # the whole references come first, unchanged
+    full = source.mask.flatten(1).all(dim=1)
+    assert full[:n].all() and not full[n:].any()
+    areas = source.mask[n:].flatten(1).sum(1)
+    assert (areas > 0).all() and (areas < source.mask[0].numel()).all()
+    _, _, mask = source.sample(4000, torch.Generator().manual_seed(0))
+    share = mask.flatten(1).all(dim=1).float().mean().item()
+    assert 0.45 < share < 0.55, share  # half the draws whole references, half zoomed
+
+
+def test_scale_min_is_range_checked():
+    from persres.errors import InputError
+
+    for bad in (0.1, 1.5, float("nan"), "0.5"):
+        with pytest.raises(InputError, match="--scale-min"):
+            TrainConfig(scale_min=bad)

@@ -158,6 +158,7 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Random seed [default: 0]."),
     init: Optional[str] = typer.Option(None, help="Factor init: zero (A=0) or random [default: zero]."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Also train on mirrored references [default: on]."),
+    scale_min: Optional[float] = typer.Option(None, help="Zoom-out views: references also shrunk to [scale_min, 1) at random places, 1 = off [default: 1]."),
     prompt: Optional[str] = typer.Option(None, help='Training prompt template [default: "a photo of a {identifier} {class_word}", paper].'),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
@@ -170,7 +171,7 @@ def train(
     registry.check_new_name(name)
     resolved = _model(registry, model)
     overrides = dict(steps=steps, batch_size=batch_size, lr=lr, rank_ratio=rank_ratio, rank=rank,
-                     resolution=resolution, seed=seed, init=init, flip=flip, prompt=prompt, device=device if device != "auto" else None,
+                     resolution=resolution, seed=seed, init=init, flip=flip, scale_min=scale_min, prompt=prompt, device=device if device != "auto" else None,
                      precision=precision if precision != "auto" else None, gradient_checkpointing=gradient_checkpointing)
     config = train_config_for(resolved, overrides)
     sources = settings_sources(resolved, overrides)
@@ -477,6 +478,7 @@ def bench_toy(
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Flipped copies of the references [default: the model's recommendation]."),
     prompt: Optional[str] = typer.Option(None, help="Training prompt template [default: the model's recommendation]."),
     rank_ratio: Optional[float] = typer.Option(None, help="Rank as a fraction of channels [default: the model's recommendation]."),
+    scale_min: Optional[float] = typer.Option(None, help="Zoom-out views down to this scale, 1 = off [default: the model's recommendation]."),
     lag_tokens: Optional[str] = typer.Option(None, help="Several concepts: region tokens, identifier+class, class or identifier."),
     lag_coverage: Optional[float] = typer.Option(None, help="Several concepts: fraction of pixels in each mask (0.5: median)."),
     lag_maps: Optional[str] = typer.Option(None, help="Several concepts: block (each block's own) or aggregate (previous evaluation's, all blocks)."),
@@ -495,7 +497,7 @@ def bench_toy(
     registry = _registry()
     resolved = _model(registry, model)
     config = train_config_for(resolved, {"steps": train_steps, "lr": lr, "init": init, "flip": flip, "prompt": prompt,
-                                          "rank_ratio": rank_ratio})
+                                          "rank_ratio": rank_ratio, "scale_min": scale_min})
     cfg = ToyBenchConfig(samples=samples or (2 if quick else 8), seeds=tuple(range(seeds or (1 if quick else 2))), quick=quick,
                          singles=singles, pairs=pairs, categories=tuple(category) or None,
                          pair_methods=tuple(pair_method) or ("base", "summed", "lag"),
