@@ -23,7 +23,8 @@ from persres import __version__
 from persres.config import SampleConfig, TrainConfig
 from persres.images import check_writable_dir, contact_sheet, read_folder, save_png, warn_if_small
 from persres.errors import InputError, PersresError
-from persres.models import DEFAULTS_FILE, fingerprint, is_default_toy, load_pipeline, model_defaults, pick_device, pick_dtype, resolve_model
+from persres.families import family_of
+from persres.models import DEFAULTS_FILE, file_sha256, fingerprint, is_single_file, is_default_toy, load_pipeline, model_defaults, pick_device, pick_dtype, resolve_model
 from persres.packs import PackMeta
 from persres.registry import ConceptRecord, Registry
 from persres.residuals import block_channels, proj_out_kind
@@ -32,6 +33,7 @@ from persres.tokens import BoundConcept, check_class_word, expand_prompt, is_sin
 
 DEFAULT_MODEL_KEY = "default_model"
 TOY_NOTICE_KEY = "toy_notice_shown"
+DEFAULT_MODEL_CONFIG_KEY = "default_model_config"  # the configs directory of a single-file default model
 
 
 def model_for(registry: Registry, model: str | None) -> tuple[str, bool]:
@@ -42,6 +44,16 @@ def model_for(registry: Registry, model: str | None) -> tuple[str, bool]:
     if first_toy:
         registry.set_setting(TOY_NOTICE_KEY, "1")
     return resolved, first_toy
+
+
+def model_config_for(registry: Registry, model: str, given: str | None = None) -> str | None:
+    """The diffusers configs directory for a single-file `model`: the one given, else
+    $PERSRES_MODEL_CONFIG, else the one `config model FILE --config DIR` stored with it."""
+    import os
+
+    if given or os.environ.get("PERSRES_MODEL_CONFIG"):
+        return given or os.environ["PERSRES_MODEL_CONFIG"]
+    return registry.setting(DEFAULT_MODEL_CONFIG_KEY) if model == registry.setting(DEFAULT_MODEL_KEY) else None
 
 
 def train_config_for(model: str, overrides: dict) -> TrainConfig:
@@ -112,6 +124,7 @@ def train_concept(
     progress=None,
     pipe=None,
     sources: dict[str, str] | None = None,
+    model_config: str | None = None,
 ) -> TrainOutcome:
     """Train a concept from a folder of images and register its pack. Nothing is registered on failure."""
     from persres.train import train_residuals
@@ -125,7 +138,7 @@ def train_concept(
     config = config or train_config_for(model, overrides or {})
     if pipe is None:
         device = pick_device(config.device)
-        pipe = load_pipeline(model, device, pick_dtype(config.precision, device))
+        pipe = load_pipeline(model, device, pick_dtype(config.precision, device), model_config_for(registry, model, model_config))
     from persres.train import default_resolution
 
     warn_if_small(references, config.resolution or default_resolution(pipe))
@@ -141,8 +154,11 @@ def _register(registry, pipe, name, identifier, class_word, model, config, refer
         name=name, identifier=identifier, class_word=class_word, ranks=result.ranks,
         channels=block_channels(pipe.unet), parameter_count=result.parameter_count,
         base_model=model, architecture=fp.architecture, weights=fp.weights, proj_out=proj_out_kind(pipe.unet),
+        family=family_of(pipe),
         train_config={**config.to_dict(), "prompt_template": config.prompt, "resolution": result.resolution, "prompt": result.prompt,
-                      **({"sources": sources} if sources else {})},
+                      **({"sources": sources} if sources else {}),
+                      "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
+                      **({"checkpoint_sha256": file_sha256(model)} if is_single_file(model) else {})},
         image_hashes=[r.sha256 for r in references],
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         loss_start=result.losses[0], loss_end=result.losses[-1], seconds=result.seconds,
@@ -161,6 +177,7 @@ def import_concept(
     registry: Registry | None = None,
     proj_out_only: bool = False,
     pipe=None,
+    model_config: str | None = None,
 ) -> ConceptRecord:
     """Register a persres pack, or any proj_out LoRA (kohya, diffusers/peft, a persres export) fitted to `model`.
 
@@ -188,7 +205,7 @@ def import_concept(
         raise InputError(f"the identifier must be 1-32 lowercase letters, got {identifier!r}")
     model, _ = model_for(registry, model)
     if pipe is None:
-        pipe = load_pipeline(model)
+        pipe = load_pipeline(model, config=model_config_for(registry, model, model_config))
     if identifier is not None and not is_single_token(pipe.tokenizer, identifier):
         raise InputError(f"the identifier {identifier!r} is not one token of this model's tokenizer; pick another with --identifier")
     lora = read_foreign(path, block_channels(pipe.unet), proj_out_only)
@@ -203,7 +220,7 @@ def import_concept(
         return PackMeta(
             name=name, identifier=ident, class_word=class_word, ranks=ranks, channels=channels,
             parameter_count=sum(2 * channels[b] * r for b, r in ranks.items()), base_model=model,
-            architecture=fp.architecture, weights=fp.weights, proj_out=proj_out_kind(pipe.unet),
+            architecture=fp.architecture, weights=fp.weights, proj_out=proj_out_kind(pipe.unet), family=family_of(pipe),
             train_config={"imported_from": lora.fmt, "source_file": path.name},
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )
@@ -260,6 +277,7 @@ def generate_images(
     pipe=None,
     sheet: bool = False,
     on_step=None,
+    model_config: str | None = None,
 ) -> tuple[list[Path], Generated]:
     """Expand the prompt, load its concepts, sample, and write PNGs that say how they were made
     (with `sheet`, also one enlarged contact sheet of the call: images, then each concept's masks)."""
@@ -269,7 +287,7 @@ def generate_images(
     model, _ = model_for(registry, model)
     if pipe is None:
         dev = pick_device(device)
-        pipe = load_pipeline(model, dev, pick_dtype(precision, dev))
+        pipe = load_pipeline(model, dev, pick_dtype(precision, dev), model_config_for(registry, model, model_config))
     apply_concepts(pipe, [c.name for c in concepts], registry, model)
     result = generate(pipe, expanded, concepts, config, backend, on_step=on_step)
     out = Path(out_dir)

@@ -1,4 +1,4 @@
-"""Load a diffusers Stable Diffusion v1.x pipeline (a directory, a hub id, or "toy") and fingerprint it."""
+"""Load a diffusers Stable Diffusion pipeline (SD 1.x, SD 2.x or SDXL: a directory, a hub id, or "toy") and fingerprint it."""
 
 from __future__ import annotations
 
@@ -24,19 +24,36 @@ def resolve_model(model: str | None, configured: str | None = None) -> str:
     if chosen == TOY:
         return str(TOY_DIR)
     local = Path(chosen).expanduser()
-    return str(local.resolve()) if local.is_dir() else chosen  # a directory is recorded absolute
+    return str(local.resolve()) if local.is_dir() or is_single_file(chosen) else chosen  # a path is recorded absolute
 
 
 HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+CONFIG_REPOS = {  # what diffusers' from_single_file reads configs from, per family
+    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd2": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+
+
+def is_single_file(model: str) -> bool:
+    """An original-layout checkpoint file (the AUTOMATIC1111 / ComfyUI kind), by its name."""
+    return isinstance(model, str) and model.lower().endswith(SINGLE_FILE_SUFFIXES) and Path(model).expanduser().is_file()
+
+
 def check_model_value(value: str) -> str:
-    """What `--model` and `config model` accept: 'toy', a diffusers directory, or an org/name hub id."""
+    """What `--model` and `config model` accept: 'toy', a diffusers directory, a single-file
+    checkpoint (.safetensors / .ckpt), or an org/name hub id."""
     if not isinstance(value, str) or not value.strip():
         raise ModelNotFound("the model must be 'toy', a diffusers directory or a hub id (org/name), got an empty value")
     if value == TOY:
         return value
     local = Path(value).expanduser()
+    if is_single_file(value):
+        single_file_family(str(local))  # a Stable Diffusion checkpoint, or ModelNotFound
+        return str(local.resolve())
     if local.exists() or value.startswith((".", "/", "~")):
         if not local.is_dir():
             raise ModelNotFound(f"model {value!r} is not a diffusers directory (no such folder)")
@@ -90,23 +107,122 @@ def model_defaults(model: str) -> dict:
     return train
 
 
-def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """A StableDiffusionPipeline with a DDIM scheduler, no safety checker, frozen and in eval mode."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def pipeline_class_name(model: str) -> str:
+    """The pipeline class a model directory or hub id declares in its model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    local = Path(model)
+    index = local / "model_index.json"
+    if local.is_dir():
+        try:
+            return json.loads(index.read_text()).get("_class_name", "")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise ModelNotFound(f"model {model!r} has no readable model_index.json ({type(e).__name__})") from None
+    return DiffusionPipeline.load_config(model).get("_class_name", "")
+
+
+def single_file_family(path: str) -> str:
+    """sd1, sd2 or sdxl from an original-layout checkpoint's tensor names (the header only for
+    .safetensors); ModelNotFound for a file that is not a Stable Diffusion checkpoint."""
+    try:
+        if path.lower().endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                keys = list(f.keys())
+        else:
+            keys = list(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {}))
+    except Exception as e:  # a damaged header, a pickle that is not a state dict, ...
+        raise ModelNotFound(f"model {path!r} is not a readable checkpoint ({type(e).__name__})") from None
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "sd1"
+    raise ModelNotFound(f"model {path!r} is not a Stable Diffusion checkpoint (no model.diffusion_model.* tensors)")
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_single_file_config(path: str, config: str | None) -> str:
+    """The single file's family, after checking that `config` (if any) is a diffusers directory of it."""
+    from persres.families import family_of_config, label
+
+    family = single_file_family(path)
+    if config is not None:
+        try:
+            unet_config = json.loads((Path(config).expanduser() / "unet" / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise ModelNotFound(f"--config {config!r} is not a diffusers directory (no readable unet/config.json)") from None
+        if family_of_config(unet_config) != family:
+            raise ModelNotFound(f"--config {config!r} is for {label(family_of_config(unet_config))}, "
+                                f"but {path!r} is an {label(family)} checkpoint")
+        return family
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = CONFIG_REPOS[family]
+    if not isinstance(try_to_load_from_cache(repo, "model_index.json"), str):  # persres reads single files offline
+        raise ModelNotFound(
+            f"model {path!r} is an {label(family)} checkpoint whose diffusers configs are not on this machine: "
+            f"pass --config DIR (a diffusers directory of {repo}; configs and tokenizer files suffice), or fetch them once "
+            f"with `huggingface-cli download {repo} --exclude '*.safetensors' '*.bin' '*.ckpt' '*.onnx' '*.msgpack'`"
+        )
+    return family
+
+
+def _load_single_file(path: str, config: str | None, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from persres.families import label
+
+    family = check_single_file_config(path, config)
+    config = None if config is None else str(Path(config).expanduser())
+    cls, kwargs = (StableDiffusionXLPipeline, dict(add_watermarker=False)) if family == "sdxl" else \
+        (StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False))
+    try:
+        return cls.from_single_file(path, config=config, local_files_only=True, torch_dtype=dtype, **kwargs)
+    except Exception as e:
+        source = f"the configs of {config!r}" if config is not None else f"the cached configs of {CONFIG_REPOS[family]}"
+        raise ModelNotFound(f"model {path!r} ({label(family)}) did not load with {source} "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+
+
+def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  config: str | None = None):
+    """A StableDiffusionPipeline or StableDiffusionXLPipeline with a DDIM scheduler, no safety
+    checker or watermark, frozen and in eval mode. `model` is a diffusers directory, a hub id,
+    or a single-file checkpoint; `config` (a diffusers directory) supplies a single file's configs."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from persres.families import PIPELINES, XL_PIPELINE, text_encoders
 
     if model == TOY:
         model = str(TOY_DIR)
     local = Path(model)
     if model == str(TOY_DIR) and not local.is_dir():
         raise ModelNotFound("the toy model is not built in this install; run `python -m persres.toy.build` or pass --model")
-    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
-        if local.is_dir():
-            pipe = StableDiffusionPipeline.from_pretrained(local, local_files_only=True, **kwargs)
-        elif local.exists() or model.startswith((".", "/", "~")):
-            raise ModelNotFound(f"model {model!r} is not a diffusers directory")
+        if is_single_file(model):
+            pipe = _load_single_file(model, config, dtype)
+        elif not local.is_dir() and (local.exists() or model.startswith((".", "/", "~"))):
+            raise ModelNotFound(f"model {model!r} is neither a diffusers directory nor a .safetensors / .ckpt checkpoint")
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(model, **kwargs)
+            class_name = pipeline_class_name(model)
+            if class_name not in PIPELINES:
+                raise ModelNotFound(f"model {model!r} is a {class_name or 'pipeline of no declared class'}; "
+                                    f"persres runs {' and '.join(PIPELINES)} models (SD 1.x, SD 2.x, SDXL)")
+            if class_name == XL_PIPELINE:
+                cls, kwargs = StableDiffusionXLPipeline, dict(add_watermarker=False)
+            else:
+                cls, kwargs = StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False)
+            pipe = cls.from_pretrained(model, torch_dtype=dtype, local_files_only=local.is_dir(), **kwargs)
     except ModelNotFound:
         raise
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError... for missing weights
@@ -116,7 +232,7 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
         ) from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for part in (pipe.unet, pipe.vae, *text_encoders(pipe)):
         part.requires_grad_(False)
         part.eval()
     return pipe.to(device)

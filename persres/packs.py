@@ -56,6 +56,7 @@ class PackMeta:
     architecture: str  # sha256 of the blocks, channels and proj_out kind
     weights: str  # sha256 of the base model's proj_out weights
     proj_out: str = "Conv2d"  # the base model's proj_out kind: Conv2d (SD 1.x) or Linear (SD 2.x/XL)
+    family: str = ""  # sd1, sd2 or sdxl; "" in packs older than the field (`families.family_of_meta` infers it)
     train_config: dict = field(default_factory=dict)
     image_hashes: list[str] = field(default_factory=list)
     created_at: str = ""
@@ -128,6 +129,8 @@ def validate_meta(meta: PackMeta) -> PackMeta:
             raise _bad(field, "must be a string")
     if meta.proj_out not in ("Conv2d", "Linear"):
         raise _bad("proj_out", f"must be Conv2d or Linear, got {meta.proj_out!r}")
+    if meta.family not in ("", "sd1", "sd2", "sdxl"):
+        raise _bad("family", f"must be sd1, sd2 or sdxl, got {meta.family!r}")
     if not isinstance(meta.train_config, dict):
         raise _bad("train_config", "must be an object")
     if not isinstance(meta.image_hashes, list) or not all(isinstance(h, str) for h in meta.image_hashes):

@@ -21,6 +21,7 @@ from PIL import Image
 from persres import residuals
 from persres.config import SampleConfig
 from persres.errors import IncompatiblePack, InputError, PromptError
+from persres.families import family_of, family_of_meta, label
 from persres.kernels import Backend, attention_backend, resolve_backend
 from persres.lag import ConceptTokens, lag_regions
 from persres.models import Fingerprint, fingerprint
@@ -42,12 +43,14 @@ class Generated:
     masks: dict[str, list[np.ndarray]] = field(default_factory=dict)  # concept -> per image (h, w) in [0, 1]
 
 
-def check_fit(meta: PackMeta, fp: Fingerprint, model: str) -> None:
-    """Refuse a pack of another architecture; warn for another checkpoint of the same one."""
+def check_fit(meta: PackMeta, fp: Fingerprint, model: str, family: str | None = None) -> None:
+    """Refuse a pack of another architecture (naming both families); warn for another checkpoint of the same one."""
     if meta.architecture != fp.architecture:
+        ours, theirs = family_of_meta(meta), family or "another architecture"
+        kind = f"an {label(ours)} pack" if ours == theirs or family is None else f"an {label(ours)} pack, not {label(theirs)}"
         raise IncompatiblePack(
-            f"pack {meta.name!r} was trained on {meta.base_model!r} (architecture {meta.architecture[:12]}), "
-            f"which does not fit {model!r} (architecture {fp.architecture[:12]})"
+            f"pack {meta.name!r} is {kind}: it was trained on {meta.base_model!r} (architecture {meta.architecture[:12]}), "
+            f"which does not fit {model!r} ({label(theirs)}, architecture {fp.architecture[:12]})"
         )
     if meta.weights != fp.weights:
         warnings.warn(
@@ -60,7 +63,7 @@ def check_fit(meta: PackMeta, fp: Fingerprint, model: str) -> None:
 
 def apply_pack(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta, model: str | None = None, fp: Fingerprint | None = None) -> None:
     """Load a pack's residuals onto a diffusers pipeline you already hold (checked for fit)."""
-    check_fit(meta, fp or fingerprint(pipe.unet), model or pipe.config.get("_name_or_path", "this model"))
+    check_fit(meta, fp or fingerprint(pipe.unet), model or pipe.config.get("_name_or_path", "this model"), family_of(pipe))
     if meta.name in residuals.loaded_concepts(pipe.unet):
         residuals.unload_concept(pipe.unet, meta.name)
     residuals.load_concept(pipe.unet, meta.name, tensors)

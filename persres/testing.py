@@ -25,6 +25,29 @@ SD14_UNET_CONFIG = dict(
     norm_num_groups=32,
 )
 
+# stabilityai/stable-diffusion-2-1: SD 1.x's layout with Linear proj_out and OpenCLIP-H's 1024 dims
+SD21_UNET_CONFIG = dict(SD14_UNET_CONFIG, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                        use_linear_projection=True)
+
+# stabilityai/stable-diffusion-xl-base-1.0
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    transformer_layers_per_block=(1, 2, 10),
+    projection_class_embeddings_input_dim=2816,
+    cross_attention_dim=2048,
+    norm_num_groups=32,
+)
+
 
 def tiny_components(seed: int = 0, linear_proj: bool = False, cross_attention_dim: int = 32):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -80,6 +103,139 @@ def build_tiny_pipeline(path: str | Path, seed: int = 0, linear_proj: bool = Fal
     pipe.save_pretrained(path)
     return path
 
+
+def tiny_xl_components(seed: int = 0, layers: int = 2):
+    """A tiny SDXL: two text encoders (the second with a projection: the pooled embedding),
+    size/crop conditioning, and `layers` transformer layers in its one cross-attention block
+    per level, as SDXL's blocks hold 2 or 10."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from persres.toy.build import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    text = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, intermediate_size=37, layer_norm_eps=1e-05,
+                num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
+                max_position_embeddings=tokenizer.model_max_length, hidden_act="gelu")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **text))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **text))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, layers),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # time ids + the pooled text embedding
+        cross_attention_dim=64,  # both encoders' hidden states, concatenated
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=16,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer, scheduler=scheduler)
+
+
+def build_tiny_xl_pipeline(path: str | Path, seed: int = 0, layers: int = 2) -> Path:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(**tiny_xl_components(seed, layers), add_watermarker=False)
+    path = Path(path)
+    pipe.save_pretrained(path)
+    return path
+
+
+def _resnet_to_ldm(key: str) -> str:
+    for new, old in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+                     ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")):
+        key = key.replace(f".{new}.", f".{old}.")
+    return key
+
+
+def _unet_to_ldm(key: str, depth: int, attention_levels: set[int]) -> str:
+    """A diffusers SD 1.x UNet key in the original (LDM) layout; `depth` = layers_per_block,
+    `attention_levels`: the up levels with cross-attention (their upsampler comes third)."""
+    import re
+
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    head, _, tail = key.rpartition(".")
+    if head in fixed:
+        return f"{fixed[head]}.{tail}"
+    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        out = f"input_blocks.{1 + level * (depth + 1) + j}.{0 if kind == 'resnets' else 1}.{rest}"
+        return _resnet_to_ldm(out) if kind == "resnets" else out
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * (depth + 1)}.0.op.{m[2]}"
+    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        index = 1 if m[1] == "attentions" else 2 * int(m[2])
+        out = f"middle_block.{index}.{m[3]}"
+        return _resnet_to_ldm(out) if m[1] == "resnets" else out
+    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        out = f"output_blocks.{level * (depth + 1) + j}.{0 if kind == 'resnets' else 1}.{rest}"
+        return _resnet_to_ldm(out) if kind == "resnets" else out
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+        level = int(m[1])
+        return f"output_blocks.{level * (depth + 1) + depth}.{2 if level in attention_levels else 1}.conv.{m[2]}"
+    raise KeyError(key)
+
+
+def _vae_to_ldm(key: str, levels: int) -> str:
+    import re
+
+    key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    key = key.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+    key = key.replace("mid_block.attentions.0", "mid.attn_1")
+    for new, old in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+        key = key.replace(f"attn_1.{new}.", f"attn_1.{old}.")
+    key = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
+    key = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+    key = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", key)
+    return re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", key)
+
+
+def save_original_layout(model_dir: str | Path, path: str | Path) -> Path:
+    """An SD 1.x diffusers directory as one original-layout (CompVis/LDM) .safetensors file, the
+    kind AUTOMATIC1111 and ComfyUI users keep: for testing single-file loading offline."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    depth, levels = pipe.unet.config.layers_per_block, len(pipe.vae.config.block_out_channels)
+    unet = pipe.unet.state_dict()
+    attention_levels = {int(k.split(".")[1]) for k in unet if k.startswith("up_blocks.") and ".attentions." in k}
+    out = {f"model.diffusion_model.{_unet_to_ldm(k, depth, attention_levels)}": v for k, v in unet.items()}
+    for k, v in pipe.vae.state_dict().items():
+        if ".attentions.0.to_" in k and k.endswith("weight") or "attentions.0.to_out.0.weight" in k:
+            v = v[:, :, None, None]  # LDM's VAE attention projections are 1x1 convolutions
+        out[f"first_stage_model.{_vae_to_ldm(k, levels)}"] = v
+    for k, v in pipe.text_encoder.state_dict().items():  # transformers 5 dropped the text_model level; checkpoints keep it
+        out[f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}"] = v
+    path = Path(path)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+    return path
 
 
 SD14_VAE_CONFIG = dict(
@@ -196,7 +352,8 @@ def fixed_noise_loss(pipe, images, prompt: str, resolution: int, seed: int = 123
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(batches):
-        latents, emb, _ = source.sample(4, g)  # (4, 4, h, w)
+        batch = source.sample(4, g)
+        latents, emb = batch.latents, batch.embedding  # (4, 4, h, w), (4, T, D)
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (4,), generator=g)
         noisy = pipe.scheduler.add_noise(latents, noise, t)

@@ -3,8 +3,10 @@
 Only the residual factors require grad. Everything frozen is computed once: the reference
 images are encoded by the VAE a single time (the latent distribution's mean and std are
 kept and a latent is sampled per step; horizontal flips and zoom-out views are extra cached
-entries, a zoom-out view with a latent mask that keeps its loss on the image), and the prompt "a photo of a {identifier} {class}" is encoded a single time. Each step is then one
-UNet forward and backward, the floor of what a trainer must do.
+entries, a zoom-out view with a latent mask that keeps its loss on the image), and the
+prompt "a photo of a {identifier} {class}" is encoded a single time (on SDXL with its pooled
+embedding and size conditioning). Each step is then one UNet forward and backward, the floor
+of what a trainer must do.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from PIL import Image, ImageOps
 from persres import residuals
 from persres.config import TrainConfig
 from persres.errors import InputError
+from persres.families import Conditioning, encode
 from persres.images import center_square, to_tensor
 from persres.tokens import concept_positions, training_prompt
 
@@ -40,17 +43,24 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
+class Batch:
+    latents: torch.Tensor  # (B, 4, h, w), scaled
+    embedding: torch.Tensor  # (B, tokens, D)
+    added: dict[str, torch.Tensor] | None  # SDXL's added_cond_kwargs, batched
+    mask: torch.Tensor | None  # (B, 1, h, w) where the loss counts; None: everywhere
+
+
+@dataclass(frozen=True)
 class CachedBatchSource:
-    """Reference latents (mean, std) and the prompt embedding, computed once."""
+    """Reference latents (mean, std) and the prompt's conditioning, computed once."""
 
     mean: torch.Tensor  # (N, 4, h, w)
     std: torch.Tensor  # (N, 4, h, w)
-    embedding: torch.Tensor  # (1, tokens, D)
+    condition: Conditioning
     scaling_factor: float
     mask: torch.Tensor | None = None  # (N, 1, h, w) where the loss counts; None: everywhere
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(latents (B, 4, h, w), prompt embeddings (B, tokens, D), loss mask (B, 1, h, w) or None)."""
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         if self.mask is None:
             idx = torch.randint(0, self.mean.shape[0], (batch_size,), generator=generator, device=generator.device)
         else:  # half the draws are whole references, half zoom-out views
@@ -59,8 +69,8 @@ class CachedBatchSource:
             idx = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
         eps = torch.randn(self.mean[idx].shape, generator=generator, device=generator.device)
         latents = (self.mean[idx] + self.std[idx] * eps) * self.scaling_factor  # (B, 4, h, w)
-        mask = None if self.mask is None else self.mask[idx]
-        return latents, self.embedding.expand(batch_size, -1, -1), mask
+        embedding, added = self.condition.expand(batch_size)
+        return Batch(latents, embedding, added, None if self.mask is None else self.mask[idx])
 
 
 ZOOM_VIEWS = 4  # zoom-out views cached per reference (and per flipped reference); drawn half the time
@@ -90,7 +100,7 @@ def default_resolution(pipe) -> int:
 @torch.no_grad()
 def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: int, flip: bool, chunk: int = 4,
                  scale_min: float = 1.0, seed: int = 0) -> CachedBatchSource:
-    device, dtype = pipe.unet.device, pipe.unet.dtype
+    device = pipe.unet.device
     squares = [center_square(im, resolution) for im in images]
     if flip:
         squares += [ImageOps.mirror(im) for im in squares]
@@ -108,9 +118,8 @@ def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: i
     dists = [pipe.vae.encode(part).latent_dist for part in pixels.split(chunk)]  # chunk: bounds the VAE's peak memory
     mean = torch.cat([d.mean for d in dists]).float()
     std = torch.cat([d.std for d in dists]).float()
-    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    embedding = pipe.text_encoder(ids.to(device))[0].to(dtype)  # (1, tokens, D)
-    return CachedBatchSource(mean, std, embedding, pipe.vae.config.scaling_factor, mask)
+    condition = encode(pipe, prompt, (resolution, resolution))
+    return CachedBatchSource(mean, std, condition, pipe.vae.config.scaling_factor, mask)
 
 
 def train_residuals(
@@ -156,13 +165,14 @@ def train_residuals(
     t0 = time.perf_counter()
     try:
         for step in range(config.steps):
-            latents, emb, mask = source.sample(config.batch_size, gen)
+            batch = source.sample(config.batch_size, gen)
+            latents, mask = batch.latents, batch.mask
             noise = torch.randn(latents.shape, generator=gen, device=device)
             t = torch.randint(0, num_t, (config.batch_size,), generator=gen, device=device)
             a = alphas[t].view(-1, 1, 1, 1)
             noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # (B, 4, h, w)
             target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
-            pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=emb).sample
+            pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=batch.embedding, added_cond_kwargs=batch.added).sample
             if mask is None:
                 loss = F.mse_loss(pred.float(), target)
             else:  # the mean over the image's cells only

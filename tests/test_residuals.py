@@ -82,7 +82,8 @@ def test_only_residual_factors_receive_gradients(pipe):
     from PIL import Image
 
     source = cache_inputs(pipe, [Image.new("RGB", (16, 16), (200, 10, 10))], "a photo of a sks circle", 16, flip=False)
-    latents, emb, _ = source.sample(2, torch.Generator().manual_seed(0))
+    batch = source.sample(2, torch.Generator().manual_seed(0))
+    latents, emb = batch.latents, batch.embedding
     unet(latents, torch.tensor([1, 2]), encoder_hidden_states=emb).sample.square().mean().backward()
     trainable = {id(p) for f in factors.values() for p in f.parameters()}
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -180,7 +181,7 @@ def test_zoom_out_training_masks_the_loss_to_the_image(pipe, concept_dir):
     assert full[:n].all() and not full[n:].any()
     areas = source.mask[n:].flatten(1).sum(1)
     assert (areas > 0).all() and (areas < source.mask[0].numel()).all()
-    _, _, mask = source.sample(4000, torch.Generator().manual_seed(0))
+    mask = source.sample(4000, torch.Generator().manual_seed(0)).mask
     share = mask.flatten(1).all(dim=1).float().mean().item()
     assert 0.45 < share < 0.55, share  # half the draws whole references, half zoomed
 

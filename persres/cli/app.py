@@ -127,10 +127,16 @@ def _registry():
     return registry
 
 
-def _model(registry, model: Optional[str]) -> str:
-    from persres.api import model_for
+def _model(registry, model: Optional[str], model_config: Optional[str] = None) -> str:
+    """The model to use, checked before any work (a bad path or checkpoint is one line, not a late failure)."""
+    from persres.api import model_config_for, model_for
+    from persres.models import check_model_value, check_single_file_config, is_single_file
 
+    if model is not None:
+        check_model_value(model)
     resolved, first_toy = model_for(registry, model)
+    if is_single_file(resolved):
+        check_single_file_config(resolved, model_config_for(registry, resolved, model_config))
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -148,7 +154,8 @@ def train(
     images_dir: str = typer.Argument(..., help="Folder of 3-15 photos of one thing, or toy:NAME for a shipped toy concept."),
     name: str = typer.Option(..., "--name", help="Name to register the concept under."),
     class_word: str = typer.Option(..., "--class", help='The concept\'s class word, e.g. "dog".'),
-    model: Optional[str] = typer.Option(None, help="Diffusers directory, hub id, or 'toy'."),
+    model: Optional[str] = typer.Option(None, help="Diffusers directory, .safetensors/.ckpt checkpoint, hub id, or 'toy'."),
+    model_config: Optional[str] = typer.Option(None, "--config", help="Diffusers directory with the configs of a single-file --model (offline)."),
     steps: Optional[int] = typer.Option(None, help="Training steps [default: 150, paper]."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size [default: 4, paper]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: 1e-3, paper]."),
@@ -169,7 +176,7 @@ def train(
 
     registry = _registry()
     registry.check_new_name(name)
-    resolved = _model(registry, model)
+    resolved = _model(registry, model, model_config)
     overrides = dict(steps=steps, batch_size=batch_size, lr=lr, rank_ratio=rank_ratio, rank=rank,
                      resolution=resolution, seed=seed, init=init, flip=flip, scale_min=scale_min, prompt=prompt, device=device if device != "auto" else None,
                      precision=precision if precision != "auto" else None, gradient_checkpointing=gradient_checkpointing)
@@ -180,7 +187,7 @@ def train(
         task = bar.add_task("train", total=config.steps, loss="...")
         outcome = train_concept(images_dir, name, class_word, model=resolved, config=config, registry=registry,
                                 progress=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.4f}"),
-                                sources=sources)
+                                sources=sources, model_config=model_config)
     rec = outcome.record
     out.print(f"trained [bold]{name}[/] ({rec.meta.parameter_count:,} parameters, loss {rec.meta.loss_start:.4f} -> "
               f"{rec.meta.loss_end:.4f}) in {outcome.seconds:.1f}s; pack {rec.path}; prompt it as "
@@ -200,7 +207,8 @@ def gen(
     height: Optional[int] = typer.Option(None, help="Image height [default: the model's]."),
     width: Optional[int] = typer.Option(None, help="Image width [default: the model's]."),
     out_dir: Path = typer.Option(Path("."), "--out", help="Output folder."),
-    model: Optional[str] = typer.Option(None, help="Diffusers directory, hub id, or 'toy'."),
+    model: Optional[str] = typer.Option(None, help="Diffusers directory, .safetensors/.ckpt checkpoint, hub id, or 'toy'."),
+    model_config: Optional[str] = typer.Option(None, "--config", help="Diffusers directory with the configs of a single-file --model (offline)."),
     save_masks: bool = typer.Option(False, "--save-masks", help="Also write each concept's LAG region overlay."),
     sheet: bool = typer.Option(False, "--sheet", help="Also write all images (and masks) of the call on one enlarged sheet."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -217,12 +225,13 @@ def gen(
     config = SampleConfig(steps=steps, guidance=guidance, lag=lag, seed=seed, num_images=n,
                           height=height, width=width, save_masks=save_masks)
     registry = _registry()
-    resolved = _model(registry, model)
+    resolved = _model(registry, model, model_config)
     with _progress("generating", "steps") as bar:
         task = bar.add_task("gen", total=n * steps)
         paths, _ = generate_images(prompt, concept, config=config, model=resolved, out_dir=out_dir,
                                    registry=registry, device=device, precision=precision, backend=backend,
-                                   sheet=sheet, on_step=lambda done, total: bar.update(task, completed=done))
+                                   sheet=sheet, on_step=lambda done, total: bar.update(task, completed=done),
+                                   model_config=model_config)
     for p in paths:
         out.print(str(p), markup=False, highlight=False)
 
@@ -237,17 +246,19 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
         return
     from rich.table import Column
 
+    from persres.families import label
+
     wide = out.width >= 120  # a narrow terminal drops base model and date; names, identifiers and hashes are never cut
     table = Table(Column("name", overflow="fold"), Column("class", overflow="fold"), Column("identifier", overflow="fold"),
-                  Column("params", no_wrap=True), Column("loss", overflow="fold"),
+                  Column("family", no_wrap=True), Column("params", no_wrap=True), Column("loss", overflow="fold"),
                   *((Column("base model", overflow="fold"), Column("created", overflow="fold")) if wide else ()))
     for r in records:
         m = r.meta
         loss = f"{m.loss_start:.3f} -> {m.loss_end:.3f}" if m.loss_start is not None else ""
         ident = m.identifier + (" (shared)" if r.shared_identifier else "")
-        table.add_row(m.name, m.class_word, ident, f"{m.parameter_count:,}", loss, *((m.base_model, m.created_at) if wide else ()))
+        table.add_row(m.name, m.class_word, ident, label(m.family), f"{m.parameter_count:,}", loss, *((m.base_model, m.created_at) if wide else ()))
     for d in damaged:
-        table.add_row(d.name, "[red]damaged[/]", "", "", d.problem, *(("", "") if wide else ()))
+        table.add_row(d.name, "[red]damaged[/]", "", "", "", d.problem, *(("", "") if wide else ()))
     out.print(table if records or damaged else "no concepts registered yet (persres train IMAGES_DIR --name NAME --class CLASS)")
 
 
@@ -310,14 +321,15 @@ def import_(
     class_word: Optional[str] = typer.Option(None, "--class", help="The concept's class word (needed for a foreign LoRA)."),
     identifier: Optional[str] = typer.Option(None, "--identifier", help="The token that calls the concept [default: the file's, else a fresh one]."),
     model: Optional[str] = typer.Option(None, help="Base model a foreign LoRA is fitted to [default: the configured model]."),
+    model_config: Optional[str] = typer.Option(None, "--config", help="Diffusers directory with the configs of a single-file --model (offline)."),
     proj_out_only: bool = typer.Option(False, "--proj-out-only", help="Drop a foreign LoRA's targets other than proj_out (with a warning)."),
 ):
     """Register a pack file (from `persres export`) or a proj_out LoRA from another tool."""
     from persres.api import import_concept
 
     registry = _registry()
-    record = import_concept(file, name, class_word, identifier, model=_model(registry, model),
-                            registry=registry, proj_out_only=proj_out_only)
+    record = import_concept(file, name, class_word, identifier, model=_model(registry, model, model_config),
+                            registry=registry, proj_out_only=proj_out_only, model_config=model_config)
     shared = " (shared with another concept: they cannot share a prompt)" if record.shared_identifier else ""
     out.print(f"imported {record.name} ({record.meta.class_word}, identifier {record.meta.identifier!r}{shared})", markup=False)
 
@@ -342,22 +354,32 @@ def doctor(repair: bool = typer.Option(False, "--repair", help="Fix what can be 
 @config_app.command("model")
 @command
 def config_model(
-    value: Optional[str] = typer.Argument(None, help="Diffusers directory or hub id to use by default."),
+    value: Optional[str] = typer.Argument(None, help="Diffusers directory, .safetensors/.ckpt checkpoint or hub id to use by default."),
+    model_config: Optional[str] = typer.Option(None, "--config", help="Diffusers directory with the configs of a single-file model (offline)."),
     unset: bool = typer.Option(False, "--unset", help="Go back to the built-in toy model."),
 ):
     """Show or set the default base model (PERSRES_MODEL, when set, wins)."""
-    from persres.api import DEFAULT_MODEL_KEY
+    from persres.api import DEFAULT_MODEL_CONFIG_KEY, DEFAULT_MODEL_KEY
+    from persres.errors import InputError
 
     registry = _registry()
     if unset:
         registry.set_setting(DEFAULT_MODEL_KEY, None)
+        registry.set_setting(DEFAULT_MODEL_CONFIG_KEY, None)
     elif value is not None:
-        from persres.models import check_model_value
+        from persres.models import check_model_value, is_single_file, load_pipeline
 
         registry.require_writable()
-        registry.set_setting(DEFAULT_MODEL_KEY, check_model_value(value))
+        checked = check_model_value(value)
+        if model_config is not None and not is_single_file(checked):
+            raise InputError("--config is for single-file checkpoints; a diffusers directory or hub id carries its own")
+        if is_single_file(checked):  # proven loadable now, not at the first train
+            load_pipeline(checked, config=model_config)
+        registry.set_setting(DEFAULT_MODEL_KEY, checked)
+        registry.set_setting(DEFAULT_MODEL_CONFIG_KEY, str(Path(model_config).expanduser().resolve()) if model_config else None)
     current = os.environ.get("PERSRES_MODEL") or registry.setting(DEFAULT_MODEL_KEY) or "toy"
-    out.print(current, markup=False, highlight=False)
+    config_dir = registry.setting(DEFAULT_MODEL_CONFIG_KEY) if not os.environ.get("PERSRES_MODEL") else None
+    out.print(current + (f" (configs: {config_dir})" if config_dir else ""), markup=False, highlight=False)
 
 
 def _scores_table(title: str, rows: list[dict]) -> Table:
@@ -416,7 +438,7 @@ def bench_cc101(
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
 ):
     """Train, sample and score CustomConcept101 concepts; write CSV, JSON and a Figure-7 plot."""
-    from persres.api import train_config_for
+    from persres.api import model_config_for, train_config_for
     from persres.config import SampleConfig
     from persres.errors import InputError
     from persres.eval.bench import BenchConfig, run_bench, summarize, work_units
@@ -442,7 +464,7 @@ def bench_cc101(
         model=resolved, clip=clip, dino=dino,
     )
     scorer = Scorer(clip, dino, dev)
-    pipe = load_pipeline(resolved, dev, pick_dtype(precision, dev))
+    pipe = load_pipeline(resolved, dev, pick_dtype(precision, dev), model_config_for(registry, resolved))
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
@@ -487,7 +509,7 @@ def bench_toy(
     """Train the toy concepts and score identity, background, added objects, attributes and concept pairs, with and without LAG."""
     import dataclasses
 
-    from persres.api import train_config_for
+    from persres.api import model_config_for, train_config_for
     from persres.config import MultiLagConfig, SampleConfig
     from persres.models import load_pipeline
     from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench, select_concepts, summarize
@@ -502,7 +524,7 @@ def bench_toy(
                          singles=singles, pairs=pairs, categories=tuple(category) or None,
                          pair_methods=tuple(pair_method) or ("base", "summed", "lag"),
                          sample=SampleConfig(steps=steps, guidance=guidance, multi=multi))
-    pipe = load_pipeline(resolved)
+    pipe = load_pipeline(resolved, config=model_config_for(registry, resolved))
     out_dir.mkdir(parents=True, exist_ok=True)
     with err.status("training the toy concepts (reused when already trained with this config)..."):
         loaded = prepare_concepts(pipe, names, registry, resolved, config)

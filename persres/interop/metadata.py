@@ -13,6 +13,7 @@ import collections
 import datetime as dt
 import json
 
+from persres.families import family_of_meta
 from persres.packs import PackMeta
 
 FAMILY_SS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # sd-scripts' ss_base_model_version
@@ -22,19 +23,8 @@ IMPL_DIFFUSERS = "diffusers"
 IMPL_STABILITY = "https://github.com/Stability-AI/generative-models"  # what sd-scripts writes for SDXL LoRAs
 
 
-def family_of(meta: PackMeta) -> str:
-    """The model family a pack was trained on: recorded, or inferred from its blocks."""
-    recorded = meta.train_config.get("family")
-    if recorded in FAMILY_SS:
-        return recorded
-    if meta.proj_out == "Conv2d":
-        return "sd1"
-    channels = set(meta.channels.values())
-    return "sdxl" if channels <= {640, 1280} and len(meta.channels) == 11 else "sd2"
-
-
 def for_export(meta: PackMeta, fmt: str) -> dict[str, str]:
-    family = family_of(meta)
+    family = family_of_meta(meta)
     config = meta.train_config
     prediction = config.get("prediction_type", "epsilon")
     arch_key = "sd2-v" if family == "sd2" and prediction == "v_prediction" else family

@@ -81,6 +81,14 @@ def m003_unique_identifiers_and_reservations(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration
+def m004_family(db: sqlite_utils.Database) -> None:
+    """The model family of each pack (sd1, sd2, sdxl). Rows from before: SD 1.x when their proj_out
+    is Conv2d (only SD 1.x has one), else left '' and inferred from the blocks when read."""
+    db.execute("ALTER TABLE concepts ADD COLUMN family TEXT NOT NULL DEFAULT ''")
+    db.execute("UPDATE concepts SET family = 'sd1' WHERE proj_out = 'Conv2d'")
+
+
 def unknown_migrations(db: sqlite_utils.Database) -> list[str]:
     """Migrations the database has that this persres does not know (a newer persres wrote it)."""
     if "_migrations" not in db.table_names():

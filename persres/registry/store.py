@@ -22,11 +22,12 @@ import os
 import shutil
 import socket
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import sqlite_utils
 
+from persres.families import family_of_meta
 from persres.errors import ConceptNotFound, DuplicateConcept, PackError, RegistryError
 from persres.packs import PackMeta, check_regular_file, read_pack, validate_meta, write_pack_temp
 from persres.registry.migrations import MIGRATIONS, migrate, unknown_migrations
@@ -137,7 +138,7 @@ class Registry:
     def _check_columns(self) -> None:
         expected = {"name", "identifier", "class_word", "ranks", "channels", "parameter_count", "base_model",
                     "architecture", "weights", "train_config", "image_hashes", "created_at", "loss_start", "loss_end",
-                    "seconds", "path", "sha256", "shared_identifier", "proj_out"}
+                    "seconds", "path", "sha256", "shared_identifier", "proj_out", "family"}
         have = {c.name for c in self.db["concepts"].columns}
         if not expected <= have:
             raise RegistryError(f"registry {str(self.db_path)!r} lacks columns {sorted(expected - have)}: "
@@ -428,6 +429,7 @@ class Registry:
             "architecture": meta.architecture,
             "weights": meta.weights,
             "proj_out": meta.proj_out,
+            "family": family_of_meta(meta),
             "train_config": json.dumps(meta.train_config),
             "image_hashes": json.dumps(meta.image_hashes),
             "created_at": meta.created_at,
@@ -449,10 +451,11 @@ class Registry:
             name=row["name"], identifier=row["identifier"], class_word=row["class_word"],
             ranks=json.loads(row["ranks"]), channels=json.loads(row["channels"]),
             parameter_count=row["parameter_count"], base_model=row["base_model"],
-            architecture=row["architecture"], weights=row["weights"], proj_out=row["proj_out"],
+            architecture=row["architecture"], weights=row["weights"], proj_out=row["proj_out"], family=row["family"],
             train_config=json.loads(row["train_config"]), image_hashes=json.loads(row["image_hashes"]),
             created_at=row["created_at"], loss_start=row["loss_start"], loss_end=row["loss_end"], seconds=row["seconds"],
         ))
+        meta = replace(meta, family=family_of_meta(meta))  # rows from before the family was recorded
         if not isinstance(row["path"], str) or not isinstance(row["sha256"], str):
             raise ValueError("path or sha256 is not text")
         return ConceptRecord(meta, Path(row["path"]), row["sha256"], bool(row.get("shared_identifier", 0)))
