@@ -24,8 +24,8 @@ from persres.config import SampleConfig, TrainConfig
 from persres.images import check_writable_dir, contact_sheet, read_folder, save_png, warn_if_small
 from persres.errors import InputError, PersresError
 from persres.families import family_of
-from persres.models import DEFAULTS_FILE, file_sha256, fingerprint, is_single_file, is_default_toy, load_pipeline, model_defaults, pick_device, pick_dtype, resolve_model
-from persres.packs import PackMeta
+from persres.models import DEFAULTS_FILE, fingerprint, is_single_file, is_default_toy, load_pipeline, model_defaults, pick_device, pick_dtype, resolve_model
+from persres.packs import PackMeta, sha256_file
 from persres.registry import ConceptRecord, Registry
 from persres.residuals import block_channels, proj_out_kind
 from persres.sample import Generated, apply_pack, generate, mask_overlay
@@ -148,9 +148,15 @@ def train_concept(
 
 
 def _register(registry, pipe, name, identifier, class_word, model, config, references, result, sources) -> TrainOutcome:
-    fp = fingerprint(pipe.unet)
+    meta = trained_meta(pipe, name, identifier, class_word, model, config, references, result, sources)
+    record = registry.add(result.tensors, meta)
+    return TrainOutcome(record, result.losses, result.seconds, model)
 
-    meta = PackMeta(
+
+def trained_meta(pipe, name, identifier, class_word, model, config, references, result, sources=None) -> PackMeta:
+    """Everything a freshly trained pack says about itself."""
+    fp = fingerprint(pipe.unet)
+    return PackMeta(
         name=name, identifier=identifier, class_word=class_word, ranks=result.ranks,
         channels=block_channels(pipe.unet), parameter_count=result.parameter_count,
         base_model=model, architecture=fp.architecture, weights=fp.weights, proj_out=proj_out_kind(pipe.unet),
@@ -158,13 +164,12 @@ def _register(registry, pipe, name, identifier, class_word, model, config, refer
         train_config={**config.to_dict(), "prompt_template": config.prompt, "resolution": result.resolution, "prompt": result.prompt,
                       **({"sources": sources} if sources else {}),
                       "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
-                      **({"checkpoint_sha256": file_sha256(model)} if is_single_file(model) else {})},
+                      "config_digest": config_digest(config, model),  # train-many: same config, same model -> done
+                      **({"checkpoint_sha256": sha256_file(Path(model))} if is_single_file(model) else {})},
         image_hashes=[r.sha256 for r in references],
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         loss_start=result.losses[0], loss_end=result.losses[-1], seconds=result.seconds,
     )
-    record = registry.add(result.tensors, meta)
-    return TrainOutcome(record, result.losses, result.seconds, model)
 
 
 def import_concept(

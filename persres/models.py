@@ -143,14 +143,6 @@ def single_file_family(path: str) -> str:
     raise ModelNotFound(f"model {path!r} is not a Stable Diffusion checkpoint (no model.diffusion_model.* tensors)")
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_single_file_config(path: str, config: str | None) -> str:
     """The single file's family, after checking that `config` (if any) is a diffusers directory of it."""
     from persres.families import family_of_config, label

@@ -10,6 +10,7 @@ from PIL import Image
 from persres.eval import bench as bench_mod
 from persres.eval.bench import BenchConfig, run_bench, work_units
 from persres.eval.cc101 import load_concepts, load_pairs
+from persres.registry import Registry
 from persres.eval.folder import eval_folder, strip_identifiers
 from persres.eval.metrics import CLIP_MEAN, CLIP_PREPROCESS, CLIP_STD, DINO_PREPROCESS, Scorer, image_alignment, text_alignment
 from persres.config import SampleConfig, TrainConfig
@@ -110,31 +111,35 @@ def test_bench_runs_end_to_end_and_resumes_without_redoing_work(mini_root, tiny_
     cfg = BenchConfig(out=out, prompts_per_concept=2, samples_per_prompt=2, sample=SampleConfig(steps=2),
                       train=TrainConfig(steps=2), model=str(tiny_model))
     concepts, pairs = load_concepts(mini_root), load_pairs(mini_root)
+    messages = []
 
     def interrupt(msg):
-        if "toy_heart: training" in msg:
+        messages.append(msg)
+        if msg.startswith("toy_heart/"):  # the heart's first prompt is sampled: stop there
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         run_bench(concepts, pairs, cfg, scorer, pipe, log=interrupt)
+    assert sum("training on rank" in m for m in messages) == 2  # both packs, first
     done = sorted(out.glob("toy_circle/*/*.png"))
     assert len(done) == 2 * 2 * 2  # modes x prompts x samples
-    stamps = {p: p.stat().st_mtime_ns for p in [*done, *out.glob("toy_circle/*/scores.json")]}
-    assert len(stamps) == len(done) + 2
+    stamps = {p: p.stat().st_mtime_ns for p in [*done, *out.glob("toy_heart/*/*.png")]}
+    assert len(stamps) == len(done) + 2  # and the heart's first prompt
+    packs = {r.name: r.meta.created_at for r in Registry().list()}
 
-    calls = {"train": 0, "score": 0}
-    real_train, real_eval = bench_mod.train_concept, bench_mod.eval_folder
+    calls = {"score": 0}
+    real_eval = bench_mod.eval_folder
 
-    def count(key, fn):
-        def wrapped(*a, **k):
-            calls[key] += 1
-            return fn(*a, **k)
-        return wrapped
+    def count(*a, **k):
+        calls["score"] += 1
+        return real_eval(*a, **k)
 
-    monkeypatch.setattr(bench_mod, "train_concept", count("train", real_train))
-    monkeypatch.setattr(bench_mod, "eval_folder", count("score", real_eval))
-    rows = run_bench(concepts, pairs, cfg, scorer, pipe)
-    assert calls == {"train": 1, "score": 4}  # the heart concept and the pair, in both modes
+    monkeypatch.setattr(bench_mod, "eval_folder", count)
+    messages.clear()
+    rows = run_bench(concepts, pairs, cfg, scorer, pipe, log=messages.append)
+    assert not any("training on rank" in m for m in messages)
+    assert {r.name: r.meta.created_at for r in Registry().list()} == packs
+    assert calls == {"score": 6}  # nothing was scored before the interrupt
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert len(rows) == 6 and {r["method"] for r in rows} == {"persres lag", "persres nolag"}
     pair_row = next(r for r in rows if r["category"] == "multi")
@@ -144,10 +149,10 @@ def test_bench_runs_end_to_end_and_resumes_without_redoing_work(mini_root, tiny_
     assert (out / "results.csv").read_text().count("\n") == 7
     assert (out / "figure.png").stat().st_size > 0
     # a finished bench reruns without any new work
-    calls.update(train=0, score=0)
+    calls.update(score=0)
     advanced = []
     run_bench(concepts, pairs, cfg, scorer, pipe, advance=advanced.append)
-    assert calls == {"train": 0, "score": 0}
+    assert calls == {"score": 0}
     assert sum(advanced) == work_units(concepts, pairs, cfg) == 2 * (2 + 2 + 1)
 
 

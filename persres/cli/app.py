@@ -451,27 +451,35 @@ def bench_cc101(
         raise InputError(f"--lag must be both, on or off, got {lag!r}")
     if samples_per_prompt <= 0 or prompts_per_concept <= 0:
         raise InputError("--samples-per-prompt and --prompts-per-concept must be positive")
+    from persres.scale import cluster
+
     registry = _registry()
     resolved = _model(registry, model)
     chosen = select(load_concepts(root), concept, concepts)
     keys = {c.key for c in chosen}
     pairs = [p for p in load_pairs(root) if {p.first.key, p.second.key} <= keys] if multiconcept else []
-    dev = pick_device(device)
-    cfg = BenchConfig(
-        out=out_dir, modes=modes, prompts_per_concept=prompts_per_concept, samples_per_prompt=samples_per_prompt,
-        sample=SampleConfig(steps=steps, guidance=guidance),
-        train=train_config_for(resolved, {"steps": train_steps, "device": device, "precision": precision}),
-        model=resolved, clip=clip, dino=dino,
-    )
-    scorer = Scorer(clip, dino, dev)
-    pipe = load_pipeline(resolved, dev, pick_dtype(precision, dev), model_config_for(registry, resolved))
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    with cluster(device) as here:
+        if here.multi_node:
+            raise InputError("bench customconcept101 shards over one machine's processes (they share its registry); "
+                             "across machines, train the packs with `persres train-many --shards` first")
+        dev = here.device if here.state is not None else pick_device(device)
+        cfg = BenchConfig(
+            out=out_dir, modes=modes, prompts_per_concept=prompts_per_concept, samples_per_prompt=samples_per_prompt,
+            sample=SampleConfig(steps=steps, guidance=guidance),
+            train=train_config_for(resolved, {"steps": train_steps, "device": device, "precision": precision}),
+            model=resolved, clip=clip, dino=dino,
+        )
+        scorer = Scorer(clip, dino, dev)
+        pipe = load_pipeline(resolved, dev, pick_dtype(precision, dev), model_config_for(registry, resolved))
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=err) as bar:
-        task = bar.add_task("", total=work_units(chosen, pairs, cfg))
-        rows = run_bench(chosen, pairs, cfg, scorer, pipe, registry,
-                         log=lambda m: bar.update(task, description=m[:60]), advance=lambda n: bar.advance(task, n))
+        with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=err, disable=not here.main) as bar:
+            task = bar.add_task("", total=len(here.split(range(work_units(chosen, pairs, cfg)))))  # this process's share
+            rows = run_bench(chosen, pairs, cfg, scorer, pipe, registry, cluster=here,
+                             log=lambda m: bar.update(task, description=m[:60]), advance=lambda n: bar.advance(task, n))
+        if not here.main:
+            return
     out.print(_scores_table("CustomConcept101", rows))
     summary = summarize(rows)
     out.print(_scores_table("overall", [{"concept": "all", "method": k, **v} for k, v in summary["overall"].items()]))

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persres.api import apply_concepts, config_digest, generation_metadata, train_concept
+from persres.api import apply_concepts, config_digest, generation_metadata
 from persres.config import SampleConfig, TrainConfig
 from persres.errors import InputError
 from persres.eval.cc101 import CC101Concept, CC101Pair
@@ -55,37 +56,55 @@ def pack_name(concept: CC101Concept, train: TrainConfig, model: str) -> str:
     return f"cc101-{concept.key}-{config_digest(train, model)}"
 
 
-def ensure_pack(concept: CC101Concept, cfg: BenchConfig, registry: Registry, pipe, log: Log) -> str:
-    name = pack_name(concept, cfg.train, cfg.model)
-    if registry.has(name):
-        log(f"{concept.key}: reusing pack {name}")
-        return name
-    if not concept.images_dir.is_dir():
-        raise InputError(f"images of {concept.key!r} not found at {str(concept.images_dir)!r}: download the benchmark images (see its README)")
-    log(f"{concept.key}: training {name}")
-    train_concept(concept.images_dir, name, concept.class_word, model=cfg.model, config=cfg.train, registry=registry, pipe=pipe)
-    return name
+def train_packs(concepts: Sequence[CC101Concept], cfg: BenchConfig, registry: Registry | None, pipe, cluster, log: Log) -> dict[str, str]:
+    """{concept key: pack name}: every pack the bench needs, trained once each (split by concept
+    between processes; identifiers planned by rank 0 in concept order, as one process would)."""
+    from persres.manifest import Row, train_many
+
+    for c in concepts:
+        if not c.images_dir.is_dir():
+            raise InputError(f"images of {c.key!r} not found at {str(c.images_dir)!r}: download the benchmark images (see its README)")
+    rows = [Row(i, 0, str(c.images_dir), pack_name(c, cfg.train, cfg.model), c.class_word, config=cfg.train)
+            for i, c in enumerate(concepts)]
+    results = train_many(rows, model=cfg.model, registry=registry, cluster=cluster, log=log, pipe=pipe)
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise InputError(f"training {failed[0].name} failed: {failed[0].message}")
+    return {c.key: row.name for c, row in zip(concepts, rows)}
 
 
-def sample_folder(folder: Path, prompts: Sequence[str], names: list[str], lag: bool, cfg: BenchConfig, registry: Registry, pipe, log: Log, advance: Advance) -> None:
+@dataclass(frozen=True)
+class Folder:
+    """One sampled and scored folder: a concept (or pair) in one LAG mode."""
+
+    path: Path
+    names: tuple[str, ...]  # pack names
+    prompts: tuple[str, ...]
+    lag: bool
+    references: tuple[Path, ...]
+    concept: str
+    category: str
+    mode: str
+
+
+def sample_prompt(folder: Folder, i: int, cfg: BenchConfig, registry: Registry, pipe, loaded: list) -> bool:
+    """Sample prompt i of a folder unless all its images exist; `loaded` tracks which packs are on `pipe`."""
     from persres import residuals
     from persres.sample import generate
 
-    todo = [(i, p) for i, p in enumerate(prompts) if any(not (folder / f"{i:03d}-{j:03d}.png").exists() for j in range(cfg.samples_per_prompt))]
-    advance(len(prompts) - len(todo))  # already sampled by an earlier run
-    if not todo:
-        return
-    residuals.remove(pipe.unet)
-    given = apply_concepts(pipe, names, registry, cfg.model)
-    for i, prompt in todo:
-        expanded, concepts = expand_prompt(prompt, given, lambda n: registry.get(n).bound())
-        config = cfg.sample.replace(lag=lag, seed=1000 * i, num_images=cfg.samples_per_prompt)
-        result = generate(pipe, expanded, concepts, config)
-        for j, (image, seed) in enumerate(zip(result.images, result.seeds)):
-            save_png(image, folder / f"{i:03d}-{j:03d}.png", generation_metadata(prompt, expanded, seed, concepts, config, cfg.model))
-        log(f"{folder.parent.name}/{folder.name}: prompt {i + 1}/{len(prompts)} sampled")
-        advance(1)
-    residuals.remove(pipe.unet)
+    if all((folder.path / f"{i:03d}-{j:03d}.png").exists() for j in range(cfg.samples_per_prompt)):
+        return False
+    if loaded != list(folder.names):
+        residuals.remove(pipe.unet)
+        loaded[:] = [c.name for c in apply_concepts(pipe, list(folder.names), registry, cfg.model)]
+    given = [registry.get(n).bound() for n in folder.names]
+    prompt = folder.prompts[i]
+    expanded, concepts = expand_prompt(prompt, given, lambda n: registry.get(n).bound())
+    config = cfg.sample.replace(lag=folder.lag, seed=1000 * i, num_images=cfg.samples_per_prompt)
+    result = generate(pipe, expanded, concepts, config)
+    for j, (image, seed) in enumerate(zip(result.images, result.seeds)):
+        save_png(image, folder.path / f"{i:03d}-{j:03d}.png", generation_metadata(prompt, expanded, seed, concepts, config, cfg.model))
+    return True
 
 
 def score_folder(folder: Path, reference_dirs: list[Path], scorer, log: Log) -> dict:
@@ -93,7 +112,7 @@ def score_folder(folder: Path, reference_dirs: list[Path], scorer, log: Log) -> 
     if path.exists():
         return json.loads(path.read_text())
     scores = eval_folder(folder, reference_dirs, scorer).to_dict()
-    tmp = path.with_name(".scores.json.tmp")
+    tmp = path.with_name(f".scores.json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(scores, indent=2))
     tmp.replace(path)
     log(f"{folder.parent.name}/{folder.name}: scored {scores}")
@@ -102,6 +121,20 @@ def score_folder(folder: Path, reference_dirs: list[Path], scorer, log: Log) -> 
 
 def mode_name(mode: str) -> str:
     return "lag" if mode == "on" else "nolag"
+
+
+def folders_of(concepts: Sequence[CC101Concept], pairs: Sequence[CC101Pair], packs: dict[str, str], cfg: BenchConfig) -> list[Folder]:
+    out = []
+    for c in concepts:
+        for mode in cfg.modes:
+            out.append(Folder(cfg.out / c.key / mode_name(mode), (packs[c.key],), tuple(c.prompts(cfg.prompts_per_concept)),
+                              mode == "on", (c.images_dir,), c.key, c.category, mode))
+    for pair in pairs:
+        for mode in cfg.modes:
+            out.append(Folder(cfg.out / pair.key / mode_name(mode), (packs[pair.first.key], packs[pair.second.key]),
+                              tuple(pair.prompts(cfg.prompts_per_concept)), mode == "on",
+                              (pair.first.images_dir, pair.second.images_dir), pair.key, "multi", mode))
+    return out
 
 
 def run_bench(
@@ -113,24 +146,33 @@ def run_bench(
     registry: Registry | None = None,
     log: Log = lambda msg: None,
     advance: Advance = lambda n: None,
+    cluster=None,
 ) -> list[dict]:
+    """Train, sample, score; on several processes each unit (a pack, a prompt's samples, a
+    folder's scores) is done by exactly one of them, and rank 0 writes the results."""
+    from persres import residuals
+    from persres.scale import Cluster
+
+    cluster = cluster or Cluster()
     registry = registry or Registry()
-    rows = []
-    for concept in concepts:
-        name = ensure_pack(concept, cfg, registry, pipe, log)
-        for mode in cfg.modes:
-            folder = cfg.out / concept.key / mode_name(mode)
-            sample_folder(folder, concept.prompts(cfg.prompts_per_concept), [name], mode == "on", cfg, registry, pipe, log, advance)
-            scores = score_folder(folder, [concept.images_dir], scorer, log)
-            rows.append({"concept": concept.key, "category": concept.category, "method": f"persres {mode_name(mode)}", **scores})
-    for pair in pairs:
-        names = [ensure_pack(c, cfg, registry, pipe, log) for c in (pair.first, pair.second)]
-        for mode in cfg.modes:
-            folder = cfg.out / pair.key / mode_name(mode)
-            sample_folder(folder, pair.prompts(cfg.prompts_per_concept), names, mode == "on", cfg, registry, pipe, log, advance)
-            scores = score_folder(folder, [pair.first.images_dir, pair.second.images_dir], scorer, log)
-            rows.append({"concept": pair.key, "category": "multi", "method": f"persres {mode_name(mode)}", **scores})
-    write_results(cfg.out, rows)
+    needed = list({c.key: c for c in [*concepts, *(m for p in pairs for m in (p.first, p.second))]}.values())
+    packs = train_packs(needed, cfg, registry, pipe, cluster, log)
+    folders = folders_of(concepts, pairs, packs, cfg)
+    units = [(k, i) for k, f in enumerate(folders) for i in range(len(f.prompts))]  # balanced: one prompt each
+    loaded: list = []
+    for k, i in cluster.split(units):
+        if sample_prompt(folders[k], i, cfg, registry, pipe, loaded):
+            log(f"{folders[k].concept}/{folders[k].path.name}: prompt {i + 1}/{len(folders[k].prompts)} sampled")
+        advance(1)
+    residuals.remove(pipe.unet)
+    cluster.wait()
+    for k in cluster.split(range(len(folders))):
+        score_folder(folders[k].path, list(folders[k].references), scorer, log)
+    cluster.wait()
+    rows = [{"concept": f.concept, "category": f.category, "method": f"persres {mode_name(f.mode)}",
+             **json.loads((f.path / "scores.json").read_text())} for f in folders]
+    if cluster.main:
+        write_results(cfg.out, rows)
     return rows
 
 

@@ -239,8 +239,18 @@ class Registry:
             with self.transaction():
                 self.db.execute("DELETE FROM reservations WHERE name = ? AND pid = ?", [name, os.getpid()])
 
-    def _free_identifier(self, fits) -> str:
+    def free_identifier(self, tokenizer=None, exclude: set[str] = frozenset()) -> str:
+        """The first identifier no concept or reservation holds, outside `exclude`, that `tokenizer`
+        (if given) keeps as one token: what a plan of several trainings hands out in advance."""
+        from persres.tokens import is_single_token
+
+        with self.transaction():
+            self._drop_stale_reservations()
+            return self._free_identifier(None if tokenizer is None else lambda ident: is_single_token(tokenizer, ident), exclude)
+
+    def _free_identifier(self, fits, exclude: set[str] = frozenset()) -> str:
         used = {r[0] for r in self.db.execute("SELECT identifier FROM concepts UNION SELECT identifier FROM reservations")}
+        used |= set(exclude)
         for n, candidate in enumerate(identifier_candidates()):
             if candidate in used:
                 continue
