@@ -112,10 +112,35 @@ class TrainOutcome:
     model: str
 
 
+def suggest_class_for(
+    images_dir: str | Path,
+    *,
+    model: str | None = None,
+    candidates: str | None = None,
+    config=None,
+    registry: Registry | None = None,
+    pipe=None,
+    model_config: str | None = None,
+):
+    """`persres suggest-class`: rank candidate class words for a folder of images with the base model."""
+    from persres.suggest import SuggestConfig, parse_candidates, screen, suggest_class
+
+    registry = registry or Registry()
+    references = read_folder(images_dir)
+    entries = parse_candidates(candidates)
+    model, _ = model_for(registry, model)
+    if pipe is None:
+        pipe = load_pipeline(model, config=model_config_for(registry, model, model_config))
+    kept, rejected = screen(pipe.tokenizer, entries)
+    suggestion = suggest_class(pipe, [r.image for r in references], kept, config or SuggestConfig())
+    suggestion.rejected = rejected
+    return suggestion
+
+
 def train_concept(
     images_dir: str | Path,
     name: str,
-    class_word: str,
+    class_word: str | None,
     *,
     model: str | None = None,
     config: TrainConfig | None = None,
@@ -125,14 +150,19 @@ def train_concept(
     pipe=None,
     sources: dict[str, str] | None = None,
     model_config: str | None = None,
+    on_suggested=None,
 ) -> TrainOutcome:
-    """Train a concept from a folder of images and register its pack. Nothing is registered on failure."""
+    """Train a concept from a folder of images and register its pack. Nothing is registered on failure.
+
+    `class_word` None or "auto": the base model suggests it first (`persres.suggest`, the
+    built-in candidates); `on_suggested(suggestion)` hears the pick before training starts."""
     from persres.train import train_residuals
 
     registry = registry or Registry()
     registry.require_writable()
     registry.check_new_name(name)
-    class_word = check_class_word(class_word)
+    auto = class_word is None or class_word == "auto"
+    class_word = None if auto else check_class_word(class_word)
     references = read_folder(images_dir)
     model, _ = model_for(registry, model)
     config = config or train_config_for(model, overrides or {})
@@ -142,19 +172,32 @@ def train_concept(
     from persres.train import default_resolution
 
     warn_if_small(references, config.resolution or default_resolution(pipe))
+    class_info = {"class_source": "given"}
+    if auto:
+        from persres.suggest import SuggestConfig, builtin_candidates, screen, suggest_class
+
+        suggestion = suggest_class(pipe, [r.image for r in references], screen(pipe.tokenizer, builtin_candidates())[0],
+                                   SuggestConfig(seed=config.seed))
+        class_word = suggestion.best
+        class_info = {"class_source": "suggested", "class_suggestions": suggestion.top(5),
+                      "class_evaluations": suggestion.evaluations}
+        if on_suggested is not None:
+            on_suggested(suggestion)
     with registry.reservation(name, fits=lambda ident: is_single_token(pipe.tokenizer, ident)) as identifier:
         result = train_residuals(pipe, [r.image for r in references], identifier, class_word, config, progress)
-        return _register(registry, pipe, name, identifier, class_word, model, config, references, result, sources)
+        return _register(registry, pipe, name, identifier, class_word, model, config, references, result,
+                         {"sources": sources, **class_info})
 
 
-def _register(registry, pipe, name, identifier, class_word, model, config, references, result, sources) -> TrainOutcome:
-    meta = trained_meta(pipe, name, identifier, class_word, model, config, references, result, sources)
+def _register(registry, pipe, name, identifier, class_word, model, config, references, result, extra) -> TrainOutcome:
+    meta = trained_meta(pipe, name, identifier, class_word, model, config, references, result, extra)
     record = registry.add(result.tensors, meta)
     return TrainOutcome(record, result.losses, result.seconds, model)
 
 
-def trained_meta(pipe, name, identifier, class_word, model, config, references, result, sources=None) -> PackMeta:
-    """Everything a freshly trained pack says about itself."""
+def trained_meta(pipe, name, identifier, class_word, model, config, references, result, extra=None) -> PackMeta:
+    """Everything a freshly trained pack says about itself; `extra` joins its train_config
+    (where each setting came from, how the class word was chosen)."""
     fp = fingerprint(pipe.unet)
     return PackMeta(
         name=name, identifier=identifier, class_word=class_word, ranks=result.ranks,
@@ -162,7 +205,7 @@ def trained_meta(pipe, name, identifier, class_word, model, config, references, 
         base_model=model, architecture=fp.architecture, weights=fp.weights, proj_out=proj_out_kind(pipe.unet),
         family=family_of(pipe),
         train_config={**config.to_dict(), "prompt_template": config.prompt, "resolution": result.resolution, "prompt": result.prompt,
-                      **({"sources": sources} if sources else {}),
+                      **{k: v for k, v in (extra or {}).items() if v},
                       "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
                       "config_digest": config_digest(config, model),  # train-many: same config, same model -> done
                       **({"checkpoint_sha256": sha256_file(Path(model))} if is_single_file(model) else {})},

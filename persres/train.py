@@ -114,12 +114,22 @@ def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: i
             mask[k] = 0
             mask[k, :, y0:y1, x0:x1] = 1
         squares += [im for im, _ in views]
-    pixels = torch.stack([to_tensor(im) for im in squares]).to(device, pipe.vae.dtype)  # (N, 3, H, W)
-    dists = [pipe.vae.encode(part).latent_dist for part in pixels.split(chunk)]  # chunk: bounds the VAE's peak memory
-    mean = torch.cat([d.mean for d in dists]).float()
-    std = torch.cat([d.std for d in dists]).float()
+    mean, std = _encode_squares(pipe, squares, chunk)
     condition = encode(pipe, prompt, (resolution, resolution))
     return CachedBatchSource(mean, std, condition, pipe.vae.config.scaling_factor, mask)
+
+
+def _encode_squares(pipe, squares: Sequence[Image.Image], chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latent distribution (mean, std), each (N, 4, h, w) float32, of square images."""
+    pixels = torch.stack([to_tensor(im) for im in squares]).to(pipe.vae.device, pipe.vae.dtype)  # (N, 3, H, W)
+    dists = [pipe.vae.encode(part).latent_dist for part in pixels.split(chunk)]  # chunk: bounds the VAE's peak memory
+    return torch.cat([d.mean for d in dists]).float(), torch.cat([d.std for d in dists]).float()
+
+
+@torch.no_grad()
+def encode_references(pipe, images: Sequence[Image.Image], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Center squares of the references through the VAE: (mean, std), each (N, 4, h, w)."""
+    return _encode_squares(pipe, [center_square(im, resolution) for im in images])
 
 
 def train_residuals(

@@ -153,7 +153,7 @@ def _model(registry, model: Optional[str], model_config: Optional[str] = None) -
 def train(
     images_dir: str = typer.Argument(..., help="Folder of 3-15 photos of one thing, or toy:NAME for a shipped toy concept."),
     name: str = typer.Option(..., "--name", help="Name to register the concept under."),
-    class_word: str = typer.Option(..., "--class", help='The concept\'s class word, e.g. "dog".'),
+    class_word: str = typer.Option("auto", "--class", help='The concept\'s class word, e.g. "dog"; auto: suggested by the model (see suggest-class).'),
     model: Optional[str] = typer.Option(None, help="Diffusers directory, .safetensors/.ckpt checkpoint, hub id, or 'toy'."),
     model_config: Optional[str] = typer.Option(None, "--config", help="Diffusers directory with the configs of a single-file --model (offline)."),
     steps: Optional[int] = typer.Option(None, help="Training steps [default: 150, paper]."),
@@ -187,11 +187,18 @@ def train(
         task = bar.add_task("train", total=config.steps, loss="...")
         outcome = train_concept(images_dir, name, class_word, model=resolved, config=config, registry=registry,
                                 progress=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.4f}"),
-                                sources=sources, model_config=model_config)
+                                sources=sources, model_config=model_config, on_suggested=_say_suggested)
     rec = outcome.record
     out.print(f"trained [bold]{name}[/] ({rec.meta.parameter_count:,} parameters, loss {rec.meta.loss_start:.4f} -> "
               f"{rec.meta.loss_end:.4f}) in {outcome.seconds:.1f}s; pack {rec.path}; prompt it as "
               f"'<{name}>' or 'V*' (identifier {rec.meta.identifier!r})")
+
+
+def _say_suggested(suggestion) -> None:
+    from persres.cli.suggest import describe
+
+    out.print(f"class: {describe(suggestion)}, suggested by the model in {suggestion.evaluations} UNet evaluations "
+              f"({suggestion.seconds:.1f}s); give --class to choose", markup=False)
 
 
 @app.command()
