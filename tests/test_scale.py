@@ -26,7 +26,21 @@ def persres(home: Path, *args, processes: int = 1, cwd: Path | None = None) -> s
         cmd = [sys.executable, "-m", "persres", *map(str, args)]
     else:
         cmd = [*TORCHRUN, "--nproc_per_node", str(processes), "--standalone", "-m", "persres", *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+    return run_group(cmd, env=env, cwd=cwd)
+
+
+def run_group(cmd, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run in its own process group, all of it killed on timeout (torchrun's workers included)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +160,8 @@ def test_split_gives_every_unit_to_exactly_one_process(tmp_path):
         "        everyone = here.gather([[here.rank, mine]])\n"
         "        if here.main:\n"
         "            print(json.dumps([n, everyone]))\n")
-    result = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", "--standalone", str(script)], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_group([*TORCHRUN, "--nproc_per_node", "2", "--standalone", str(script)], timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     for line in result.stdout.strip().splitlines():
         n, everyone = json.loads(line)

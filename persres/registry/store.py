@@ -79,7 +79,17 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+def _holder_alive(pid: int, host: str) -> bool:
+    """Whether a reservation's holder may still be running: a live pid here, or any pid on another host."""
+    return host != socket.gethostname() or _pid_alive(pid)
     return True
+
+
+def _holder_alive(pid: int, host: str) -> bool:
+    """Whether a reservation's holder may still be running: a live pid here, or any pid on another host."""
+    return host != socket.gethostname() or _pid_alive(pid)
 
 
 class Registry:
@@ -263,12 +273,11 @@ class Registry:
 
     def _live_reservation(self, name: str) -> bool:
         row = self.db.execute("SELECT pid, host FROM reservations WHERE name = ?", [name]).fetchone()
-        return row is not None and (row[1] != socket.gethostname() or _pid_alive(row[0]))
+        return row is not None and _holder_alive(row[0], row[1])
 
     def _drop_stale_reservations(self) -> None:
-        host = socket.gethostname()
         for name, pid, rhost in self.db.execute("SELECT name, pid, host FROM reservations").fetchall():
-            if rhost == host and not _pid_alive(pid):
+            if not _holder_alive(pid, rhost):
                 self.db.execute("DELETE FROM reservations WHERE name = ?", [name])
 
     # --- writing ---------------------------------------------------------------------------
@@ -402,10 +411,8 @@ class Registry:
                     with self.transaction():
                         self.db.execute("DELETE FROM concepts WHERE name = ?", [r.name])
                         self._move_to_orphans(r.path, f"a pack that changed after registration ({r.name!r})")
-        stale = self.db.execute("SELECT name, pid, host FROM reservations").fetchall()
-        host = socket.gethostname()
-        for name, pid, rhost in stale:
-            if rhost == host and not _pid_alive(pid):
+        for name, pid, rhost in self.db.execute("SELECT name, pid, host FROM reservations").fetchall():
+            if not _holder_alive(pid, rhost):
                 problems.append(f"reservation of {name!r} by a finished process {pid}" + ("; released" if repair else ""))
         if repair:
             with self.transaction():
