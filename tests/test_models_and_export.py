@@ -12,7 +12,7 @@ from persres.sample import OtherCheckpointWarning, generate
 
 
 def test_missing_local_model_and_offline_hub_id(tmp_path):
-    with pytest.raises(ModelNotFound, match="not a diffusers directory"):
+    with pytest.raises(ModelNotFound, match="neither a diffusers directory nor a .safetensors"):
         load_pipeline(str(tmp_path / "nowhere"))
     with pytest.raises(ModelNotFound, match="could not be fetched"):
         load_pipeline("CompVis/stable-diffusion-v1-4-not-here")
