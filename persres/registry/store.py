@@ -79,11 +79,6 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-
-
-def _holder_alive(pid: int, host: str) -> bool:
-    """Whether a reservation's holder may still be running: a live pid here, or any pid on another host."""
-    return host != socket.gethostname() or _pid_alive(pid)
     return True
 
 
