@@ -48,6 +48,7 @@ class MultiLagConfig:
     coverage: float = 0.5  # fraction of a block's pixels in each concept's mask (0.5: the median)
     maps: MapSource = "block"  # each block's own maps, or the previous evaluation's maps of all blocks
     delay: float = 0.0  # fraction of the denoising steps run by the base model alone before the residuals act
+    conflict: str = "normalized"  # where masks overlap: highest max-normalized map, or "raw" attention wins
 
     def __post_init__(self) -> None:
         if self.tokens not in ("identifier+class", "class", "identifier"):
@@ -58,6 +59,8 @@ class MultiLagConfig:
             raise InputError(f"LAG maps must be block or aggregate, got {self.maps!r}")
         if not (isinstance(self.delay, (int, float)) and 0 <= self.delay < 1):
             raise InputError(f"LAG delay must be in [0, 1), got {self.delay!r}")
+        if self.conflict not in ("normalized", "raw"):
+            raise InputError(f"LAG conflict rule must be normalized or raw, got {self.conflict!r}")
 
 
 @dataclass(frozen=True)

@@ -64,12 +64,15 @@ def coverage_mask(maps: torch.Tensor, coverage: float = 0.5) -> torch.Tensor:
     return maps > kth
 
 
-def regions_from_maps(maps: torch.Tensor, coverage: float = 0.5) -> torch.Tensor:
-    """maps: (B, K, N) token-summed attention of K concepts -> disjoint regions (B, K, N) in {0, 1}."""
+def regions_from_maps(maps: torch.Tensor, coverage: float = 0.5, conflict: str = "normalized") -> torch.Tensor:
+    """maps: (B, K, N) token-summed attention of K concepts -> disjoint regions (B, K, N) in {0, 1}.
+
+    Where several masks are on, the winner has the highest max-normalized map ("normalized")
+    or the highest attention probability itself ("raw": the pixel attends to its tokens most)."""
     on = coverage_mask(maps, coverage)  # (B, K, N)
     if maps.shape[1] == 1:
         return on.float()
-    norm = maps / maps.amax(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, K, N) in [0, 1]
+    norm = maps if conflict == "raw" else maps / maps.amax(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, K, N)
     score = torch.where(on, norm, torch.full_like(norm, -1.0))
     winner = score.argmax(dim=1)  # (B, N)
     won = F.one_hot(winner, maps.shape[1]).permute(0, 2, 1).bool()  # (B, K, N)
@@ -93,6 +96,7 @@ class LagSession:
         single = len(self.concepts) == 1  # the paper's rule, whatever `multi` says
         self.token_sets = [c.positions if single else c.region_tokens(multi.tokens) for c in self.concepts]
         self.coverage = 0.5 if single else multi.coverage
+        self.conflict = multi.conflict
         self.aggregate = not single and multi.maps == "aggregate"
         # several concepts: the base model alone lays out the first `delay` of the steps
         self.delayed = 0 if single or not steps else round(multi.delay * steps)
@@ -143,7 +147,7 @@ class LagSession:
                 self._accumulate(maps, h, w)
                 if self._previous is not None and self._previous.shape[:2] == maps.shape[:2]:
                     maps = F.interpolate(self._previous, size=(h, w), mode="area").flatten(2)  # (B, K, h*w)
-            regions = self._regions[block] = regions_from_maps(maps, self.coverage)
+            regions = self._regions[block] = regions_from_maps(maps, self.coverage, self.conflict)
             if self.evaluation < self.delayed:
                 regions.zero_()
             if self.keep_masks:

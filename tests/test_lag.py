@@ -32,6 +32,21 @@ def test_two_concepts_regions_are_disjoint_and_inside_their_median_masks():
     assert both.any()
 
 
+def test_raw_conflict_rule_gives_an_overlap_to_the_larger_attention():
+    from persres.config import MultiLagConfig
+    from persres.errors import InputError
+
+    # pixel 1 is in both masks: concept 0 attends 0.45 there (its peak is 0.5), concept 1 0.3 (its peak)
+    maps = torch.tensor([[[0.1, 0.45, 0.5, 0.0], [0.0, 0.3, 0.0, 0.1]]])  # (1, 2, 4)
+    normalized = regions_from_maps(maps, 0.5)
+    raw = regions_from_maps(maps, 0.5, "raw")
+    assert normalized[0, :, 1].tolist() == [0.0, 1.0]  # 0.3/0.3 beats 0.45/0.5
+    assert raw[0, :, 1].tolist() == [1.0, 0.0]  # 0.45 beats 0.3
+    assert ((raw[:, 0] * raw[:, 1]) == 0).all()
+    with pytest.raises(InputError, match="conflict"):
+        MultiLagConfig(conflict="loudest")
+
+
 def test_single_concept_region_is_its_median_mask():
     maps = torch.rand(2, 1, 16)
     assert torch.equal(regions_from_maps(maps).bool(), median_mask(maps))

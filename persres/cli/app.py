@@ -520,6 +520,7 @@ def bench_toy(
     lag_coverage: Optional[float] = typer.Option(None, help="Several concepts: fraction of pixels in each mask (0.5: median)."),
     lag_maps: Optional[str] = typer.Option(None, help="Several concepts: block (each block's own) or aggregate (previous evaluation's, all blocks)."),
     lag_delay: Optional[float] = typer.Option(None, help="Several concepts: fraction of steps the base model runs alone first."),
+    lag_conflict: Optional[str] = typer.Option(None, help="Several concepts: where masks overlap, normalized (max-normalized map) or raw (attention) wins."),
 ):
     """Train the toy concepts and score identity, background, added objects, attributes and concept pairs, with and without LAG."""
     import dataclasses
@@ -530,7 +531,8 @@ def bench_toy(
     from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench, select_concepts, summarize
 
     names = select_concepts(concept, concept_set)
-    multi = MultiLagConfig(**{k: v for k, v in {"tokens": lag_tokens, "coverage": lag_coverage, "maps": lag_maps, "delay": lag_delay}.items() if v is not None})
+    multi = MultiLagConfig(**{k: v for k, v in {"tokens": lag_tokens, "coverage": lag_coverage, "maps": lag_maps, "delay": lag_delay,
+                                                 "conflict": lag_conflict}.items() if v is not None})
     registry = _registry()
     resolved = _model(registry, model)
     config = train_config_for(resolved, {"steps": train_steps, "lr": lr, "init": init, "flip": flip, "prompt": prompt,
