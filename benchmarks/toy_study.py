@@ -38,7 +38,7 @@ LAG_VARIANTS = {
     for tokens in ("identifier+class", "class", "identifier")
     for coverage in (0.5, 0.3)
     for maps in ("block", "aggregate")
-} | {f"paper rule, delay {d}": {"delay": d} for d in (0.1, 0.2, 0.3, 0.5)} | {
+} | {f"paper rule, delay {d}": {"delay": d} for d in (0.1, 0.2, 0.3, 0.5, 0.6, 0.7)} | {
     "raw conflict": {"conflict": "raw"},
     "raw conflict, class word": {"conflict": "raw", "tokens": "class"},
     "raw conflict, delay 0.5": {"conflict": "raw", "delay": 0.5},
