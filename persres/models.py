@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +81,22 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+class SlowPrecisionWarning(UserWarning):
+    """bf16 asked for on a CPU that emulates it (no avx512_bf16 or AMX): it runs, slower than fp32."""
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX-BF16), as torch reports it."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_emulated_bf16() -> None:  # once per process: pick_dtype is asked more than once per command
+    warnings.warn("--precision bf16 on a CPU without native bf16 (no avx512_bf16 or AMX): it runs, but slower than fp32",
+                  SlowPrecisionWarning, stacklevel=3)
+
+
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         if device.type != "cuda":
@@ -89,6 +107,8 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
         raise InputError(f"--precision must be auto, fp32, fp16 or bf16, got {precision!r}")
     if device.type == "cpu" and precision == "fp16":
         raise InputError("--precision fp16 needs CUDA; use fp32 or bf16 on the CPU")
+    if device.type == "cpu" and precision == "bf16" and not cpu_native_bf16():
+        _warn_emulated_bf16()
     return dtypes[precision]
 
 

@@ -101,5 +101,29 @@ def test_fp16_on_the_cpu_is_refused():
     from persres.errors import InputError
     from persres.models import pick_dtype
 
+    from persres.errors import InputError
+
     with pytest.raises(InputError, match="fp16 needs CUDA"):
         pick_dtype("fp16", torch.device("cpu"))
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once_and_still_runs(monkeypatch):
+    import warnings
+
+    from persres import models
+
+    for native, expected in ((True, 0), (False, 1)):
+        models._warn_emulated_bf16.cache_clear()
+        monkeypatch.setattr(models, "cpu_native_bf16", lambda native=native: native)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):  # a command asks more than once
+                assert models.pick_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+        slow = [w for w in caught if issubclass(w.category, models.SlowPrecisionWarning)]
+        assert len(slow) == expected, native
+    assert models.pick_dtype("auto", torch.device("cpu")) is torch.float32  # auto stays fp32 until parity is shown
+    from persres.errors import InputError
+
+    with pytest.raises(InputError, match="fp16 needs CUDA"):
+        models.pick_dtype("fp16", torch.device("cpu"))
+
