@@ -1,6 +1,7 @@
 """`persres suggest-class` on the toy world: accuracy, UNet evaluations and time against a training run.
 
     OMP_NUM_THREADS=1 python benchmarks/suggest_class.py --out benchmarks/results/suggest-class.json
+    OMP_NUM_THREADS=1 python benchmarks/suggest_class.py --new-textures --out benchmarks/results/suggest-class-new-textures.json
 
 For every shipped toy concept (a texture no caption names, on one of the six shapes), the
 suggestion is scored against the true shape with two candidate lists: the six shapes alone
@@ -18,11 +19,44 @@ import time
 from pathlib import Path
 
 
+# Textures of this benchmark only: neither captions nor the shipped concepts use them.
+NEW_TEXTURES = {
+    "zigzag": lambda dx, dy: (200, 60, 220) if (dx + abs(dy % 6 - 3)) % 6 < 3 else (40, 40, 120),  # violet / navy
+    "spots": lambda dx, dy: (30, 30, 30) if (dx % 5 - 2) ** 2 + (dy % 5 - 2) ** 2 <= 2 else (250, 120, 140),  # black on rose
+    "halves": lambda dx, dy: (90, 200, 240) if dy < 0 else (130, 70, 30),  # sky top, brown bottom
+}
+
+
+def textured_references(shape: str, texture: str, n: int = 5, seed: int = 0):
+    """n pictures of `shape` wearing one of NEW_TEXTURES, on the shipped concepts' backgrounds."""
+    import random
+
+    from PIL import Image
+
+    from persres.toy import world
+
+    rng = random.Random(f"{shape}:{texture}:{seed}")
+    out = []
+    for i in range(n):
+        background = ("white", "blue", "green", "purple", "orange")[i % 5]
+        (cx, cy, size), = world._place(rng, 1)
+        img = Image.new("RGB", (world.SIZE, world.SIZE), world.PALETTE[background])
+        fill = Image.new("RGB", (world.SIZE, world.SIZE))
+        fill.putdata([NEW_TEXTURES[texture](x - int(cx), y - int(cy)) for y in range(world.SIZE) for x in range(world.SIZE)])
+        img.paste(fill, (0, 0), world.shape_mask(shape, cx, cy, size))
+        out.append(img)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--new-textures", action="store_true",
+                    help="instead: all six shapes in each of NEW_TEXTURES (rank score), both candidate lists")
     args = ap.parse_args(argv)
+    if args.new_textures:
+        return new_textures(args)
 
     import torch
 
@@ -65,6 +99,31 @@ def main(argv=None) -> None:
     meta = {"model": model, "threads": torch.get_num_threads(), "seed": args.seed, **timing}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+def new_textures(args) -> None:
+    """Issue #15's protocol: every shape in each new texture; right means the suggestion is the shape."""
+    from persres.models import load_pipeline, resolve_model
+    from persres.suggest import SuggestConfig, screen, suggest_class
+    from persres.toy import world
+
+    pipe = load_pipeline(resolve_model("toy"))
+    lists = {"shapes": list(world.SHAPES),
+             "shapes + colors + caption words": [*world.SHAPES, *world.COLORS, "background", "photo"]}
+    rows = []
+    for texture in NEW_TEXTURES:
+        for shape in world.SHAPES:
+            images = textured_references(shape, texture, seed=args.seed)
+            for label, words in lists.items():
+                s = suggest_class(pipe, images, screen(pipe.tokenizer, words)[0], SuggestConfig(seed=args.seed))
+                rows.append({"texture": texture, "shape": shape, "candidates": label, "suggested": s.best,
+                             "right": s.best == shape, "evaluations": s.evaluations, "seconds": round(s.seconds, 2)})
+                print(json.dumps(rows[-1]), flush=True)
+    summary = {f"{t} / {label}": sum(r["right"] for r in rows if r["texture"] == t and r["candidates"] == label)
+               for t in NEW_TEXTURES for label in lists}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"summary (right of 6)": summary, "rows": rows}, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 
