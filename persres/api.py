@@ -123,7 +123,7 @@ def suggest_class_for(
     model_config: str | None = None,
 ):
     """`persres suggest-class`: rank candidate class words for a folder of images with the base model."""
-    from persres.suggest import SuggestConfig, parse_candidates, screen, suggest_class
+    from persres.suggest import SuggestConfig, parse_candidates, suggest
 
     registry = registry or Registry()
     references = read_folder(images_dir)
@@ -131,10 +131,7 @@ def suggest_class_for(
     model, _ = model_for(registry, model)
     if pipe is None:
         pipe = load_pipeline(model, config=model_config_for(registry, model, model_config))
-    kept, rejected = screen(pipe.tokenizer, entries)
-    suggestion = suggest_class(pipe, [r.image for r in references], kept, config or SuggestConfig())
-    suggestion.rejected = rejected
-    return suggestion
+    return suggest(pipe, [r.image for r in references], entries, config or SuggestConfig())
 
 
 def train_concept(
@@ -174,10 +171,9 @@ def train_concept(
     warn_if_small(references, config.resolution or default_resolution(pipe))
     class_info = {"class_source": "given"}
     if auto:
-        from persres.suggest import SuggestConfig, builtin_candidates, screen, suggest_class
+        from persres.suggest import SuggestConfig, builtin_candidates, suggest
 
-        suggestion = suggest_class(pipe, [r.image for r in references], screen(pipe.tokenizer, builtin_candidates())[0],
-                                   SuggestConfig(seed=config.seed))
+        suggestion = suggest(pipe, [r.image for r in references], builtin_candidates(), SuggestConfig(seed=config.seed))
         class_word = suggestion.best
         class_info = {"class_source": "suggested", "class_suggestions": suggestion.top(5),
                       "class_evaluations": suggestion.evaluations}

@@ -25,6 +25,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from persres.errors import InputError, PersresError
 
@@ -60,6 +61,15 @@ class RowResult:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class Planned(NamedTuple):
+    """Rank 0's decision for one row, broadcast to every process."""
+
+    status: str  # planned, skipped, failed
+    value: str  # the identifier (planned, skipped) or why it failed
+    model: str = ""
+    config: object = None  # the TrainConfig the row trains with (planned)
 
 
 def read_manifest(path: str | Path) -> list[Row]:
@@ -146,7 +156,7 @@ def train_many(rows: list[Row], *, model: str | None = None, model_config: str |
 
     cluster = cluster or Cluster()
     pipes = {} if pipe is None else {model: pipe}  # one loaded model at a time, reused across rows
-    plan = cluster.share(_plan(rows, model, registry) if cluster.main else None)  # {index: (status, identifier or message, model)}
+    plan = cluster.share(_plan(rows, model, registry) if cluster.main else None)  # {index: Planned}
     mine = cluster.split([r.index for r in rows])
     results = [_run(rows[i], plan[i], model_config, registry, shards, cluster, log, pipes) for i in mine]
     cluster.wait()
@@ -158,10 +168,10 @@ def train_many(rows: list[Row], *, model: str | None = None, model_config: str |
     return sorted(results, key=lambda r: r.index)
 
 
-def _plan(rows: list[Row], model: str | None, registry) -> dict[int, tuple[str, str, str]]:
+def _plan(rows: list[Row], model: str | None, registry) -> dict[int, Planned]:
     from persres.api import config_digest, model_for, train_config_for
 
-    plan: dict[int, tuple[str, str, str]] = {}
+    plan: dict[int, Planned] = {}
     taken: set[str] = set()
     names: set[str] = set()
     tokenizers: dict[str, object] = {}
@@ -178,7 +188,7 @@ def _plan(rows: list[Row], model: str | None, registry) -> dict[int, tuple[str, 
             if registry.has(row.name):
                 record = registry.get(row.name)
                 if record.meta.train_config.get("config_digest") == config_digest(config, resolved):
-                    plan[row.index] = ("skipped", record.meta.identifier, resolved)
+                    plan[row.index] = Planned("skipped", record.meta.identifier, resolved)
                     continue
                 raise InputError(f"a concept named {row.name!r} is already registered with another training config or model")
             registry.check_new_name(row.name)
@@ -186,9 +196,9 @@ def _plan(rows: list[Row], model: str | None, registry) -> dict[int, tuple[str, 
                 tokenizers[resolved] = _tokenizer(resolved)
             identifier = registry.free_identifier(tokenizers[resolved], exclude=taken)
             taken.add(identifier)
-            plan[row.index] = ("planned", identifier, resolved)
+            plan[row.index] = Planned("planned", identifier, resolved, config)
         except PersresError as e:
-            plan[row.index] = ("failed", str(e), resolved)
+            plan[row.index] = Planned("failed", str(e), resolved)
     return plan
 
 
@@ -206,8 +216,8 @@ def _tokenizer(model: str):
         return None
 
 
-def _run(row: Row, planned: tuple[str, str, str], model_config, registry, shards, cluster, log, pipes) -> RowResult:
-    status, value, model = planned
+def _run(row: Row, planned: Planned, model_config, registry, shards, cluster, log, pipes) -> RowResult:
+    status, value = planned.status, planned.value
     if status == "failed":
         return RowResult(row.name, "failed", message=value, rank=cluster.rank, index=row.index)
     if status == "skipped":
@@ -216,7 +226,7 @@ def _run(row: Row, planned: tuple[str, str, str], model_config, registry, shards
     t0 = time.perf_counter()
     log(f"{row.name}: training on rank {cluster.rank}")
     try:
-        loss = _train_row(row, value, model, model_config, registry, shards, cluster, pipes)
+        loss = _train_row(row, planned, model_config, registry, shards, cluster, pipes)
     except PersresError as e:
         return RowResult(row.name, "failed", time.perf_counter() - t0, message=str(e), rank=cluster.rank, index=row.index)
     except OSError as e:
@@ -226,15 +236,15 @@ def _run(row: Row, planned: tuple[str, str, str], model_config, registry, shards
     return RowResult(row.name, "trained", time.perf_counter() - t0, loss, value, rank=cluster.rank, index=row.index)
 
 
-def _train_row(row: Row, identifier: str, model: str, model_config, registry, shards, cluster, pipes) -> float:
-    from persres.api import model_config_for, train_config_for, trained_meta
+def _train_row(row: Row, planned: Planned, model_config, registry, shards, cluster, pipes) -> float:
+    from persres.api import model_config_for, trained_meta
     from persres.images import read_folder, resolve_folder
     from persres.models import load_pipeline, pick_dtype
     from persres.packs import write_pack
     from persres.tokens import check_class_word, is_single_token
     from persres.train import train_residuals
 
-    config = row.config or train_config_for(model, row.overrides)
+    identifier, model, config = planned.value, planned.model, planned.config
     class_word = check_class_word(row.class_word)
     references = read_folder(resolve_folder(row.images))
     if model not in pipes:

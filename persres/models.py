@@ -189,15 +189,21 @@ def check_single_file_config(path: str, config: str | None) -> str:
     return family
 
 
-def _load_single_file(path: str, config: str | None, dtype: torch.dtype):
+def _pipeline_class(xl: bool):
+    """(pipeline class, its load options): no safety checker on SD 1.x/2.x, no watermark on SDXL."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if xl:
+        return StableDiffusionXLPipeline, dict(add_watermarker=False)
+    return StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False)
+
+
+def _load_single_file(path: str, config: str | None, dtype: torch.dtype):
     from persres.families import label
 
     family = check_single_file_config(path, config)
     config = None if config is None else str(Path(config).expanduser())
-    cls, kwargs = (StableDiffusionXLPipeline, dict(add_watermarker=False)) if family == "sdxl" else \
-        (StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False))
+    cls, kwargs = _pipeline_class(family == "sdxl")
     try:
         return cls.from_single_file(path, config=config, local_files_only=True, torch_dtype=dtype, **kwargs)
     except Exception as e:
@@ -211,7 +217,7 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
     """A StableDiffusionPipeline or StableDiffusionXLPipeline with a DDIM scheduler, no safety
     checker or watermark, frozen and in eval mode. `model` is a diffusers directory, a hub id,
     or a single-file checkpoint; `config` (a diffusers directory) supplies a single file's configs."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DDIMScheduler
 
     from persres.families import PIPELINES, XL_PIPELINE, text_encoders
 
@@ -230,10 +236,7 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
             if class_name not in PIPELINES:
                 raise ModelNotFound(f"model {model!r} is a {class_name or 'pipeline of no declared class'}; "
                                     f"persres runs {' and '.join(PIPELINES)} models (SD 1.x, SD 2.x, SDXL)")
-            if class_name == XL_PIPELINE:
-                cls, kwargs = StableDiffusionXLPipeline, dict(add_watermarker=False)
-            else:
-                cls, kwargs = StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False)
+            cls, kwargs = _pipeline_class(class_name == XL_PIPELINE)
             pipe = cls.from_pretrained(model, torch_dtype=dtype, local_files_only=local.is_dir(), **kwargs)
     except ModelNotFound:
         raise

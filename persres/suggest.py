@@ -39,7 +39,6 @@ class SuggestConfig:
     budget: int = DEFAULT_BUDGET  # sample-forwards, at most
     seed: int = 0
     top: int = 5
-    t_range: tuple[float, float] = (0.0, 1.0)  # fraction of the training timesteps drawn from
     score: str = "rank"  # rank: mean per-draw rank (robust to a few draws a colour wins by far); error: mean error
 
     def __post_init__(self) -> None:
@@ -143,16 +142,24 @@ def plan_rounds(candidates: int, budget: int) -> list[tuple[int, int]]:
     return out
 
 
+def suggest(pipe, images: Sequence[Image.Image], entries: Sequence[str], config: SuggestConfig = SuggestConfig()) -> Suggestion:
+    """Screen `entries` with the model's tokenizer, then rank what is left; the left-out ones ride along."""
+    kept, rejected = screen(pipe.tokenizer, entries)
+    suggestion = suggest_class(pipe, images, kept, config)
+    suggestion.rejected = rejected
+    return suggestion
+
+
 @torch.no_grad()
 def suggest_class(pipe, images: Sequence[Image.Image], candidates: Sequence[str], config: SuggestConfig = SuggestConfig(),
                   resolution: int | None = None) -> Suggestion:
     """Rank `candidates` (already screened) by the base model's denoising error on `images`."""
     from persres.families import encode
-    from persres.train import default_resolution, encode_references
+    from persres.train import default_resolution, encode_references, noised, prediction_of
 
     if len(candidates) == 0:
         raise InputError("no usable candidate class words")
-    if len(candidates) * 1 > config.budget:
+    if len(candidates) > config.budget:
         raise InputError(f"{len(candidates)} candidates need a budget of at least {len(candidates)} evaluations")
     t0 = time.perf_counter()
     unet, sched = pipe.unet, pipe.scheduler
@@ -160,22 +167,21 @@ def suggest_class(pipe, images: Sequence[Image.Image], candidates: Sequence[str]
     resolution = resolution or default_resolution(pipe)
     mean, std = encode_references(pipe, images, resolution)  # (N, 4, h, w) each
     conds = {c: encode(pipe, PROMPT.format(c), (resolution, resolution)) for c in candidates}
-    prediction = sched.config.get("prediction_type", "epsilon")
+    prediction = prediction_of(sched)
+    timesteps = sched.config.num_train_timesteps
     alphas = sched.alphas_cumprod.to(device)
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     draws: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (image, t, latent noise, eps), shared by all
     errors = {c: [] for c in candidates}
     alive = list(candidates)
-    rank_of: dict[str, tuple[int, float]] = {}
+    place: dict[str, int] = {}  # rank score: a candidate's place in the last round it took part in
     spent = 0
     for survivors, new in plan_rounds(len(candidates), config.budget):
         alive = alive[:survivors]
         start = len(draws)
         for _ in range(new):
             i = int(torch.randint(0, mean.shape[0], (1,), generator=gen))
-            total = sched.config.num_train_timesteps
-            lo, hi = int(config.t_range[0] * total), max(int(config.t_range[0] * total) + 1, int(config.t_range[1] * total))
-            t = int(torch.randint(lo, hi, (1,), generator=gen))
+            t = int(torch.randint(0, timesteps, (1,), generator=gen))
             draws.append((i, t, torch.randn(mean.shape[1:], generator=gen), torch.randn(mean.shape[1:], generator=gen)))
         units = [(c, k) for c in alive for k in range(start, len(draws))]
         for part in range(0, len(units), UNET_BATCH):
@@ -184,9 +190,7 @@ def suggest_class(pipe, images: Sequence[Image.Image], candidates: Sequence[str]
             latents = latents * pipe.vae.config.scaling_factor  # (B, 4, h, w)
             eps = torch.stack([draws[k][3] for _, k in chunk]).to(device)
             t = torch.tensor([draws[k][1] for _, k in chunk], device=device)
-            a = alphas[t].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * latents + (1 - a).sqrt() * eps
-            target = eps if prediction == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * latents
+            noisy, target = noised(alphas, latents, eps, t, prediction)
             emb = torch.cat([conds[c].embedding for c, _ in chunk])
             added = None
             if conds[chunk[0][0]].added is not None:
@@ -199,14 +203,12 @@ def suggest_class(pipe, images: Sequence[Image.Image], candidates: Sequence[str]
         if config.score == "rank":  # each draw votes: the candidates' mean rank over the draws they share
             table = torch.tensor([errors[c] for c in alive])  # (survivors, draws so far)
             ranks = table.argsort(dim=0).argsort(dim=0).float().mean(dim=1)
-            order = ranks.argsort().tolist()
-            alive = [alive[i] for i in order]
-            for i, c in enumerate(alive):
-                rank_of[c] = (i, float(ranks[order[i]]))
+            alive = [alive[i] for i in ranks.argsort().tolist()]
+            place.update((c, i) for i, c in enumerate(alive))
         else:
             alive.sort(key=lambda c: sum(errors[c]) / len(errors[c]))
     if config.score == "rank":
-        dropped = sorted((c for c in candidates if c not in alive), key=lambda c: (-len(errors[c]), rank_of[c][0]))
+        dropped = sorted((c for c in candidates if c not in alive), key=lambda c: (-len(errors[c]), place[c]))
     else:
         dropped = sorted((c for c in candidates if c not in alive), key=lambda c: sum(errors[c]) / len(errors[c]))
     ranked = alive + dropped  # survivors (ranked on more draws) first, then the dropped, latest round first

@@ -49,8 +49,33 @@ SDXL_UNET_CONFIG = dict(
 )
 
 
+def sd_scheduler():
+    """Stable Diffusion's noise schedule (scaled linear, 0.00085-0.012) under DDIM."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_vae(seed: int = 0):
+    """A two-level AutoencoderKL (factor-2 latent, 4 channels), as the tiny pipelines use."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=16,
+    )
+
+
 def tiny_components(seed: int = 0, linear_proj: bool = False, cross_attention_dim: int = 32):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from persres.toy.build import build_tokenizer
@@ -69,17 +94,7 @@ def tiny_components(seed: int = 0, linear_proj: bool = False, cross_attention_di
         norm_num_groups=16,
         use_linear_projection=linear_proj,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=16,
-    )
+    vae = tiny_vae(seed)
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
@@ -89,8 +104,7 @@ def tiny_components(seed: int = 0, linear_proj: bool = False, cross_attention_di
             vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
         )
     )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = sd_scheduler()
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                 safety_checker=None, feature_extractor=None)
 
@@ -108,7 +122,7 @@ def tiny_xl_components(seed: int = 0, layers: int = 2):
     """A tiny SDXL: two text encoders (the second with a projection: the pooled embedding),
     size/crop conditioning, and `layers` transformer layers in its one cross-attention block
     per level, as SDXL's blocks hold 2 or 10."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from persres.toy.build import build_tokenizer
@@ -139,19 +153,8 @@ def tiny_xl_components(seed: int = 0, layers: int = 2):
         cross_attention_dim=64,  # both encoders' hidden states, concatenated
         norm_num_groups=16,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=16,
-    )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    vae = tiny_vae(seed)
+    scheduler = sd_scheduler()
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                 tokenizer_2=tokenizer, scheduler=scheduler)
 
@@ -263,7 +266,7 @@ def sd14_random_pipeline(seed: int = 0, dtype=torch.float32, device="cpu"):
     No download: the tokenizer is the toy vocabulary padded to SD's 77 tokens. For
     benchmarks, where the cost and not the picture matters.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from persres.toy.build import build_tokenizer
@@ -276,8 +279,7 @@ def sd14_random_pipeline(seed: int = 0, dtype=torch.float32, device="cpu"):
         vae=AutoencoderKL(**SD14_VAE_CONFIG),
         text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **SD14_TEXT_CONFIG)),
         tokenizer=tokenizer,
-        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        scheduler=sd_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -93,6 +93,21 @@ def zoom_out_views(square: Image.Image, scale_min: float, cell: int, rng: random
     return out
 
 
+def prediction_of(scheduler) -> str:
+    """What the model predicts: epsilon or v_prediction; a model of any other kind is refused."""
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):  # "sample" (x0) models: no SD release uses them
+        raise InputError(f"the model's scheduler predicts {prediction!r}; persres trains epsilon and v_prediction models only")
+    return prediction
+
+
+def noised(alphas: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction: str):
+    """(x_t, the model's target): the forward process at timesteps t (B,), and epsilon or v."""
+    a = alphas[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # (B, 4, h, w)
+    return noisy, noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+
+
 def default_resolution(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
@@ -143,9 +158,7 @@ def train_residuals(
     """Learn one concept's residuals on a loaded pipeline; the pipeline is left as it was."""
     unet = pipe.unet
     noise_sched = pipe.scheduler
-    prediction = noise_sched.config.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "v_prediction"):  # "sample" (x0) models: no SD release uses them
-        raise InputError(f"the model's scheduler predicts {prediction!r}; persres trains epsilon and v_prediction models only")
+    prediction = prediction_of(noise_sched)
     prompt = training_prompt(identifier, class_word, config.prompt)
     concept_positions(pipe.tokenizer, prompt, identifier, class_word)  # identifier fits, or PromptError
     resolution = config.resolution or default_resolution(pipe)
@@ -179,9 +192,7 @@ def train_residuals(
             latents, mask = batch.latents, batch.mask
             noise = torch.randn(latents.shape, generator=gen, device=device)
             t = torch.randint(0, num_t, (config.batch_size,), generator=gen, device=device)
-            a = alphas[t].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # (B, 4, h, w)
-            target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+            noisy, target = noised(alphas, latents, noise, t, prediction)
             pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=batch.embedding, added_cond_kwargs=batch.added).sample
             if mask is None:
                 loss = F.mse_loss(pred.float(), target)

@@ -88,18 +88,17 @@ class Folder:
 
 
 def sample_prompt(folder: Folder, i: int, cfg: BenchConfig, registry: Registry, pipe, loaded: list) -> bool:
-    """Sample prompt i of a folder unless all its images exist; `loaded` tracks which packs are on `pipe`."""
+    """Sample prompt i of a folder unless all its images exist; `loaded` holds the concepts now on `pipe` (bound)."""
     from persres import residuals
     from persres.sample import generate
 
     if all((folder.path / f"{i:03d}-{j:03d}.png").exists() for j in range(cfg.samples_per_prompt)):
         return False
-    if loaded != list(folder.names):
+    if [c.name for c in loaded] != list(folder.names):
         residuals.remove(pipe.unet)
-        loaded[:] = [c.name for c in apply_concepts(pipe, list(folder.names), registry, cfg.model)]
-    given = [registry.get(n).bound() for n in folder.names]
+        loaded[:] = apply_concepts(pipe, list(folder.names), registry, cfg.model)
     prompt = folder.prompts[i]
-    expanded, concepts = expand_prompt(prompt, given, lambda n: registry.get(n).bound())
+    expanded, concepts = expand_prompt(prompt, loaded, lambda n: registry.get(n).bound())
     config = cfg.sample.replace(lag=folder.lag, seed=1000 * i, num_images=cfg.samples_per_prompt)
     result = generate(pipe, expanded, concepts, config)
     for j, (image, seed) in enumerate(zip(result.images, result.seeds)):
