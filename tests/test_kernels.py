@@ -3,6 +3,7 @@ import torch
 
 from persres.errors import BackendUnavailable
 from persres.kernels import Backend, attention, attention_backend, available_backends, resolve_backend
+from persres.kernels.attention import lse_attention
 
 
 def qkv(nk=7, seed=0, dtype=torch.float32, device="cpu"):
@@ -25,6 +26,46 @@ def test_every_backend_matches_the_reference(backend, token_sets):
     else:
         assert maps.shape == (2, len(token_sets), 16)
         torch.testing.assert_close(maps, ref_maps, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-lse", "torch-lse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lse_maps_match_the_reference(fused, dtype):
+    """SD-like cross-attention (77 keys); sets may share a column."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g).to(dtype) for n in (64, 77, 77))
+    sets = [(5, 6), (6, 9, 10), (0,)]
+    ref_out, ref_maps = attention(q, k, v, token_sets=sets, backend="reference")
+    out, maps = lse_attention(q, k, v, sets, None, fused=fused)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(maps, ref_maps, **(tol if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)))
+
+
+def test_sdpa_maps_never_form_the_full_attention_matrix():
+    """With token sets the sdpa backend takes the kernel's log-sum-exp: no op returns an Nq x Nk tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.seen.append((func.__name__, tuple(t.shape)))
+            return out
+
+    q, k, v = qkv(nk=7)
+    with Shapes() as fused:
+        attention(q, k, v, token_sets=[(1, 2)], backend="sdpa")
+    with Shapes() as explicit:
+        attention(q, k, v, token_sets=[(1, 2)], backend="reference")
+    full = lambda seen: [name for name, shape in seen if shape[-2:] == (16, 7)]  # (…, Nq, Nk)
+    assert full(explicit.seen)  # the check sees the reference's probabilities
+    assert not full(fused.seen), full(fused.seen)
 
 
 def test_reference_is_plain_softmax_attention():
@@ -73,10 +114,27 @@ def test_cuda_backends_in_half_precision_match_the_reference(backend, dtype):
     torch.testing.assert_close(maps.float(), ref_maps.float(), rtol=2e-2, atol=2e-3)
 
 
-def test_lag_path_honours_upcast_attention():
-    """SD 2.x sets upcast_attention: the scores are then computed in fp32, not in the model's dtype."""
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+def test_cuda_lse_maps_match_the_reference_in_fp32(backend):
+    """The fused kernels' log-sum-exp gives the reference's maps: xformers' and PyTorch's efficient kernel."""
+    if backend not in [b.value for b in available_backends()]:
+        pytest.skip(f"{backend} not installed")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 8, n, 40, generator=g).cuda() for n in (1000, 77, 77))  # Nq not a multiple of 32
+    sets = [(5, 6), (9,)]
+    ref_out, ref_maps = attention(q, k, v, token_sets=sets, backend="reference")
+    out, maps = attention(q, k, v, token_sets=sets, backend=backend)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(maps, ref_maps, rtol=1e-4, atol=1e-5)
+
+
+def test_lag_path_honours_upcast_attention(monkeypatch):
+    """SD 2.x sets upcast_attention: the kernel then gets fp32 q/k/v, not the model's dtype; the maps
+    (from the log-sum-exp, formed in fp32) are right either way."""
     from diffusers.models.attention_processor import Attention
 
+    import persres.kernels.processor as processor
     from persres.kernels import KernelAttnProcessor
 
     class Sink:
@@ -85,6 +143,13 @@ def test_lag_path_honours_upcast_attention():
         def record(self, block, maps):
             self.maps = maps
 
+    seen = []
+
+    def spy(q, k, v, **kw):
+        seen.append(q.dtype)
+        return attention(q, k, v, **kw)
+
+    monkeypatch.setattr(processor, "attention", spy)
     g = torch.Generator().manual_seed(1)
     x, ctx = torch.randn(1, 16, 64, generator=g).bfloat16(), torch.randn(1, 8, 64, generator=g).bfloat16()
 
@@ -102,9 +167,10 @@ def test_lag_path_honours_upcast_attention():
             q, k = attn.to_q(x).float(), attn.to_k(ctx).float()  # the module's own bf16 projections
         probs = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1)  # (1, 16, 8) in fp32
         expected = probs[..., [1, 2]].sum(-1)  # (1, 16)
-        return (sink.maps[:, 0] - expected).abs().max().item(), out.dtype
+        return (sink.maps[:, 0] - expected).abs().max().item(), out.dtype, seen.pop()
 
-    err_plain, dtype = run(False)
-    err_upcast, _ = run(True)
+    err_plain, dtype, kernel_plain = run(False)
+    err_upcast, _, kernel_upcast = run(True)
     assert dtype == torch.bfloat16
-    assert err_upcast < 1e-5 < err_plain, (err_upcast, err_plain)
+    assert (kernel_plain, kernel_upcast) == (torch.bfloat16, torch.float32)
+    assert max(err_plain, err_upcast) < 1e-5, (err_plain, err_upcast)

@@ -8,10 +8,14 @@
 Backends: `reference` (plain math, what every other backend is tested against), `sdpa`
 (PyTorch's scaled_dot_product_attention, CPU and CUDA; the default) and `xformers`
 (memory-efficient attention, optional extra, CUDA only; chosen by "auto" when it can run).
-With token sets, attention is
-cross-attention over the text's few keys: the probabilities are formed explicitly once and
-serve both the output and the maps, so no second QK^T is computed. Without token sets the
-fused kernels run and no Nq x Nk matrix is materialized.
+
+With token sets, `sdpa` and `xformers` still run their fused kernel, asking it for the
+log-sum-exp of each query's logits as well; the maps then need only the token sets' own
+columns: p_ij = exp(q_i . k_j * scale - lse_i) for j in the sets, never a softmax over all
+keys and never an Nq x Nk matrix. `sdpa` gets the log-sum-exp from PyTorch's fused kernel
+where one exposes it (`_scaled_dot_product_flash_attention_for_cpu` on the CPU,
+`_scaled_dot_product_efficient_attention` on CUDA) and otherwise computes it in plain
+torch (`lse_attention(..., fused=False)`); every path is checked against `reference`.
 """
 
 from __future__ import annotations
@@ -54,20 +58,61 @@ def _reference(q, k, v, token_sets: TokenSets, scale: float | None):
     return out.to(q.dtype), maps
 
 
+def maps_from_lse(q, k, lse, token_sets: TokenSets, scale: float) -> torch.Tensor:
+    """Token-summed maps from a kernel's log-sum-exp, touching only the sets' key columns.
+
+    q: (B, heads, Nq, d); k: (B, heads, Nk, d); lse: (B, heads, Nq) -> maps: (B, S, Nq)"""
+    cols = sorted({j for cols in token_sets for j in cols})
+    logits = (q.float() @ k[..., cols, :].float().transpose(-1, -2)) * scale  # (B, heads, Nq, C)
+    probs = torch.exp(logits - lse.float().unsqueeze(-1))
+    at = {j: i for i, j in enumerate(cols)}
+    per_set = [probs[..., [at[j] for j in s]].sum(dim=-1) for s in token_sets]  # S x (B, heads, Nq)
+    return torch.stack(per_set, dim=1).mean(dim=2)
+
+
+def _torch_lse(q, k, v, scale: float):
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    lse = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)  # (B, heads, Nq)
+    return out, lse
+
+
+def _fused_lse(q, k, v, scale: float):
+    """(out, lse) from PyTorch's own fused kernel, or None where none exposes it here."""
+    aten = torch.ops.aten
+    if q.device.type == "cpu" and hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return out, lse
+    if q.device.type == "cuda" and hasattr(aten, "_scaled_dot_product_efficient_attention"):
+        out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
+        return out, lse[..., : q.shape[-2]]  # the kernel pads the query axis
+    return None
+
+
+def lse_attention(q, k, v, token_sets: TokenSets, scale: float | None, *, fused: bool = True):
+    """SDPA's output and maps from the log-sum-exp; `fused=False` forces the plain-torch path."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    got = _fused_lse(q, k, v, scale) if fused else None
+    out, lse = got if got is not None else _torch_lse(q, k, v, scale)
+    return out, maps_from_lse(q, k, lse, token_sets, scale)
+
+
 def _sdpa(q, k, v, token_sets: TokenSets, scale: float | None):
     if token_sets:
-        return _explicit(q, k, v, token_sets, scale)
+        return lse_attention(q, k, v, token_sets, scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale), None
 
 
 def _xformers(q, k, v, token_sets: TokenSets, scale: float | None):
-    if token_sets:
-        return _explicit(q, k, v, token_sets, scale)
     import xformers.ops as xops
 
     # xformers wants (B, N, heads, d)
-    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-    return out.transpose(1, 2), None
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if not token_sets:
+        return xops.memory_efficient_attention(qt, kt, vt, scale=scale).transpose(1, 2), None
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, lse = xops.memory_efficient_attention_forward_requires_grad(qt, kt, vt, scale=scale)
+    lse = lse[..., : q.shape[-2]]  # (B, heads, Nq): some kernels pad the query axis
+    return out.transpose(1, 2), maps_from_lse(q, k, lse, token_sets, scale)
 
 
 def _xformers_available() -> bool:
