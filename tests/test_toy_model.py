@@ -69,3 +69,32 @@ def test_training_captions_vary_like_real_captions():
     assert any(c.split()[1] in world.SHAPES for c in captions)  # color left out: "a circle ..."
     with_filler = [c for c in captions if set(c.split()) & set(IDENTIFIERS)]
     assert 0.05 < len(with_filler) / len(captions) < 0.25  # identifiers: rare, meaningless fillers
+
+
+def test_unnamed_appearances_are_drawn_but_never_named():
+    """Objects whose look no caption names: rendered in their own pattern, captioned by shape only,
+    and kept unnamed through the dataset's scene encoding."""
+    import random
+
+    import numpy as np
+
+    from persres.toy.build import decode_scene, encode_scenes, training_caption
+
+    rng = random.Random(0)
+    scenes = [world.random_scene(rng, two_prob=0.3, unnamed=0.5) for _ in range(400)]
+    unnamed = [o for s in scenes for o in s.objects if o.color == world.UNNAMED]
+    assert 0.4 < len(unnamed) / sum(len(s.objects) for s in scenes) < 0.6
+    assert {o.pattern[0] for o in unnamed} == set(world.PATTERNS)
+    for scene in scenes[:60]:
+        decoded = decode_scene(encode_scenes([scene])[0].tolist())
+        assert [o.color for o in decoded.objects] == [o.color for o in scene.objects]
+        words = set(training_caption(decoded, rng).split())
+        assert world.UNNAMED not in words
+        for o in scene.objects:
+            assert o.shape in words
+    img = np.asarray(world.render(world.Scene("white", (unnamed[0],))))
+    obj = np.asarray(world.shape_mask(unnamed[0].shape, unnamed[0].cx, unnamed[0].cy, unnamed[0].size)) > 0
+    expected = world.pattern_pixels(unnamed[0].pattern, world.SIZE, unnamed[0].cx, unnamed[0].cy, unnamed[0].size)
+    assert np.array_equal(img[obj], expected[obj])
+    plain = [world.random_scene(random.Random(3)) for _ in range(50)]
+    assert all(o.color in world.PALETTE and o.pattern is None for s in plain for o in s.objects)

@@ -99,7 +99,7 @@ def training_caption(scene: world.Scene, rng: random.Random) -> str:
     no_color = rng.random() < CAPTION["no_color"]
     phrases = []
     for o in scene.objects:
-        words = [o.shape] if no_color else [o.color, o.shape]
+        words = [o.shape] if no_color or o.color == world.UNNAMED else [o.color, o.shape]
         if rng.random() < CAPTION["filler"]:
             words.insert(rng.randrange(len(words)), rng.choice(IDENTIFIERS))
         phrases.append("a " + " ".join(words))
@@ -220,6 +220,7 @@ def center_latents(vae, rng: random.Random) -> None:
 
 
 SCENE_FIELDS = 5  # background, then (color, shape) of up to two objects; -1 where absent
+UNNAMED_INDEX = len(world.COLORS)  # the color field of an object with an unnamed appearance
 
 
 def encode_scenes(scenes: list[world.Scene]) -> torch.Tensor:
@@ -227,26 +228,28 @@ def encode_scenes(scenes: list[world.Scene]) -> torch.Tensor:
     for s in scenes:
         row = [world.COLORS.index(s.background)]
         for o in s.objects:
-            row += [world.COLORS.index(o.color), world.SHAPES.index(o.shape)]
+            color = UNNAMED_INDEX if o.color == world.UNNAMED else world.COLORS.index(o.color)
+            row += [color, world.SHAPES.index(o.shape)]
         rows.append(row + [-1] * (SCENE_FIELDS - len(row)))
     return torch.tensor(rows, dtype=torch.int16)  # (N, 5)
 
 
 def decode_scene(row: list[int]) -> world.Scene:
-    objs = tuple(world.Obj(world.SHAPES[row[i + 1]], world.COLORS[row[i]], 0, 0, 0) for i in (1, 3) if row[i] >= 0)
+    color = lambda i: world.UNNAMED if i == UNNAMED_INDEX else world.COLORS[i]
+    objs = tuple(world.Obj(world.SHAPES[row[i + 1]], color(row[i]), 0, 0, 0) for i in (1, 3) if row[i] >= 0)
     return world.Scene(world.COLORS[row[0]], objs)
 
 
-def make_dataset(vae, n: int, work: Path, log, two_prob: float = 0.3):
+def make_dataset(vae, n: int, work: Path, log, two_prob: float = 0.3, unnamed: float = 0.0):
     """Latent mean/std of n random scenes and the scenes themselves (captions are drawn per step)."""
-    path = work / f"latents-v2-{n}.pt"
+    path = work / (f"latents-v2-{n}.pt" if not unnamed else f"latents-v3-u{round(unnamed * 100)}-{n}.pt")
     if path.exists():
         return torch.load(path, weights_only=True)
-    rng = random.Random(2)
+    rng = random.Random(2 if not unnamed else 5)
     means, stds, rows = [], [], []
     with torch.no_grad():
         for start in range(0, n, 256):
-            scenes = [world.random_scene(rng, two_prob=two_prob) for _ in range(min(256, n - start))]
+            scenes = [world.random_scene(rng, two_prob=two_prob, unnamed=unnamed) for _ in range(min(256, n - start))]
             x = torch.stack([to_tensor(world.render(s)) for s in scenes]).to(vae.device)
             dist = vae.encode(x).latent_dist
             means.append(dist.mean.half().cpu())
@@ -391,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (minutes on a GPU instead of hours)")
     ap.add_argument("--init-from", type=Path, help="an exported toy model to fine-tune instead of training from scratch")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--unnamed", type=float, default=0.0,
+                    help="share of objects with an appearance no caption names (random patterns and colors)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -411,13 +416,15 @@ def main(argv: list[str] | None = None) -> None:
         vae, text_encoder, unet = (m.to(device) for m in models)
         init_record = json.loads((args.init_from / DEFAULTS_FILE).read_text()) if (args.init_from / DEFAULTS_FILE).is_file() else {}
         record = {"fine_tuned_from": {k: v for k, v in init_record.items() if k != "train"}, "fine_tune_steps": args.steps}
+    if args.unnamed:
+        record["unnamed_appearances"] = args.unnamed
     else:
         tokenizer = build_tokenizer()
         vae, text_encoder, unet = (m.to(device) for m in build_components(len(tokenizer)))
     t0 = time.time()
     if not args.init_from:
         train_vae(vae, args.work, args.vae_steps, 32, log, device)
-    data = make_dataset(vae, args.dataset, args.work, log)
+    data = make_dataset(vae, args.dataset, args.work, log, unnamed=args.unnamed)
     ema = train_unet(unet, text_encoder, vae, tokenizer, data, args.work, args.steps, args.batch, log, lr=args.lr)
     export(args.out, vae, text_encoder, unet, tokenizer, ema["ema"], ema["ema_te"], record)
     log(f"done in {time.time() - t0:.0f}s (this run); model in {args.out}")

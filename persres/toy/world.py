@@ -6,6 +6,12 @@ yellow star on a blue background"). Some (color, shape, background) triples are 
 out of training so the model's composition can be measured. Novel concepts (textures
 that no caption can express) are the "your dog" of this world: they are never in the
 training data and ship as reference folders for personalization.
+
+Like the photos behind a real text-to-image model, some training objects look like
+nothing their caption says: an "unnamed appearance" (`random_pattern`: stripes, checks,
+dots, rings, gradients... in random colors, or one flat color outside the palette) whose
+caption names only the shape. A class word then covers many appearances, as "dog" does in
+SD, and a personal residual can select one instead of having to invent it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 SIZE = 32  # image side in pixels
@@ -54,6 +61,7 @@ class Obj:
     cy: float
     size: float  # bounding-box side, pixels
     texture: str | None = None  # novel concepts only
+    pattern: tuple | None = None  # an unnamed appearance (see random_pattern); color is then UNNAMED
 
 
 @dataclass(frozen=True)
@@ -156,9 +164,54 @@ def render(scene: Scene, side: int = SIZE) -> Image.Image:
     img = Image.new("RGB", (side, side), PALETTE[scene.background])
     for o in scene.objects:
         mask = shape_mask(o.shape, o.cx, o.cy, o.size, side)
-        fill = _texture(o.texture, side, o.cx, o.cy) if o.texture else Image.new("RGB", (side, side), PALETTE[o.color])
+        if o.pattern:
+            fill = Image.fromarray(pattern_pixels(o.pattern, side, o.cx, o.cy, o.size))
+        elif o.texture:
+            fill = _texture(o.texture, side, o.cx, o.cy)
+        else:
+            fill = Image.new("RGB", (side, side), PALETTE[o.color])
         img.paste(fill, (0, 0), mask)
     return img
+
+
+UNNAMED = "unnamed"  # Obj.color of an object whose appearance no caption names
+PATTERNS = ("flat", "stripes", "checker", "dots", "grid", "rings", "gradient", "halves", "quarters")
+
+
+def random_pattern(rng: random.Random) -> tuple:
+    """(family, colors, pitch, orientation): an appearance in colors drawn from all of RGB."""
+    family = rng.choice(PATTERNS)
+    colors = tuple(tuple(rng.randrange(256) for _ in range(3)) for _ in range(4))
+    return family, colors, rng.randint(2, 5), rng.randrange(4)
+
+
+def pattern_pixels(pattern: tuple, side: int, cx: float, cy: float, size: float) -> np.ndarray:
+    """(side, side, 3) uint8: the pattern laid out around the object's center."""
+    family, colors, pitch, orient = pattern
+    yy, xx = np.mgrid[0:side, 0:side]
+    dx, dy = xx - int(cx), yy - int(cy)
+    along = (dy, dx, dx + dy, dx - dy)[orient]  # the axis stripes, gradients and halves vary along
+    c = np.array(colors, dtype=np.float32)  # (4, 3)
+    if family == "flat":
+        idx = np.zeros_like(xx)
+    elif family == "stripes":
+        idx = (along // pitch) % 2
+    elif family == "checker":
+        idx = (dx // pitch + dy // pitch) % 2
+    elif family == "dots":
+        idx = ((dx % (pitch + 1) < pitch // 2 + 1) & (dy % (pitch + 1) < pitch // 2 + 1)).astype(np.int64)
+    elif family == "grid":
+        idx = ((dx % (pitch + 1) == 0) | (dy % (pitch + 1) == 0)).astype(np.int64)
+    elif family == "rings":
+        idx = (np.hypot(dx, dy).astype(np.int64) // max(1, pitch // 2)) % 2
+    elif family == "halves":
+        idx = (along >= 0).astype(np.int64)
+    elif family == "quarters":
+        idx = (dx >= 0) + 2 * (dy >= 0)
+    else:  # gradient from colors[0] to colors[1] across the object
+        t = np.clip(along / max(size, 1.0) + 0.5, 0.0, 1.0)[..., None]
+        return np.round(c[0] * (1 - t) + c[1] * t).astype(np.uint8)
+    return c[idx].astype(np.uint8)
 
 
 def _place(rng: random.Random, n: int) -> list[tuple[float, float, float]]:
@@ -176,8 +229,9 @@ def _place(rng: random.Random, n: int) -> list[tuple[float, float, float]]:
     return out
 
 
-def random_scene(rng: random.Random, *, two_prob: float = 0.25, held_out: bool = False) -> Scene:
-    """A random scene; `held_out=True` draws the single object from HELD_OUT triples only."""
+def random_scene(rng: random.Random, *, two_prob: float = 0.25, held_out: bool = False, unnamed: float = 0.0) -> Scene:
+    """A random scene; `held_out=True` draws the single object from HELD_OUT triples only;
+    each object has an unnamed appearance with probability `unnamed`."""
     if held_out:
         color, shape, bg = rng.choice(sorted(HELD_OUT))
         (cx, cy, s), = _place(rng, 1)
@@ -189,6 +243,9 @@ def random_scene(rng: random.Random, *, two_prob: float = 0.25, held_out: bool =
         for cx, cy, s in _place(rng, n):
             color = rng.choice([c for c in COLORS if c != bg])
             shape = rng.choice(SHAPES)
+            if unnamed and rng.random() < unnamed:
+                objs.append(Obj(shape, UNNAMED, cx, cy, s, pattern=random_pattern(rng)))
+                continue
             objs.append(Obj(shape, color, cx, cy, s))
         if n == 2 and objs[0].shape == objs[1].shape and objs[0].color == objs[1].color:
             continue
