@@ -521,13 +521,14 @@ def bench_toy(
     lag_maps: Optional[str] = typer.Option(None, help="Several concepts: block (each block's own) or aggregate (previous evaluation's, all blocks)."),
     lag_delay: Optional[float] = typer.Option(None, help="Several concepts: fraction of steps the base model runs alone first."),
     lag_conflict: Optional[str] = typer.Option(None, help="Several concepts: where masks overlap, normalized (max-normalized map) or raw (attention) wins."),
+    precision: str = typer.Option("auto", help="auto, fp32 or bf16: training and sampling."),
 ):
     """Train the toy concepts and score identity, background, added objects, attributes and concept pairs, with and without LAG."""
     import dataclasses
 
     from persres.api import model_config_for, train_config_for
     from persres.config import MultiLagConfig, SampleConfig
-    from persres.models import load_pipeline
+    from persres.models import load_pipeline, pick_dtype
     from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench, select_concepts, summarize
 
     names = select_concepts(concept, concept_set)
@@ -536,17 +537,21 @@ def bench_toy(
     registry = _registry()
     resolved = _model(registry, model)
     config = train_config_for(resolved, {"steps": train_steps, "lr": lr, "init": init, "flip": flip, "prompt": prompt,
-                                          "rank_ratio": rank_ratio, "scale_min": scale_min})
+                                          "rank_ratio": rank_ratio, "scale_min": scale_min, "precision": precision})
     cfg = ToyBenchConfig(samples=samples or (2 if quick else 8), seeds=tuple(range(seeds or (1 if quick else 2))), quick=quick,
                          singles=singles, pairs=pairs, categories=tuple(category) or None,
                          pair_methods=tuple(pair_method) or ("base", "summed", "lag"),
                          sample=SampleConfig(steps=steps, guidance=guidance, multi=multi))
-    pipe = load_pipeline(resolved, config=model_config_for(registry, resolved))
+    import torch
+
+    dtype = pick_dtype(precision, torch.device("cpu"))
+    pipe = load_pipeline(resolved, dtype=dtype, config=model_config_for(registry, resolved))
     out_dir.mkdir(parents=True, exist_ok=True)
     with err.status("training the toy concepts (reused when already trained with this config)..."):
         loaded = prepare_concepts(pipe, names, registry, resolved, config)
     meta = {"train": config.to_dict(), "model": resolved, "multi_lag": dataclasses.asdict(multi), "samples": cfg.samples,
-            "seeds": list(cfg.seeds), "quick": quick, "sample_steps": steps, "guidance": guidance}
+            "seeds": list(cfg.seeds), "quick": quick, "sample_steps": steps, "guidance": guidance,
+            "sample_dtype": str(dtype).removeprefix("torch.")}
     with err.status("sampling and scoring...") as status:
         rows = run_toy_bench(pipe, loaded, out_dir, cfg, log=lambda m: status.update(f"sampling and scoring: {m}"), meta=meta)
     summary = summarize(rows)
