@@ -2,6 +2,10 @@
 
     python benchmarks/gen_overhead.py                  # CPU: 256 px, 10 DDIM steps
     python benchmarks/gen_overhead.py --resolution 512 --steps 50 --precision fp16   # GPU
+    python benchmarks/gen_overhead.py --resolution 128 --precision fp32,bf16     # CPU: precisions side by side
+
+Several precisions run one after another, each in its own process (so peak memory is its
+own), and the summary puts them side by side with each one's time relative to the first.
 
 SD v1.4's architecture with random weights. Variants, interleaved over the repeats so that
 drift hits them alike:
@@ -21,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, median, sync  # noqa: E402
+from common import machine, median, peak_memory_mb, reset_peak_memory, run_variant, sync  # noqa: E402
 
 PROMPT_1 = "a photo of a sks dog on a sofa"
 PROMPT_3 = "a photo of a sks dog and a zwx cat and a qrv vase on a sofa"
@@ -29,14 +33,28 @@ PROMPT_3 = "a photo of a sks dog and a zwx cat and a qrv vase on a sofa"
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", help=argparse.SUPPRESS)  # one precision, in its own process
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--precision", default="fp32", help="one precision, or several comma-separated (fp32,bf16)")
     ap.add_argument("--backend", default=None, help="attention backend for LAG (default: sdpa)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    precisions = args.precision.split(",")
+    if len(precisions) > 1 and not args.variant:
+        passthrough = ["--resolution", str(args.resolution), "--steps", str(args.steps), "--repeats", str(args.repeats),
+                       "--device", args.device, *(["--backend", args.backend] if args.backend else [])]
+        each = {p: run_variant(__file__, p, [*passthrough, "--precision", p]) for p in precisions}
+        first = each[precisions[0]]["seconds"]
+        summary = {"machine": machine(), "resolution": args.resolution, "steps": args.steps, "precisions": each,
+                   f"lag-1 relative to {precisions[0]}": {p: round(e["seconds"]["lag-1"] / first["lag-1"], 3) for p, e in each.items()},
+                   f"nolag-1 relative to {precisions[0]}": {p: round(e["seconds"]["nolag-1"] / first["nolag-1"], 3) for p, e in each.items()}}
+        print(json.dumps(summary, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        return
 
     import time
 
@@ -49,6 +67,7 @@ def main():
 
     device = torch.device(args.device)
     pipe = sd14_random_pipeline(dtype=pick_dtype(args.precision, device), device=device)
+    reset_peak_memory(device)
     call = dict(num_inference_steps=args.steps, guidance_scale=6.0, eta=0.0, height=args.resolution, width=args.resolution)
 
     def base():
@@ -86,9 +105,14 @@ def main():
         "lag-1/nolag-1": round(s["lag-1"] / s["nolag-1"], 3),
         "lag-3/nolag-3": round(s["lag-3"] / s["nolag-3"], 3),
         "nolag-1/base": round(s["nolag-1"] / s["base"], 3),
+        "seconds per step": {k: round(v / args.steps, 3) for k, v in s.items()},
+        "peak_mb": round(peak_memory_mb(device)),
     }
     if device.type == "cuda":
         summary["lag-1 s/image (50 steps)"] = round(s["lag-1"] * 50 / args.steps, 3)
+    if args.variant:
+        print(json.dumps(summary))
+        return
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

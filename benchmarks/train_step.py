@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                      # CPU: 256 px, batch 4
     python benchmarks/train_step.py --resolution 512 --precision bf16   # GPU
+    python benchmarks/train_step.py --resolution 128 --precision fp32,bf16 --extras --loss-steps 20   # CPU precisions
 
 SD v1.4's architecture with random weights (no download). Each variant runs in its own
 process, so peak memory is its own:
@@ -12,6 +13,13 @@ process, so peak memory is its own:
            its progress callback)
 - peft:    what the DreamBooth-LoRA example does: peft LoRA on every proj_out with the same
            ranks, VAE encode and text encode every step, fp32 by default
+
+With several precisions (`--precision fp32,bf16`) floor and persres run once per precision,
+side by side. `--extras` adds the floor step with the UNet and latents in channels_last and
+compiled with torch.compile (inductor), at the first precision; the compiled variant also
+reports its compile time (first step minus a warm step) and what a 150-step run costs end
+to end against the plain floor. `--loss-steps N` trains N steps in each precision from the
+same seed and compares the losses (mean of the last half).
 """
 
 from __future__ import annotations
@@ -74,6 +82,61 @@ def variant_floor(args):
     return timed(step, device, args.warmup + 1, args.steps)
 
 
+def floor_with(args, channels_last: bool = False, compiled: bool = False):
+    """The floor step with the UNet in channels_last or compiled; (times, first step's seconds)."""
+    from persres import residuals
+
+    pipe, device, dtype = setup(args)
+    unet = pipe.unet
+    factors = residuals.new_concept(unet, "c", residuals.ranks_for(unet))
+    for f in factors.values():
+        f.requires_grad_(True)
+    h = args.resolution // 8
+    latents = torch.randn(args.batch, 4, h, h, device=device, dtype=dtype)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+        latents = latents.contiguous(memory_format=torch.channels_last)
+    noise = torch.randn_like(latents)
+    emb = torch.randn(1, 77, 768, device=device, dtype=dtype).expand(args.batch, -1, -1)
+    t = torch.randint(0, 1000, (args.batch,), device=device)
+    params = [p for f in factors.values() for p in f.parameters()]
+    forward = torch.compile(unet) if compiled else unet
+
+    def step():
+        for p in params:
+            p.grad = None
+        pred = forward(latents, t, encoder_hidden_states=emb).sample
+        F.mse_loss(pred.float(), noise.float()).backward()
+
+    first = time.perf_counter()
+    step()
+    sync(device)
+    first = time.perf_counter() - first
+    return timed(step, device, args.warmup, args.steps), first
+
+
+def variant_channels_last(args):
+    return floor_with(args, channels_last=True)[0]
+
+
+def variant_compile(args):
+    times, first = floor_with(args, compiled=True)
+    return times, {"first_step_s": first}
+
+
+def variant_loss(args):
+    """Per-step training losses of `persres.train.train_residuals` at this precision."""
+    from persres.config import TrainConfig
+    from persres.train import train_residuals
+
+    pipe, device, dtype = setup(args)
+    losses = []
+    config = TrainConfig(steps=args.loss_steps, batch_size=args.batch, resolution=args.resolution,
+                         device=args.device, precision=args.precision, seed=0)
+    train_residuals(pipe, images(5, args.resolution), "sks", "dog", config, lambda step, loss: losses.append(loss))
+    return losses
+
+
 def variant_persres(args):
     from persres.config import TrainConfig
     from persres.train import train_residuals
@@ -132,29 +195,40 @@ def variant_peft(args):
 
 
 VARIANTS = {"floor": variant_floor, "persres": variant_persres, "peft": variant_peft}
+EXTRAS = {"floor-channels_last": variant_channels_last, "floor-compile": variant_compile}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=list(VARIANTS))
+    ap.add_argument("--variant", choices=[*VARIANTS, *EXTRAS, "loss"])
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--precision", default="fp32", help="one precision, or several comma-separated (fp32,bf16)")
+    ap.add_argument("--extras", action="store_true", help="also channels_last and torch.compile floor steps")
+    ap.add_argument("--loss-steps", type=int, default=0, help="train this many steps per precision and compare losses")
     ap.add_argument("--peft-precision", default="fp32", help="the straightforward loop's precision (the example script's default: fp32)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     if args.variant:
         if args.variant == "peft":
             args.precision = args.peft_precision
-        times = VARIANTS[args.variant](args)
-        print(json.dumps({"step_s": median(times), "times": times, "peak_mb": peak_memory_mb(args.device)}))
+        if args.variant == "loss":
+            print(json.dumps({"losses": variant_loss(args)}))
+            return
+        got = {**VARIANTS, **EXTRAS}[args.variant](args)
+        times, more = got if isinstance(got, tuple) else (got, {})
+        print(json.dumps({"step_s": median(times), "times": times, "peak_mb": peak_memory_mb(args.device), **more}))
         return
     passthrough = ["--resolution", str(args.resolution), "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--device", args.device, "--precision", args.precision,
-                   "--peft-precision", args.peft_precision]
+                   "--warmup", str(args.warmup), "--device", args.device, "--peft-precision", args.peft_precision,
+                   "--loss-steps", str(args.loss_steps)]
+    precisions = args.precision.split(",")
+    if len(precisions) > 1:
+        return compare_precisions(args, precisions, passthrough)
+    passthrough += ["--precision", args.precision]
     results = {name: run_variant(__file__, name, passthrough) for name in VARIANTS}
     f, p, b = (results[k]["step_s"] for k in ("floor", "persres", "peft"))
     summary = {
@@ -164,6 +238,36 @@ def main():
         "persres/floor": round(p / f, 3), "persres/peft": round(p / b, 3),
         "peak persres/peft": round(results["persres"]["peak_mb"] / results["peft"]["peak_mb"], 3),
     }
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def compare_precisions(args, precisions: list[str], passthrough: list[str]) -> None:
+    rows = {f"{name}@{p}": run_variant(__file__, name, [*passthrough, "--precision", p])
+            for p in precisions for name in ("floor", "persres")}
+    first = precisions[0]
+    if args.extras:
+        rows.update({f"{name}@{first}": run_variant(__file__, name, [*passthrough, "--precision", first]) for name in EXTRAS})
+    floor = rows[f"floor@{first}"]["step_s"]
+    summary = {
+        "machine": machine(), "resolution": args.resolution, "batch": args.batch,
+        "step_s": {k: round(v["step_s"], 4) for k, v in rows.items()},
+        "peak_mb": {k: round(v["peak_mb"]) for k, v in rows.items()},
+        f"relative to floor@{first}": {k: round(v["step_s"] / floor, 3) for k, v in rows.items()},
+    }
+    compiled = rows.get(f"floor-compile@{first}")
+    if compiled:
+        compile_s = compiled["first_step_s"] - compiled["step_s"]
+        summary["compile_s"] = round(compile_s, 1)
+        summary["150 steps end to end, compiled / plain"] = round((compile_s + 150 * compiled["step_s"]) / (150 * floor), 3)
+    if args.loss_steps:
+        losses = {p: run_variant(__file__, "loss", [*passthrough, "--precision", p])["losses"] for p in precisions}
+        half = args.loss_steps // 2
+        tail = {p: sum(v[half:]) / len(v[half:]) for p, v in losses.items()}
+        summary["loss"] = {"steps": args.loss_steps, "mean of the last half": {p: round(v, 5) for p, v in tail.items()},
+                           "relative difference": {p: round(tail[p] / tail[first] - 1, 4) for p in precisions[1:]},
+                           "per step": {p: [round(x, 5) for x in v] for p, v in losses.items()}}
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

@@ -82,6 +82,39 @@ def test_bench_toy_quick_runs_end_to_end(tiny_model, tmp_path):
     assert bad.exit_code == 1 and "unknown concept set 'nope'" in bad.stderr
 
 
+def test_bench_toy_with_suggested_class_words(tiny_model, tmp_path, monkeypatch):
+    """--class-words suggested: each pack's class comes from `train --class auto`, the prompts use it,
+    and every row says which word it was and whether it is the true shape."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from persres.cli import app
+    from persres.registry import Registry
+    from persres.suggest import builtin_candidates
+
+    monkeypatch.setenv("PERSRES_HOME", str(tmp_path / "home"))
+    out = tmp_path / "bench"
+    args = ["bench", "toy", "--quick", "--model", str(tiny_model), "--steps", "2", "--train-steps", "2", "--out", str(out),
+            "--concept", "checker_circle", "--no-pairs", "--category", "identity", "--class-words", "suggested"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    word = meta["class_word_of"]["checker_circle"]
+    assert meta["class_words"] == "suggested" and word in builtin_candidates()
+    rows = (out / "results.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    for line in rows[1:]:
+        row = dict(zip(header, line.split(",")))
+        assert row["class_word"] == word and row["right_class"] == str(word == "circle")
+        assert row["prompt"] == f"a photo of a V* {word}"
+    packs = [r for r in Registry(tmp_path / "home").list() if r.name.startswith("toybench-checker_circle")]
+    assert len(packs) == 1 and packs[0].name.endswith("-suggested")
+    assert packs[0].meta.train_config["class_source"] == "suggested"
+    bad = CliRunner().invoke(app, [*args, "--class-words", "guess"])
+    assert bad.exit_code == 1 and "--class-words must be given or suggested" in bad.stderr
+
+
 def test_identity_score_prefers_the_concept():
     import numpy as np
 

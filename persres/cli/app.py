@@ -522,6 +522,7 @@ def bench_toy(
     lag_delay: Optional[float] = typer.Option(None, help="Several concepts: fraction of steps the base model runs alone first."),
     lag_conflict: Optional[str] = typer.Option(None, help="Several concepts: where masks overlap, normalized (max-normalized map) or raw (attention) wins."),
     precision: str = typer.Option("auto", help="auto, fp32 or bf16: training and sampling."),
+    class_words: str = typer.Option("given", "--class-words", help="given (each concept's true shape) or suggested (what `train --class auto` picks; prompts use it)."),
 ):
     """Train the toy concepts and score identity, background, added objects, attributes and concept pairs, with and without LAG."""
     import dataclasses
@@ -548,14 +549,14 @@ def bench_toy(
     pipe = load_pipeline(resolved, dtype=dtype, config=model_config_for(registry, resolved))
     out_dir.mkdir(parents=True, exist_ok=True)
     with err.status("training the toy concepts (reused when already trained with this config)..."):
-        loaded = prepare_concepts(pipe, names, registry, resolved, config)
-    meta = {"train": config.to_dict(), "model": resolved, "multi_lag": dataclasses.asdict(multi), "samples": cfg.samples,
+        loaded = prepare_concepts(pipe, names, registry, resolved, config, class_words)
+    meta = {"class_words": class_words, "class_word_of": {n: c.bound.class_word for n, c in loaded.items()},"train": config.to_dict(), "model": resolved, "multi_lag": dataclasses.asdict(multi), "samples": cfg.samples,
             "seeds": list(cfg.seeds), "quick": quick, "sample_steps": steps, "guidance": guidance,
             "sample_dtype": str(dtype).removeprefix("torch.")}
     with err.status("sampling and scoring...") as status:
         rows = run_toy_bench(pipe, loaded, out_dir, cfg, log=lambda m: status.update(f"sampling and scoring: {m}"), meta=meta)
     summary = summarize(rows)
-    keys = [k for k in ("identity", "background", "added", "attribute", "both_present", "own_minus_other", "own_minus_other_2")
+    keys = [k for k in ("identity", "background", "added", "attribute", "both_present", "own_minus_other", "own_minus_other_2", "right_class")
             if any(k in r for r in summary)]
     from rich.table import Column
 

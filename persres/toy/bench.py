@@ -73,14 +73,16 @@ class BenchConcept:
     ref_pixels: np.ndarray  # (N, 3) the references' object pixels, as rendered
 
 
-def prompts_for(shape: str, quick: bool) -> list[ToyPrompt]:
+def prompts_for(shape: str, quick: bool, class_word: str | None = None) -> list[ToyPrompt]:
+    """The prompts of one concept; `class_word` (default: the true shape) is what they call it."""
     other = "star" if shape != "star" else "cross"
+    word = class_word or shape
     backgrounds = ("green", "red") if quick else ("green", "red", "yellow", "black")
-    out = [ToyPrompt("identity", f"a photo of a V* {shape}")]
-    out += [ToyPrompt("background", f"a V* {shape} on a {bg} background", background=bg) for bg in backgrounds]
-    out += [ToyPrompt("add_object", f"a V* {shape} and a {c} {other} on a white background", background="white", added=c, objects=2)
+    out = [ToyPrompt("identity", f"a photo of a V* {word}")]
+    out += [ToyPrompt("background", f"a V* {word} on a {bg} background", background=bg) for bg in backgrounds]
+    out += [ToyPrompt("add_object", f"a V* {word} and a {c} {other} on a white background", background="white", added=c, objects=2)
             for c in (("red",) if quick else ("red", "blue"))]
-    out += [ToyPrompt("attribute", f"a {c} V* {shape} on a white background", background="white", attribute=c)
+    out += [ToyPrompt("attribute", f"a {c} V* {word} on a white background", background="white", attribute=c)
             for c in (("blue",) if quick else ("blue", "green"))]
     return out
 
@@ -185,19 +187,25 @@ def select_concepts(names: Sequence[str] | None = None, sets: Sequence[str] | No
     return [n for s in (sets or world.CONCEPT_SETS) for n in world.CONCEPT_SETS[s]]
 
 
-def prepare_concepts(pipe, names: Sequence[str], registry, model: str, config) -> dict[str, BenchConcept]:
+def prepare_concepts(pipe, names: Sequence[str], registry, model: str, config, class_words: str = "given") -> dict[str, BenchConcept]:
     """Train (or reuse) a pack per shipped concept, load them onto `pipe`, and compute the
-    references' histograms: what `run_toy_bench` takes."""
+    references' histograms: what `run_toy_bench` takes. `class_words="suggested"`: each pack's
+    class word is what `persres train --class auto` picks (the built-in candidates), not the shape."""
+    if class_words not in ("given", "suggested"):
+        from persres.errors import InputError
+
+        raise InputError(f"--class-words must be given or suggested, got {class_words!r}")
     from persres.api import apply_concepts, config_digest, train_concept
     from persres.images import read_folder
 
     loaded = {}
     for name in names:
-        pack = f"toybench-{name}-{config_digest(config, model)}"
+        pack = f"toybench-{name}-{config_digest(config, model)}" + ("-suggested" if class_words == "suggested" else "")
         folder = CONCEPTS_DIR / name
         shape = world.NOVEL_CONCEPTS[name][0]
         if not registry.has(pack):
-            train_concept(folder, pack, shape, model=model, config=config, registry=registry, pipe=pipe)
+            given = shape if class_words == "given" else "auto"
+            train_concept(folder, pack, given, model=model, config=config, registry=registry, pipe=pipe)
         bound = apply_concepts(pipe, [pack], registry, model)[0]
         refs = [r.image for r in read_folder(folder)]
         loaded[name] = BenchConcept(name, bound, shape, concept_set_of(name), reference_histogram(pipe, refs), object_pixels(refs))
@@ -227,7 +235,7 @@ def run_toy_bench(pipe, concepts: dict[str, BenchConcept], out: Path, cfg: ToyBe
     rows: list[dict] = []
     grids: dict[str, list[Image.Image]] = {}
     for name, concept in concepts.items() if cfg.singles else ():
-        for k, prompt in enumerate(prompts_for(concept.shape, cfg.quick)):
+        for k, prompt in enumerate(prompts_for(concept.shape, cfg.quick, concept.bound.class_word)):
             if cfg.categories is not None and prompt.category not in cfg.categories:
                 continue
             expanded, used = expand_prompt(prompt.text, [concept.bound], lambda n: concept.bound)
@@ -243,6 +251,7 @@ def run_toy_bench(pipe, concepts: dict[str, BenchConcept], out: Path, cfg: ToyBe
                     for i, im in enumerate(ims):
                         rows.append({"set": concept.concept_set, "concept": name, "category": prompt.category,
                                      "prompt": prompt.text, "method": method, "seed": seed, "image": i,
+                                     "class_word": concept.bound.class_word, "right_class": concept.bound.class_word == concept.shape,
                                      **score_image(im, prompt, concept.ref_hist)})
                 if seed == cfg.seeds[0]:
                     grids.setdefault(prompt.category, []).append(grid({"no LAG": images["nolag"], "LAG": images["lag"]}))
@@ -260,7 +269,7 @@ def two_concepts(pipe, left: BenchConcept, right: BenchConcept, cfg: ToyBenchCon
     from persres.sample import generate
 
     bg = pair_background(left.ref_pixels, right.ref_pixels)
-    text = f"a V1 {left.shape} and a V2 {right.shape} on a {bg} background"
+    text = f"a V1 {left.bound.class_word} and a V2 {right.bound.class_word} on a {bg} background"
     expanded, used = expand_prompt(text, [left.bound, right.bound], lambda n: left.bound)
     base_text = text.replace("V1 ", "").replace("V2 ", "")
     rows = []
@@ -278,7 +287,8 @@ def two_concepts(pipe, left: BenchConcept, right: BenchConcept, cfg: ToyBenchCon
     return rows
 
 
-METRICS = ("identity", "background", "added", "attribute", "both_present", "identity_2", "own_minus_other", "own_minus_other_2")
+METRICS = ("identity", "background", "added", "attribute", "both_present", "identity_2", "own_minus_other", "own_minus_other_2",
+           "right_class")
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
