@@ -83,7 +83,10 @@ def _fused_lse(q, k, v, scale: float):
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         return out, lse
     if q.device.type == "cuda" and hasattr(aten, "_scaled_dot_product_efficient_attention"):
-        out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
+        try:
+            out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
+        except RuntimeError:  # a head size or dtype this GPU's kernel does not take: the plain-torch path
+            return None
         return out, lse[..., : q.shape[-2]]  # the kernel pads the query axis
     return None
 
