@@ -192,3 +192,26 @@ def test_scale_min_is_range_checked():
     for bad in (0.1, 1.5, float("nan"), "0.5"):
         with pytest.raises(InputError, match="--scale-min"):
             TrainConfig(scale_min=bad)
+
+
+def test_bf16_on_the_cpu_trains_fp32_factors_and_samples_with_lag(tiny_model, concept_dir):
+    """What --precision auto picks on a CPU with native bf16: the frozen model in bf16, the factors,
+    their optimizer state and the loss in fp32; LAG sampling through the fused bf16 kernel."""
+    import math
+
+    from persres.config import SampleConfig
+    from persres.images import read_folder
+    from persres.models import load_pipeline
+    from persres.sample import generate
+    from persres.tokens import BoundConcept
+    from persres.train import train_residuals
+
+    pipe = load_pipeline(str(tiny_model), "cpu", torch.bfloat16)
+    images = [r.image for r in read_folder(concept_dir)]
+    result = train_residuals(pipe, images, "sks", "circle", TrainConfig(steps=4, lr=1e-2))
+    assert all(math.isfinite(x) for x in result.losses)
+    assert all(t.dtype == torch.float32 for t in result.tensors.values())
+    assert pipe.unet.dtype == torch.bfloat16
+    residuals.load_concept(pipe.unet, "c", result.tensors)
+    out = generate(pipe, "a sks circle", [BoundConcept("c", "sks", "circle")], SampleConfig(steps=3, lag=True, save_masks=True))
+    assert 0 < out.masks["c"][0].mean() < 1
