@@ -52,6 +52,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="toy", help="a toy model directory [default: the shipped toy model]")
     ap.add_argument("--new-textures", action="store_true",
                     help="instead: all six shapes in each of NEW_TEXTURES (rank score), both candidate lists")
     args = ap.parse_args(argv)
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
     from persres.toy.bench import CONCEPTS_DIR
     from persres.train import train_residuals
 
-    model = resolve_model("toy")
+    model = resolve_model(args.model)
     pipe = load_pipeline(model)
     lists = {"shapes": list(world.SHAPES),
              "shapes + colors + caption words": [*world.SHAPES, *world.COLORS, "background", "photo"]}
@@ -108,7 +109,7 @@ def new_textures(args) -> None:
     from persres.suggest import SuggestConfig, screen, suggest_class
     from persres.toy import world
 
-    pipe = load_pipeline(resolve_model("toy"))
+    pipe = load_pipeline(resolve_model(args.model))
     lists = {"shapes": list(world.SHAPES),
              "shapes + colors + caption words": [*world.SHAPES, *world.COLORS, "background", "photo"]}
     rows = []

@@ -98,10 +98,15 @@ def _warn_emulated_bf16() -> None:  # once per process: pick_dtype is asked more
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The frozen model's dtype (residual factors, optimizer state and loss stay fp32 regardless).
+
+    auto: bf16 on a GPU that has it (else fp16); on the CPU bf16 where the CPU computes it
+    natively (avx512_bf16 or AMX), else fp32. bf16 matches fp32 on the toy bench within its
+    intervals, training and sampling (README: "Precision")."""
     if precision == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_native_bf16() else torch.float32
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision not in dtypes:
         raise InputError(f"--precision must be auto, fp32, fp16 or bf16, got {precision!r}")

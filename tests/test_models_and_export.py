@@ -121,7 +121,9 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_and_still_runs(monkeypatch
                 assert models.pick_dtype("bf16", torch.device("cpu")) is torch.bfloat16
         slow = [w for w in caught if issubclass(w.category, models.SlowPrecisionWarning)]
         assert len(slow) == expected, native
-    assert models.pick_dtype("auto", torch.device("cpu")) is torch.float32  # auto stays fp32 until parity is shown
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):  # auto: bf16 only where native
+        monkeypatch.setattr(models, "cpu_native_bf16", lambda native=native: native)
+        assert models.pick_dtype("auto", torch.device("cpu")) is expected
     from persres.errors import InputError
 
     with pytest.raises(InputError, match="fp16 needs CUDA"):
