@@ -24,7 +24,8 @@ from persres.config import SampleConfig, TrainConfig
 from persres.images import check_writable_dir, contact_sheet, read_folder, save_png, warn_if_small
 from persres.errors import InputError, PersresError
 from persres.families import family_of
-from persres.models import DEFAULTS_FILE, fingerprint, is_single_file, is_default_toy, load_pipeline, model_defaults, pick_device, pick_dtype, resolve_model
+from persres.models import (DEFAULTS_FILE, fingerprint, is_default_toy, is_single_file, load_pipeline, model_class_candidates, model_defaults,
+                            pick_device, pick_dtype, resolve_model)
 from persres.packs import PackMeta, sha256_file
 from persres.registry import ConceptRecord, Registry
 from persres.residuals import block_channels, proj_out_kind
@@ -127,8 +128,8 @@ def suggest_class_for(
 
     registry = registry or Registry()
     references = read_folder(images_dir)
-    entries = parse_candidates(candidates)
     model, _ = model_for(registry, model)
+    entries = parse_candidates(candidates) if candidates is not None else (model_class_candidates(model) or parse_candidates(None))
     if pipe is None:
         pipe = load_pipeline(model, config=model_config_for(registry, model, model_config))
     return suggest(pipe, [r.image for r in references], entries, config or SuggestConfig())
@@ -173,7 +174,8 @@ def train_concept(
     if auto:
         from persres.suggest import SuggestConfig, builtin_candidates, suggest
 
-        suggestion = suggest(pipe, [r.image for r in references], builtin_candidates(), SuggestConfig(seed=config.seed))
+        words = model_class_candidates(model) or builtin_candidates()
+        suggestion = suggest(pipe, [r.image for r in references], words, SuggestConfig(seed=config.seed))
         class_word = suggestion.best
         class_info = {"class_source": "suggested", "class_suggestions": suggestion.top(5),
                       "class_evaluations": suggestion.evaluations}

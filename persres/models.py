@@ -117,6 +117,23 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return dtypes[precision]
 
 
+def model_class_candidates(model: str) -> list[str] | None:
+    """The class words a model directory lists for suggest-class (persres_defaults.json's
+    "class_candidates"), or None: a model with its own small vocabulary (the toy model) names
+    its classes, as it recommends its training settings."""
+    path = Path(model) / DEFAULTS_FILE
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {path}: {' '.join(str(e).split())}") from None
+    words = data.get("class_candidates") if isinstance(data, dict) else None
+    if words is None:
+        return None
+    if not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words):
+        raise InputError(f"{path}: \"class_candidates\" must be a non-empty list of words")
+    return words
+
+
 def model_defaults(model: str) -> dict:
     """The training defaults a model directory recommends (persres_defaults.json), or {}."""
     path = Path(model) / DEFAULTS_FILE

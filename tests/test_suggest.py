@@ -96,3 +96,28 @@ def test_suggest_class_bad_input_is_one_line(tiny_model, concept_dir, tmp_path):
     ):
         result = run(*args)
         assert result.exit_code == 1 and len(result.output.strip().splitlines()) <= 3 and expected in result.output, (args, result.output)
+
+
+def test_a_model_can_name_its_own_class_candidates(tiny_model, concept_dir, tmp_path):
+    """persres_defaults.json's "class_candidates" replaces the built-in list (the toy model lists its
+    six shapes); --candidates still wins; a malformed list is one clear error."""
+    import json
+    import shutil
+
+    from persres.api import suggest_class_for
+    from persres.errors import InputError
+    from persres.registry import Registry
+    from persres.suggest import SuggestConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "persres_defaults.json").write_text(json.dumps({"train": {}, "class_candidates": ["circle", "square"]}))
+    registry = Registry(tmp_path / "home")
+    config = SuggestConfig(budget=40)
+    got = suggest_class_for(concept_dir, model=str(model), registry=registry, config=config)
+    assert {c for c, _, _ in got.ranking} == {"circle", "square"}
+    given = suggest_class_for(concept_dir, model=str(model), registry=registry, candidates="vase,cup", config=config)
+    assert {c for c, _, _ in given.ranking} == {"vase", "cup"}
+    (model / "persres_defaults.json").write_text(json.dumps({"train": {}, "class_candidates": "circle"}))
+    with pytest.raises(InputError, match="class_candidates"):
+        suggest_class_for(concept_dir, model=str(model), registry=registry, config=config)

@@ -353,7 +353,8 @@ def export(out: Path, vae, text_encoder, unet, tokenizer, ema: dict, ema_te: dic
     # component in one dtype (an fp16 text encoder beside an fp32 UNet fails in diffusers).
     pipe.to(torch.float32).save_pretrained(out)
     # The model's own recommended training defaults (see README: "Model defaults").
-    (out / "persres_defaults.json").write_text(json.dumps({"train": RECOMMENDED_TRAIN, **record}, indent=2) + "\n")
+    (out / "persres_defaults.json").write_text(
+        json.dumps({"train": RECOMMENDED_TRAIN, "class_candidates": list(world.SHAPES), **record}, indent=2) + "\n")
 
 
 def load_init(init: Path, log):
