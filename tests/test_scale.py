@@ -179,6 +179,12 @@ def bench_inputs(tmp_path_factory):
     return build_mini_cc101(root / "cc101"), clip, dino
 
 
+def why(stderr: str) -> str:
+    """What a failed rank said (its one-line persres error or traceback), not only torchrun's trailer."""
+    said = [line for line in stderr.splitlines() if "error" in line.lower() and "elastic" not in line and "ChildFailed" not in line]
+    return "\n".join(said[:20]) + "\n...\n" + stderr[-1500:]
+
+
 def bench(home: Path, out: Path, bench_inputs, tiny_model, processes: int):
     cc101, clip, dino = bench_inputs
     return persres(home, "bench", "customconcept101", "--root", cc101, "--model", tiny_model, "--clip", clip, "--dino", dino,
@@ -200,7 +206,7 @@ def test_bench_on_two_processes_equals_one(bench_inputs, tiny_model, tmp_path):
     one = bench(tmp_path / "h1", tmp_path / "b1", bench_inputs, tiny_model, 1)
     assert one.returncode == 0, one.stderr[-2000:]
     two = bench(tmp_path / "h2", tmp_path / "b2", bench_inputs, tiny_model, 2)
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, why(two.stderr)
     a, b = outputs(tmp_path / "b1"), outputs(tmp_path / "b2")
     assert len(a) == 2 * (2 * 2 + 2 * 2 + 1 * 2) + 6  # modes x (circle, heart, pair) prompts x samples, + 6 scores
     assert a.keys() == b.keys()
