@@ -56,6 +56,12 @@ def images(n, resolution):
 
 
 def variant_floor(args):
+    return floor_with(args)[0]
+
+
+def floor_with(args, channels_last: bool = False, compiled: bool = False):
+    """The floor step, optionally with the UNet in channels_last or compiled; (times, first step's seconds).
+    The untimed first step plus `warmup` more match persres, whose first step is paid inside its caching interval."""
     from persres import residuals
 
     pipe, device, dtype = setup(args)
@@ -65,38 +71,11 @@ def variant_floor(args):
         f.requires_grad_(True)
     h = args.resolution // 8
     latents = torch.randn(args.batch, 4, h, h, device=device, dtype=dtype)
-    noise = torch.randn_like(latents)
-    # one prompt for the whole batch, broadcast (stride 0), as any trainer of one concept can do
-    emb = torch.randn(1, 77, 768, device=device, dtype=dtype).expand(args.batch, -1, -1)
-    t = torch.randint(0, 1000, (args.batch,), device=device)
-
-    params = [p for f in factors.values() for p in f.parameters()]
-
-    def step():
-        for p in params:
-            p.grad = None
-        pred = unet(latents, t, encoder_hidden_states=emb).sample
-        F.mse_loss(pred.float(), noise.float()).backward()
-
-    # persres's first step is paid inside its caching interval: one more warm-up here keeps them alike
-    return timed(step, device, args.warmup + 1, args.steps)
-
-
-def floor_with(args, channels_last: bool = False, compiled: bool = False):
-    """The floor step with the UNet in channels_last or compiled; (times, first step's seconds)."""
-    from persres import residuals
-
-    pipe, device, dtype = setup(args)
-    unet = pipe.unet
-    factors = residuals.new_concept(unet, "c", residuals.ranks_for(unet))
-    for f in factors.values():
-        f.requires_grad_(True)
-    h = args.resolution // 8
-    latents = torch.randn(args.batch, 4, h, h, device=device, dtype=dtype)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         latents = latents.contiguous(memory_format=torch.channels_last)
     noise = torch.randn_like(latents)
+    # one prompt for the whole batch, broadcast (stride 0), as any trainer of one concept can do
     emb = torch.randn(1, 77, 768, device=device, dtype=dtype).expand(args.batch, -1, -1)
     t = torch.randint(0, 1000, (args.batch,), device=device)
     params = [p for f in factors.values() for p in f.parameters()]

@@ -113,6 +113,16 @@ class TrainOutcome:
     model: str
 
 
+def class_candidates(model: str, given: str | None = None) -> list[str]:
+    """The words suggest-class ranks: `--candidates` if given, else the model's own list
+    (its persres_defaults.json), else the built-in nouns."""
+    from persres.suggest import parse_candidates
+
+    if given is not None:
+        return parse_candidates(given)
+    return model_class_candidates(model) or parse_candidates(None)
+
+
 def suggest_class_for(
     images_dir: str | Path,
     *,
@@ -124,12 +134,12 @@ def suggest_class_for(
     model_config: str | None = None,
 ):
     """`persres suggest-class`: rank candidate class words for a folder of images with the base model."""
-    from persres.suggest import SuggestConfig, parse_candidates, suggest
+    from persres.suggest import SuggestConfig, suggest
 
     registry = registry or Registry()
     references = read_folder(images_dir)
     model, _ = model_for(registry, model)
-    entries = parse_candidates(candidates) if candidates is not None else (model_class_candidates(model) or parse_candidates(None))
+    entries = class_candidates(model, candidates)
     if pipe is None:
         pipe = load_pipeline(model, config=model_config_for(registry, model, model_config))
     return suggest(pipe, [r.image for r in references], entries, config or SuggestConfig())
@@ -172,10 +182,9 @@ def train_concept(
     warn_if_small(references, config.resolution or default_resolution(pipe))
     class_info = {"class_source": "given"}
     if auto:
-        from persres.suggest import SuggestConfig, builtin_candidates, suggest
+        from persres.suggest import SuggestConfig, suggest
 
-        words = model_class_candidates(model) or builtin_candidates()
-        suggestion = suggest(pipe, [r.image for r in references], words, SuggestConfig(seed=config.seed))
+        suggestion = suggest(pipe, [r.image for r in references], class_candidates(model), SuggestConfig(seed=config.seed))
         class_word = suggestion.best
         class_info = {"class_source": "suggested", "class_suggestions": suggestion.top(5),
                       "class_evaluations": suggestion.evaluations}

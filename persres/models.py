@@ -117,15 +117,22 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return dtypes[precision]
 
 
+def _defaults_file(model: str) -> tuple[Path, object]:
+    """(path, parsed content) of a model directory's persres_defaults.json; {} when it has none."""
+    path = Path(model) / DEFAULTS_FILE
+    if not path.is_file():
+        return path, {}
+    try:
+        return path, json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {path}: {' '.join(str(e).split())}") from None
+
+
 def model_class_candidates(model: str) -> list[str] | None:
     """The class words a model directory lists for suggest-class (persres_defaults.json's
     "class_candidates"), or None: a model with its own small vocabulary (the toy model) names
     its classes, as it recommends its training settings."""
-    path = Path(model) / DEFAULTS_FILE
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {path}: {' '.join(str(e).split())}") from None
+    path, data = _defaults_file(model)
     words = data.get("class_candidates") if isinstance(data, dict) else None
     if words is None:
         return None
@@ -136,13 +143,7 @@ def model_class_candidates(model: str) -> list[str] | None:
 
 def model_defaults(model: str) -> dict:
     """The training defaults a model directory recommends (persres_defaults.json), or {}."""
-    path = Path(model) / DEFAULTS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {path}: {' '.join(str(e).split())}") from None
+    path, data = _defaults_file(model)
     train = data.get("train", {}) if isinstance(data, dict) else None
     if not isinstance(train, dict):
         raise InputError(f"{path} must hold an object with a \"train\" object of training defaults")

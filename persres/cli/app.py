@@ -527,6 +527,8 @@ def bench_toy(
     """Train the toy concepts and score identity, background, added objects, attributes and concept pairs, with and without LAG."""
     import dataclasses
 
+    import torch
+
     from persres.api import model_config_for, train_config_for
     from persres.config import MultiLagConfig, SampleConfig
     from persres.models import load_pipeline, pick_dtype
@@ -543,14 +545,13 @@ def bench_toy(
                          singles=singles, pairs=pairs, categories=tuple(category) or None,
                          pair_methods=tuple(pair_method) or ("base", "summed", "lag"),
                          sample=SampleConfig(steps=steps, guidance=guidance, multi=multi))
-    import torch
-
     dtype = pick_dtype(precision, torch.device("cpu"))
     pipe = load_pipeline(resolved, dtype=dtype, config=model_config_for(registry, resolved))
     out_dir.mkdir(parents=True, exist_ok=True)
     with err.status("training the toy concepts (reused when already trained with this config)..."):
         loaded = prepare_concepts(pipe, names, registry, resolved, config, class_words)
-    meta = {"class_words": class_words, "class_word_of": {n: c.bound.class_word for n, c in loaded.items()},"train": config.to_dict(), "model": resolved, "multi_lag": dataclasses.asdict(multi), "samples": cfg.samples,
+    meta = {"class_words": class_words, "class_word_of": {n: c.bound.class_word for n, c in loaded.items()},
+            "train": config.to_dict(), "model": resolved, "multi_lag": dataclasses.asdict(multi), "samples": cfg.samples,
             "seeds": list(cfg.seeds), "quick": quick, "sample_steps": steps, "guidance": guidance,
             "sample_dtype": str(dtype).removeprefix("torch.")}
     with err.status("sampling and scoring...") as status:

@@ -190,7 +190,8 @@ def select_concepts(names: Sequence[str] | None = None, sets: Sequence[str] | No
 def prepare_concepts(pipe, names: Sequence[str], registry, model: str, config, class_words: str = "given") -> dict[str, BenchConcept]:
     """Train (or reuse) a pack per shipped concept, load them onto `pipe`, and compute the
     references' histograms: what `run_toy_bench` takes. `class_words="suggested"`: each pack's
-    class word is what `persres train --class auto` picks (the built-in candidates), not the shape."""
+    class word is what `persres train --class auto` picks (the model's class candidates, else the
+    built-in nouns), not the shape."""
     if class_words not in ("given", "suggested"):
         from persres.errors import InputError
 
