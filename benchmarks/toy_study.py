@@ -28,17 +28,20 @@ TRAINING_VARIANTS = {
     "rank ratio 0.2": {"rank_ratio": 0.2},
     "800 steps": {"steps": 800},
     "rank ratio 0.2, 800 steps": {"rank_ratio": 0.2, "steps": 800},
+    "1600 steps": {"steps": 1600},
+    "rank ratio 0.2, 1600 steps": {"rank_ratio": 0.2, "steps": 1600},
     "rank ratio 0.5": {"rank_ratio": 0.5},
     "rank ratio 0.2, lr 1e-2": {"rank_ratio": 0.2, "lr": 1e-2},
     "zoom 0.5": {"scale_min": 0.5},
     "rank ratio 0.2, zoom 0.5": {"rank_ratio": 0.2, "scale_min": 0.5},
+    "rank ratio 0.2, zoom 0.7": {"rank_ratio": 0.2, "scale_min": 0.7},
 }
 LAG_VARIANTS = {
     f"{tokens}, {coverage}, {maps}": {"tokens": tokens, "coverage": coverage, "maps": maps}
     for tokens in ("identifier+class", "class", "identifier")
     for coverage in (0.5, 0.3)
     for maps in ("block", "aggregate")
-} | {f"paper rule, delay {d}": {"delay": d} for d in (0.1, 0.2, 0.3, 0.5, 0.6, 0.7)} | {
+} | {f"paper rule, delay {d}": {"delay": d} for d in (0.0, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7)} | {
     "raw conflict": {"conflict": "raw"},
     "raw conflict, class word": {"conflict": "raw", "tokens": "class"},
     "raw conflict, delay 0.5": {"conflict": "raw", "delay": 0.5},
@@ -78,6 +81,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps (studies use 25; reports use the paper's 50)")
     ap.add_argument("--only", nargs="*", help="variant names to run")
     ap.add_argument("--pairs", action="store_true", help="training study: also the two-concept prompts (summed, LAG)")
+    ap.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="training settings every variant starts from instead of the model's defaults (e.g. rank_ratio=0.2)")
     args = ap.parse_args(argv)
 
     from persres.api import train_config_for
@@ -90,6 +95,7 @@ def main(argv=None) -> None:
     model = resolve_model(args.model)
     pipe = load_pipeline(model)
     names = list(world.CONCEPT_SETS["tuning"])
+    start = {k: json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" else v for k, v in (kv.split("=", 1) for kv in args.train)}
     sample = SampleConfig(steps=args.steps)
     results = {}
     variants = TRAINING_VARIANTS if args.study == "training" else LAG_VARIANTS
@@ -99,12 +105,12 @@ def main(argv=None) -> None:
         t0 = time.time()
         if args.study == "training":
             registry = Registry(args.out / "registries" / label.replace(" ", "_").replace("(", "").replace(")", ""))
-            config = train_config_for(model, change)
+            config = train_config_for(model, start | change)
             cfg = ToyBenchConfig(samples=args.samples, seeds=tuple(range(args.seeds)), categories=("identity", "background"),
                                  pairs=args.pairs, pair_methods=("summed", "lag"), sample=sample)
         else:
-            registry = Registry(args.out / "registries" / "defaults")
-            config = train_config_for(model, {})
+            registry = Registry(args.out / "registries" / "defaults")  # packs named by config digest: one per start config
+            config = train_config_for(model, start)
             cfg = ToyBenchConfig(samples=args.samples, seeds=tuple(range(args.seeds)), singles=False,
                                  pair_methods=("lag",) if results else ("base", "summed", "lag"),
                                  sample=sample.replace(multi=MultiLagConfig(**change)))
@@ -125,7 +131,7 @@ def main(argv=None) -> None:
         print(label, json.dumps(results[label]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"study": args.study, "model": model, "samples": args.samples, "seeds": args.seeds, "ddim_steps": args.steps,
-            "concepts": names, "defaults": dataclasses.asdict(train_config_for(model, {}))}
+            "concepts": names, "defaults": dataclasses.asdict(train_config_for(model, start))}
     path = args.out / "study.json"
     if path.exists():  # variants run in several invocations accumulate; the latest run of a variant wins
         previous = json.loads(path.read_text())

@@ -47,7 +47,7 @@ class MultiLagConfig:
     tokens: RegionTokens = "identifier+class"  # which of a concept's tokens define its region
     coverage: float = 0.5  # fraction of a block's pixels in each concept's mask (0.5: the median)
     maps: MapSource = "block"  # each block's own maps, or the previous evaluation's maps of all blocks
-    delay: float = 0.7  # fraction of the denoising steps the base model runs alone (lays out every object) before the residuals act
+    delay: float = 0.5  # fraction of the denoising steps the base model runs alone (lays out every object) before the residuals act
     conflict: str = "normalized"  # where masks overlap: highest max-normalized map, or "raw" attention wins
 
     def __post_init__(self) -> None:
