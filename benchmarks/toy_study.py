@@ -35,6 +35,8 @@ TRAINING_VARIANTS = {
     "zoom 0.5": {"scale_min": 0.5},
     "rank ratio 0.2, zoom 0.5": {"rank_ratio": 0.2, "scale_min": 0.5},
     "rank ratio 0.2, zoom 0.7": {"rank_ratio": 0.2, "scale_min": 0.7},
+    "rank ratio 0.2, init random": {"rank_ratio": 0.2, "init": "random"},
+    "rank ratio 0.2, no flip": {"rank_ratio": 0.2, "flip": False},
 }
 LAG_VARIANTS = {
     f"{tokens}, {coverage}, {maps}": {"tokens": tokens, "coverage": coverage, "maps": maps}
