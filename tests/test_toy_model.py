@@ -5,7 +5,9 @@ from pathlib import Path
 from PIL import Image
 from typer.testing import CliRunner
 
+from persres.api import train_config_for
 from persres.cli import app
+from persres.config import TrainConfig
 from persres.models import TOY_DIR, load_pipeline, model_defaults
 from persres.toy import world
 
@@ -34,7 +36,11 @@ def test_packaged_model_is_sd_v1_structured_and_small():
         assert len(ids) == 1 and pipe.tokenizer.decode(ids).strip() == word, word
     size = sum(p.stat().st_size for p in TOY_DIR.rglob("*") if p.is_file())
     assert size < 30 * 2**20
-    assert model_defaults(str(TOY_DIR))["lr"] > 0
+    from persres.toy.build import RECOMMENDED_TRAIN
+
+    # what a rebuild would write is what ships, and what `persres train` uses on it
+    assert model_defaults(str(TOY_DIR)) == RECOMMENDED_TRAIN
+    assert train_config_for(str(TOY_DIR), {}).rank_ratio == RECOMMENDED_TRAIN["rank_ratio"] != TrainConfig().rank_ratio
 
 
 def test_short_training_on_a_shipped_concept_lowers_the_loss():
