@@ -56,7 +56,10 @@ def manifest(tmp_path_factory) -> Path:
 
 
 def rows(result) -> list[dict]:
-    return json.loads(result.stdout)
+    try:
+        return json.loads(result.stdout)
+    except json.JSONDecodeError:  # a rank failed before rank 0 printed: say what it said
+        raise AssertionError(f"no JSON on stdout ({result.stdout[:200]!r}); exit {result.returncode}\n{why(result.stderr)}") from None
 
 
 def packs(home: Path) -> dict[str, dict]:
