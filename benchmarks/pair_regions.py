@@ -37,9 +37,8 @@ def main(argv=None) -> None:
     from persres.models import load_pipeline, resolve_model
     from persres.registry import Registry
     from persres.sample import generate
-    from persres.tokens import expand_prompt
     from persres.toy import checker, world
-    from persres.toy.bench import pair_background, pairs_of, prepare_concepts
+    from persres.toy.bench import pair_prompt, pairs_of, prepare_concepts
 
     model = resolve_model("toy")
     pipe = load_pipeline(model)
@@ -49,8 +48,7 @@ def main(argv=None) -> None:
     rows = []
     for a, b in pairs_of(loaded):
         left, right = loaded[a], loaded[b]
-        text = f"a V1 {left.bound.class_word} and a V2 {right.bound.class_word} on a {pair_background(left.ref_pixels, right.ref_pixels)} background"
-        expanded, used = expand_prompt(text, [left.bound, right.bound], lambda n: left.bound)
+        _, expanded, used = pair_prompt(left, right)
         out = generate(pipe, expanded, used, sample)
         masks = [out.masks[left.bound.name], out.masks[right.bound.name]]
         cov = np.array([[[coverage(m[i], part) for m in masks] for part in checker.segment(im, 2)[2]]

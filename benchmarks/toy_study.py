@@ -50,6 +50,15 @@ LAG_VARIANTS = {
 }
 
 
+def setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE -> (key, value), the value read as JSON (0.2, false, null) or else kept as text."""
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def lifts(summary: list[dict], category: str) -> dict:
     get = {(r["category"], r["method"]): r for r in summary if r["set"] == "tuning"}
     out = {}
@@ -97,7 +106,7 @@ def main(argv=None) -> None:
     model = resolve_model(args.model)
     pipe = load_pipeline(model)
     names = list(world.CONCEPT_SETS["tuning"])
-    start = {k: json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" else v for k, v in (kv.split("=", 1) for kv in args.train)}
+    start = dict(setting(kv) for kv in args.train)
     sample = SampleConfig(steps=args.steps)
     results = {}
     variants = TRAINING_VARIANTS if args.study == "training" else LAG_VARIANTS

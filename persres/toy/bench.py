@@ -266,12 +266,18 @@ def run_toy_bench(pipe, concepts: dict[str, BenchConcept], out: Path, cfg: ToyBe
     return rows
 
 
-def two_concepts(pipe, left: BenchConcept, right: BenchConcept, cfg: ToyBenchConfig, grids) -> list[dict]:
-    from persres.sample import generate
-
+def pair_prompt(left: BenchConcept, right: BenchConcept) -> tuple[str, str, list[BoundConcept]]:
+    """A pair's prompt (V1 left, V2 right, on a background far from both), its expansion and its concepts."""
     bg = pair_background(left.ref_pixels, right.ref_pixels)
     text = f"a V1 {left.bound.class_word} and a V2 {right.bound.class_word} on a {bg} background"
     expanded, used = expand_prompt(text, [left.bound, right.bound], lambda n: left.bound)
+    return text, expanded, used
+
+
+def two_concepts(pipe, left: BenchConcept, right: BenchConcept, cfg: ToyBenchConfig, grids) -> list[dict]:
+    from persres.sample import generate
+
+    text, expanded, used = pair_prompt(left, right)
     base_text = text.replace("V1 ", "").replace("V2 ", "")
     rows = []
     for seed in cfg.seeds:

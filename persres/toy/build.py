@@ -52,7 +52,7 @@ CAPTION = {  # probabilities of the caption variations
 # What `persres train` uses on this model unless told otherwise (see the README's toy section,
 # "Method defaults": `benchmarks/toy_study.py training` on the tuning concepts). "a sks circle"
 # matches the captions' "a red circle". Rank ratio 0.2: the toy's blocks are 64-128 channels
-# wide, so the paper's 0.05 leaves ranks of 3-6 (SD v1.x: 16-64); 0.2 gives 12-25 and lifted
+# wide, so the paper's 0.05 leaves ranks of 3-6 (SD v1.x: 16-64); 0.2 gives 13 and 26 and lifted
 # identity in new scenes most (0.23 vs 0.13) with every background right.
 RECOMMENDED_TRAIN = {"lr": 5e-3, "steps": 400, "rank_ratio": 0.2, "prompt": "a {identifier} {class_word}"}
 
