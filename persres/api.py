@@ -100,9 +100,14 @@ def effective_settings(config: TrainConfig, sources: dict[str, str]) -> str:
     return ", ".join(parts)
 
 
-def config_digest(config: TrainConfig, model: str) -> str:
-    """A short, stable digest of (training config, base model): packs with equal digests are interchangeable."""
-    return hashlib.sha256(json.dumps([config.to_dict(), model], sort_keys=True).encode()).hexdigest()[:8]
+def config_digest(config: TrainConfig, model: str, weights: str | None = None) -> str:
+    """A short, stable digest of (training config, base model path[, its weights' fingerprint]).
+
+    Without `weights` it is what a pack records (train_config["config_digest"]: what was asked
+    for); with them (`models.base_weights`) it also tells apart packs trained on other weights
+    saved at the same path, which is what names a benchmark's own packs."""
+    key = [config.to_dict(), model] + ([weights] if weights is not None else [])
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)

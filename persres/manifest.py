@@ -7,9 +7,10 @@ duplicate name, bad option...) is reported and the others go on.
 
 How a run goes, on any number of processes (`persres.scale`):
 1. every process reads the manifest; rank 0 reads the registry and plans: a row already
-   registered with the same training config is done ("skipped"), one registered with another
-   config fails, the rest get fresh identifiers, in manifest order. The plan is broadcast,
-   so identifiers (and so results) do not depend on how many processes run.
+   registered with the same training config, on the weights now at the model's path, is done
+   ("skipped"); one registered with another config, or on other weights at that path, fails;
+   the rest get fresh identifiers, in manifest order. The plan is broadcast, so identifiers
+   (and so results) do not depend on how many processes run.
 2. the rows are split between processes; each trains its own.
 3. one machine (shared registry): each process registers its packs (SQLite WAL; `add`
    checks names and identifiers inside its write transaction). Several machines, or
@@ -156,7 +157,7 @@ def train_many(rows: list[Row], *, model: str | None = None, model_config: str |
 
     cluster = cluster or Cluster()
     pipes = {} if pipe is None else {model: pipe}  # one loaded model at a time, reused across rows
-    plan = cluster.share(_plan(rows, model, registry) if cluster.main else None)  # {index: Planned}
+    plan = cluster.share(_plan(rows, model, registry, model_config, pipe) if cluster.main else None)  # {index: Planned}
     mine = cluster.split([r.index for r in rows])
     results = [_run(rows[i], plan[i], model_config, registry, shards, cluster, log, pipes) for i in mine]
     cluster.wait()
@@ -168,8 +169,17 @@ def train_many(rows: list[Row], *, model: str | None = None, model_config: str |
     return sorted(results, key=lambda r: r.index)
 
 
-def _plan(rows: list[Row], model: str | None, registry) -> dict[int, Planned]:
-    from persres.api import config_digest, model_for, train_config_for
+def _plan(rows: list[Row], model: str | None, registry, model_config=None, pipe=None) -> dict[int, Planned]:
+    from persres.api import config_digest, model_config_for, model_for, train_config_for
+    from persres.models import base_weights
+
+    weights: dict[str, str] = {}  # model -> its weights' fingerprint, read once, only to check a registered row
+
+    def weights_of(resolved: str) -> str:
+        if resolved not in weights:
+            config_dir = model_config_for(registry, resolved, model_config)
+            weights[resolved] = base_weights(resolved, config_dir, pipe if resolved == model else None)  # as _train_row's pipes
+        return weights[resolved]
 
     plan: dict[int, Planned] = {}
     taken: set[str] = set()
@@ -187,10 +197,13 @@ def _plan(rows: list[Row], model: str | None, registry) -> dict[int, Planned]:
             config = row.config or train_config_for(resolved, row.overrides)
             if registry.has(row.name):
                 record = registry.get(row.name)
-                if record.meta.train_config.get("config_digest") == config_digest(config, resolved):
-                    plan[row.index] = Planned("skipped", record.meta.identifier, resolved)
-                    continue
-                raise InputError(f"a concept named {row.name!r} is already registered with another training config or model")
+                if record.meta.train_config.get("config_digest") != config_digest(config, resolved):
+                    raise InputError(f"a concept named {row.name!r} is already registered with another training config or model")
+                if record.meta.weights != weights_of(resolved):
+                    raise InputError(f"a concept named {row.name!r} is already registered, trained on other weights than "
+                                     f"those now at {resolved!r}; remove it or give the row another name")
+                plan[row.index] = Planned("skipped", record.meta.identifier, resolved)
+                continue
             registry.check_new_name(row.name)
             if resolved not in tokenizers:
                 tokenizers[resolved] = _tokenizer(resolved)

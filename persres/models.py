@@ -299,3 +299,61 @@ def fingerprint(unet) -> Fingerprint:
         # rounded to fp16 so that the same checkpoint loaded in fp16 or fp32 has one fingerprint
         h.update(weight.detach().to(torch.float16).cpu().numpy().tobytes())
     return Fingerprint(arch_hash, h.hexdigest())
+
+
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+UNET_INDEX = UNET_WEIGHTS + ".index.json"  # a sharded UNet: {"weight_map": {key: shard file}}
+
+
+def _unet_file(model: str, name: str) -> Path | None:
+    """A file of the model's UNet on disk: in a diffusers directory, or in the hub cache for a hub id."""
+    local = Path(model)
+    if local.is_dir():
+        return local / name if (local / name).is_file() else None
+    if not HUB_ID_RE.fullmatch(model):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(model, name)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _proj_out_tensors(model: str) -> dict[str, torch.Tensor] | None:
+    """{block name: proj_out weight} read from the UNet's safetensors alone (no pipeline built), or
+    None where the weights are not safetensors on disk (a single file, .bin weights, not cached)."""
+    from safetensors import safe_open
+
+    index = _unet_file(model, UNET_INDEX)
+    if index is not None:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {key: index.parent / shard for key, shard in weight_map.items()}
+    else:
+        single = _unet_file(model, UNET_WEIGHTS)
+        if single is None:
+            return None
+        with safe_open(str(single), "pt") as f:
+            files = {key: single for key in f.keys()}
+    # a transformer block is a module with both proj_out and transformer_blocks (residuals.transformer_blocks)
+    blocks = {k.removesuffix(".proj_out.weight") for k in files if k.endswith(".proj_out.weight")}
+    blocks = {b for b in blocks if any(k.startswith(f"{b}.transformer_blocks.") for k in files)}
+    tensors = {}
+    for block in sorted(blocks):
+        key = f"{block}.proj_out.weight"
+        with safe_open(str(files[key]), "pt") as f:
+            tensors[block] = f.get_tensor(key)
+    return tensors
+
+
+def base_weights(model: str, model_config: str | None = None, pipe=None) -> str:
+    """`Fingerprint.weights` of the model at `model` as it is now (what a pack trained on it records):
+    from `pipe` if given, else read from the UNet's safetensors, else by loading the pipeline on the CPU.
+    What tells packs trained on other weights at the same path from packs trained on these."""
+    if pipe is not None:
+        return fingerprint(pipe.unet).weights
+    tensors = None if is_single_file(model) else _proj_out_tensors(model)
+    if tensors is None:
+        return fingerprint(load_pipeline(model, config=model_config).unet).weights
+    h = hashlib.sha256()
+    for weight in tensors.values():  # sorted by block name, as fingerprint() hashes them
+        h.update(weight.to(torch.float16).numpy().tobytes())
+    return h.hexdigest()

@@ -129,3 +129,72 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_and_still_runs(monkeypatch
     with pytest.raises(InputError, match="fp16 needs CUDA"):
         models.pick_dtype("fp16", torch.device("cpu"))
 
+
+
+def test_base_weights_reads_the_fingerprint_without_building_the_pipeline(tiny_model, tiny_linear_model, tiny_other_checkpoint,
+                                                                         tmp_path, monkeypatch):
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    import persres.models as models
+    from persres.models import base_weights
+
+    expected = {m: fingerprint(load_pipeline(str(m)).unet).weights for m in (tiny_model, tiny_linear_model, tiny_other_checkpoint)}
+    assert expected[tiny_model] != expected[tiny_other_checkpoint]
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("read from the file, not loaded"))
+    for m, weights in expected.items():
+        assert base_weights(str(m)) == weights
+    monkeypatch.undo()
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet")
+    for name, options in {"sharded": dict(max_shard_size="20KB"), "bin": dict(safe_serialization=False)}.items():
+        copy = shutil.copytree(tiny_model, tmp_path / name, ignore=shutil.ignore_patterns("unet"))
+        unet.save_pretrained(copy / "unet", **options)
+        assert (copy / models.UNET_INDEX).is_file() == (name == "sharded")
+        assert base_weights(str(copy)) == expected[tiny_model], name  # the .bin one by loading the pipeline
+
+
+def replace_weights(path, other) -> None:
+    """Save another checkpoint's files over the model at `path` (the path, and so the config digest, stay)."""
+    import shutil
+
+    shutil.rmtree(path)
+    shutil.copytree(other, path)
+
+
+def test_train_many_does_not_take_a_pack_of_the_old_weights_at_the_same_path_as_done(tiny_model, tiny_other_checkpoint,
+                                                                                    concept_dir, tmp_path):
+    import shutil
+
+    from persres.manifest import Row, train_many
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    rows = [Row(0, 2, str(concept_dir), "mine", "circle", {"steps": 2})]
+    registry = Registry()
+    assert [r.status for r in train_many(rows, model=str(model), registry=registry)] == ["trained"]
+    assert [r.status for r in train_many(rows, model=str(model), registry=registry)] == ["skipped"]  # same weights: done
+    before = registry.get("mine").meta
+    replace_weights(model, tiny_other_checkpoint)
+    [again] = train_many(rows, model=str(model), registry=registry)
+    assert again.status == "failed" and "trained on other weights than those now at" in again.message
+    assert registry.get("mine").meta == before  # the registered pack is left as it was
+
+
+def test_benchmark_packs_are_retrained_when_the_weights_at_the_path_change(tiny_model, tiny_other_checkpoint, tmp_path):
+    import shutil
+
+    from persres.api import config_digest
+    from persres.toy.bench import prepare_concepts
+
+    model = str(shutil.copytree(tiny_model, tmp_path / "model"))
+    config, registry = TrainConfig(steps=1), Registry()
+    first = prepare_concepts(load_pipeline(model), ["checker_circle"], registry, model, config)["checker_circle"]
+    again = prepare_concepts(load_pipeline(model), ["checker_circle"], registry, model, config)["checker_circle"]
+    assert again.bound.name == first.bound.name and len(registry.list()) == 1  # reused
+    replace_weights(tmp_path / "model", tiny_other_checkpoint)
+    pipe = load_pipeline(model)
+    fresh = prepare_concepts(pipe, ["checker_circle"], registry, model, config)["checker_circle"]
+    assert fresh.bound.name != first.bound.name and len(registry.list()) == 2
+    assert registry.get(fresh.bound.name).meta.weights == fingerprint(pipe.unet).weights
+    # what a pack records is the digest of what was asked (config and path): unchanged, so older registries still match
+    assert registry.get(fresh.bound.name).meta.train_config["config_digest"] == config_digest(config, model)

@@ -24,6 +24,7 @@ from persres.errors import InputError
 from persres.eval.cc101 import CC101Concept, CC101Pair
 from persres.eval.folder import eval_folder
 from persres.images import save_png
+from persres.models import base_weights
 from persres.registry import Registry
 from persres.tokens import expand_prompt
 
@@ -51,9 +52,9 @@ class BenchConfig:
     dino: str = ""
 
 
-def pack_name(concept: CC101Concept, train: TrainConfig, model: str) -> str:
-    """One pack per (concept, training config, base model): reused when all three match."""
-    return f"cc101-{concept.key}-{config_digest(train, model)}"
+def pack_name(concept: CC101Concept, train: TrainConfig, model: str, weights: str) -> str:
+    """One pack per (concept, training config, base model and its weights): reused when all match."""
+    return f"cc101-{concept.key}-{config_digest(train, model, weights)}"
 
 
 def train_packs(concepts: Sequence[CC101Concept], cfg: BenchConfig, registry: Registry | None, pipe, cluster, log: Log) -> dict[str, str]:
@@ -64,7 +65,8 @@ def train_packs(concepts: Sequence[CC101Concept], cfg: BenchConfig, registry: Re
     for c in concepts:
         if not c.images_dir.is_dir():
             raise InputError(f"images of {c.key!r} not found at {str(c.images_dir)!r}: download the benchmark images (see its README)")
-    rows = [Row(i, 0, str(c.images_dir), pack_name(c, cfg.train, cfg.model), c.class_word, config=cfg.train)
+    weights = base_weights(cfg.model, pipe=pipe)
+    rows = [Row(i, 0, str(c.images_dir), pack_name(c, cfg.train, cfg.model, weights), c.class_word, config=cfg.train)
             for i, c in enumerate(concepts)]
     results = train_many(rows, model=cfg.model, registry=registry, cluster=cluster, log=log, pipe=pipe)
     failed = [r for r in results if r.status == "failed"]

@@ -199,9 +199,12 @@ def prepare_concepts(pipe, names: Sequence[str], registry, model: str, config, c
     from persres.api import apply_concepts, config_digest, train_concept
     from persres.images import read_folder
 
+    from persres.models import base_weights
+
+    digest = config_digest(config, model, base_weights(model, pipe=pipe))  # weights rebuilt at the same path: new packs
     loaded = {}
     for name in names:
-        pack = f"toybench-{name}-{config_digest(config, model)}" + ("-suggested" if class_words == "suggested" else "")
+        pack = f"toybench-{name}-{digest}" + ("-suggested" if class_words == "suggested" else "")
         folder = CONCEPTS_DIR / name
         shape = world.NOVEL_CONCEPTS[name][0]
         if not registry.has(pack):
