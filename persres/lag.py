@@ -149,8 +149,8 @@ class LagSession:
                     maps = F.interpolate(self._previous, size=(h, w), mode="area").flatten(2)  # (B, K, h*w)
             regions = self._regions[block] = regions_from_maps(maps, self.coverage, self.conflict)
             if self.evaluation < self.delayed:
-                regions.zero_()
-            if self.keep_masks:
+                regions.zero_()  # and not kept: the saved masks show where residuals act, while they act
+            elif self.keep_masks:
                 self._keep(regions, h, w)
         mask = regions[:, self.index[concept]]  # (B, N)
         if x.ndim == 4:  # conv proj_out: x (B, C, H, W)
@@ -183,7 +183,8 @@ class LagSession:
         return round(lh / factor), round(lw / factor)
 
     def average_masks(self) -> dict[str, torch.Tensor]:
-        """Each concept's region averaged over blocks and steps: (B, h, w) in [0, 1]."""
+        """Each concept's region averaged over blocks and the steps its residual acts in
+        (after the several-concept delay): (B, h, w) in [0, 1]."""
         return {name: s / max(self.mask_counts, 1) for name, s in self.mask_sums.items()}
 
 

@@ -196,7 +196,8 @@ def test_multi_concept_tokens_coverage_and_delay():
     from persres.config import MultiLagConfig
 
     two = [ConceptTokens("a", (1, 2), (2,)), ConceptTokens("b", (4, 5), (5,))]
-    session = LagSession(two, cfg=False, latent_hw=(4, 4), multi=MultiLagConfig(tokens="class", coverage=0.25, delay=0.4), steps=5)
+    session = LagSession(two, cfg=False, latent_hw=(4, 4), multi=MultiLagConfig(tokens="class", coverage=0.25, delay=0.4), steps=5,
+                         keep_masks=True)
     assert session.token_sets == [(2,), (5,)]
     passes = drive(session, 5)
     for k, per in enumerate(passes):
@@ -207,6 +208,9 @@ def test_multi_concept_tokens_coverage_and_delay():
             else:
                 assert 0 < on <= 2 * 4  # each concept at most a quarter of the 16 pixels, disjoint
     assert session.evaluation == 4
+    assert session.mask_counts == 3 * 2  # masks kept from the 3 passes with residuals (2 blocks each), not the delayed ones
+    kept = sum(torch.cat([per[b] for b in per], dim=1).flatten(1).sum(1) for per in passes[2:]) / 16 / 6  # (K,) mean on
+    assert torch.allclose(torch.stack([m.mean() for m in session.average_masks().values()]), kept)
 
 
 def test_aggregate_maps_come_from_the_previous_pass_of_every_block():
