@@ -121,11 +121,19 @@ NOVEL_CONCEPTS: dict[str, tuple[str, str]] = {
     "quartered_circle": ("circle", "quarters"),
     "ringed_square": ("square", "rings"),
     "grid_heart": ("heart", "grid"),
+    # a second tuning set (session 7), made before it was scored: one texture per shape, new colors
+    "bordered_star": ("star", "border"),
+    "zigzag_square": ("square", "zigzag"),
+    "vstriped_cross": ("cross", "vstripes"),
+    "spotted_circle": ("circle", "spots"),
+    "halved_triangle": ("triangle", "halves"),
 }
-# Fixed before any tuning: method choices are tuned on "tuning" and reported on "held_out".
+# Fixed before any tuning: method choices are tuned on "tuning" (and "tuning_2", added later
+# to decide on more than five concepts) and reported on "held_out".
 CONCEPT_SETS: dict[str, tuple[str, ...]] = {
     "tuning": ("checker_circle", "split_square", "striped_heart", "dotted_triangle", "diagonal_star"),
     "held_out": ("gradient_cross", "quartered_circle", "ringed_square", "grid_heart"),
+    "tuning_2": ("bordered_star", "zigzag_square", "vstriped_cross", "spotted_circle", "halved_triangle"),
 }
 
 
@@ -151,6 +159,16 @@ def _texel(texture: str, i: int, j: int, cx: float, cy: float) -> tuple[int, int
         return (30, 40, 120) if int(math.hypot(dx, dy)) // 2 % 2 == 0 else (230, 180, 40)
     if texture == "grid":  # dark green grid lines on beige, 4 px pitch
         return (10, 90, 40) if dx % 4 == 0 or dy % 4 == 0 else (230, 210, 170)
+    if texture == "border":  # coral inside a dark brown rim (the rim: what the shape's edge pixels get)
+        return (250, 120, 90) if math.hypot(dx, dy) < 5 else (70, 35, 20)
+    if texture == "zigzag":  # teal/salmon zigzag bands, 4 px
+        return (30, 160, 150) if ((dy + abs(dx % 8 - 4)) // 4) % 2 == 0 else (250, 150, 120)
+    if texture == "vstripes":  # vertical lime/violet stripes, 2 px
+        return (150, 220, 30) if (dx // 2) % 2 == 0 else (120, 50, 200)
+    if texture == "spots":  # white spots on maroon, 5 px pitch
+        return (245, 245, 240) if dx % 5 < 2 and dy % 5 < 2 else (120, 20, 40)
+    if texture == "halves":  # top half gold, bottom half slate
+        return (220, 170, 30) if dy < 0 else (70, 90, 110)
     raise ValueError(f"unknown texture {texture!r}")
 
 
@@ -265,13 +283,13 @@ def vocabulary() -> list[str]:
     return ["a", "and", "on", "background", "photo", "of", *COLORS, *SHAPES]
 
 
-def write_concept_examples(folder, per_concept: int = 5, seed: int = 0) -> None:
-    """The shipped reference folders: each novel concept on plain backgrounds, as a user's photos would be."""
+def write_concept_examples(folder, per_concept: int = 5, seed: int = 0, concept_set: str | None = None) -> None:
+    """The shipped reference folders: each novel concept (of one set) on plain backgrounds, as a user's photos would be."""
     from pathlib import Path
 
     backgrounds = ("white", "blue", "green", "purple", "orange")
     rng = random.Random(seed)
-    for name in NOVEL_CONCEPTS:
+    for name in NOVEL_CONCEPTS if concept_set is None else CONCEPT_SETS[concept_set]:
         out = Path(folder) / name
         out.mkdir(parents=True, exist_ok=True)
         for i in range(per_concept):
@@ -281,4 +299,4 @@ def write_concept_examples(folder, per_concept: int = 5, seed: int = 0) -> None:
 if __name__ == "__main__":
     import sys
 
-    write_concept_examples(sys.argv[1] if len(sys.argv) > 1 else "concepts")
+    write_concept_examples(sys.argv[1] if len(sys.argv) > 1 else "concepts", concept_set=sys.argv[2] if len(sys.argv) > 2 else None)

@@ -1,0 +1,116 @@
+"""A training choice decided on both tuning sets, with several training seeds per concept.
+
+    OMP_NUM_THREADS=1 python benchmarks/toy_seeds.py run --variant rank_ratio=0.05 --out benchmarks/results/toy-seeds
+    OMP_NUM_THREADS=1 python benchmarks/toy_seeds.py run --variant rank_ratio=0.2 --out benchmarks/results/toy-seeds
+    python benchmarks/toy_seeds.py report --out benchmarks/results/toy-seeds
+
+`run` trains every concept of the tuning sets ("tuning", "tuning_2"; never "held_out") once
+per training seed with the toy model's defaults plus the variant, and scores the
+change-background prompts (base / no LAG / LAG, one sampling seed) into
+OUT/<variant>/rows.json; variants can run side by side. `report` prints, per variant, the
+identity lift over the base model (paired per image) and, for each pair of variants, the
+paired difference of their lifts over the same concepts, seeds, prompts and images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+SETS = ("tuning", "tuning_2")
+
+
+def label(variant: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(variant.items())) or "defaults"
+
+
+def run(args) -> None:
+    from toy_study import setting  # benchmarks/ is on the path when this runs as a script
+    from persres import residuals
+    from persres.api import train_config_for
+    from persres.config import SampleConfig
+    from persres.models import load_pipeline, resolve_model
+    from persres.registry import Registry
+    from persres.toy import world
+    from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench
+
+    variant = dict(setting(kv) for kv in args.variant)
+    folder = args.out / label(variant)
+    model = resolve_model(args.model)
+    pipe = load_pipeline(model)
+    names = [n for s in SETS for n in world.CONCEPT_SETS[s]]
+    registry = Registry(args.out / "registry")
+    cfg = ToyBenchConfig(samples=args.samples, seeds=(0,), categories=("background",), pairs=False,
+                         sample=SampleConfig(steps=args.steps))
+    rows = []
+    for train_seed in range(args.train_seeds):
+        config = train_config_for(model, variant | {"seed": train_seed})
+        for name in names:  # one concept at a time: its pack, its samples
+            t0 = time.time()
+            loaded = prepare_concepts(pipe, [name], registry, model, config)
+            got = run_toy_bench(pipe, loaded, folder / f"seed{train_seed}" / name, cfg, meta={"train": config.to_dict()})
+            rows += [r | {"train_seed": train_seed} for r in got]
+            residuals.remove(pipe.unet)
+            print(f"{label(variant)} seed {train_seed} {name}: {time.time() - t0:.0f}s", flush=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "rows.json").write_text(json.dumps({"variant": variant, "config": config.to_dict(), "rows": rows}))
+
+
+def lifts(rows: list[dict], method: str) -> dict[tuple, float]:
+    """(concept, train seed, prompt, image) -> identity of `method` minus the base model's."""
+    key = lambda r: (r["concept"], r["train_seed"], r["prompt"], r["image"])  # noqa: E731
+    base = {key(r): r["identity"] for r in rows if r["method"] == "base"}
+    return {key(r): r["identity"] - base[key(r)] for r in rows if r["method"] == method}
+
+
+def report(args) -> None:
+    from persres.toy import world
+    from persres.toy.bench import mean_ci
+
+    runs = {json.loads(p.read_text())["variant"].__repr__(): json.loads(p.read_text()) for p in sorted(args.out.glob("*/rows.json"))}
+    out = {"sets": SETS, "variants": {}}
+    for name, run_ in runs.items():
+        rows = run_["rows"]
+        entry = {"n_concepts": len({r["concept"] for r in rows}), "train_seeds": sorted({r["train_seed"] for r in rows})}
+        for method in ("nolag", "lag"):
+            d = lifts(rows, method)
+            entry[method] = mean_ci(list(d.values()))
+            for s in SETS:
+                entry[f"{method} {s}"] = mean_ci([v for k, v in d.items() if k[0] in world.CONCEPT_SETS[s]])
+            per_concept = {}
+            for (concept, *_), v in d.items():
+                per_concept.setdefault(concept, []).append(v)
+            entry[f"{method} per concept"] = {c: round(sum(v) / len(v), 3) for c, v in per_concept.items()}
+        entry["background"] = {m: mean_ci([r["background"] for r in rows if r["method"] == m]) for m in ("base", "nolag", "lag")}
+        out["variants"][name] = entry
+        print(name, json.dumps({k: v for k, v in entry.items() if "per concept" not in k}))
+    names = list(runs)
+    out["paired"] = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for method in ("nolag", "lag"):
+                da, db = lifts(runs[a]["rows"], method), lifts(runs[b]["rows"], method)
+                common = sorted(set(da) & set(db))
+                if common:
+                    out["paired"][f"{b} - {a}, {method}"] = mean_ci([db[k] - da[k] for k in common]) + (len(common),)
+                    print(f"{b} - {a}, {method}:", out["paired"][f"{b} - {a}, {method}"])
+    (args.out / "report.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("run", "report"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--variant", nargs="*", default=[], metavar="KEY=VALUE", help="training settings over the model's defaults")
+    ap.add_argument("--model", default="toy")
+    ap.add_argument("--train-seeds", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    args = ap.parse_args(argv)
+    run(args) if args.what == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()
