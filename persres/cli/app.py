@@ -498,7 +498,7 @@ def bench_cc101(
 def bench_toy(
     quick: bool = typer.Option(False, "--quick", help="Fewer prompts, 2 samples, one seed (a few minutes on a CPU)."),
     concept: list[str] = typer.Option([], "--concept", help="A shipped toy concept [default: every concept of --set]."),
-    concept_set: list[str] = typer.Option([], "--set", help="tuning or held_out [default: both]."),
+    concept_set: list[str] = typer.Option([], "--set", help="tuning, tuning_2 or held_out [default: all three]."),
     out_dir: Path = typer.Option(Path("bench-toy"), "--out", help="Output folder."),
     model: Optional[str] = typer.Option(None, help="Base model [default: the toy model]."),
     steps: int = typer.Option(50, help="DDIM steps (paper: 50)."),
