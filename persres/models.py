@@ -350,7 +350,10 @@ def base_weights(model: str, model_config: str | None = None, pipe=None) -> str:
     What tells packs trained on other weights at the same path from packs trained on these."""
     if pipe is not None:
         return fingerprint(pipe.unet).weights
-    tensors = None if is_single_file(model) else _proj_out_tensors(model)
+    try:
+        tensors = None if is_single_file(model) else _proj_out_tensors(model)
+    except Exception:  # a damaged file or index: the pipeline load below reports it in one line
+        tensors = None
     if tensors is None:
         return fingerprint(load_pipeline(model, config=model_config).unet).weights
     h = hashlib.sha256()

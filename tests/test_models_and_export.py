@@ -152,6 +152,16 @@ def test_base_weights_reads_the_fingerprint_without_building_the_pipeline(tiny_m
         unet.save_pretrained(copy / "unet", **options)
         assert (copy / models.UNET_INDEX).is_file() == (name == "sharded")
         assert base_weights(str(copy)) == expected[tiny_model], name  # the .bin one by loading the pipeline
+    # a hub id: read from the hub cache's snapshot, without building the pipeline
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    shutil.copytree(tiny_other_checkpoint, cache / "models--someone--tiny-sd" / "snapshots" / "abc123")
+    (cache / "models--someone--tiny-sd" / "refs").mkdir()
+    (cache / "models--someone--tiny-sd" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("read from the cache, not loaded"))
+    assert base_weights("someone/tiny-sd") == expected[tiny_other_checkpoint]
 
 
 def replace_weights(path, other) -> None:
@@ -178,6 +188,11 @@ def test_train_many_does_not_take_a_pack_of_the_old_weights_at_the_same_path_as_
     [again] = train_many(rows, model=str(model), registry=registry)
     assert again.status == "failed" and "trained on other weights than those now at" in again.message
     assert registry.get("mine").meta == before  # the registered pack is left as it was
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: one clear failure for the row, no traceback
+    [damaged] = train_many(rows, model=str(model), registry=registry)
+    assert damaged.status == "failed" and str(model) in damaged.message
+    assert registry.get("mine").meta == before
 
 
 def test_benchmark_packs_are_retrained_when_the_weights_at_the_path_change(tiny_model, tiny_other_checkpoint, tmp_path):
