@@ -9,7 +9,9 @@ per training seed with the toy model's defaults plus the variant, and scores the
 change-background prompts (base / no LAG / LAG, one sampling seed) into
 OUT/<variant>/rows.json; variants can run side by side. `report` prints, per variant, the
 identity lift over the base model (paired per image) and, for each pair of variants, the
-paired difference of their lifts over the same concepts, seeds, prompts and images.
+paired difference of their lifts over the same concepts, seeds, prompts and images: its
+mean and interval over images, and over packs (a concept and training seed: the unit
+that varies, so the interval to read).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def report(args) -> None:
     from persres.toy import world
     from persres.toy.bench import mean_ci
 
-    runs = {json.loads(p.read_text())["variant"].__repr__(): json.loads(p.read_text()) for p in sorted(args.out.glob("*/rows.json"))}
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(args.out.glob("*/rows.json"))}
     out = {"sets": SETS, "variants": {}}
     for name, run_ in runs.items():
         rows = run_["rows"]
@@ -77,8 +79,14 @@ def report(args) -> None:
         for method in ("nolag", "lag"):
             d = lifts(rows, method)
             entry[method] = mean_ci(list(d.values()))
+            packs: dict[tuple, list[float]] = {}
+            for k, v in d.items():
+                packs.setdefault(k[:2], []).append(v)
+            entry[f"{method} over packs"] = mean_ci([sum(v) / len(v) for v in packs.values()])
             for s in SETS:
-                entry[f"{method} {s}"] = mean_ci([v for k, v in d.items() if k[0] in world.CONCEPT_SETS[s]])
+                values = [v for k, v in d.items() if k[0] in world.CONCEPT_SETS[s]]
+                if values:
+                    entry[f"{method} {s}"] = mean_ci(values)
             per_concept = {}
             for (concept, *_), v in d.items():
                 per_concept.setdefault(concept, []).append(v)
@@ -93,9 +101,17 @@ def report(args) -> None:
             for method in ("nolag", "lag"):
                 da, db = lifts(runs[a]["rows"], method), lifts(runs[b]["rows"], method)
                 common = sorted(set(da) & set(db))
-                if common:
-                    out["paired"][f"{b} - {a}, {method}"] = mean_ci([db[k] - da[k] for k in common]) + (len(common),)
-                    print(f"{b} - {a}, {method}:", out["paired"][f"{b} - {a}, {method}"])
+                if not common:
+                    continue
+                units: dict[tuple, list[float]] = {}  # (concept, train seed) -> per-image differences
+                for k in common:
+                    units.setdefault(k[:2], []).append(db[k] - da[k])
+                out["paired"][f"{b} - {a}, {method}"] = {
+                    "per image": mean_ci([db[k] - da[k] for k in common]) + (len(common),),
+                    # images of one pack are not independent: the interval over packs is the honest one
+                    "per pack": mean_ci([sum(v) / len(v) for v in units.values()]) + (len(units),),
+                }
+                print(f"{b} - {a}, {method}:", json.dumps(out["paired"][f"{b} - {a}, {method}"]))
     (args.out / "report.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
