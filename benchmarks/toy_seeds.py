@@ -4,8 +4,8 @@
     OMP_NUM_THREADS=1 python benchmarks/toy_seeds.py run --variant rank_ratio=0.2 --out benchmarks/results/toy-seeds
     python benchmarks/toy_seeds.py report --out benchmarks/results/toy-seeds
 
-`run` trains every concept of the tuning sets ("tuning", "tuning_2"; never "held_out") once
-per training seed with the toy model's defaults plus the variant, and scores the
+`run` trains every concept of the tuning sets ("tuning", "tuning_2"; `--sets held_out` only
+to report a choice already made) once per training seed with the toy model's defaults plus the variant, and scores the
 change-background prompts (base / no LAG / LAG, one sampling seed) into
 OUT/<variant>/rows.json; variants can run side by side. `report` prints, per variant, the
 identity lift over the base model (paired per image) and, for each pair of variants, the
@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-SETS = ("tuning", "tuning_2")
+TUNING_SETS = ("tuning", "tuning_2")
 
 
 def label(variant: dict) -> str:
@@ -42,7 +42,7 @@ def run(args) -> None:
     folder = args.out / label(variant)
     model = resolve_model(args.model)
     pipe = load_pipeline(model)
-    names = [n for s in SETS for n in world.CONCEPT_SETS[s]]
+    names = [n for s in args.sets for n in world.CONCEPT_SETS[s]]
     registry = Registry(args.out / "registry")
     cfg = ToyBenchConfig(samples=args.samples, seeds=(0,), categories=("background",), pairs=False,
                          sample=SampleConfig(steps=args.steps))
@@ -72,7 +72,8 @@ def report(args) -> None:
     from persres.toy.bench import mean_ci
 
     runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(args.out.glob("*/rows.json"))}
-    out = {"sets": SETS, "variants": {}}
+    sets = sorted({r["set"] for run_ in runs.values() for r in run_["rows"]})
+    out = {"sets": sets, "variants": {}}
     for name, run_ in runs.items():
         rows = run_["rows"]
         entry = {"n_concepts": len({r["concept"] for r in rows}), "train_seeds": sorted({r["train_seed"] for r in rows})}
@@ -83,7 +84,7 @@ def report(args) -> None:
             for k, v in d.items():
                 packs.setdefault(k[:2], []).append(v)
             entry[f"{method} over packs"] = mean_ci([sum(v) / len(v) for v in packs.values()])
-            for s in SETS:
+            for s in sets:
                 values = [v for k, v in d.items() if k[0] in world.CONCEPT_SETS[s]]
                 if values:
                     entry[f"{method} {s}"] = mean_ci(values)
@@ -121,6 +122,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--variant", nargs="*", default=[], metavar="KEY=VALUE", help="training settings over the model's defaults")
     ap.add_argument("--model", default="toy")
+    ap.add_argument("--sets", nargs="*", default=TUNING_SETS, help="concept sets to train and score (held_out: to report, never to choose)")
     ap.add_argument("--train-seeds", type=int, default=2)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
