@@ -43,13 +43,19 @@ def run(args) -> None:
     model = resolve_model(args.model)
     pipe = load_pipeline(model)
     names = [n for s in args.sets for n in world.CONCEPT_SETS[s]]
-    registry = Registry(args.out / "registry")
+    # a registry per variant: a concept gets the same identifier in every variant (the toy model
+    # has 24), so variants are paired on it; training seeds still draw different ones
+    registry = Registry(folder / "registry")
     cfg = ToyBenchConfig(samples=args.samples, seeds=(0,), categories=("background",), pairs=False,
                          sample=SampleConfig(steps=args.steps))
-    rows = []
+    saved = folder / "rows.json"
+    rows = json.loads(saved.read_text())["rows"] if saved.exists() else []  # resumable: finished packs are kept
+    done = {(r["concept"], r["train_seed"]) for r in rows}
     for train_seed in range(args.train_seeds):
         config = train_config_for(model, variant | {"seed": train_seed})
         for name in names:  # one concept at a time: its pack, its samples
+            if (name, train_seed) in done:
+                continue
             t0 = time.time()
             loaded = prepare_concepts(pipe, [name], registry, model, config)
             got = run_toy_bench(pipe, loaded, folder / f"seed{train_seed}" / name, cfg, meta={"train": config.to_dict()})
@@ -57,7 +63,7 @@ def run(args) -> None:
             residuals.remove(pipe.unet)
             print(f"{label(variant)} seed {train_seed} {name}: {time.time() - t0:.0f}s", flush=True)
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "rows.json").write_text(json.dumps({"variant": variant, "config": config.to_dict(), "rows": rows}))
+            saved.write_text(json.dumps({"variant": variant, "config": config.to_dict(), "rows": rows}))
 
 
 def lifts(rows: list[dict], method: str) -> dict[tuple, float]:
