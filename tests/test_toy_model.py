@@ -40,7 +40,9 @@ def test_packaged_model_is_sd_v1_structured_and_small():
 
     # what a rebuild would write is what ships, and what `persres train` uses on it
     assert model_defaults(str(TOY_DIR)) == RECOMMENDED_TRAIN
-    assert train_config_for(str(TOY_DIR), {}).rank_ratio == RECOMMENDED_TRAIN["rank_ratio"] != TrainConfig().rank_ratio
+    config = train_config_for(str(TOY_DIR), {})
+    assert (config.lr, config.steps, config.prompt) == (RECOMMENDED_TRAIN["lr"], RECOMMENDED_TRAIN["steps"], RECOMMENDED_TRAIN["prompt"])
+    assert config.rank_ratio == TrainConfig().rank_ratio == 0.05  # the paper's
 
 
 def test_short_training_on_a_shipped_concept_lowers_the_loss():
