@@ -292,13 +292,20 @@ def fingerprint(unet) -> Fingerprint:
     channels = block_channels(unet)
     arch = [(name, channels[name], type(base_layer_of(b.proj_out)).__name__) for name, b in sorted(blocks.items())]
     arch_hash = hashlib.sha256(json.dumps(arch).encode()).hexdigest()
-    h = hashlib.sha256()
-    for name, b in sorted(blocks.items()):
+    weights = {}
+    for name, b in blocks.items():
         weight = getattr(b.proj_out, "_original_weight", None)  # unmerged, if residuals are folded in
-        weight = base_layer_of(b.proj_out).weight if weight is None else weight
-        # rounded to fp16 so that the same checkpoint loaded in fp16 or fp32 has one fingerprint
-        h.update(weight.detach().to(torch.float16).cpu().numpy().tobytes())
-    return Fingerprint(arch_hash, h.hexdigest())
+        weights[name] = base_layer_of(b.proj_out).weight if weight is None else weight
+    return Fingerprint(arch_hash, weights_digest(weights))
+
+
+def weights_digest(proj_out: dict[str, torch.Tensor]) -> str:
+    """`Fingerprint.weights`: the proj_out weights, by block name in sorted order, hashed
+    rounded to fp16 so that the same checkpoint loaded in fp16 or fp32 has one fingerprint."""
+    h = hashlib.sha256()
+    for name in sorted(proj_out):
+        h.update(proj_out[name].detach().to(torch.float16).cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -336,11 +343,13 @@ def _proj_out_tensors(model: str) -> dict[str, torch.Tensor] | None:
     # a transformer block is a module with both proj_out and transformer_blocks (residuals.transformer_blocks)
     blocks = {k.removesuffix(".proj_out.weight") for k in files if k.endswith(".proj_out.weight")}
     blocks = {b for b in blocks if any(k.startswith(f"{b}.transformer_blocks.") for k in files)}
+    by_file: dict[Path, list[str]] = {}
+    for block in blocks:
+        by_file.setdefault(files[f"{block}.proj_out.weight"], []).append(block)
     tensors = {}
-    for block in sorted(blocks):
-        key = f"{block}.proj_out.weight"
-        with safe_open(str(files[key]), "pt") as f:
-            tensors[block] = f.get_tensor(key)
+    for path, in_file in by_file.items():  # each file opened once
+        with safe_open(str(path), "pt") as f:
+            tensors |= {block: f.get_tensor(f"{block}.proj_out.weight") for block in in_file}
     return tensors
 
 
@@ -356,7 +365,4 @@ def base_weights(model: str, model_config: str | None = None, pipe=None) -> str:
         tensors = None
     if tensors is None:
         return fingerprint(load_pipeline(model, config=model_config).unet).weights
-    h = hashlib.sha256()
-    for weight in tensors.values():  # sorted by block name, as fingerprint() hashes them
-        h.update(weight.to(torch.float16).numpy().tobytes())
-    return h.hexdigest()
+    return weights_digest(tensors)

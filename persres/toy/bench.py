@@ -198,7 +198,6 @@ def prepare_concepts(pipe, names: Sequence[str], registry, model: str, config, c
         raise InputError(f"--class-words must be given or suggested, got {class_words!r}")
     from persres.api import apply_concepts, config_digest, train_concept
     from persres.images import read_folder
-
     from persres.models import base_weights
 
     digest = config_digest(config, model, base_weights(model, pipe=pipe))  # weights rebuilt at the same path: new packs
