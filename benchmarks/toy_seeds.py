@@ -73,6 +73,14 @@ def lifts(rows: list[dict], method: str) -> dict[tuple, float]:
     return {key(r): r["identity"] - base[key(r)] for r in rows if r["method"] == method}
 
 
+def by(values: dict[tuple, float], width: int) -> dict[tuple, float]:
+    """Mean of the values sharing the first `width` key fields: 1 per concept, 2 per pack (concept, train seed)."""
+    groups: dict[tuple, list[float]] = {}
+    for k, v in values.items():
+        groups.setdefault(k[:width], []).append(v)
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
 def report(args) -> None:
     from persres.toy import world
     from persres.toy.bench import mean_ci
@@ -86,18 +94,12 @@ def report(args) -> None:
         for method in ("nolag", "lag"):
             d = lifts(rows, method)
             entry[method] = mean_ci(list(d.values()))
-            packs: dict[tuple, list[float]] = {}
-            for k, v in d.items():
-                packs.setdefault(k[:2], []).append(v)
-            entry[f"{method} over packs"] = mean_ci([sum(v) / len(v) for v in packs.values()])
+            entry[f"{method} over packs"] = mean_ci(list(by(d, 2).values()))
             for s in sets:
                 values = [v for k, v in d.items() if k[0] in world.CONCEPT_SETS[s]]
                 if values:
                     entry[f"{method} {s}"] = mean_ci(values)
-            per_concept = {}
-            for (concept, *_), v in d.items():
-                per_concept.setdefault(concept, []).append(v)
-            entry[f"{method} per concept"] = {c: round(sum(v) / len(v), 3) for c, v in per_concept.items()}
+            entry[f"{method} per concept"] = {c: round(v, 3) for (c,), v in by(d, 1).items()}
         entry["background"] = {m: mean_ci([r["background"] for r in rows if r["method"] == m]) for m in ("base", "nolag", "lag")}
         out["variants"][name] = entry
         print(name, json.dumps({k: v for k, v in entry.items() if "per concept" not in k}))
@@ -110,13 +112,12 @@ def report(args) -> None:
                 common = sorted(set(da) & set(db))
                 if not common:
                     continue
-                units: dict[tuple, list[float]] = {}  # (concept, train seed) -> per-image differences
-                for k in common:
-                    units.setdefault(k[:2], []).append(db[k] - da[k])
+                diffs = {k: db[k] - da[k] for k in common}
+                packs = by(diffs, 2)
                 out["paired"][f"{b} - {a}, {method}"] = {
-                    "per image": mean_ci([db[k] - da[k] for k in common]) + (len(common),),
+                    "per image": mean_ci(list(diffs.values())) + (len(diffs),),
                     # images of one pack are not independent: the interval over packs is the honest one
-                    "per pack": mean_ci([sum(v) / len(v) for v in units.values()]) + (len(units),),
+                    "per pack": mean_ci(list(packs.values())) + (len(packs),),
                 }
                 print(f"{b} - {a}, {method}:", json.dumps(out["paired"][f"{b} - {a}, {method}"]))
     (args.out / "report.json").write_text(json.dumps(out, indent=2) + "\n")
