@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 
-# Textures of this benchmark only: neither captions nor the shipped concepts use them.
+# Textures of this benchmark only: neither captions nor the shipped concepts use them (world's
+# tuning_2 textures "zigzag", "spots" and "halves" came later and differ: same names, other
+# colors and pitches; these keep theirs so the committed results stay reproducible).
 NEW_TEXTURES = {
     "zigzag": lambda dx, dy: (200, 60, 220) if (dx + abs(dy % 6 - 3)) % 6 < 3 else (40, 40, 120),  # violet / navy
     "spots": lambda dx, dy: (30, 30, 30) if (dx % 5 - 2) ** 2 + (dy % 5 - 2) ** 2 <= 2 else (250, 120, 140),  # black on rose
