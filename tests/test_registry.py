@@ -1,5 +1,6 @@
 import dataclasses
 import sqlite3
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,24 @@ def test_add_get_list_remove(persres_home):
     assert reg.list() == [] and not record.path.exists()
     with pytest.raises(ConceptNotFound, match="unknown concept 'a'"):
         reg.get("a")
+
+
+def test_a_registry_moved_or_opened_by_a_relative_path_from_elsewhere_still_finds_its_packs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    reg = Registry(Path("rel-home"))  # PERSRES_HOME=rel-home
+    meta = make_meta()
+    reg.add(make_tensors(meta), meta)
+    reg.db.conn.close()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    tensors, _ = Registry(tmp_path / "rel-home").load("a")  # the same registry, from another directory
+    torch.testing.assert_close(tensors, make_tensors(meta))
+    (tmp_path / "rel-home").rename(tmp_path / "moved")  # a copied or restored home
+    moved = Registry(tmp_path / "moved")
+    assert moved.get("a").path == tmp_path / "moved" / "packs" / "a.safetensors"
+    torch.testing.assert_close(moved.load("a")[0], make_tensors(meta))
+    assert moved.doctor() == []  # nothing reported missing or orphaned
 
 
 def test_duplicate_name_is_refused_and_keeps_the_existing_pack():

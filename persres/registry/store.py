@@ -107,7 +107,8 @@ def _holder_alive(pid: int, host: str) -> bool:
 
 class Registry:
     def __init__(self, home: Path | None = None, sweep: bool = True):
-        self.home = Path(home) if home is not None else persres_home()
+        # absolute: rows record their pack's path, which must not depend on the working directory
+        self.home = (Path(home) if home is not None else persres_home()).expanduser().absolute()
         self.packs_dir = self.home / "packs"
         self.orphans_dir = self.home / "orphans"
         self.db_path = self.home / "registry.db"
@@ -351,9 +352,9 @@ class Registry:
             if row is None:
                 raise ConceptNotFound(f"unknown concept {name!r} (known: {', '.join(self.names()) or 'none registered'})")
             self.db.execute("DELETE FROM concepts WHERE name = ?", [name])
-            path = Path(row[0])
-            if path.parent.resolve() == self.packs_dir.resolve():  # never delete outside the registry
-                path.unlink(missing_ok=True)
+            path = self._pack_path(str(row[0]))
+            if path.suffix == ".safetensors" and path.is_file():  # never anything but a pack file of packs/
+                path.unlink()
         return path
 
     def export_pack(self, name: str, out: Path, force: bool = False) -> Path:
@@ -409,8 +410,8 @@ class Registry:
                 with self.transaction():
                     row = self.db.execute("SELECT path FROM concepts WHERE name = ?", [d.name]).fetchone()
                     self.db.execute("DELETE FROM concepts WHERE name = ?", [d.name])
-                    if row and Path(str(row[0])).is_file():
-                        self._move_to_orphans(Path(str(row[0])), f"the pack of the damaged row {d.name!r}")
+                    if row and self._pack_path(str(row[0])).is_file():
+                        self._move_to_orphans(self._pack_path(str(row[0])), f"the pack of the damaged row {d.name!r}")
         for r in good:
             if not r.path.is_file():
                 problems.append(f"{r.name!r}: its pack {str(r.path)!r} is missing" + ("; row removed" if repair else ""))
@@ -488,7 +489,13 @@ class Registry:
         meta = replace(meta, family=family_of_meta(meta))  # rows from before the family was recorded
         if not isinstance(row["path"], str) or not isinstance(row["sha256"], str):
             raise ValueError("path or sha256 is not text")
-        return ConceptRecord(meta, Path(row["path"]), row["sha256"], bool(row.get("shared_identifier", 0)))
+        return ConceptRecord(meta, self._pack_path(row["path"]), row["sha256"], bool(row.get("shared_identifier", 0)))
+
+    def _pack_path(self, stored: str) -> Path:
+        """Where a row's pack is now: packs live only in packs/, so the recorded path's file name
+        under this home (a moved or restored home, or a row written under a relative home, still
+        finds its pack)."""
+        return self.packs_dir / Path(stored).name
 
 
 def _fault(point: str) -> None:
