@@ -70,6 +70,7 @@ def test_bench_toy_quick_runs_end_to_end(tiny_model, tmp_path):
         ("identity", "base"), ("background", "lag"), ("two_concepts", "lag"), ("two_concepts", "summed"), ("background", "nolag-base")}
     assert {r["set"] for r in summary} == {"tuning"}
     assert all(0 <= r["identity"] <= 1 for r in summary if not r["method"].endswith("-base"))
+    assert all(0 <= r["drawn"] <= 1 for r in summary if r["category"] != "two_concepts" and not r["method"].endswith("-base"))
     pair = next(r for r in summary if (r["category"], r["method"]) == ("two_concepts", "lag"))
     assert 0 <= pair["both_present"] <= 1 and -1 <= pair["own_minus_other"] <= 1 and pair["n"] == 2
     rows = (out / "results.csv").read_text().splitlines()
@@ -135,6 +136,11 @@ def test_bench_counts_objects_and_picks_a_pair_background_away_from_the_concepts
     one = world.render(world.Scene("white", (world.Obj("circle", "red", 16, 16, 18),)))
     two = world.render(world.Scene("white", (world.Obj("circle", "red", 8, 16, 10), world.Obj("star", "blue", 24, 16, 12))))
     assert (count_objects(one), count_objects(two), count_objects(world.render(world.Scene("white", ())))) == (1, 2, 0)
+    from persres.toy.bench import ToyPrompt, score_image
+
+    asked = ToyPrompt("background", "a V* circle on a white background", background="white")
+    none = world.render(world.Scene("white", ()))
+    assert [score_image(im, asked, np.ones(64) / 64)["drawn"] for im in (one, two, none)] == [1.0, 0.0, 0.0]
     white = np.full((10, 3), 245.0)
     yellow = np.array([world.PALETTE["yellow"]] * 10, dtype=np.float64)
     assert pair_background(white, yellow) not in ("white", "yellow")

@@ -557,7 +557,7 @@ def bench_toy(
     with err.status("sampling and scoring...") as status:
         rows = run_toy_bench(pipe, loaded, out_dir, cfg, log=lambda m: status.update(f"sampling and scoring: {m}"), meta=meta)
     summary = summarize(rows)
-    keys = [k for k in ("identity", "background", "added", "attribute", "both_present", "own_minus_other", "own_minus_other_2", "right_class")
+    keys = [k for k in ("identity", "drawn", "background", "added", "attribute", "both_present", "own_minus_other", "own_minus_other_2", "right_class")
             if any(k in r for r in summary)]
     from rich.table import Column
 

@@ -5,6 +5,8 @@ are tuned on "tuning" and reported on "held_out". For each concept: train (the m
 recommended defaults), then sample the prompt categories the paper analyses — identity,
 change background, add object, change attribute — with the base model alone (no
 residual), without LAG and with LAG, on the same seeds. Scores, per image:
+- drawn: the checker counts as many objects as the prompt asks for (the concept's object was not
+  dissolved, the added one not lost)
 - identity: histogram intersection between the colors of the concept's object region and
   those of the reference images as the model's own VAE reconstructs them (a palette count
   misses a VAE-blurred checker; a color histogram does not)
@@ -145,7 +147,8 @@ def pair_background(a: np.ndarray, b: np.ndarray) -> str:
 
 def score_image(image: Image.Image, prompt: ToyPrompt, ref_hist: np.ndarray) -> dict:
     reading = checker.read(image, prompt.objects)
-    row = {"identity": identity(image, ref_hist, prompt.objects)}
+    row = {"identity": identity(image, ref_hist, prompt.objects),
+           "drawn": float(count_objects(image) == prompt.objects)}  # a residual that dissolves its object scores 0
     if prompt.background is not None:
         row["background"] = float(reading.background == prompt.background)
     if prompt.added is not None:
@@ -296,7 +299,7 @@ def two_concepts(pipe, left: BenchConcept, right: BenchConcept, cfg: ToyBenchCon
     return rows
 
 
-METRICS = ("identity", "background", "added", "attribute", "both_present", "identity_2", "own_minus_other", "own_minus_other_2",
+METRICS = ("identity", "drawn", "background", "added", "attribute", "both_present", "identity_2", "own_minus_other", "own_minus_other_2",
            "right_class")
 
 
