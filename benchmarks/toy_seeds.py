@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/toy_seeds.py run --variant rank_ratio=0.05 --out benchmarks/results/toy-seeds
     OMP_NUM_THREADS=1 python benchmarks/toy_seeds.py run --variant rank_ratio=0.2 --out benchmarks/results/toy-seeds
+    OMP_NUM_THREADS=1 python benchmarks/toy_seeds.py pairs --out benchmarks/results/toy-seeds
     python benchmarks/toy_seeds.py report --out benchmarks/results/toy-seeds
 
 `run` trains every concept of the tuning sets ("tuning", "tuning_2"; `--sets held_out` only
@@ -11,7 +12,10 @@ OUT/<variant>/rows.json; variants can run side by side. `report` prints, per var
 identity lift over the base model (paired per image) and, for each pair of variants, the
 paired difference of their lifts over the same concepts, seeds, prompts and images: its
 mean and interval over images, and over packs (a concept and training seed: the unit
-that varies, so the interval to read).
+that varies, so the interval to read). `pairs` takes every variant's packs as `run` left
+them (no training) and draws each set's concept pairs with summed residuals and with LAG
+into OUT/<variant>/pairs.json; `report` then adds, per variant and between variants, both
+objects present and own − other, with intervals over (pair, training seed).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 
 TUNING_SETS = ("tuning", "tuning_2")
+PAIR_METRICS = ("both_present", "own_minus_other", "own_minus_other_2")
 
 
 def label(variant: dict) -> str:
@@ -66,6 +71,48 @@ def run(args) -> None:
             saved.write_text(json.dumps({"variant": variant, "config": config.to_dict(), "rows": rows}))
 
 
+def pairs(args) -> None:
+    from persres import residuals
+    from persres.config import SampleConfig, TrainConfig
+    from persres.models import load_pipeline, resolve_model
+    from persres.registry import Registry
+    from persres.toy import world
+    from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench
+
+    model = resolve_model(args.model)
+    pipe = load_pipeline(model)
+    cfg = ToyBenchConfig(samples=args.samples, seeds=(0,), singles=False, pair_methods=("summed", "lag"),
+                         sample=SampleConfig(steps=args.steps))
+    from toy_study import setting
+
+    chosen = label(dict(setting(kv) for kv in args.variant)) if args.variant else "*"  # one variant, or all
+    for saved in sorted(args.out.glob(f"{chosen}/rows.json")):
+        folder = saved.parent
+        run_ = json.loads(saved.read_text())
+        out = folder / "pairs.json"
+        rows = json.loads(out.read_text())["rows"] if out.exists() else []
+        done = {r["train_seed"] for r in rows}
+        for train_seed in sorted({r["train_seed"] for r in run_["rows"]} - done):
+            config = TrainConfig(**(run_["config"] | {"seed": train_seed}))  # the packs' own config: found, not retrained
+            names = [n for s in world.CONCEPT_SETS for n in world.CONCEPT_SETS[s]
+                     if any(r["concept"] == n and r["train_seed"] == train_seed for r in run_["rows"])]
+            registry = Registry(folder / "registry")
+            before = len(registry.list())
+            loaded = prepare_concepts(pipe, names, registry, model, config)
+            if len(registry.list()) != before:
+                raise SystemExit(f"{folder.name}: a pack of seed {train_seed} was missing and got trained; the run changed")
+            got = run_toy_bench(pipe, loaded, folder / f"seed{train_seed}" / "pairs", cfg)
+            residuals.remove(pipe.unet)
+            rows += [r | {"train_seed": train_seed} for r in got]
+            out.write_text(json.dumps({"variant": run_["variant"], "rows": rows}))
+            print(f"{folder.name} seed {train_seed}: {len(got)} pair images", flush=True)
+
+
+def pair_units(rows: list[dict], method: str, metric: str) -> dict[tuple, float]:
+    """(pair, train seed) -> mean of `metric` over that pair's images with `method`."""
+    return by({(r["concept"], r["train_seed"], r["image"]): r[metric] for r in rows if r["method"] == method}, 2)
+
+
 def lifts(rows: list[dict], method: str) -> dict[tuple, float]:
     """(concept, train seed, prompt, image) -> identity of `method` minus the base model's."""
     key = lambda r: (r["concept"], r["train_seed"], r["prompt"], r["image"])  # noqa: E731
@@ -86,6 +133,7 @@ def report(args) -> None:
     from persres.toy.bench import mean_ci
 
     runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(args.out.glob("*/rows.json"))}
+    pair_runs = {p.parent.name: json.loads(p.read_text())["rows"] for p in sorted(args.out.glob("*/pairs.json"))}
     sets = sorted({r["set"] for run_ in runs.values() for r in run_["rows"]})
     out = {"sets": sets, "variants": {}}
     for name, run_ in runs.items():
@@ -101,6 +149,10 @@ def report(args) -> None:
                     entry[f"{method} {s}"] = mean_ci(values)
             entry[f"{method} per concept"] = {c: round(v, 3) for (c,), v in by(d, 1).items()}
         entry["background"] = {m: mean_ci([r["background"] for r in rows if r["method"] == m]) for m in ("base", "nolag", "lag")}
+        pair_rows = pair_runs.get(name, [])
+        for method in ("summed", "lag") if pair_rows else ():
+            entry[f"pairs {method}"] = {metric: mean_ci(list(pair_units(pair_rows, method, metric).values()))
+                                        for metric in PAIR_METRICS}
         out["variants"][name] = entry
         print(name, json.dumps({k: v for k, v in entry.items() if "per concept" not in k}))
     names = list(runs)
@@ -120,12 +172,18 @@ def report(args) -> None:
                     "per pack": mean_ci(list(packs.values())) + (len(packs),),
                 }
                 print(f"{b} - {a}, {method}:", json.dumps(out["paired"][f"{b} - {a}, {method}"]))
+            if a in pair_runs and b in pair_runs:
+                for metric in PAIR_METRICS:
+                    ua, ub = pair_units(pair_runs[a], "lag", metric), pair_units(pair_runs[b], "lag", metric)
+                    common = sorted(set(ua) & set(ub))
+                    out["paired"][f"{b} - {a}, pairs lag {metric}"] = mean_ci([ub[k] - ua[k] for k in common]) + (len(common),)
+                    print(f"{b} - {a}, pairs lag {metric}:", json.dumps(out["paired"][f"{b} - {a}, pairs lag {metric}"]))
     (args.out / "report.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "report"))
+    ap.add_argument("what", choices=("run", "pairs", "report"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--variant", nargs="*", default=[], metavar="KEY=VALUE", help="training settings over the model's defaults")
     ap.add_argument("--model", default="toy")
@@ -134,7 +192,7 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
     args = ap.parse_args(argv)
-    run(args) if args.what == "run" else report(args)
+    {"run": run, "pairs": pairs, "report": report}[args.what](args)
 
 
 if __name__ == "__main__":
