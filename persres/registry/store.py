@@ -83,6 +83,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _busy(e: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused because another connection holds the lock."""
+    return "locked" in str(e) or "busy" in str(e)
+
+
 def _switch_to_wal(conn: sqlite3.Connection) -> None:
     """PRAGMA journal_mode = WAL, retried while another connection is switching the same new file:
     SQLite answers that clash with SQLITE_BUSY at once, without calling the busy handler (two
@@ -94,7 +99,7 @@ def _switch_to_wal(conn: sqlite3.Connection) -> None:
             conn.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as e:
-            if not ("locked" in str(e) or "busy" in str(e)) or time.monotonic() > deadline:
+            if not _busy(e) or time.monotonic() > deadline:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 0.25)
@@ -152,7 +157,7 @@ class Registry:
                 raise RegistryError(f"registry {str(self.db_path)!r} is read-only and not initialized")
             self._check_columns()
         except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
+            if _busy(e):
                 raise RegistryError(f"registry {str(self.db_path)!r} stayed locked by another process for "
                                     f"{BUSY_TIMEOUT_S:.0f}s; try again when it has finished") from None
             raise RegistryError(f"registry {str(self.db_path)!r} cannot be used ({e}): {hint}") from None
@@ -410,8 +415,9 @@ class Registry:
                 with self.transaction():
                     row = self.db.execute("SELECT path FROM concepts WHERE name = ?", [d.name]).fetchone()
                     self.db.execute("DELETE FROM concepts WHERE name = ?", [d.name])
-                    if row and self._pack_path(str(row[0])).is_file():
-                        self._move_to_orphans(self._pack_path(str(row[0])), f"the pack of the damaged row {d.name!r}")
+                    pack = self._pack_path(str(row[0])) if row else None
+                    if pack is not None and pack.is_file():
+                        self._move_to_orphans(pack, f"the pack of the damaged row {d.name!r}")
         for r in good:
             if not r.path.is_file():
                 problems.append(f"{r.name!r}: its pack {str(r.path)!r} is missing" + ("; row removed" if repair else ""))
