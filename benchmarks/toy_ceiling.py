@@ -29,16 +29,10 @@ TUNING_SETS = ("tuning", "tuning_2")
 
 def leave_one_out(pipe, images) -> list[float]:
     """Each reference's VAE round trip scored against the histogram of the others'."""
-    import torch
+    from persres.toy.bench import identity, reference_histogram, vae_round_trip
 
-    from persres.images import to_pil, to_tensor
-    from persres.toy.bench import identity, reference_histogram
-
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    with torch.no_grad():
-        x = torch.stack([to_tensor(im.convert("RGB").resize((side, side))) for im in images]).to(pipe.vae.device, pipe.vae.dtype)
-        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample  # (N, 3, H, W)
-    return [identity(to_pil(rec[i]), reference_histogram(pipe, images[:i] + images[i + 1:])) for i in range(len(images))]
+    rec = vae_round_trip(pipe, images)
+    return [identity(rec[i], reference_histogram(pipe, images[:i] + images[i + 1:])) for i in range(len(images))]
 
 
 def fine_tune_unet(pipe, images, prompt: str, config, lr: float, only: str | None = None) -> dict:

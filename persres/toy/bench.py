@@ -112,19 +112,20 @@ def count_objects(image: Image.Image) -> int:
     return sum(int(c.sum()) >= MIN_OBJECT_PIXELS for c in checker.components(mask))
 
 
-def reference_histogram(pipe, images: list[Image.Image]) -> np.ndarray:
-    """The references' object colors after the model's own VAE round trip."""
+def vae_round_trip(pipe, images: list[Image.Image]) -> list[Image.Image]:
+    """The images as the model's own VAE reconstructs them (the latent mean, decoded)."""
     from persres.images import to_pil, to_tensor
 
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     with torch.no_grad():
         x = torch.stack([to_tensor(im.convert("RGB").resize((side, side))) for im in images]).to(pipe.vae.device, pipe.vae.dtype)
-        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
-    pixels = []
-    for r in rec:
-        img, _, parts = checker.segment(to_pil(r), 1)
-        pixels.append(img[parts[0]])
-    return color_histogram(np.concatenate(pixels))
+        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample  # (N, 3, H, W)
+    return [to_pil(r) for r in rec]
+
+
+def reference_histogram(pipe, images: list[Image.Image]) -> np.ndarray:
+    """The references' object colors after the model's own VAE round trip."""
+    return color_histogram(object_pixels(vae_round_trip(pipe, images)))
 
 
 def object_pixels(images: list[Image.Image]) -> np.ndarray:
