@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from itertools import islice
 
 from persres.models import DEFAULTS_FILE
+from persres.residuals import transformer_blocks
 from persres.tokens import identifier_candidates
 from persres.toy import world
+from persres.toy.grow import grow_unet
 
 MAX_TOKENS = 32
 # Identifiers the toy tokenizer knows as whole tokens; each appears in training captions
@@ -396,6 +398,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (minutes on a GPU instead of hours)")
     ap.add_argument("--init-from", type=Path, help="an exported toy model to fine-tune instead of training from scratch")
+    ap.add_argument("--grow-layers", type=lambda v: [int(x) for x in v.split(",")], metavar="N,N,N",
+                    help="layers per down block to grow the UNet to, every new layer starting as an identity "
+                         "(persres.toy.grow); with --init-from, a fine-tune then trains them")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--unnamed", type=float, default=0.0,
                     help="share of objects with an appearance no caption names (random patterns and colors)")
@@ -415,15 +420,20 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     record: dict = {"toy_steps": args.steps}
     if args.init_from:
-        tokenizer, *models = load_init(args.init_from, log)
-        vae, text_encoder, unet = (m.to(device) for m in models)
+        tokenizer, vae, text_encoder, unet = load_init(args.init_from, log)
         init_record = json.loads((args.init_from / DEFAULTS_FILE).read_text()) if (args.init_from / DEFAULTS_FILE).is_file() else {}
         record = {"fine_tuned_from": {k: v for k, v in init_record.items() if k != "train"}, "fine_tune_steps": args.steps}
-    if args.unnamed:
-        record["unnamed_appearances"] = args.unnamed
     else:
         tokenizer = build_tokenizer()
-        vae, text_encoder, unet = (m.to(device) for m in build_components(len(tokenizer)))
+        vae, text_encoder, unet = build_components(len(tokenizer))
+    if args.grow_layers:
+        torch.manual_seed(0)  # the new layers' weights that do not start at zero
+        unet = grow_unet(unet, args.grow_layers)
+        record["grown_to_layers_per_block"] = args.grow_layers
+        log(f"unet grown to layers_per_block {args.grow_layers}: {len(transformer_blocks(unet))} transformer blocks")
+    if args.unnamed:
+        record["unnamed_appearances"] = args.unnamed
+    vae, text_encoder, unet = vae.to(device), text_encoder.to(device), unet.to(device)
     t0 = time.time()
     if not args.init_from:
         train_vae(vae, args.work, args.vae_steps, 32, log, device)
