@@ -49,9 +49,12 @@ def fine_tune_unet(pipe, images, prompt: str, config, lr: float, only: str | Non
     gen = torch.Generator().manual_seed(config.seed)
     alphas = pipe.scheduler.alphas_cumprod
     prediction = prediction_of(pipe.scheduler)
-    params = [p for n, p in unet.named_parameters() if only is None or only in n]
-    for p in params:
-        p.requires_grad_(True)
+    flags = {n: p.requires_grad for n, p in unet.named_parameters()}
+    params = []
+    for n, p in unet.named_parameters():  # only the selected weights get gradients
+        p.requires_grad_(only is None or only in n)
+        if p.requires_grad:
+            params.append(p)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     for _ in range(config.steps):
         batch = source.sample(config.batch_size, gen)
@@ -62,8 +65,8 @@ def fine_tune_unet(pipe, images, prompt: str, config, lr: float, only: str | Non
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    for p in params:
-        p.requires_grad_(False)
+    for n, p in unet.named_parameters():
+        p.requires_grad_(flags[n])
     return before
 
 
