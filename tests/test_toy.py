@@ -3,6 +3,7 @@ import random
 import numpy as np
 
 import pytest
+import torch
 
 from persres.toy import checker, world
 
@@ -178,3 +179,25 @@ def test_build_script_exports_a_loadable_model_and_resumes(tmp_path):
     assert model_defaults(str(tmp_path / "model"))["lr"] > 0
     build.main(args[:-6] + ["--steps", "3", "--batch", "4", "--dataset", "64"])
     assert "resumed at step 2" in (tmp_path / "work" / "log.txt").read_text()
+
+
+def test_build_grows_an_exported_model_and_keeps_its_vae(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from persres.models import load_pipeline
+    from persres.residuals import transformer_blocks
+    from persres.toy import build
+
+    small = ["--vae-steps", "2", "--steps", "2", "--batch", "4", "--dataset", "64"]
+    build.main(["--work", str(tmp_path / "w1"), "--out", str(tmp_path / "first"), *small])
+    build.main(["--work", str(tmp_path / "w2"), "--out", str(tmp_path / "grown"), "--init-from", str(tmp_path / "first"),
+                "--grow-layers", "2,2,1", *small])
+    first, grown = load_pipeline(str(tmp_path / "first")), load_pipeline(str(tmp_path / "grown"))
+    assert len(transformer_blocks(first.unet)) == 7 and len(transformer_blocks(grown.unet)) == 11
+    for name, weight in first.vae.state_dict().items():  # fine-tuning never touches the VAE
+        torch.testing.assert_close(grown.vae.state_dict()[name], weight)
+    with safe_open(str(tmp_path / "grown" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16  # stored small
+    plain = StableDiffusionPipeline.from_pretrained(str(tmp_path / "grown"))  # no dtype given: one dtype throughout
+    assert {plain.unet.dtype, plain.vae.dtype, plain.text_encoder.dtype} == {torch.float32}
