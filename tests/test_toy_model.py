@@ -42,7 +42,8 @@ def test_packaged_model_is_sd_v1_structured_and_small():
     assert model_defaults(str(TOY_DIR)) == RECOMMENDED_TRAIN
     config = train_config_for(str(TOY_DIR), {})
     assert (config.lr, config.steps, config.prompt) == (RECOMMENDED_TRAIN["lr"], RECOMMENDED_TRAIN["steps"], RECOMMENDED_TRAIN["prompt"])
-    assert config.rank_ratio == TrainConfig().rank_ratio == 0.05  # the paper's
+    assert config.rank_ratio == RECOMMENDED_TRAIN["rank_ratio"] == 1.0  # the toy's, from toy_seeds
+    assert TrainConfig().rank_ratio == 0.05  # the paper's, for every other model
 
 
 def test_short_training_on_a_shipped_concept_lowers_the_loss():
