@@ -16,6 +16,10 @@ that varies, so the interval to read). `pairs` takes every variant's packs as `r
 them (no training) and draws each set's concept pairs with summed residuals and with LAG
 into OUT/<variant>/pairs.json; `report` then adds, per variant and between variants, both
 objects present and own − other, with intervals over (pair, training seed).
+
+`--model M --label NAME` runs a variant on another model into OUT/NAME (rows.json records the
+model; `pairs` draws each run's pairs on the model its packs were trained on), so `report`
+pairs it with the same variant on the shipped model, concept by concept and seed by seed.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def run(args) -> None:
     from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench
 
     variant = dict(setting(kv) for kv in args.variant)
-    folder = args.out / label(variant)
+    folder = args.out / (args.label or label(variant))
     model = resolve_model(args.model)
     pipe = load_pipeline(model)
     names = [n for s in args.sets for n in world.CONCEPT_SETS[s]]
@@ -68,7 +72,7 @@ def run(args) -> None:
             residuals.remove(pipe.unet)
             print(f"{label(variant)} seed {train_seed} {name}: {time.time() - t0:.0f}s", flush=True)
             folder.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps({"variant": variant, "config": config.to_dict(), "rows": rows}))
+            saved.write_text(json.dumps({"variant": variant, "model": model, "config": config.to_dict(), "rows": rows}))
 
 
 def pairs(args) -> None:
@@ -79,16 +83,17 @@ def pairs(args) -> None:
     from persres.toy import world
     from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench
 
-    model = resolve_model(args.model)
-    pipe = load_pipeline(model)
     cfg = ToyBenchConfig(samples=args.samples, seeds=(0,), singles=False, pair_methods=("summed", "lag"),
                          sample=SampleConfig(steps=args.steps))
     from toy_study import setting
 
-    chosen = label(dict(setting(kv) for kv in args.variant)) if args.variant else "*"  # one variant, or all
+    chosen = args.label or (label(dict(setting(kv) for kv in args.variant)) if args.variant else "*")  # one run, or all
+    pipes: dict[str, object] = {}
     for saved in sorted(args.out.glob(f"{chosen}/rows.json")):
         folder = saved.parent
         run_ = json.loads(saved.read_text())
+        model = run_.get("model") or resolve_model(args.model)  # the model its packs were trained on
+        pipe = pipes[model] if model in pipes else pipes.setdefault(model, load_pipeline(model))
         out = folder / "pairs.json"
         rows = json.loads(out.read_text())["rows"] if out.exists() else []
         done = {r["train_seed"] for r in rows}
@@ -189,6 +194,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--variant", nargs="*", default=[], metavar="KEY=VALUE", help="training settings over the model's defaults")
     ap.add_argument("--model", default="toy")
+    ap.add_argument("--label", help="the run's folder under --out [default: the variant's settings]; "
+                                    "e.g. to run the same variant on another --model beside it")
     ap.add_argument("--sets", nargs="*", default=TUNING_SETS, help="concept sets to train and score (held_out: to report, never to choose)")
     ap.add_argument("--train-seeds", type=int, default=2)
     ap.add_argument("--samples", type=int, default=8)
