@@ -156,6 +156,7 @@ def use_concepts(unet: nn.Module, names: Sequence[str], merged: bool):
     missing = [n for n in names for layer in layers.values() if n not in layer.residuals]
     if missing:
         raise InputError(f"concept {missing[0]!r} is not loaded on this UNet")
+    before = {block: (layer.active, list(layer.merged)) for block, layer in layers.items()}
     for layer in layers.values():
         layer.unmerge()
         layer.active = tuple(names)
@@ -163,10 +164,11 @@ def use_concepts(unet: nn.Module, names: Sequence[str], merged: bool):
             layer.merge(names)
     try:
         yield
-    finally:
-        for layer in layers.values():
+    finally:  # as it was before the block (blocks nest)
+        for block, layer in layers.items():
             layer.unmerge()
-            layer.active = None
+            layer.active, was_merged = before[block]
+            layer.merge([n for n in was_merged if n in layer.residuals])
 
 
 def transformer_blocks(unet: nn.Module) -> dict[str, nn.Module]:

@@ -186,25 +186,28 @@ def train_residuals(
         unet.enable_gradient_checkpointing()
     losses: list[float] = []
     t0 = time.perf_counter()
+    # Only the new factors act while they learn: concepts already loaded on this pipeline (a
+    # benchmark that trains several in one process) must not shape what this one learns.
     try:
-        for step in range(config.steps):
-            batch = source.sample(config.batch_size, gen)
-            latents, mask = batch.latents, batch.mask
-            noise = torch.randn(latents.shape, generator=gen, device=device)
-            t = torch.randint(0, num_t, (config.batch_size,), generator=gen, device=device)
-            noisy, target = noised(alphas, latents, noise, t, prediction)
-            pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=batch.embedding, added_cond_kwargs=batch.added).sample
-            if mask is None:
-                loss = F.mse_loss(pred.float(), target)
-            else:  # the mean over the image's cells only
-                loss = ((pred.float() - target) ** 2 * mask).sum() / (mask.sum() * pred.shape[1])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if progress is not None:
-                progress(step + 1, losses[-1])
-        tensors = residuals.concept_tensors(unet, slot)
+        with residuals.use_concepts(unet, [slot], merged=False):
+            for step in range(config.steps):
+                batch = source.sample(config.batch_size, gen)
+                latents, mask = batch.latents, batch.mask
+                noise = torch.randn(latents.shape, generator=gen, device=device)
+                t = torch.randint(0, num_t, (config.batch_size,), generator=gen, device=device)
+                noisy, target = noised(alphas, latents, noise, t, prediction)
+                pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=batch.embedding, added_cond_kwargs=batch.added).sample
+                if mask is None:
+                    loss = F.mse_loss(pred.float(), target)
+                else:  # the mean over the image's cells only
+                    loss = ((pred.float() - target) ** 2 * mask).sum() / (mask.sum() * pred.shape[1])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                if progress is not None:
+                    progress(step + 1, losses[-1])
+            tensors = residuals.concept_tensors(unet, slot)
     finally:
         residuals.unload_concept(unet, slot)
         for p, flag in zip(base_params, trainable):

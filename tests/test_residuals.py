@@ -128,6 +128,27 @@ def test_training_freezes_a_pipeline_handed_in_unfrozen_and_restores_it(pipe, co
     assert all(p.requires_grad for p in pipe.unet.parameters())  # and the pipeline is left as it was
 
 
+def test_concepts_already_loaded_do_not_shape_what_a_new_one_learns(pipe, concept_dir):
+    from persres.images import read_folder
+    from persres.train import train_residuals
+
+    images = [r.image for r in read_folder(concept_dir)]
+    config = TrainConfig(steps=3, lr=1e-2, init="random")
+    alone = train_residuals(pipe, images, "sks", "circle", config).tensors
+    residuals.new_concept(pipe.unet, "other", residuals.ranks_for(pipe.unet), "random", seed=5)
+    randomize(pipe.unet, "other")  # a loaded concept that changes every block's output
+    beside = train_residuals(pipe, images, "sks", "circle", config).tensors
+    with residuals.use_concepts(pipe.unet, ["other"], merged=True):  # or folded into the weights
+        folded = train_residuals(pipe, images, "sks", "circle", config).tensors
+        layer = next(iter(residuals.layers_of(pipe.unet).values()))
+        assert layer.merged == ["other"] and layer.active == ("other",)  # left as it was
+    for learned in (beside, folded):
+        assert learned.keys() == alone.keys()
+        for key in alone:
+            torch.testing.assert_close(learned[key], alone[key])
+    assert residuals.loaded_concepts(pipe.unet) == ["other"]
+
+
 def test_a_sample_prediction_scheduler_is_refused(pipe, concept_dir):
     from persres.errors import InputError
     from persres.images import read_folder
