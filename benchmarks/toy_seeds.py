@@ -70,7 +70,7 @@ def run(args) -> None:
             got = run_toy_bench(pipe, loaded, folder / f"seed{train_seed}" / name, cfg, meta={"train": config.to_dict()})
             rows += [r | {"train_seed": train_seed} for r in got]
             residuals.remove(pipe.unet)
-            print(f"{label(variant)} seed {train_seed} {name}: {time.time() - t0:.0f}s", flush=True)
+            print(f"{folder.name} seed {train_seed} {name}: {time.time() - t0:.0f}s", flush=True)
             folder.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps({"variant": variant, "model": model, "config": config.to_dict(), "rows": rows}))
 
@@ -93,7 +93,9 @@ def pairs(args) -> None:
         folder = saved.parent
         run_ = json.loads(saved.read_text())
         model = run_.get("model") or resolve_model(args.model)  # the model its packs were trained on
-        pipe = pipes[model] if model in pipes else pipes.setdefault(model, load_pipeline(model))
+        if model not in pipes:
+            pipes[model] = load_pipeline(model)
+        pipe = pipes[model]
         out = folder / "pairs.json"
         rows = json.loads(out.read_text())["rows"] if out.exists() else []
         done = {r["train_seed"] for r in rows}
