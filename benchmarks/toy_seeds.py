@@ -15,7 +15,10 @@ mean and interval over images, and over packs (a concept and training seed: the 
 that varies, so the interval to read). `pairs` takes every variant's packs as `run` left
 them (no training) and draws each set's concept pairs with summed residuals and with LAG
 into OUT/<variant>/pairs.json; `report` then adds, per variant and between variants, both
-objects present and own − other, with intervals over (pair, training seed).
+objects present and own − other, with intervals over (pair, training seed). `pairs --lag
+KEY=VALUE...` draws the same pairs with LAG only, under other several-concept region
+choices (`MultiLagConfig`), into OUT/<variant>/pairs-lag-<choices>.json; `report` pairs each
+with the run's default LAG, pair by pair and seed by seed.
 
 `--model M --label NAME` runs a variant on another model into OUT/NAME (rows.json records the
 model; `pairs` draws each run's pairs on the model its packs were trained on), so `report`
@@ -25,8 +28,10 @@ pairs it with the same variant on the shipped model, concept by concept and seed
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 TUNING_SETS = ("tuning", "tuning_2")
@@ -77,15 +82,18 @@ def run(args) -> None:
 
 def pairs(args) -> None:
     from persres import residuals
-    from persres.config import SampleConfig, TrainConfig
+    from toy_study import setting
+    from persres.config import MultiLagConfig, SampleConfig, TrainConfig
     from persres.models import load_pipeline, resolve_model
     from persres.registry import Registry
     from persres.toy import world
     from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench
 
-    cfg = ToyBenchConfig(samples=args.samples, seeds=(0,), singles=False, pair_methods=("summed", "lag"),
-                         sample=SampleConfig(steps=args.steps))
-    from toy_study import setting
+    lag = dict(setting(kv) for kv in args.lag)
+    # other region choices: LAG only (summing does not look at regions), into a file of their own
+    cfg = ToyBenchConfig(samples=args.samples, seeds=(0,), singles=False, pair_methods=("lag",) if lag else ("summed", "lag"),
+                         sample=SampleConfig(steps=args.steps, multi=MultiLagConfig(**lag)))
+    filename = f"pairs-lag-{label(lag)}.json" if lag else "pairs.json"
 
     chosen = args.label or (label(dict(setting(kv) for kv in args.variant)) if args.variant else "*")  # one run, or all
     pipes: dict[str, object] = {}
@@ -96,7 +104,7 @@ def pairs(args) -> None:
         if model not in pipes:
             pipes[model] = load_pipeline(model)
         pipe = pipes[model]
-        out = folder / "pairs.json"
+        out = folder / filename
         rows = json.loads(out.read_text())["rows"] if out.exists() else []
         done = {r["train_seed"] for r in rows}
         for train_seed in sorted({r["train_seed"] for r in run_["rows"]} - done):
@@ -108,11 +116,11 @@ def pairs(args) -> None:
             loaded = prepare_concepts(pipe, names, registry, model, config)
             if len(registry.list()) != before:
                 raise SystemExit(f"{folder.name}: a pack of seed {train_seed} was missing and got trained; the run changed")
-            got = run_toy_bench(pipe, loaded, folder / f"seed{train_seed}" / "pairs", cfg)
+            got = run_toy_bench(pipe, loaded, folder / f"seed{train_seed}" / out.stem, cfg)
             residuals.remove(pipe.unet)
             rows += [r | {"train_seed": train_seed} for r in got]
-            out.write_text(json.dumps({"variant": run_["variant"], "rows": rows}))
-            print(f"{folder.name} seed {train_seed}: {len(got)} pair images", flush=True)
+            out.write_text(json.dumps({"variant": run_["variant"], "multi": asdict(cfg.sample.multi), "rows": rows}))
+            print(f"{folder.name} {out.stem} seed {train_seed}: {len(got)} pair images", flush=True)
 
 
 def pair_units(rows: list[dict], method: str, metric: str) -> dict[tuple, float]:
@@ -162,6 +170,15 @@ def report(args) -> None:
         for method in ("summed", "lag") if pair_rows else ():
             entry[f"pairs {method}"] = {metric: mean_ci(list(pair_units(pair_rows, method, metric).values()))
                                         for metric in PAIR_METRICS}
+        for path in sorted(args.out.glob(f"{glob.escape(name)}/pairs-lag-*.json")):  # other region choices, same packs
+            other = json.loads(path.read_text())["rows"]
+            choice = {}
+            for metric in PAIR_METRICS:
+                mine, default = pair_units(other, "lag", metric), pair_units(pair_rows, "lag", metric)
+                common = sorted(set(mine) & set(default))
+                choice[metric] = mean_ci(list(mine.values()))
+                choice[f"{metric} - default"] = mean_ci([mine[k] - default[k] for k in common]) + (len(common),)
+            entry[path.stem] = choice
         out["variants"][name] = entry
         print(name, json.dumps({k: v for k, v in entry.items() if "per concept" not in k}))
     names = list(runs)
@@ -202,6 +219,8 @@ def main(argv=None) -> None:
     ap.add_argument("--train-seeds", type=int, default=2)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    ap.add_argument("--lag", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="pairs: several-concept region choices over MultiLagConfig's defaults (LAG only, into pairs-lag-CHOICES.json)")
     args = ap.parse_args(argv)
     {"run": run, "pairs": pairs, "report": report}[args.what](args)
 
