@@ -41,13 +41,14 @@ class MultiLagConfig:
 
     One concept always follows the paper exactly (its identifier and class tokens, each
     block's own maps, the median). With several, these choices apply; their defaults are
-    the ones `persres bench toy` measured best (README: "Two concepts in one picture").
+    the ones measured best on the toy tuning pairs (`benchmarks/toy_seeds.py pairs --lag`;
+    README: "Two concepts in one picture").
     """
 
     tokens: RegionTokens = "identifier+class"  # which of a concept's tokens define its region
     coverage: float = 0.5  # fraction of a block's pixels in each concept's mask (0.5: the median)
-    maps: MapSource = "block"  # each block's own maps, or the previous evaluation's maps of all blocks
-    delay: float = 0.5  # fraction of the denoising steps the base model runs alone (lays out every object) before the residuals act
+    maps: MapSource = "aggregate"  # the previous evaluation's maps of all blocks, or each block's own ("block")
+    delay: float = 0.2  # fraction of the denoising steps the base model runs alone (lays out every object) before the residuals act
     conflict: str = "normalized"  # where masks overlap: highest max-normalized map, or "raw" attention wins
 
     def __post_init__(self) -> None:
