@@ -70,7 +70,7 @@ def train_config_for(model: str, overrides: dict) -> TrainConfig:
 
 
 PAPER_FIELDS = ("steps", "batch_size", "lr", "rank_ratio", "prompt")  # set by the paper (Sec. 4); the rest are persres's
-SHOWN_FIELDS = ("steps", "batch_size", "lr", "rank_ratio", "rank", "resolution", "init", "flip", "scale_min", "prompt", "seed",
+SHOWN_FIELDS = ("steps", "batch_size", "lr", "lr_schedule", "rank_ratio", "rank", "resolution", "init", "flip", "scale_min", "prompt", "seed",
                 "device", "precision")
 
 
@@ -100,13 +100,18 @@ def effective_settings(config: TrainConfig, sources: dict[str, str]) -> str:
     return ", ".join(parts)
 
 
+# settings added after packs were named by this digest: at these values they leave it as it was
+LATER_FIELDS = {"lr_schedule": "constant"}
+
+
 def config_digest(config: TrainConfig, model: str, weights: str | None = None) -> str:
     """A short, stable digest of (training config, base model path[, its weights' fingerprint]).
 
     Without `weights` it is what a pack records (train_config["config_digest"]: what was asked
     for); with them (`models.base_weights`) it also tells apart packs trained on other weights
     saved at the same path, which is what names a benchmark's own packs."""
-    key = [config.to_dict(), model] + ([weights] if weights is not None else [])
+    settings = {k: v for k, v in config.to_dict().items() if LATER_FIELDS.get(k, object()) != v}
+    key = [settings, model] + ([weights] if weights is not None else [])
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -31,6 +31,7 @@ def _number(name: str, value, kind: type = float, low: float | None = None, high
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
 Init = Literal["zero", "random"]
+LrSchedule = Literal["constant", "cosine"]
 RegionTokens = Literal["identifier+class", "class", "identifier"]
 MapSource = Literal["block", "aggregate"]
 
@@ -69,6 +70,7 @@ class TrainConfig:
     steps: int = 150  # paper: 150 iterations
     batch_size: int = 4  # paper: batch size 4
     lr: float = 1e-3  # paper: learning rate 1e-3
+    lr_schedule: LrSchedule = "constant"  # paper: none named; "cosine" decays it to 0 over the steps
     rank_ratio: float = 0.05  # paper: r_i = 0.05 m_i
     rank: int | None = None  # fixed rank for every block; overrides rank_ratio
     resolution: int | None = None  # None: the base model's own sample size
@@ -107,6 +109,8 @@ class TrainConfig:
             raise InputError(f"the training prompt must contain {{identifier}} and {{class_word}}, got {self.prompt!r}")
         if self.init not in ("zero", "random"):
             raise InputError(f"init must be 'zero' or 'random', got {self.init!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise InputError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import numpy as np
+from diffusers.optimization import get_scheduler
 from PIL import Image, ImageOps
 
 from persres import residuals
@@ -180,6 +181,7 @@ def train_residuals(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # = Adam; the paper names no optimizer
+    schedule = get_scheduler(config.lr_schedule, opt, num_warmup_steps=0, num_training_steps=config.steps)  # a LambdaLR
     alphas = noise_sched.alphas_cumprod.to(device)
     num_t = noise_sched.config.num_train_timesteps
     if config.gradient_checkpointing:
@@ -204,6 +206,7 @@ def train_residuals(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                schedule.step()
                 losses.append(loss.item())
                 if progress is not None:
                     progress(step + 1, losses[-1])

@@ -213,3 +213,16 @@ def test_benchmark_packs_are_retrained_when_the_weights_at_the_path_change(tiny_
     assert registry.get(fresh.bound.name).meta.weights == fingerprint(pipe.unet).weights
     # what a pack records is the digest of what was asked (config and path): unchanged, so older registries still match
     assert registry.get(fresh.bound.name).meta.train_config["config_digest"] == config_digest(config, model)
+
+
+def test_a_setting_added_later_leaves_older_pack_names_alone_at_its_default():
+    import hashlib
+    import json
+
+    from persres.api import config_digest
+
+    config = TrainConfig(steps=7)
+    before_it_existed = {k: v for k, v in config.to_dict().items() if k != "lr_schedule"}  # what older persres hashed
+    older = hashlib.sha256(json.dumps([before_it_existed, "toy"], sort_keys=True).encode()).hexdigest()[:8]
+    assert config_digest(config, "toy") == older  # so a rerun finds the packs it trained before
+    assert config_digest(config.replace(lr_schedule="cosine"), "toy") != older

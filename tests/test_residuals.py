@@ -149,6 +149,27 @@ def test_concepts_already_loaded_do_not_shape_what_a_new_one_learns(pipe, concep
     assert residuals.loaded_concepts(pipe.unet) == ["other"]
 
 
+def test_cosine_schedule_takes_the_same_first_step_and_smaller_later_ones(pipe, concept_dir):
+    from persres.errors import InputError
+    from persres.images import read_folder
+    from persres.train import train_residuals
+
+    images = [r.image for r in read_folder(concept_dir)]
+    config = TrainConfig(steps=4, lr=1e-2)
+    learned = {(schedule, steps): train_residuals(pipe, images, "sks", "circle", config.replace(lr_schedule=schedule, steps=steps)).tensors
+               for schedule in ("constant", "cosine") for steps in (1, 4)}
+
+    def moved(schedule: str) -> float:  # how far steps 2-4 went from where step 1 left the factors
+        first, last = learned[(schedule, 1)], learned[(schedule, 4)]
+        return sum((last[k] - first[k]).norm().item() ** 2 for k in first) ** 0.5
+
+    for k in learned[("constant", 1)]:  # step 1 runs at the full learning rate either way
+        torch.testing.assert_close(learned[("cosine", 1)][k], learned[("constant", 1)][k])
+    assert 0 < moved("cosine") < 0.8 * moved("constant"), (moved("cosine"), moved("constant"))  # then it decays
+    with pytest.raises(InputError, match="--lr-schedule"):
+        TrainConfig(lr_schedule="linear")
+
+
 def test_a_sample_prediction_scheduler_is_refused(pipe, concept_dir):
     from persres.errors import InputError
     from persres.images import read_folder
