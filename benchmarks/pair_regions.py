@@ -2,7 +2,7 @@
 (as the toy checker segments the final picture) that each concept's mask covered, averaged
 over blocks and steps (the masks `--save-masks` writes).
 
-    python benchmarks/pair_regions.py --out benchmarks/results/toy-pair-regions.json
+    python benchmarks/pair_regions.py --out benchmarks/results/toy-pair-regions.json [--lag delay=0.5 maps=block]
 
 Trains (or reuses, under --registry) the tuning concepts with the toy model's defaults.
 """
@@ -30,10 +30,11 @@ def main(argv=None) -> None:
     ap.add_argument("--registry", type=Path, default=Path.home() / ".cache" / "persres-pair-regions")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--lag", nargs="*", default=[], metavar="KEY=VALUE", help="several-concept region choices over MultiLagConfig's defaults")
     args = ap.parse_args(argv)
 
     from persres.api import train_config_for
-    from persres.config import SampleConfig
+    from persres.config import MultiLagConfig, SampleConfig
     from persres.models import load_pipeline, resolve_model
     from persres.registry import Registry
     from persres.sample import generate
@@ -44,7 +45,10 @@ def main(argv=None) -> None:
     pipe = load_pipeline(model)
     config = train_config_for(model, {})
     loaded = prepare_concepts(pipe, list(world.CONCEPT_SETS["tuning"]), Registry(args.registry), model, config)
-    sample = SampleConfig(steps=args.steps, num_images=args.samples, seed=999, lag=True, save_masks=True)
+    from toy_study import setting  # benchmarks/ is on the path when this runs as a script
+
+    multi = MultiLagConfig(**dict(setting(kv) for kv in args.lag))
+    sample = SampleConfig(steps=args.steps, num_images=args.samples, seed=999, lag=True, save_masks=True, multi=multi)
     rows = []
     for a, b in pairs_of(loaded):
         left, right = loaded[a], loaded[b]
