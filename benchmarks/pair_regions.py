@@ -33,6 +33,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lag", nargs="*", default=[], metavar="KEY=VALUE", help="several-concept region choices over MultiLagConfig's defaults")
     args = ap.parse_args(argv)
 
+    from toy_study import setting  # benchmarks/ is on the path when this runs as a script
     from persres.api import train_config_for
     from persres.config import MultiLagConfig, SampleConfig
     from persres.models import load_pipeline, resolve_model
@@ -45,8 +46,6 @@ def main(argv=None) -> None:
     pipe = load_pipeline(model)
     config = train_config_for(model, {})
     loaded = prepare_concepts(pipe, list(world.CONCEPT_SETS["tuning"]), Registry(args.registry), model, config)
-    from toy_study import setting  # benchmarks/ is on the path when this runs as a script
-
     multi = MultiLagConfig(**dict(setting(kv) for kv in args.lag))
     sample = SampleConfig(steps=args.steps, num_images=args.samples, seed=999, lag=True, save_masks=True, multi=multi)
     rows = []

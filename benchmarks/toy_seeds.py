@@ -170,14 +170,16 @@ def report(args) -> None:
         for method in ("summed", "lag") if pair_rows else ():
             entry[f"pairs {method}"] = {metric: mean_ci(list(pair_units(pair_rows, method, metric).values()))
                                         for metric in PAIR_METRICS}
+        default = {metric: pair_units(pair_rows, "lag", metric) for metric in PAIR_METRICS}
         for path in sorted(args.out.glob(f"{glob.escape(name)}/pairs-lag-*.json")):  # other region choices, same packs
             other = json.loads(path.read_text())["rows"]
             choice = {}
             for metric in PAIR_METRICS:
-                mine, default = pair_units(other, "lag", metric), pair_units(pair_rows, "lag", metric)
-                common = sorted(set(mine) & set(default))
+                mine = pair_units(other, "lag", metric)
+                common = sorted(set(mine) & set(default[metric]))
                 choice[metric] = mean_ci(list(mine.values()))
-                choice[f"{metric} - default"] = mean_ci([mine[k] - default[k] for k in common]) + (len(common),)
+                if common:  # a run whose default pairs.json is missing has nothing to pair with
+                    choice[f"{metric} - default"] = mean_ci([mine[k] - default[metric][k] for k in common]) + (len(common),)
             entry[path.stem] = choice
         out["variants"][name] = entry
         print(name, json.dumps({k: v for k, v in entry.items() if "per concept" not in k}))
