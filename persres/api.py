@@ -70,7 +70,7 @@ def train_config_for(model: str, overrides: dict) -> TrainConfig:
 
 
 PAPER_FIELDS = ("steps", "batch_size", "lr", "rank_ratio", "prompt")  # set by the paper (Sec. 4); the rest are persres's
-SHOWN_FIELDS = ("steps", "batch_size", "lr", "lr_schedule", "rank_ratio", "rank", "resolution", "init", "flip", "scale_min", "prompt", "seed",
+SHOWN_FIELDS = ("steps", "batch_size", "lr", "lr_schedule", "snr_gamma", "rank_ratio", "rank", "resolution", "init", "flip", "scale_min", "prompt", "seed",
                 "device", "precision")
 
 
@@ -101,7 +101,7 @@ def effective_settings(config: TrainConfig, sources: dict[str, str]) -> str:
 
 
 # settings added after packs were named by this digest: at these values they leave it as it was
-LATER_FIELDS = {"lr_schedule": "constant"}
+LATER_FIELDS = {"lr_schedule": "constant", "snr_gamma": None}
 
 
 def config_digest(config: TrainConfig, model: str, weights: str | None = None) -> str:

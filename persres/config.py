@@ -78,6 +78,7 @@ class TrainConfig:
     init: Init = "zero"  # A = 0, B random: starts exactly at the base model (paper: both random)
     prompt: str = "a photo of a {identifier} {class_word}"  # paper: "a photo of a [V] [class]"
     flip: bool = True  # horizontally flipped copies of the references as extra cached latents
+    snr_gamma: float | None = None  # min-SNR-γ loss weights (Hang et al. 2023); None: plain MSE (paper)
     scale_min: float = 1.0  # zoom-out views: references shrunk to [scale_min, 1) at random places, loss on the image only; 1: off (paper)
     gradient_checkpointing: bool = False  # for small GPUs: trades compute for memory
     device: Device = "auto"
@@ -96,6 +97,8 @@ class TrainConfig:
                 raise InputError(f"--resolution must be a multiple of 8, got {self.resolution}")
         _number("--seed", self.seed, int, 0, SEED_LIMIT - 1)
         _number("--scale-min", self.scale_min, float, 0.25, 1)
+        if self.snr_gamma is not None:
+            _number("--snr-gamma", self.snr_gamma, float, 0, low_open=True)
         for name in ("flip", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")

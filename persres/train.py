@@ -109,6 +109,14 @@ def noised(alphas: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: 
     return noisy, noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
 
 
+def snr_weights(alphas: torch.Tensor, t: torch.Tensor, prediction: str, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023) at timesteps t (B,): the loss of a noisy step
+    counts as it does in plain MSE, that of a step with SNR above γ is scaled down to γ/SNR of
+    its x0 error; for v-prediction the target already carries a factor SNR + 1."""
+    snr = alphas[t] / (1 - alphas[t])  # (B,)
+    return torch.clamp(snr, max=gamma) / (snr if prediction == "epsilon" else snr + 1)
+
+
 def default_resolution(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
@@ -199,10 +207,15 @@ def train_residuals(
                 t = torch.randint(0, num_t, (config.batch_size,), generator=gen, device=device)
                 noisy, target = noised(alphas, latents, noise, t, prediction)
                 pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=batch.embedding, added_cond_kwargs=batch.added).sample
-                if mask is None:
+                err = (pred.float() - target) ** 2  # (B, 4, h, w)
+                if config.snr_gamma is not None:
+                    err = err * snr_weights(alphas, t, prediction, config.snr_gamma).view(-1, 1, 1, 1)
+                if mask is None and config.snr_gamma is None:
                     loss = F.mse_loss(pred.float(), target)
+                elif mask is None:
+                    loss = err.mean()
                 else:  # the mean over the image's cells only
-                    loss = ((pred.float() - target) ** 2 * mask).sum() / (mask.sum() * pred.shape[1])
+                    loss = (err * mask).sum() / (mask.sum() * pred.shape[1])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

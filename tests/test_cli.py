@@ -250,10 +250,10 @@ def test_train_prints_its_effective_settings_and_show_records_them(tiny_model, c
     shutil.copytree(tiny_model, model)
     (model / "persres_defaults.json").write_text('{"train": {"lr": 0.02}}')
     result = run("train", concept_dir, "--name", "s", "--class", "circle", "--model", model, "--steps", "2", "--scale-min", "0.5",
-                 "--lr-schedule", "cosine")
+                 "--lr-schedule", "cosine", "--snr-gamma", "5")
     assert result.exit_code == 0, result.output
     line = next(line for line in result.stdout.splitlines() if line.startswith("settings: "))
-    for part in ("steps 2 (option)", "scale_min 0.5 (option)", "lr_schedule cosine (option)", "flip True (persres)", "lr 0.02 (model default)", "batch_size 4 (paper)", "rank_ratio 0.05 (paper)",
+    for part in ("steps 2 (option)", "scale_min 0.5 (option)", "lr_schedule cosine (option)", "snr_gamma 5.0 (option)", "flip True (persres)", "lr 0.02 (model default)", "batch_size 4 (paper)", "rank_ratio 0.05 (paper)",
                  "init zero (persres)", "device cpu (auto)", f"precision {'bf16' if cpu_native_bf16() else 'fp32'} (auto)"):
         assert part in line, line
     sources = json.loads(run("show", "s", "--json").stdout)["train_config"]["sources"]

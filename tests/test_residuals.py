@@ -170,6 +170,33 @@ def test_cosine_schedule_takes_the_same_first_step_and_smaller_later_ones(pipe, 
         TrainConfig(lr_schedule="linear")
 
 
+def test_min_snr_weights_cap_the_clean_steps_and_leave_the_noisy_ones():
+    from persres.train import snr_weights
+
+    alphas = torch.tensor([0.99, 0.9, 0.5, 0.1])  # SNR 99, 9, 1, 1/9
+    t = torch.arange(4)
+    snr = alphas / (1 - alphas)
+    torch.testing.assert_close(snr_weights(alphas, t, "epsilon", 5.0), torch.tensor([5 / 99, 5 / 9, 1.0, 1.0]))
+    torch.testing.assert_close(snr_weights(alphas, t, "v_prediction", 5.0), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+
+
+def test_min_snr_weighting_changes_what_is_learned_only_where_it_caps(pipe, concept_dir):
+    from persres.errors import InputError
+    from persres.images import read_folder
+    from persres.train import train_residuals
+
+    images = [r.image for r in read_folder(concept_dir)]
+    config = TrainConfig(steps=3, lr=1e-2)
+    max_snr = float((pipe.scheduler.alphas_cumprod / (1 - pipe.scheduler.alphas_cumprod)).max())
+    plain, uncapped, capped = (train_residuals(pipe, images, "sks", "circle", config.replace(snr_gamma=g)).tensors
+                               for g in (None, 2 * max_snr, 1.0))
+    for k in plain:  # a cap above every step's SNR weighs each step 1: plain MSE
+        torch.testing.assert_close(uncapped[k], plain[k])
+    assert any(not torch.allclose(capped[k], plain[k]) for k in plain)
+    with pytest.raises(InputError, match="--snr-gamma"):
+        TrainConfig(snr_gamma=0)
+
+
 def test_a_sample_prediction_scheduler_is_refused(pipe, concept_dir):
     from persres.errors import InputError
     from persres.images import read_folder

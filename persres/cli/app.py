@@ -160,6 +160,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Batch size [default: 4, paper]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: 1e-3, paper]."),
     lr_schedule: Optional[str] = typer.Option(None, help="constant, or cosine: decays the learning rate to 0 over the steps [default: constant]."),
+    snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weights: steps with less noise than SNR γ count less (5 is usual) [default: off, paper]."),
     rank_ratio: Optional[float] = typer.Option(None, help="Rank as a fraction of channels [default: 0.05, paper]."),
     rank: Optional[int] = typer.Option(None, help="Fixed rank for every block (overrides --rank-ratio)."),
     resolution: Optional[int] = typer.Option(None, help="Training resolution [default: the model's]."),
@@ -178,7 +179,7 @@ def train(
     registry = _registry()
     registry.check_new_name(name)
     resolved = _model(registry, model, model_config)
-    overrides = dict(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, rank_ratio=rank_ratio, rank=rank,
+    overrides = dict(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, snr_gamma=snr_gamma, rank_ratio=rank_ratio, rank=rank,
                      resolution=resolution, seed=seed, init=init, flip=flip, scale_min=scale_min, prompt=prompt, device=device if device != "auto" else None,
                      precision=precision if precision != "auto" else None, gradient_checkpointing=gradient_checkpointing)
     config = train_config_for(resolved, overrides)
@@ -513,6 +514,7 @@ def bench_toy(
     train_steps: Optional[int] = typer.Option(None, help="Training steps [default: the model's recommendation]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: the model's recommendation]."),
     lr_schedule: Optional[str] = typer.Option(None, help="constant or cosine [default: the model's recommendation]."),
+    snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weights [default: the model's recommendation]."),
     init: Optional[str] = typer.Option(None, help="Factor init: zero or random [default: the model's recommendation]."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Flipped copies of the references [default: the model's recommendation]."),
     prompt: Optional[str] = typer.Option(None, help="Training prompt template [default: the model's recommendation]."),
@@ -541,7 +543,7 @@ def bench_toy(
                                                  "conflict": lag_conflict}.items() if v is not None})
     registry = _registry()
     resolved = _model(registry, model)
-    config = train_config_for(resolved, {"steps": train_steps, "lr": lr, "lr_schedule": lr_schedule, "init": init, "flip": flip, "prompt": prompt,
+    config = train_config_for(resolved, {"steps": train_steps, "lr": lr, "lr_schedule": lr_schedule, "snr_gamma": snr_gamma, "init": init, "flip": flip, "prompt": prompt,
                                           "rank_ratio": rank_ratio, "scale_min": scale_min, "precision": precision})
     cfg = ToyBenchConfig(samples=samples or (2 if quick else 8), seeds=tuple(range(seeds or (1 if quick else 2))), quick=quick,
                          singles=singles, pairs=pairs, categories=tuple(category) or None,
