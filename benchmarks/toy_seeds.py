@@ -20,6 +20,10 @@ KEY=VALUE...` draws the same pairs with LAG only, under other several-concept re
 choices (`MultiLagConfig`), into OUT/<variant>/pairs-lag-<choices>.json; `report` pairs each
 with the run's default LAG, pair by pair and seed by seed.
 
+`run --strength S` samples the packs of a run at strength S (`gen -c NAME:S`) into
+OUT/<run>,strength=S, training only the packs that run does not have yet; `report` pairs it
+with the run image by image.
+
 `--model M --label NAME` runs a variant on another model into OUT/NAME (rows.json records the
 model; `pairs` draws each run's pairs on the model its packs were trained on), so `report`
 pairs it with the same variant on the shipped model, concept by concept and seed by seed.
@@ -28,6 +32,7 @@ pairs it with the same variant on the shipped model, concept by concept and seed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import time
@@ -53,15 +58,16 @@ def run(args) -> None:
     from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench
 
     variant = dict(setting(kv) for kv in args.variant)
-    folder = args.out / (args.label or label(variant))
+    packs = args.out / (args.label or label(variant))  # where the packs live: a strength reuses them
+    folder = packs if args.strength == 1 else packs.with_name(f"{packs.name},strength={args.strength:g}")
     model = resolve_model(args.model)
     pipe = load_pipeline(model)
     names = [n for s in args.sets for n in world.CONCEPT_SETS[s]]
     # a registry per variant: a concept gets the same identifier in every variant (the toy model
     # has 24), so variants are paired on it; training seeds still draw different ones
-    registry = Registry(folder / "registry")
+    registry = Registry(packs / "registry")
     cfg = ToyBenchConfig(samples=args.samples, seeds=(0,), categories=("background",), pairs=False,
-                         sample=SampleConfig(steps=args.steps))
+                         sample=SampleConfig(steps=args.steps), strength=args.strength)
     saved = folder / "rows.json"
     rows = json.loads(saved.read_text())["rows"] if saved.exists() else []  # resumable: finished packs are kept
     done = {(r["concept"], r["train_seed"]) for r in rows}
@@ -77,7 +83,7 @@ def run(args) -> None:
             residuals.remove(pipe.unet)
             print(f"{folder.name} seed {train_seed} {name}: {time.time() - t0:.0f}s", flush=True)
             folder.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps({"variant": variant, "model": model, "config": config.to_dict(), "rows": rows}))
+            saved.write_text(json.dumps({"variant": variant, "model": model, "config": config.to_dict(), "strength": args.strength, "rows": rows}))
 
 
 def pairs(args) -> None:
@@ -111,12 +117,14 @@ def pairs(args) -> None:
             config = TrainConfig(**(run_["config"] | {"seed": train_seed}))  # the packs' own config: found, not retrained
             names = [n for s in world.CONCEPT_SETS for n in world.CONCEPT_SETS[s]
                      if any(r["concept"] == n and r["train_seed"] == train_seed for r in run_["rows"])]
-            registry = Registry(folder / "registry")
+            strength = run_.get("strength", 1.0)
+            packs = folder if strength == 1 else folder.with_name(folder.name.removesuffix(f",strength={strength:g}"))
+            registry = Registry(packs / "registry")
             before = len(registry.list())
             loaded = prepare_concepts(pipe, names, registry, model, config)
             if len(registry.list()) != before:
                 raise SystemExit(f"{folder.name}: a pack of seed {train_seed} was missing and got trained; the run changed")
-            got = run_toy_bench(pipe, loaded, folder / f"seed{train_seed}" / out.stem, cfg)
+            got = run_toy_bench(pipe, loaded, folder / f"seed{train_seed}" / out.stem, dataclasses.replace(cfg, strength=strength))
             residuals.remove(pipe.unet)
             rows += [r | {"train_seed": train_seed} for r in got]
             out.write_text(json.dumps({"variant": run_["variant"], "multi": asdict(cfg.sample.multi), "rows": rows}))
@@ -219,6 +227,8 @@ def main(argv=None) -> None:
                                     "e.g. to run the same variant on another --model beside it")
     ap.add_argument("--sets", nargs="*", default=TUNING_SETS, help="concept sets to train and score (held_out: to report, never to choose)")
     ap.add_argument("--train-seeds", type=int, default=2)
+    ap.add_argument("--strength", type=float, default=1.0, help="run: sample every pack at this strength, into OUT/<run>,strength=S "
+                    "(the packs of OUT/<run>, trained there if missing)")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
     ap.add_argument("--lag", nargs="*", default=[], metavar="KEY=VALUE",

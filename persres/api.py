@@ -30,7 +30,7 @@ from persres.packs import PackMeta, sha256_file
 from persres.registry import ConceptRecord, Registry
 from persres.residuals import block_channels, proj_out_kind
 from persres.sample import Generated, apply_pack, generate, mask_overlay
-from persres.tokens import BoundConcept, check_class_word, expand_prompt, is_single_token
+from persres.tokens import BoundConcept, check_class_word, expand_prompt, is_single_token, split_concept_option
 
 DEFAULT_MODEL_KEY = "default_model"
 TOY_NOTICE_KEY = "toy_notice_shown"
@@ -310,7 +310,12 @@ def apply_concepts(pipe, names: Sequence[str], registry: Registry | None = None,
 
 
 def bind_prompt(prompt: str, concept_names: Sequence[str], registry: Registry) -> tuple[str, list[BoundConcept]]:
-    given = [registry.get(n).bound() for n in concept_names]
+    """The prompt with identifiers in place of placeholders, and its concepts; a -c value may
+    carry a strength ("name:0.8")."""
+    given = []
+    for option in concept_names:
+        name, strength = split_concept_option(option)
+        given.append(dataclasses.replace(registry.get(name).bound(), strength=strength))
     return expand_prompt(prompt, given, lambda n: registry.get(n).bound())
 
 
@@ -319,6 +324,7 @@ def generation_metadata(prompt: str, expanded: str, seed: int, concepts: Sequenc
     return {
         "prompt": prompt, "expanded_prompt": expanded, "seed": seed,
         "concepts": ",".join(c.name for c in concepts), "identifiers": ",".join(c.identifier for c in concepts),
+        "strengths": ",".join(f"{c.strength:g}" for c in concepts),
         "lag": config.lag, "steps": config.steps, "guidance": config.guidance, "eta": config.eta,
         "model": model, "persres_version": __version__,
     }

@@ -93,6 +93,7 @@ class ResidualProjOut(nn.Module):
         self.merged: list[str] = []
         self.regions: RegionSource | None = None  # set only inside persres.lag.lag_regions()
         self.active: tuple[str, ...] | None = None  # None: every loaded concept; set by use_concepts()
+        self.strengths: dict[str, float] = {}  # scale per concept, 1 where absent; set by use_concepts()
         self._original_weight: torch.Tensor | None = None
 
     @property
@@ -122,7 +123,7 @@ class ResidualProjOut(nn.Module):
         if self._original_weight is None:
             self._original_weight = w.detach().clone()
         with torch.no_grad():
-            delta = sum(self.residuals[n].delta_weight() for n in names)  # (m, m), fp32
+            delta = sum(self.strengths.get(n, 1.0) * self.residuals[n].delta_weight() for n in names)  # (m, m), fp32
             merged = w.detach().float().view(self.channels, self.channels) + delta.to(w.device)
             w.copy_(merged.view_as(w).to(w.dtype))
         self.merged.extend(names)
@@ -140,26 +141,32 @@ class ResidualProjOut(nn.Module):
         for name, residual in self.residuals.items():
             if name in self.merged or (self.active is not None and name not in self.active):
                 continue
+            delta = residual(x, self.is_conv)
+            strength = self.strengths.get(name, 1.0)
+            if strength != 1.0:
+                delta = delta * strength
             if self.regions is None:
-                out = out + residual(x, self.is_conv)
+                out = out + delta
                 continue
             mask = self.regions.region(self.block, name, x)  # LAG: (B, 1, H, W) or (B, N, 1)
             if mask is not None:
-                out = out + residual(x, self.is_conv) * mask.to(x.dtype)
+                out = out + delta * mask.to(x.dtype)
         return out
 
 
 @contextmanager
-def use_concepts(unet: nn.Module, names: Sequence[str], merged: bool):
-    """Inside the block only `names` act; `merged=True` folds them into the weights (no extra cost)."""
+def use_concepts(unet: nn.Module, names: Sequence[str], merged: bool, strengths: Mapping[str, float] | None = None):
+    """Inside the block only `names` act, each scaled by its strength (1 where `strengths` has
+    none); `merged=True` folds them into the weights (no extra cost)."""
     layers = layers_of(unet)
     missing = [n for n in names for layer in layers.values() if n not in layer.residuals]
     if missing:
         raise InputError(f"concept {missing[0]!r} is not loaded on this UNet")
-    before = {block: (layer.active, list(layer.merged)) for block, layer in layers.items()}
+    before = {block: (layer.active, list(layer.merged), layer.strengths) for block, layer in layers.items()}
     for layer in layers.values():
         layer.unmerge()
         layer.active = tuple(names)
+        layer.strengths = {n: float(s) for n, s in (strengths or {}).items() if n in names}
         if merged:
             layer.merge(names)
     try:
@@ -167,7 +174,7 @@ def use_concepts(unet: nn.Module, names: Sequence[str], merged: bool):
     finally:  # as it was before the block (blocks nest)
         for block, layer in layers.items():
             layer.unmerge()
-            layer.active, was_merged = before[block]
+            layer.active, was_merged, layer.strengths = before[block]
             layer.merge([n for n in was_merged if n in layer.residuals])
 
 

@@ -134,7 +134,8 @@ def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds
     session = None
     with ExitStack() as stack:
         if residuals.layers_of(pipe.unet):  # loaded concepts the prompt does not name stay off
-            stack.enter_context(residuals.use_concepts(pipe.unet, names, merged=not config.lag))
+            strengths = {c.name: c.strength for c in concepts}
+            stack.enter_context(residuals.use_concepts(pipe.unet, names, merged=not config.lag, strengths=strengths))
         if config.lag:
             latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
             session = stack.enter_context(lag_regions(pipe.unet, tokens, cfg=config.guidance > 1, backend=backend,

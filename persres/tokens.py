@@ -5,7 +5,8 @@ alike: every token of the identifier, plus the class word's tokens when the clas
 follows the identifier (kept apart by role, for multi-concept LAG's region tokens). Identifiers and class words may span several tokens.
 
 Placeholders: `V1`, `V2`, ... bind to the concepts given in order (-c); `V*` to the only
-one; `<name>` to a registered concept by name. With no concept given, `V1`, `V8`, ... are
+one; `<name>` to a registered concept by name, `<name:0.8>` with a strength (as `-c name:0.8`
+does: the residual scaled by 0.8). With no concept given, `V1`, `V8`, ... are
 ordinary words ("a V8 engine"); with concepts given, a `V<n>` beyond their count is an
 error (a typo far more often than a word). Each expands to the concept's identifier, so
 the class word stays the user's ("a V* dog" -> "a sks dog").
@@ -13,16 +14,18 @@ the class word stays the user's ("a V* dog" -> "a sks dog").
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from persres.errors import PromptError
 
 # Rare identifier tokens, handed out in order by the registry (DreamBooth's "sks" first).
 RARE_IDENTIFIERS = ("sks", "zwx", "qrv", "vyk", "pmj", "tqz", "hwx", "jxn")
 
-PLACEHOLDER_RE = re.compile(r"<([A-Za-z0-9][A-Za-z0-9_-]*)>|\bV(\d+)\b|\bV\*")
+PLACEHOLDER_RE = re.compile(r"<([A-Za-z0-9][A-Za-z0-9_-]*)(?::([^<>]*))?>|\bV(\d+)\b|\bV\*")
+MAX_STRENGTH = 2.0  # a residual scaled past twice what it learned is extrapolation, not a setting
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,24 @@ class BoundConcept:
     name: str
     identifier: str
     class_word: str
+    strength: float = 1.0  # the residual's scale in this prompt: f = W x + strength * M * dW x
+
+
+def parse_strength(text: str, name: str) -> float:
+    """The strength of `name` written as text ("0.8"), in [0, MAX_STRENGTH]; PromptError otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_STRENGTH:  # also refuses nan and inf
+        raise PromptError(f"strength of {name!r} must be a number from 0 to {MAX_STRENGTH:g}, got {text!r}")
+    return value
+
+
+def split_concept_option(option: str) -> tuple[str, float]:
+    """A -c value: "NAME" (strength 1) or "NAME:STRENGTH"."""
+    name, sep, strength = option.partition(":")
+    return name, parse_strength(strength, name) if sep else 1.0
 
 
 CONSONANTS = "bcdfghjklmnpqrstvwxz"
@@ -139,19 +160,28 @@ def expand_prompt(
     """Replace placeholders by identifiers; return the prompt and every concept it uses, in order.
 
     `concepts` are the -c options in order; `lookup(name)` resolves `<name>` (and raises
-    ConceptNotFound). A concept given with -c but never referenced is an error too.
+    ConceptNotFound). A concept given with -c but never referenced is an error too, and so is
+    one concept at two strengths.
     """
     used: list[BoundConcept] = []
 
     def use(c: BoundConcept) -> str:
-        if c.name not in [u.name for u in used]:
+        same = [u for u in used if u.name == c.name]
+        if not same:
             used.append(c)
+        elif same[0].strength != c.strength:
+            raise PromptError(f"concept {c.name!r} appears at strengths {same[0].strength:g} and {c.strength:g}; give it one")
         return c.identifier
 
-    def replace(m: re.Match) -> str:
-        name, index = m.group(1), m.group(2)
+    def replace_placeholder(m: re.Match) -> str:
+        name, strength, index = m.group(1), m.group(2), m.group(3)
         if name is not None:
-            return use(lookup(name))
+            found = lookup(name)
+            if strength is not None:
+                found = replace(found, strength=parse_strength(strength, name))
+            else:  # a -c concept keeps its -c strength where <name> names it
+                found = next((c for c in concepts if c.name == found.name), found)
+            return use(found)
         if index is not None:
             if not concepts:  # no -c: V-numbers are ordinary words ("a V8 engine")
                 return m.group(0)
@@ -163,9 +193,11 @@ def expand_prompt(
             raise PromptError(f"V* needs exactly one concept given with -c (got {len(concepts)}); use V1, V2, ... for several")
         return use(concepts[0])
 
-    expanded = PLACEHOLDER_RE.sub(replace, prompt)
+    expanded = PLACEHOLDER_RE.sub(replace_placeholder, prompt)
     for c in concepts:
-        if c.name not in [u.name for u in used]:
+        if c.name in [u.name for u in used]:
+            use(c)  # the same strength as where the prompt names it, or PromptError
+        else:
             if re.search(rf"(?<!\w){re.escape(c.identifier)}(?!\w)", expanded):
                 used.append(c)  # the user wrote the identifier itself
             else:

@@ -260,6 +260,20 @@ def test_train_prints_its_effective_settings_and_show_records_them(tiny_model, c
     assert sources["lr"] == "model default" and sources["steps"] == "option"
 
 
+def test_gen_strength_zero_draws_what_the_base_model_draws_and_is_recorded(trained, tmp_path):
+    import numpy as np
+
+    with_zero = run("gen", "a V* circle", "-c", "mydog:0", "--model", trained, "--steps", "2", "--out", tmp_path / "zero", "--lag")
+    assert with_zero.exit_code == 0, with_zero.output
+    identifier = Registry().get("mydog").meta.identifier
+    base = run("gen", f"a {identifier} circle", "--model", trained, "--steps", "2", "--out", tmp_path / "base")
+    assert base.exit_code == 0, base.output
+    (zero_png,), (base_png,) = (list((tmp_path / d).glob("*.png")) for d in ("zero", "base"))
+    assert np.array_equal(np.asarray(Image.open(zero_png)), np.asarray(Image.open(base_png)))
+    assert Image.open(zero_png).text["strengths"] == "0"
+    assert_one_line_error(run("gen", "a V* circle", "-c", "mydog:3", "--model", trained, "--out", tmp_path), "from 0 to 2")
+
+
 def test_gen_prints_every_file_it_writes(trained, tmp_path):
     out = tmp_path / "o"
     result = run("gen", "a V* circle", "-c", "mydog", "--model", trained, "--steps", "2", "-n", "2", "--lag",

@@ -52,6 +52,28 @@ def test_residuals_off_is_bit_for_bit_the_base_model(pipe):
     assert not residuals.layers_of(unet)
 
 
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_strength_scales_the_residual_and_ends_with_its_block(pipe, merged):
+    unet = pipe.unet
+    base = unet_out(unet)
+    residuals.new_concept(unet, "a", residuals.ranks_for(unet))
+    randomize(unet, "a")
+    full = unet_out(unet)
+    with residuals.use_concepts(unet, ["a"], merged=merged, strengths={"a": 0.0}):
+        assert torch.equal(unet_out(unet), base)  # strength 0: the base model, bit for bit
+    layer = next(iter(residuals.layers_of(unet).values()))
+    x = torch.randn(2, layer.channels, 4, 4) if layer.is_conv else torch.randn(2, 16, layer.channels)
+    with torch.no_grad(), residuals.use_concepts(unet, [], merged=False):
+        layer_base = layer(x)
+    with torch.no_grad():
+        layer_full = layer(x)
+        with residuals.use_concepts(unet, ["a"], merged=merged, strengths={"a": 0.4}):
+            torch.testing.assert_close(layer(x), layer_base + 0.4 * (layer_full - layer_base), rtol=1e-4, atol=1e-5)
+            assert not torch.allclose(unet_out(unet), full)
+    assert layer.strengths == {} and torch.equal(unet_out(unet), full)  # as it was after the block
+    residuals.remove(unet)
+
+
 @pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_linear_model"])
 def test_merge_equals_unmerged_and_unmerge_is_exact(model_fixture, request):
     from persres.models import load_pipeline

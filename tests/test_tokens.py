@@ -1,7 +1,7 @@
 import pytest
 
 from persres.errors import ConceptNotFound, PromptError
-from persres.tokens import BoundConcept, concept_positions, expand_prompt, identifier_candidates
+from persres.tokens import BoundConcept, concept_positions, expand_prompt, identifier_candidates, split_concept_option
 from persres.toy.build import build_tokenizer
 
 DOG = BoundConcept("mydog", "sks", "dog")
@@ -81,6 +81,35 @@ def test_expand_prompt(prompt, given, expected, used):
 def test_expand_prompt_errors(prompt, given, error, match):
     with pytest.raises(error, match=match):
         expand_prompt(prompt, given, lookup)
+
+
+def test_strengths_in_the_prompt_and_on_c():
+    from dataclasses import replace
+
+    _, used = expand_prompt("a <mydog:0.5> dog and a <mycat> cat", [], lookup)
+    assert [(c.name, c.strength) for c in used] == [("mydog", 0.5), ("mycat", 1.0)]
+    _, used = expand_prompt("a V1 dog with a <mydog> hat", [replace(DOG, strength=1.5)], lookup)
+    assert [(c.name, c.strength) for c in used] == [("mydog", 1.5)]  # <name> of a -c concept keeps its -c strength
+    assert split_concept_option("mydog:0.25") == ("mydog", 0.25) and split_concept_option("mydog") == ("mydog", 1.0)
+
+
+@pytest.mark.parametrize(
+    "prompt,given,match",
+    [
+        ("a <mydog:0.5> dog and a <mydog:0.8> dog", [], "strengths 0.5 and 0.8"),
+        ("a <mydog:0.5> dog", [DOG], "strengths 0.5 and 1"),
+        ("a <mydog:2.5> dog", [], "from 0 to 2"),
+        ("a <mydog:-1> dog", [], "from 0 to 2"),
+        ("a <mydog:nan> dog", [], "from 0 to 2"),
+        ("a <mydog:x> dog", [], "got 'x'"),
+        ("a <mydog:> dog", [], "got ''"),
+    ],
+)
+def test_bad_strengths_are_prompt_errors(prompt, given, match):
+    with pytest.raises(PromptError, match=match):
+        expand_prompt(prompt, given, lookup)
+    with pytest.raises(PromptError, match="from 0 to 2"):
+        split_concept_option("mydog:inf")
 
 
 def test_identifier_candidates_are_distinct():

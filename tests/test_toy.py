@@ -117,6 +117,33 @@ def test_bench_toy_with_suggested_class_words(tiny_model, tmp_path, monkeypatch)
     assert bad.exit_code == 1 and "--class-words must be given or suggested" in bad.stderr
 
 
+def test_bench_toy_strength_scales_the_residuals_it_samples_with(tiny_model, tmp_path, monkeypatch):
+    import csv
+    import json
+
+    from typer.testing import CliRunner
+
+    from persres.cli import app
+
+    monkeypatch.setenv("PERSRES_HOME", str(tmp_path / "home"))
+    args = ["bench", "toy", "--quick", "--model", str(tiny_model), "--steps", "2", "--train-steps", "3", "--lr", "0.3",
+            "--concept", "checker_circle", "--no-pairs", "--category", "background"]
+
+    def identities(strength: str) -> dict[tuple, float]:  # (prompt, image, method) -> identity
+        out = tmp_path / f"bench-{strength}"
+        result = CliRunner().invoke(app, [*args, "--out", str(out), "--strength", strength])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "results.json").read_text())["meta"]["strength"] == float(strength)
+        with open(out / "results.csv") as f:
+            return {(r["prompt"], r["image"], r["method"]): float(r["identity"]) for r in csv.DictReader(f)}
+
+    zero, one = identities("0"), identities("1")  # the same pack: trained once, reused
+    assert all(zero[(p, i, "nolag")] == zero[(p, i, "lag")] for p, i, m in zero if m == "base")  # no residual acts at all
+    assert any(one[(p, i, "nolag")] != zero[(p, i, "nolag")] for p, i, m in one if m == "base")
+    bad = CliRunner().invoke(app, [*args, "--strength", "2.5"])
+    assert bad.exit_code == 1 and "from 0 to 2" in bad.stderr
+
+
 def test_identity_score_prefers_the_concept():
     import numpy as np
 

@@ -520,6 +520,7 @@ def bench_toy(
     prompt: Optional[str] = typer.Option(None, help="Training prompt template [default: the model's recommendation]."),
     rank_ratio: Optional[float] = typer.Option(None, help="Rank as a fraction of channels [default: the model's recommendation]."),
     scale_min: Optional[float] = typer.Option(None, help="Zoom-out views down to this scale, 1 = off [default: the model's recommendation]."),
+    strength: float = typer.Option(1.0, help="Every concept's residual scaled by this when sampling, 0-2 (as gen -c NAME:S)."),
     lag_tokens: Optional[str] = typer.Option(None, help="Several concepts: region tokens, identifier+class, class or identifier."),
     lag_coverage: Optional[float] = typer.Option(None, help="Several concepts: fraction of pixels in each mask (0.5: median)."),
     lag_maps: Optional[str] = typer.Option(None, help="Several concepts: block (each block's own) or aggregate (previous evaluation's, all blocks)."),
@@ -536,6 +537,7 @@ def bench_toy(
     from persres.api import model_config_for, train_config_for
     from persres.config import MultiLagConfig, SampleConfig
     from persres.models import load_pipeline, pick_dtype
+    from persres.tokens import parse_strength
     from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench, select_concepts, summarize
 
     names = select_concepts(concept, concept_set)
@@ -548,7 +550,8 @@ def bench_toy(
     cfg = ToyBenchConfig(samples=samples or (2 if quick else 8), seeds=tuple(range(seeds or (1 if quick else 2))), quick=quick,
                          singles=singles, pairs=pairs, categories=tuple(category) or None,
                          pair_methods=tuple(pair_method) or ("base", "summed", "lag"),
-                         sample=SampleConfig(steps=steps, guidance=guidance, multi=multi))
+                         sample=SampleConfig(steps=steps, guidance=guidance, multi=multi),
+                         strength=parse_strength(str(strength), "--strength"))
     dtype = pick_dtype(precision, torch.device("cpu"))
     pipe = load_pipeline(resolved, dtype=dtype, config=model_config_for(registry, resolved))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -556,7 +559,7 @@ def bench_toy(
         loaded = prepare_concepts(pipe, names, registry, resolved, config, class_words)
     meta = {"class_words": class_words, "class_word_of": {n: c.bound.class_word for n, c in loaded.items()},
             "train": config.to_dict(), "model": resolved, "multi_lag": dataclasses.asdict(multi), "samples": cfg.samples,
-            "seeds": list(cfg.seeds), "quick": quick, "sample_steps": steps, "guidance": guidance,
+            "seeds": list(cfg.seeds), "quick": quick, "sample_steps": steps, "guidance": guidance, "strength": cfg.strength,
             "sample_dtype": str(dtype).removeprefix("torch.")}
     with err.status("sampling and scoring...") as status:
         rows = run_toy_bench(pipe, loaded, out_dir, cfg, log=lambda m: status.update(f"sampling and scoring: {m}"), meta=meta)

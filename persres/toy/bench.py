@@ -26,7 +26,7 @@ import csv
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,7 @@ class ToyBenchConfig:
     categories: tuple[str, ...] | None = None  # one-concept categories to run (None: all)
     pair_methods: tuple[str, ...] = ("base", "summed", "lag")
     sample: SampleConfig = field(default_factory=SampleConfig)
+    strength: float = 1.0  # every concept's residual scaled by this when sampling (gen -c NAME:STRENGTH)
 
 
 @dataclass
@@ -245,7 +246,8 @@ def run_toy_bench(pipe, concepts: dict[str, BenchConcept], out: Path, cfg: ToyBe
         for k, prompt in enumerate(prompts_for(concept.shape, cfg.quick, concept.bound.class_word)):
             if cfg.categories is not None and prompt.category not in cfg.categories:
                 continue
-            expanded, used = expand_prompt(prompt.text, [concept.bound], lambda n: concept.bound)
+            bound = replace(concept.bound, strength=cfg.strength)
+            expanded, used = expand_prompt(prompt.text, [bound], lambda n: bound)
             base_text = prompt.text.replace("V* ", "")
             for seed in cfg.seeds:
                 sample = cfg.sample.replace(num_images=cfg.samples, seed=1000 * seed + 100 * k)
@@ -284,6 +286,7 @@ def two_concepts(pipe, left: BenchConcept, right: BenchConcept, cfg: ToyBenchCon
     from persres.sample import generate
 
     text, expanded, used = pair_prompt(left, right)
+    used = [replace(c, strength=cfg.strength) for c in used]
     base_text = text.replace("V1 ", "").replace("V2 ", "")
     rows = []
     for seed in cfg.seeds:
