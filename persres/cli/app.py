@@ -207,7 +207,7 @@ def _say_suggested(suggestion) -> None:
 @command
 def gen(
     prompt: str = typer.Argument(..., help='Prompt; V1, V2.. bind to -c in order, V* to the only one, <name> to a concept.'),
-    concept: list[str] = typer.Option([], "--concept", "-c", help="A registered concept (repeatable)."),
+    concept: list[str] = typer.Option([], "--concept", "-c", help="A registered concept, NAME or NAME:STRENGTH (residual scale 0-2, default 1); repeatable."),
     lag: bool = typer.Option(False, "--lag/--no-lag", help="Localized attention-guided sampling."),
     steps: int = typer.Option(50, help="DDIM steps [paper: 50]."),
     guidance: float = typer.Option(6.0, help="Classifier-free guidance scale [paper: 6.0]."),
