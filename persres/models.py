@@ -8,6 +8,7 @@ import json
 import os
 import re
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,9 +250,12 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
     local = Path(model)
     if model == str(TOY_DIR) and not local.is_dir():
         raise ModelNotFound("the toy model is not built in this install; run `python -m persres.toy.build` or pass --model")
+    # bf16 keeps too few bits to fingerprint the weights it holds (fp16 rounding of fp32 and of
+    # bf16 values differ): such a pipeline is loaded in fp32, fingerprinted, then cast
+    load_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     try:
         if is_single_file(model):
-            pipe = _load_single_file(model, config, dtype)
+            pipe = _load_single_file(model, config, load_dtype)
         elif not local.is_dir() and (local.exists() or model.startswith((".", "/", "~"))):
             raise ModelNotFound(f"model {model!r} is neither a diffusers directory nor a .safetensors / .ckpt checkpoint")
         else:
@@ -260,7 +264,7 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
                 raise ModelNotFound(f"model {model!r} is a {class_name or 'pipeline of no declared class'}; "
                                     f"persres runs {' and '.join(PIPELINES)} models (SD 1.x, SD 2.x, SDXL)")
             cls, kwargs = _pipeline_class(class_name == XL_PIPELINE)
-            pipe = cls.from_pretrained(model, torch_dtype=dtype, local_files_only=local.is_dir(), **kwargs)
+            pipe = cls.from_pretrained(model, torch_dtype=load_dtype, local_files_only=local.is_dir(), **kwargs)
     except ModelNotFound:
         raise
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError... for missing weights
@@ -273,6 +277,10 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
     for part in (pipe.unet, pipe.vae, *text_encoders(pipe)):
         part.requires_grad_(False)
         part.eval()
+    if dtype != load_dtype:
+        source = fingerprint(pipe.unet)
+        pipe = pipe.to(dtype=dtype)
+        _LOADED_FINGERPRINTS[pipe.unet] = source
     return pipe.to(device)
 
 
@@ -285,8 +293,17 @@ class Fingerprint:
         return f"{self.architecture[:12]}/{self.weights[:12]}"
 
 
+# UNets that load_pipeline cast to bf16 -> the fingerprint of the weights they were loaded from
+_LOADED_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, Fingerprint]" = weakref.WeakKeyDictionary()
+
+
 def fingerprint(unet) -> Fingerprint:
+    """What packs record and are checked against: the model's architecture and its proj_out
+    weights, the same whether it was loaded in fp32, fp16 or (by load_pipeline) bf16."""
     from persres.residuals import base_layer_of, block_channels, transformer_blocks
+
+    if unet in _LOADED_FINGERPRINTS:
+        return _LOADED_FINGERPRINTS[unet]
 
     blocks = transformer_blocks(unet)
     channels = block_channels(unet)

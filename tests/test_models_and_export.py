@@ -27,6 +27,20 @@ def test_fingerprint_separates_architecture_from_checkpoint(tiny_model, tiny_oth
     assert a == fingerprint(load_pipeline(str(tiny_model)).unet)
 
 
+def test_a_model_loaded_in_bf16_has_the_fingerprint_of_its_weights_on_disk(tiny_model, concept_dir):
+    """bf16 rounds the weights coarser than the fingerprint's fp16: without care a pack trained in
+    bf16 (the default on a GPU, and on CPUs with native bf16) would name other weights than the
+    model's files, and train-many would fail every finished row instead of skipping it."""
+    from persres.models import base_weights
+
+    fp32, bf16 = (load_pipeline(str(tiny_model), dtype=d) for d in (torch.float32, torch.bfloat16))
+    assert bf16.unet.dtype == torch.bfloat16
+    assert fingerprint(bf16.unet) == fingerprint(fp32.unet)
+    assert fingerprint(bf16.unet).weights == base_weights(str(tiny_model))
+    outcome = train_concept(concept_dir, "bf", "circle", model=str(tiny_model), config=TrainConfig(steps=1, precision="bf16"))
+    assert outcome.record.meta.weights == base_weights(str(tiny_model))
+
+
 @pytest.fixture
 def trained_pack(tiny_model, concept_dir):
     return train_concept(concept_dir, "mydog", "circle", model=str(tiny_model), config=TrainConfig(steps=3, lr=1e-2, init="random"))
