@@ -47,6 +47,11 @@ def label(variant: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(variant.items())) or "defaults"
 
 
+def strength_suffix(strength: float) -> str:
+    """What a run sampled at another strength adds to the name of the run whose packs it uses."""
+    return "" if strength == 1 else f",strength={strength:g}"
+
+
 def run(args) -> None:
     from toy_study import setting  # benchmarks/ is on the path when this runs as a script
     from persres import residuals
@@ -59,7 +64,7 @@ def run(args) -> None:
 
     variant = dict(setting(kv) for kv in args.variant)
     packs = args.out / (args.label or label(variant))  # where the packs live: a strength reuses them
-    folder = packs if args.strength == 1 else packs.with_name(f"{packs.name},strength={args.strength:g}")
+    folder = packs.with_name(packs.name + strength_suffix(args.strength))
     model = resolve_model(args.model)
     pipe = load_pipeline(model)
     names = [n for s in args.sets for n in world.CONCEPT_SETS[s]]
@@ -118,7 +123,7 @@ def pairs(args) -> None:
             names = [n for s in world.CONCEPT_SETS for n in world.CONCEPT_SETS[s]
                      if any(r["concept"] == n and r["train_seed"] == train_seed for r in run_["rows"])]
             strength = run_.get("strength", 1.0)
-            packs = folder if strength == 1 else folder.with_name(folder.name.removesuffix(f",strength={strength:g}"))
+            packs = folder.with_name(folder.name.removesuffix(strength_suffix(strength)))
             registry = Registry(packs / "registry")
             before = len(registry.list())
             loaded = prepare_concepts(pipe, names, registry, model, config)

@@ -36,15 +36,22 @@ class BoundConcept:
     strength: float = 1.0  # the residual's scale in this prompt: f = W x + strength * M * dW x
 
 
+def check_strength(value: float, name: str, written: str | None = None) -> float:
+    """`value` if it is a strength in [0, MAX_STRENGTH]; otherwise PromptError naming `name` and
+    what was written (`written`, or the value itself)."""
+    if not 0 <= value <= MAX_STRENGTH:  # also refuses nan and inf
+        got = written if written is not None else repr(value)
+        raise PromptError(f"strength of {name!r} must be a number from 0 to {MAX_STRENGTH:g}, got {got}")
+    return value
+
+
 def parse_strength(text: str, name: str) -> float:
-    """The strength of `name` written as text ("0.8"), in [0, MAX_STRENGTH]; PromptError otherwise."""
+    """The strength of `name` written as text ("0.8"); PromptError unless a number in [0, MAX_STRENGTH]."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 <= value <= MAX_STRENGTH:  # also refuses nan and inf
-        raise PromptError(f"strength of {name!r} must be a number from 0 to {MAX_STRENGTH:g}, got {text!r}")
-    return value
+    return check_strength(value, name, repr(text))
 
 
 def split_concept_option(option: str) -> tuple[str, float]:

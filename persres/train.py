@@ -207,15 +207,14 @@ def train_residuals(
                 t = torch.randint(0, num_t, (config.batch_size,), generator=gen, device=device)
                 noisy, target = noised(alphas, latents, noise, t, prediction)
                 pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=batch.embedding, added_cond_kwargs=batch.added).sample
-                err = (pred.float() - target) ** 2  # (B, 4, h, w)
-                if config.snr_gamma is not None:
-                    err = err * snr_weights(alphas, t, prediction, config.snr_gamma).view(-1, 1, 1, 1)
                 if mask is None and config.snr_gamma is None:
                     loss = F.mse_loss(pred.float(), target)
-                elif mask is None:
-                    loss = err.mean()
-                else:  # the mean over the image's cells only
-                    loss = (err * mask).sum() / (mask.sum() * pred.shape[1])
+                else:
+                    err = (pred.float() - target) ** 2  # (B, 4, h, w)
+                    if config.snr_gamma is not None:
+                        err = err * snr_weights(alphas, t, prediction, config.snr_gamma).view(-1, 1, 1, 1)
+                    # the mean over the image's cells only where a mask says which
+                    loss = err.mean() if mask is None else (err * mask).sum() / (mask.sum() * pred.shape[1])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -537,7 +537,7 @@ def bench_toy(
     from persres.api import model_config_for, train_config_for
     from persres.config import MultiLagConfig, SampleConfig
     from persres.models import load_pipeline, pick_dtype
-    from persres.tokens import parse_strength
+    from persres.tokens import check_strength
     from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench, select_concepts, summarize
 
     names = select_concepts(concept, concept_set)
@@ -551,7 +551,7 @@ def bench_toy(
                          singles=singles, pairs=pairs, categories=tuple(category) or None,
                          pair_methods=tuple(pair_method) or ("base", "summed", "lag"),
                          sample=SampleConfig(steps=steps, guidance=guidance, multi=multi),
-                         strength=parse_strength(str(strength), "--strength"))
+                         strength=check_strength(strength, "--strength"))
     dtype = pick_dtype(precision, torch.device("cpu"))
     pipe = load_pipeline(resolved, dtype=dtype, config=model_config_for(registry, resolved))
     out_dir.mkdir(parents=True, exist_ok=True)
