@@ -1,6 +1,6 @@
 """Two `persres bench toy` runs side by side, paired image by image.
 
-    python benchmarks/compare_toy.py RUN_A RUN_B [--json OUT]
+    python -m benchmarks.compare_toy RUN_A RUN_B [--json OUT]
 
 Rows of the two results.csv are paired by (concept, prompt, method, seed, image): the same
 prompt and the same initial noise, so a per-image difference removes the prompt-to-prompt
@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from persres.toy.bench import mean_ci  # noqa: E402
+from persres.toy.bench import mean_ci
 
 SCORES = ("identity", "background", "added", "attribute", "both_present", "own_minus_other", "own_minus_other_2")
 KEY = ("concept", "prompt", "method", "seed", "image")

@@ -1,8 +1,8 @@
 """Sampling cost of LAG and of folded residuals, side by side in one process.
 
-    python benchmarks/gen_overhead.py                  # CPU: 256 px, 10 DDIM steps
-    python benchmarks/gen_overhead.py --resolution 512 --steps 50 --precision fp16   # GPU
-    python benchmarks/gen_overhead.py --resolution 128 --precision fp32,bf16     # CPU: precisions side by side
+    python -m benchmarks.gen_overhead                  # CPU: 256 px, 10 DDIM steps
+    python -m benchmarks.gen_overhead --resolution 512 --steps 50 --precision fp16   # GPU
+    python -m benchmarks.gen_overhead --resolution 128 --precision fp32,bf16     # CPU: precisions side by side
 
 Several precisions run one after another, each in its own process (so peak memory is its
 own), and the summary puts them side by side with each one's time relative to the first.
@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, median, peak_memory_mb, reset_peak_memory, run_variant, sync  # noqa: E402
+from benchmarks.common import machine, median, peak_memory_mb, reset_peak_memory, run_variant, sync
 
 PROMPT_1 = "a photo of a sks dog on a sofa"
 PROMPT_3 = "a photo of a sks dog and a zwx cat and a qrv vase on a sofa"

@@ -1,7 +1,7 @@
 """LAG's cross-attention with token maps: explicit probabilities vs the fused kernel's log-sum-exp.
 
-    python benchmarks/lag_maps.py                 # CPU: SD v1.x's cross-attention shapes at 512 px
-    python benchmarks/lag_maps.py --precision bf16
+    python -m benchmarks.lag_maps                 # CPU: SD v1.x's cross-attention shapes at 512 px
+    python -m benchmarks.lag_maps --precision bf16
 
 One cross-attention call with maps for two token sets (the identifier and class word of two
 concepts), at each of SD v1.x's UNet resolutions for a 512 px image (64x64, 32x32, 16x16,
@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, median  # noqa: E402
+from benchmarks.common import machine, median
 
 # (latent side, channels, transformer blocks at that side) for SD v1.x at 512 px: 16 blocks
 SD_BLOCKS = ((64, 320, 5), (32, 640, 5), (16, 1280, 5), (8, 1280, 1))

@@ -2,7 +2,7 @@
 (as the toy checker segments the final picture) that each concept's mask covered, averaged
 over blocks and steps (the masks `--save-masks` writes).
 
-    python benchmarks/pair_regions.py --out benchmarks/results/toy-pair-regions.json [--lag delay=0.5 maps=block]
+    python -m benchmarks.pair_regions --out benchmarks/results/toy-pair-regions.json [--lag delay=0.5 maps=block]
 
 Trains (or reuses, under --registry) the tuning concepts with the toy model's defaults.
 """
@@ -35,6 +35,7 @@ def main(argv=None) -> None:
 
     from toy_study import setting  # benchmarks/ is on the path when this runs as a script
     from persres.api import train_config_for
+    from persres.workspace import Workspace
     from persres.config import MultiLagConfig, SampleConfig
     from persres.models import load_pipeline, resolve_model
     from persres.registry import Registry
@@ -45,7 +46,7 @@ def main(argv=None) -> None:
     model = resolve_model("toy")
     pipe = load_pipeline(model)
     config = train_config_for(model, {})
-    loaded = prepare_concepts(pipe, list(world.CONCEPT_SETS["tuning"]), Registry(args.registry), model, config)
+    loaded = prepare_concepts(Workspace(model, registry=Registry(args.registry), pipe=pipe), list(world.CONCEPT_SETS["tuning"]), config)
     multi = MultiLagConfig(**dict(setting(kv) for kv in args.lag))
     sample = SampleConfig(steps=args.steps, num_images=args.samples, seed=999, lag=True, save_masks=True, multi=multi)
     rows = []

@@ -1,7 +1,7 @@
 """`persres suggest-class` on the toy world: accuracy, UNet evaluations and time against a training run.
 
-    OMP_NUM_THREADS=1 python benchmarks/suggest_class.py --out benchmarks/results/suggest-class.json
-    OMP_NUM_THREADS=1 python benchmarks/suggest_class.py --new-textures --out benchmarks/results/suggest-class-new-textures.json
+    OMP_NUM_THREADS=1 python -m benchmarks.suggest_class --out benchmarks/results/suggest-class.json
+    OMP_NUM_THREADS=1 python -m benchmarks.suggest_class --new-textures --out benchmarks/results/suggest-class-new-textures.json
 
 For every shipped toy concept (a texture no caption names, on one of the six shapes), the
 suggestion is scored against the true shape with two candidate lists: the six shapes alone

@@ -1,8 +1,8 @@
 """How far identity on the toy world can go: what the metric gives a perfect copy, and what the
 toy model gives when every UNet weight may move, against the residuals' lift.
 
-    OMP_NUM_THREADS=1 python benchmarks/toy_ceiling.py run --out benchmarks/results/toy-ceiling
-    python benchmarks/toy_ceiling.py report --out benchmarks/results/toy-ceiling --against benchmarks/results/toy-seeds/steps=800
+    OMP_NUM_THREADS=1 python -m benchmarks.toy_ceiling run --out benchmarks/results/toy-ceiling
+    python -m benchmarks.toy_ceiling report --out benchmarks/results/toy-ceiling --against benchmarks/results/toy-seeds/steps=800
 
 Per concept of the tuning sets (`--sets held_out` only to report):
 - ceiling: each reference, through the model's VAE, scored against the other references'

@@ -1,9 +1,9 @@
 """A training choice decided on both tuning sets, with several training seeds per concept.
 
-    OMP_NUM_THREADS=1 python benchmarks/toy_seeds.py run --variant rank_ratio=0.05 --out benchmarks/results/toy-seeds
-    OMP_NUM_THREADS=1 python benchmarks/toy_seeds.py run --variant rank_ratio=0.2 --out benchmarks/results/toy-seeds
-    OMP_NUM_THREADS=1 python benchmarks/toy_seeds.py pairs --out benchmarks/results/toy-seeds
-    python benchmarks/toy_seeds.py report --out benchmarks/results/toy-seeds
+    OMP_NUM_THREADS=1 python -m benchmarks.toy_seeds run --variant rank_ratio=0.05 --out benchmarks/results/toy-seeds
+    OMP_NUM_THREADS=1 python -m benchmarks.toy_seeds run --variant rank_ratio=0.2 --out benchmarks/results/toy-seeds
+    OMP_NUM_THREADS=1 python -m benchmarks.toy_seeds pairs --out benchmarks/results/toy-seeds
+    python -m benchmarks.toy_seeds report --out benchmarks/results/toy-seeds
 
 `run` trains every concept of the tuning sets ("tuning", "tuning_2"; `--sets held_out` only
 to report a choice already made) once per training seed with the toy model's defaults plus the variant, and scores the
@@ -56,6 +56,7 @@ def run(args) -> None:
     from toy_study import setting  # benchmarks/ is on the path when this runs as a script
     from persres import residuals
     from persres.api import train_config_for
+    from persres.workspace import Workspace
     from persres.config import SampleConfig
     from persres.models import load_pipeline, resolve_model
     from persres.registry import Registry
@@ -82,7 +83,7 @@ def run(args) -> None:
             if (name, train_seed) in done:
                 continue
             t0 = time.time()
-            loaded = prepare_concepts(pipe, [name], registry, model, config)
+            loaded = prepare_concepts(Workspace(model, registry=registry, pipe=pipe), [name], config)
             got = run_toy_bench(pipe, loaded, folder / f"seed{train_seed}" / name, cfg, meta={"train": config.to_dict()})
             rows += [r | {"train_seed": train_seed} for r in got]
             residuals.remove(pipe.unet)
@@ -99,6 +100,7 @@ def pairs(args) -> None:
     from persres.registry import Registry
     from persres.toy import world
     from persres.toy.bench import ToyBenchConfig, prepare_concepts, run_toy_bench
+    from persres.workspace import Workspace
 
     lag = dict(setting(kv) for kv in args.lag)
     # other region choices: LAG only (summing does not look at regions), into a file of their own
@@ -126,7 +128,7 @@ def pairs(args) -> None:
             packs = folder.with_name(folder.name.removesuffix(strength_suffix(strength)))
             registry = Registry(packs / "registry")
             before = len(registry.list())
-            loaded = prepare_concepts(pipe, names, registry, model, config)
+            loaded = prepare_concepts(Workspace(model, registry=registry, pipe=pipe), names, config)
             if len(registry.list()) != before:
                 raise SystemExit(f"{folder.name}: a pack of seed {train_seed} was missing and got trained; the run changed")
             got = run_toy_bench(pipe, loaded, folder / f"seed{train_seed}" / out.stem, dataclasses.replace(cfg, strength=strength))

@@ -1,7 +1,7 @@
 """Method choices measured on the toy world's *tuning* concepts (never the held-out ones).
 
-    python benchmarks/toy_study.py training --out benchmarks/results/toy-study-training
-    python benchmarks/toy_study.py lag --out benchmarks/results/toy-study-lag
+    python -m benchmarks.toy_study training --out benchmarks/results/toy-study-training
+    python -m benchmarks.toy_study lag --out benchmarks/results/toy-study-lag
 
 `training`: factor init (zero / the paper's random), flip augmentation, training prompt and
 lr, each against the shipped model's defaults, on identity and change-background prompts
@@ -97,6 +97,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from persres.api import train_config_for
+    from persres.workspace import Workspace
     from persres.config import MultiLagConfig, SampleConfig
     from persres.models import load_pipeline, resolve_model
     from persres.registry import Registry
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
             cfg = ToyBenchConfig(samples=args.samples, seeds=tuple(range(args.seeds)), singles=False,
                                  pair_methods=("lag",) if results else ("base", "summed", "lag"),
                                  sample=sample.replace(multi=MultiLagConfig(**change)))
-        loaded = prepare_concepts(pipe, names, registry, model, config)
+        loaded = prepare_concepts(Workspace(model, registry=registry, pipe=pipe), names, config)
         rows = run_toy_bench(pipe, loaded, args.out / label.replace(" ", "_").replace(",", ""), cfg,
                              meta={"variant": label, "train": config.to_dict()})
         summary = summarize(rows)

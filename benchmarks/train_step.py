@@ -1,8 +1,8 @@
 """Training step time and peak memory: persres vs the bare floor vs a straightforward diffusers+peft loop.
 
-    python benchmarks/train_step.py                      # CPU: 256 px, batch 4
-    python benchmarks/train_step.py --resolution 512 --precision bf16   # GPU
-    python benchmarks/train_step.py --resolution 128 --precision fp32,bf16 --extras --loss-steps 20   # CPU precisions
+    python -m benchmarks.train_step                      # CPU: 256 px, batch 4
+    python -m benchmarks.train_step --resolution 512 --precision bf16   # GPU
+    python -m benchmarks.train_step --resolution 128 --precision fp32,bf16 --extras --loss-steps 20   # CPU precisions
 
 SD v1.4's architecture with random weights (no download). Each variant runs in its own
 process, so peak memory is its own:
@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, median, peak_memory_mb, reset_peak_memory, run_variant, sync, timed  # noqa: E402
+from benchmarks.common import machine, median, peak_memory_mb, reset_peak_memory, run_variant, sync, timed
 
 
 def setup(args):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from persres.atomic import atomic_path
 from persres.errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -57,27 +58,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-TOY_PREFIX = "toy:"  # "toy:checker_circle": a reference folder shipped with persres, usable from any directory
-
-
-def resolve_folder(folder: str | Path) -> Path:
-    text = str(folder)
-    if not text.startswith(TOY_PREFIX):
-        return Path(folder)
-    from persres.toy.world import NOVEL_CONCEPTS
-
-    name = text[len(TOY_PREFIX):]
-    if name not in NOVEL_CONCEPTS:
-        raise InputError(f"unknown toy concept {name!r} (choose from {', '.join(NOVEL_CONCEPTS)})")
-    return Path(__file__).parent / "toy" / "concepts" / name
-
-
 def read_folder(folder: str | Path) -> list[ReferenceImage]:
-    """The readable images of a folder (or of a shipped toy concept, "toy:NAME"), as RGB;
-    unreadable files and non-files are skipped with a warning."""
+    """The readable images of a folder, as RGB; unreadable files and non-files are skipped with a
+    warning. (A shipped toy concept's "toy:NAME" is resolved by `persres.toy.resolve_folder`.)"""
     import stat
 
-    folder = resolve_folder(folder)
+    folder = Path(folder)
     if not folder.exists():
         raise InputError(f"image folder {str(folder)!r} does not exist")
     if not folder.is_dir():
@@ -166,10 +152,8 @@ def save_png(image: Image.Image, path: Path, text: dict) -> Path:
     info = PngInfo()
     for key, value in text.items():
         info.add_text(key, str(value))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)  # a half-written image never looks finished to a resumed run
+    with atomic_path(path) as tmp:  # a half-written image never looks finished to a resumed run
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 

@@ -100,13 +100,13 @@ class LagSession:
         self.aggregate = not single and multi.maps == "aggregate"
         # several concepts: the base model alone lays out the first `delay` of the steps
         self.delayed = 0 if single or not steps else round(multi.delay * steps)
-        self.evaluation = 0
+        self.evaluation = 0  # which UNet evaluation of the call is running (0-based)
+        self._started = False
         self.cfg = cfg
         self.latent_hw = latent_hw
         self.keep_masks = keep_masks
         self._maps: dict[str, torch.Tensor] = {}  # block -> (B, K, N), pending for its proj_out
         self._regions: dict[str, torch.Tensor] = {}  # block -> (B, K, N), this evaluation's
-        self._consumed: set[str] = set()  # blocks whose maps this evaluation already used
         self._sum: torch.Tensor | None = None  # (B, K, H, W) this evaluation's maps, summed over blocks
         self._sum_count = 0
         self._previous: torch.Tensor | None = None  # (B, K, H, W) the previous evaluation's average
@@ -117,19 +117,23 @@ class LagSession:
         if self.cfg:  # (2B, K, N): [uncond, cond] -> the cond half's maps for both halves
             cond = maps[maps.shape[0] // 2 :]
             maps = torch.cat([cond, cond])
-        if block in self._consumed:  # this block's second visit: a new UNet evaluation began
-            self._next_evaluation()
         if block in self._maps:  # several transformer layers in one block (SDXL): sum them
             maps = self._maps[block] + maps
         self._maps[block] = maps
         self._regions.pop(block, None)
 
-    def _next_evaluation(self) -> None:
+    def begin_evaluation(self) -> None:
+        """A UNet evaluation starts (`lag_regions` calls this from a forward pre-hook on the UNet):
+        the maps gathered so far become the previous evaluation's."""
+        if not self._started:
+            self._started = True
+            return
         self.evaluation += 1
         if self._sum is not None:
             self._previous = self._sum / self._sum_count
         self._sum, self._sum_count = None, 0
-        self._consumed.clear()
+        self._maps.clear()
+        self._regions.clear()
 
     def region(self, block: str, concept: str, x: torch.Tensor) -> torch.Tensor | None:
         """The concept's mask shaped to broadcast against proj_out's input `x`."""
@@ -141,7 +145,6 @@ class LagSession:
             if maps is None:
                 return None
             maps = maps.float()  # (B, K, N)
-            self._consumed.add(block)
             h, w = self._grid(x, maps.shape[-1])
             if self.aggregate:
                 self._accumulate(maps, h, w)
@@ -214,8 +217,10 @@ def lag_regions(
         for layer in layers.values():
             layer.unmerge()
             layer.regions = session
+        hook = unet.register_forward_pre_hook(lambda module, args: session.begin_evaluation())  # told, not inferred
         try:
             yield session
         finally:
+            hook.remove()
             for layer in layers.values():
                 layer.regions = None

@@ -1,4 +1,7 @@
-"""Load a diffusers Stable Diffusion pipeline (SD 1.x, SD 2.x or SDXL: a directory, a hub id, or "toy") and fingerprint it."""
+"""Load a diffusers Stable Diffusion pipeline (SD 1.x, SD 2.x or SDXL: a directory, a hub id, or "toy") and fingerprint it.
+
+Torch is imported inside the functions that need it: naming and resolving a model (what the
+registry commands do) does not load it."""
 
 from __future__ import annotations
 
@@ -8,17 +11,19 @@ import json
 import os
 import re
 import warnings
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from persres.errors import InputError, ModelNotFound
+from persres.families import FAMILIES
+
+if TYPE_CHECKING:
+    import torch
 
 TOY = "toy"
 TOY_DIR = Path(__file__).parent / "toy" / "model"
-DEFAULTS_FILE = "persres_defaults.json"  # a model's own recommended training defaults
+from persres.settings import DEFAULTS_FILE  # noqa: E402  (a model's own recommended training defaults)
 
 
 def resolve_model(model: str | None, configured: str | None = None) -> str:
@@ -34,11 +39,6 @@ HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-CONFIG_REPOS = {  # what diffusers' from_single_file reads configs from, per family
-    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd2": "stabilityai/stable-diffusion-2-1",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-}
 
 
 def is_single_file(model: str) -> bool:
@@ -72,7 +72,11 @@ def is_default_toy(model: str | None, configured: str | None = None) -> bool:
     return not (model or os.environ.get("PERSRES_MODEL") or configured)
 
 
-def pick_device(device: str = "auto") -> torch.device:
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    import torch
+
+    if isinstance(device, torch.device):  # already chosen (a launched process's own GPU)
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -88,6 +92,8 @@ class SlowPrecisionWarning(UserWarning):
 
 def cpu_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (avx512_bf16 or AMX-BF16), as torch reports it."""
+    import torch
+
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
@@ -104,6 +110,8 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     auto: bf16 on a GPU that has it (else fp16); on the CPU bf16 where the CPU computes it
     natively (avx512_bf16 or AMX), else fp32. bf16 matches fp32 on the toy bench within its
     intervals, training and sampling (README: "Precision")."""
+    import torch
+
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -118,37 +126,36 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return dtypes[precision]
 
 
-def _defaults_file(model: str) -> tuple[Path, object]:
-    """(path, parsed content) of a model directory's persres_defaults.json; {} when it has none."""
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model directory recommends in its persres_defaults.json (read once per model)."""
+
+    train: dict  # training settings by TrainConfig field name; {} when the model has none
+    class_candidates: list[str] | None  # the class words suggest-class ranks; None: the built-in nouns
+
+
+def read_defaults(model: str) -> ModelDefaults:
+    """A model directory's persres_defaults.json, checked: a model with its own small vocabulary
+    (the toy model) names its classes, as it recommends its training settings."""
     path = Path(model) / DEFAULTS_FILE
     if not path.is_file():
-        return path, {}
+        return ModelDefaults({}, None)
     try:
-        return path, json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"cannot read {path}: {' '.join(str(e).split())}") from None
-
-
-def model_class_candidates(model: str) -> list[str] | None:
-    """The class words a model directory lists for suggest-class (persres_defaults.json's
-    "class_candidates"), or None: a model with its own small vocabulary (the toy model) names
-    its classes, as it recommends its training settings."""
-    path, data = _defaults_file(model)
-    words = data.get("class_candidates") if isinstance(data, dict) else None
-    if words is None:
-        return None
-    if not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words):
+    train = data.get("train", {}) if isinstance(data, dict) else None
+    if not isinstance(train, dict):
+        raise InputError(f"{path} must hold an object with a \"train\" object of training defaults")
+    words = data.get("class_candidates")
+    if words is not None and (not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words)):
         raise InputError(f"{path}: \"class_candidates\" must be a non-empty list of words")
-    return words
+    return ModelDefaults(train, words)
 
 
 def model_defaults(model: str) -> dict:
     """The training defaults a model directory recommends (persres_defaults.json), or {}."""
-    path, data = _defaults_file(model)
-    train = data.get("train", {}) if isinstance(data, dict) else None
-    if not isinstance(train, dict):
-        raise InputError(f"{path} must hold an object with a \"train\" object of training defaults")
-    return train
+    return read_defaults(model).train
 
 
 def pipeline_class_name(model: str) -> str:
@@ -175,6 +182,8 @@ def single_file_family(path: str) -> str:
             with safe_open(path, framework="pt") as f:
                 keys = list(f.keys())
         else:
+            import torch
+
             keys = list(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {}))
     except Exception as e:  # a damaged header, a pickle that is not a state dict, ...
         raise ModelNotFound(f"model {path!r} is not a readable checkpoint ({type(e).__name__})") from None
@@ -203,7 +212,7 @@ def check_single_file_config(path: str, config: str | None) -> str:
         return family
     from huggingface_hub import try_to_load_from_cache
 
-    repo = CONFIG_REPOS[family]
+    repo = FAMILIES[family].config_repo
     if not isinstance(try_to_load_from_cache(repo, "model_index.json"), str):  # persres reads single files offline
         raise ModelNotFound(
             f"model {path!r} is an {label(family)} checkpoint whose diffusers configs are not on this machine: "
@@ -222,7 +231,7 @@ def _pipeline_class(xl: bool):
     return StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False)
 
 
-def _load_single_file(path: str, config: str | None, dtype: torch.dtype):
+def _load_single_file(path: str, config: str | None, dtype: "torch.dtype"):
     from persres.families import label
 
     family = check_single_file_config(path, config)
@@ -231,19 +240,21 @@ def _load_single_file(path: str, config: str | None, dtype: torch.dtype):
     try:
         return cls.from_single_file(path, config=config, local_files_only=True, torch_dtype=dtype, **kwargs)
     except Exception as e:
-        source = f"the configs of {config!r}" if config is not None else f"the cached configs of {CONFIG_REPOS[family]}"
+        source = f"the configs of {config!r}" if config is not None else f"the cached configs of {FAMILIES[family].config_repo}"
         raise ModelNotFound(f"model {path!r} ({label(family)}) did not load with {source} "
                             f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
 
 
-def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                   config: str | None = None):
     """A StableDiffusionPipeline or StableDiffusionXLPipeline with a DDIM scheduler, no safety
     checker or watermark, frozen and in eval mode. `model` is a diffusers directory, a hub id,
     or a single-file checkpoint; `config` (a diffusers directory) supplies a single file's configs."""
+    import torch
     from diffusers import DDIMScheduler
 
-    from persres.families import PIPELINES, XL_PIPELINE, text_encoders
+    from persres.conditioning import text_encoders
+    from persres.families import PIPELINES, XL_PIPELINE
 
     if model == TOY:
         model = str(TOY_DIR)
@@ -252,6 +263,7 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
         raise ModelNotFound("the toy model is not built in this install; run `python -m persres.toy.build` or pass --model")
     # bf16 keeps too few bits to fingerprint the weights it holds (fp16 rounding of fp32 and of
     # bf16 values differ): such a pipeline is loaded in fp32, fingerprinted, then cast
+    dtype = dtype or torch.float32
     load_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     try:
         if is_single_file(model):
@@ -280,7 +292,7 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
     if dtype != load_dtype:
         source = fingerprint(pipe.unet)
         pipe = pipe.to(dtype=dtype)
-        _LOADED_FINGERPRINTS[pipe.unet] = source
+        pipe.unet.persres_source_fingerprint = source  # what `fingerprint` answers for this UNet
     return pipe.to(device)
 
 
@@ -293,17 +305,14 @@ class Fingerprint:
         return f"{self.architecture[:12]}/{self.weights[:12]}"
 
 
-# UNets that load_pipeline cast to bf16 -> the fingerprint of the weights they were loaded from
-_LOADED_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, Fingerprint]" = weakref.WeakKeyDictionary()
-
-
 def fingerprint(unet) -> Fingerprint:
     """What packs record and are checked against: the model's architecture and its proj_out
     weights, the same whether it was loaded in fp32, fp16 or (by load_pipeline) bf16."""
     from persres.residuals import base_layer_of, block_channels, transformer_blocks
 
-    if unet in _LOADED_FINGERPRINTS:
-        return _LOADED_FINGERPRINTS[unet]
+    source = getattr(unet, "persres_source_fingerprint", None)  # set by load_pipeline on a UNet it cast
+    if isinstance(source, Fingerprint):
+        return source
 
     blocks = transformer_blocks(unet)
     channels = block_channels(unet)
@@ -319,6 +328,8 @@ def fingerprint(unet) -> Fingerprint:
 def weights_digest(proj_out: dict[str, torch.Tensor]) -> str:
     """`Fingerprint.weights`: the proj_out weights, by block name in sorted order, hashed
     rounded to fp16 so that the same checkpoint loaded in fp16 or fp32 has one fingerprint."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(proj_out):
         h.update(proj_out[name].detach().to(torch.float16).cpu().numpy().tobytes())

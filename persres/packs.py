@@ -22,20 +22,20 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from persres.errors import PackError
-from persres.residuals import NAME_RE
+from persres.names import IDENTIFIER_RE, MAX_CLASS_WORD, NAME_RE, clean_class_word, parameter_count
+
+if TYPE_CHECKING:  # packs are indexed (registry rows, metadata) without torch; tensors need it
+    import torch
 
 FORMAT_VERSION = "2"
 LEGACY_VERSIONS = ("1",)  # readable, without a content hash
 VERSION_KEY = "persres.format_version"
 CONFIG_KEY = "persres.config"
 CONTENT_KEY = "persres.content_sha256"
-IDENTIFIER_RE = re.compile(r"[a-z]{1,32}")  # lowercase letters: CLIP cuts digits and symbols off into tokens of their own
 BLOCK_RE = re.compile(r"[A-Za-z0-9_.]{1,200}")
-MAX_CLASS_WORD = 64
 
 
 class UnverifiedPackWarning(UserWarning):
@@ -106,8 +106,7 @@ def validate_meta(meta: PackMeta) -> PackMeta:
         raise _bad("name", f"must be letters, digits, '_' or '-' (at most 64), got {meta.name!r}")
     if not isinstance(meta.identifier, str) or not IDENTIFIER_RE.fullmatch(meta.identifier):
         raise _bad("identifier", f"must be 1-32 lowercase letters, got {meta.identifier!r}")
-    if (not isinstance(meta.class_word, str) or not meta.class_word.strip() or len(meta.class_word) > MAX_CLASS_WORD
-            or not meta.class_word.isprintable()):
+    if clean_class_word(meta.class_word) is None:
         raise _bad("class_word", f"must be 1-{MAX_CLASS_WORD} printable characters, got {meta.class_word!r}")
     for field in ("ranks", "channels"):
         value = getattr(meta, field)
@@ -121,7 +120,7 @@ def validate_meta(meta: PackMeta) -> PackMeta:
     for block, r in meta.ranks.items():
         if r > meta.channels[block]:
             raise _bad("ranks", f"has rank {r} above the {meta.channels[block]} channels of {block!r}")
-    expected = sum(2 * meta.channels[b] * r for b, r in meta.ranks.items())
+    expected = parameter_count(meta.ranks, meta.channels)
     if not _is_int(meta.parameter_count) or meta.parameter_count != expected:
         raise _bad("parameter_count", f"is {meta.parameter_count!r}; the ranks and channels give {expected}")
     for field in ("base_model", "architecture", "weights", "created_at"):
@@ -143,6 +142,8 @@ def validate_meta(meta: PackMeta) -> PackMeta:
 
 def content_sha256(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
     """sha256 of the metadata JSON and of every tensor's name, dtype, shape and bytes, in name order."""
+    import torch
+
     h = hashlib.sha256(meta_json.encode())
     for key in sorted(tensors):
         t = tensors[key].detach().contiguous().cpu()
@@ -287,6 +288,8 @@ def read_pack(path: Path, expected_sha256: str | None = None) -> tuple[dict[str,
 
 
 def _check(tensors: dict[str, torch.Tensor], meta: PackMeta, where: str) -> None:
+    import torch
+
     expected = meta.expected_shapes()
     if set(tensors) != set(expected):
         missing = sorted(set(expected) - set(tensors))[:2]

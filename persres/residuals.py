@@ -13,7 +13,6 @@ base model costs; `unmerge` restores the original weight bit for bit from a save
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
@@ -23,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from persres.errors import InputError
+from persres.names import parameter_count  # noqa: F401  (re-exported: residuals.parameter_count)
 
 if TYPE_CHECKING:
     from persres.config import Init
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # fullmatch: "$" would let a trailing newline in
 
 
 class RegionSource(Protocol):
@@ -41,12 +40,6 @@ def rank_for(channels: int, rank_ratio: float = 0.05, rank: int | None = None) -
     if rank is not None:
         return min(rank, channels)
     return max(1, min(channels, round(rank_ratio * channels)))
-
-
-def check_concept_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise InputError(f"invalid concept name {name!r}: use letters, digits, '_' or '-' (at most 64, starting with a letter or digit)")
-    return name
 
 
 def channels_of(layer: nn.Module) -> int:
@@ -269,10 +262,6 @@ def loaded_concepts(unet: nn.Module) -> list[str]:
     for layer in layers_of(unet).values():
         names.extend(n for n in layer.residuals if n not in names)
     return names
-
-
-def parameter_count(ranks: Mapping[str, int], channels: Mapping[str, int]) -> int:
-    return sum(2 * channels[b] * r for b, r in ranks.items())
 
 
 def block_channels(unet: nn.Module) -> dict[str, int]:

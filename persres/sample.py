@@ -9,10 +9,10 @@ seed + i, so `-n 1 --seed S` reproduces any one of them from its PNG metadata.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,20 +20,10 @@ from PIL import Image
 
 from persres import residuals
 from persres.config import SampleConfig
-from persres.errors import IncompatiblePack, InputError, PromptError
-from persres.families import family_of, family_of_meta, label
+from persres.errors import InputError, PromptError
 from persres.kernels import Backend, attention_backend, resolve_backend
 from persres.lag import ConceptTokens, lag_regions
-from persres.models import Fingerprint, fingerprint
-from persres.packs import PackMeta
 from persres.tokens import BoundConcept, concept_span
-
-MASK_COLORS = [(0, 220, 255), (255, 0, 200), (255, 230, 0), (0, 230, 90), (255, 120, 0)]  # cyan first: visible on most objects
-
-
-class OtherCheckpointWarning(UserWarning):
-    """A pack trained on another checkpoint of the same architecture (SD 1.4 vs 1.5, say)."""
-
 
 @dataclass
 class Generated:
@@ -41,32 +31,7 @@ class Generated:
     seeds: list[int]
     prompt: str  # expanded: identifiers in place of placeholders
     masks: dict[str, list[np.ndarray]] = field(default_factory=dict)  # concept -> per image (h, w) in [0, 1]
-
-
-def check_fit(meta: PackMeta, fp: Fingerprint, model: str, family: str | None = None) -> None:
-    """Refuse a pack of another architecture (naming both families); warn for another checkpoint of the same one."""
-    if meta.architecture != fp.architecture:
-        ours, theirs = family_of_meta(meta), family or "another architecture"
-        kind = f"an {label(ours)} pack" if ours == theirs or family is None else f"an {label(ours)} pack, not {label(theirs)}"
-        raise IncompatiblePack(
-            f"pack {meta.name!r} is {kind}: it was trained on {meta.base_model!r} (architecture {meta.architecture[:12]}), "
-            f"which does not fit {model!r} ({label(theirs)}, architecture {fp.architecture[:12]})"
-        )
-    if meta.weights != fp.weights:
-        warnings.warn(
-            f"pack {meta.name!r} was trained on another checkpoint ({meta.base_model!r}) of this architecture; "
-            "it loads, but results may differ",
-            OtherCheckpointWarning,
-            stacklevel=2,
-        )
-
-
-def apply_pack(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta, model: str | None = None, fp: Fingerprint | None = None) -> None:
-    """Load a pack's residuals onto a diffusers pipeline you already hold (checked for fit)."""
-    check_fit(meta, fp or fingerprint(pipe.unet), model or pipe.config.get("_name_or_path", "this model"), family_of(pipe))
-    if meta.name in residuals.loaded_concepts(pipe.unet):
-        residuals.unload_concept(pipe.unet, meta.name)
-    residuals.load_concept(pipe.unet, meta.name, tensors)
+    paths: list[Path] = field(default_factory=list)  # the files written for this call, if any (`generation.write_images`)
 
 
 def concept_tokens(tokenizer, prompt: str, concepts: Sequence[BoundConcept]) -> list[ConceptTokens]:
@@ -148,12 +113,3 @@ def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds
         for name, m in session.average_masks().items():
             masks[name] = [m[-len(seeds):][i].cpu().numpy() for i in range(len(seeds))]  # cond half
     return images, masks
-
-
-def mask_overlay(image: Image.Image, mask: np.ndarray, color_index: int = 0) -> Image.Image:
-    """The image with the concept's region tinted: where the residual acted."""
-    color = np.array(MASK_COLORS[color_index % len(MASK_COLORS)], dtype=np.float32)
-    m = Image.fromarray((mask * 255).astype(np.uint8)).resize(image.size, Image.Resampling.NEAREST)
-    alpha = np.asarray(m, dtype=np.float32)[..., None] / 255 * 0.55
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return Image.fromarray((base * (1 - alpha) + color * alpha).round().astype(np.uint8))

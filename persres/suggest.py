@@ -154,7 +154,7 @@ def suggest(pipe, images: Sequence[Image.Image], entries: Sequence[str], config:
 def suggest_class(pipe, images: Sequence[Image.Image], candidates: Sequence[str], config: SuggestConfig = SuggestConfig(),
                   resolution: int | None = None) -> Suggestion:
     """Rank `candidates` (already screened) by the base model's denoising error on `images`."""
-    from persres.families import encode
+    from persres.conditioning import encode
     from persres.train import default_resolution, encode_references, noised, prediction_of
 
     if len(candidates) == 0:
@@ -214,3 +214,12 @@ def suggest_class(pipe, images: Sequence[Image.Image], candidates: Sequence[str]
     ranked = alive + dropped  # survivors (ranked on more draws) first, then the dropped, latest round first
     ranking = [(c, sum(errors[c]) / len(errors[c]), len(errors[c])) for c in ranked]
     return Suggestion(ranking, spent, time.perf_counter() - t0, per_draw=errors)
+
+
+def describe(suggestion: Suggestion) -> str:
+    """'dog (runner-up cat; mean error 0.1023 vs 0.1051)': the pick, in one line."""
+    (best, e0, _), *rest = suggestion.ranking
+    if not rest:
+        return best
+    second, e1, _ = rest[0]
+    return f"{best} (runner-up {second}; mean error {e0:.4f} vs {e1:.4f})"

@@ -78,7 +78,7 @@ def tiny_components(seed: int = 0, linear_proj: bool = False, cross_attention_di
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from persres.toy.build import build_tokenizer
+    from persres.toy.vocabulary import build_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -125,7 +125,7 @@ def tiny_xl_components(seed: int = 0, layers: int = 2):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from persres.toy.build import build_tokenizer
+    from persres.toy.vocabulary import build_tokenizer
 
     tokenizer = build_tokenizer()
     text = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, intermediate_size=37, layer_norm_eps=1e-05,
@@ -269,7 +269,7 @@ def sd14_random_pipeline(seed: int = 0, dtype=torch.float32, device="cpu"):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from persres.toy.build import build_tokenizer
+    from persres.toy.vocabulary import build_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -295,7 +295,7 @@ def build_tiny_scorers(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     openai/clip-vit-base-patch32 and facebook/dino-vits16 in tests: same loading path, real math."""
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-    from persres.toy.build import build_tokenizer
+    from persres.toy.vocabulary import build_tokenizer
 
     folder = Path(folder)
     tokenizer = build_tokenizer()
@@ -346,20 +346,19 @@ def build_mini_cc101(root: str | Path) -> Path:
 
 @torch.no_grad()
 def fixed_noise_loss(pipe, images, prompt: str, resolution: int, seed: int = 123, batches: int = 8) -> float:
-    """The training objective on `images` with seeded latents, noise and timesteps, so that two
-    calls (before and after training) compare like for like."""
-    from persres.train import cache_inputs
+    """The training objective (`train.denoising_loss`) on `images` with seeded latents, noise and
+    timesteps, so that two calls (before and after training) compare like for like."""
+    from persres.train import cache_inputs, denoising_loss, prediction_of
 
     source = cache_inputs(pipe, images, prompt, resolution, flip=False)
+    alphas, prediction = pipe.scheduler.alphas_cumprod, prediction_of(pipe.scheduler)
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(batches):
-        batch = source.sample(4, g)
-        latents, emb = batch.latents, batch.embedding  # (4, 4, h, w), (4, T, D)
-        noise = torch.randn(latents.shape, generator=g)
+        batch = source.sample(4, g)  # latents (4, 4, h, w), embedding (4, T, D)
+        noise = torch.randn(batch.latents.shape, generator=g)
         t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (4,), generator=g)
-        noisy = pipe.scheduler.add_noise(latents, noise, t)
-        total += torch.nn.functional.mse_loss(pipe.unet(noisy, t, encoder_hidden_states=emb).sample.float(), noise).item()
+        total += denoising_loss(pipe.unet, batch, noise, t, alphas, prediction).item()
     return total / batches
 
 

@@ -86,10 +86,10 @@ def is_single_token(tokenizer, identifier: str) -> bool:
 
 def check_class_word(class_word: str) -> str:
     """A class word: 1-64 printable characters with something besides spaces."""
-    from persres.packs import MAX_CLASS_WORD
+    from persres.names import MAX_CLASS_WORD, clean_class_word
 
-    cleaned = str(class_word).strip(" ")
-    if not cleaned or len(cleaned) > MAX_CLASS_WORD or not cleaned.isprintable():
+    cleaned = clean_class_word(str(class_word))
+    if cleaned is None:
         raise PromptError(f"the class word must be 1-{MAX_CLASS_WORD} printable characters, got {class_word!r}")
     return cleaned
 

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from persres import residuals
 from persres.config import TrainConfig
 from persres.errors import InputError
-from persres.families import Conditioning, encode
+from persres.conditioning import Conditioning, encode
 from persres.images import center_square, to_tensor
 from persres.tokens import concept_positions, training_prompt
 
@@ -117,6 +117,20 @@ def snr_weights(alphas: torch.Tensor, t: torch.Tensor, prediction: str, gamma: f
     return torch.clamp(snr, max=gamma) / (snr if prediction == "epsilon" else snr + 1)
 
 
+def denoising_loss(unet, batch: Batch, noise: torch.Tensor, t: torch.Tensor, alphas: torch.Tensor, prediction: str,
+                   snr_gamma: float | None = None) -> torch.Tensor:
+    """The training objective on one batch: the UNet's prediction against its target (noise or v),
+    min-SNR-γ weighted if asked, averaged over the image's cells (only where a mask says which)."""
+    noisy, target = noised(alphas, batch.latents, noise, t, prediction)
+    pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=batch.embedding, added_cond_kwargs=batch.added).sample
+    if batch.mask is None and snr_gamma is None:
+        return F.mse_loss(pred.float(), target)
+    err = (pred.float() - target) ** 2  # (B, 4, h, w)
+    if snr_gamma is not None:
+        err = err * snr_weights(alphas, t, prediction, snr_gamma).view(-1, 1, 1, 1)
+    return err.mean() if batch.mask is None else (err * batch.mask).sum() / (batch.mask.sum() * pred.shape[1])
+
+
 def default_resolution(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
@@ -202,19 +216,9 @@ def train_residuals(
         with residuals.use_concepts(unet, [slot], merged=False):
             for step in range(config.steps):
                 batch = source.sample(config.batch_size, gen)
-                latents, mask = batch.latents, batch.mask
-                noise = torch.randn(latents.shape, generator=gen, device=device)
+                noise = torch.randn(batch.latents.shape, generator=gen, device=device)
                 t = torch.randint(0, num_t, (config.batch_size,), generator=gen, device=device)
-                noisy, target = noised(alphas, latents, noise, t, prediction)
-                pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=batch.embedding, added_cond_kwargs=batch.added).sample
-                if mask is None and config.snr_gamma is None:
-                    loss = F.mse_loss(pred.float(), target)
-                else:
-                    err = (pred.float() - target) ** 2  # (B, 4, h, w)
-                    if config.snr_gamma is not None:
-                        err = err * snr_weights(alphas, t, prediction, config.snr_gamma).view(-1, 1, 1, 1)
-                    # the mean over the image's cells only where a mask says which
-                    loss = err.mean() if mask is None else (err * mask).sum() / (mask.sum() * pred.shape[1])
+                loss = denoising_loss(unet, batch, noise, t, alphas, prediction, config.snr_gamma)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

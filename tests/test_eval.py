@@ -9,6 +9,7 @@ from PIL import Image
 
 from persres.eval import bench as bench_mod
 from persres.eval.bench import BenchConfig, run_bench, work_units
+from persres.workspace import Workspace
 from persres.eval.cc101 import load_concepts, load_pairs
 from persres.registry import Registry
 from persres.eval.folder import eval_folder, strip_identifiers
@@ -119,7 +120,7 @@ def test_bench_runs_end_to_end_and_resumes_without_redoing_work(mini_root, tiny_
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_bench(concepts, pairs, cfg, scorer, pipe, log=interrupt)
+        run_bench(concepts, pairs, cfg, scorer, Workspace(str(tiny_model), pipe=pipe), log=interrupt)
     assert sum("training on rank" in m for m in messages) == 2  # both packs, first
     done = sorted(out.glob("toy_circle/*/*.png"))
     assert len(done) == 2 * 2 * 2  # modes x prompts x samples
@@ -136,7 +137,7 @@ def test_bench_runs_end_to_end_and_resumes_without_redoing_work(mini_root, tiny_
 
     monkeypatch.setattr(bench_mod, "eval_folder", count)
     messages.clear()
-    rows = run_bench(concepts, pairs, cfg, scorer, pipe, log=messages.append)
+    rows = run_bench(concepts, pairs, cfg, scorer, Workspace(str(tiny_model), pipe=pipe), log=messages.append)
     assert not any("training on rank" in m for m in messages)
     assert {r.name: r.meta.created_at for r in Registry().list()} == packs
     assert calls == {"score": 6}  # nothing was scored before the interrupt
@@ -151,7 +152,7 @@ def test_bench_runs_end_to_end_and_resumes_without_redoing_work(mini_root, tiny_
     # a finished bench reruns without any new work
     calls.update(score=0)
     advanced = []
-    run_bench(concepts, pairs, cfg, scorer, pipe, advance=advanced.append)
+    run_bench(concepts, pairs, cfg, scorer, Workspace(str(tiny_model), pipe=pipe), advance=advanced.append)
     assert calls == {"score": 0}
     assert sum(advanced) == work_units(concepts, pairs, cfg) == 2 * (2 + 2 + 1)
 

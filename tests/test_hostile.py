@@ -196,6 +196,16 @@ META_CHANGES = {
 }
 
 
+# what each changed pack's one line must name: the offending field
+META_FIELD = {key: {"name": "'name'", "identifier": "'identifier'", "class": "'class_word'", "ranks": "'ranks'", "channels": "'channels'",
+                    "params": "'parameter_count'", "base": "'base_model'", "architecture": "'architecture'", "weights": "'weights'",
+                    "proj": "'proj_out'", "train": "'train_config'", "hashes": "'image_hashes'", "created": "'created_at'",
+                    "seconds": "'seconds'", "missing": f"missing field '{key.split('-', 1)[-1]}'"}.get(key.split("-")[0])
+              for key in META_CHANGES}
+META_FIELD |= {"loss-high": "'loss_start'", "loss-nan": "'loss_end'", "loss-bool": "'loss_start'", "channels-missing-block": "'ranks'"}
+TENSOR_PROBLEM = {"nan": "non-finite", "inf": "non-finite", "shape": "has shape", "int-dtype": "int32", "missing": "missing", "extra": "extra.up"}
+
+
 def _first_tensor(t, fn):
     key = sorted(t)[0]
     t[key] = fn(t[key])
@@ -263,11 +273,12 @@ def cases():
         out.append((f"import-truncated-{cut}", lambda w, c=cut: ["import", _truncated(w, c)], "not a readable pack"))
     for pos in (-0.02, -0.1, -0.3, -0.5, -0.7, -0.9, -0.99, 0.0, 0.25, 0.5, 0.75, 0.999):
         for bit in (0, 7):
-            out.append((f"import-flip-{pos}-{bit}", lambda w, p=pos, b=bit: ["import", flipped(w, p, b), "--name", "flip"], ""))
+            out.append((f"import-flip-{pos}-{bit}", lambda w, p=pos, b=bit: ["import", flipped(w, p, b), "--name", "flip"], "flip-"))  # names the file
     for key, change in META_CHANGES.items():
-        out.append((f"import-meta-{key}", lambda w, k=key, c=change: ["import", write_pack_with(w, k, c), "--name", "bad"], ""))
+        out.append((f"import-meta-{key}", lambda w, k=key, c=change: ["import", write_pack_with(w, k, c), "--name", "bad"], META_FIELD[key]))
     for key, change in TENSOR_CHANGES.items():
-        out.append((f"import-tensor-{key}", lambda w, k=key, c=change: ["import", write_pack_with(w, k, tensor_change=c), "--name", "bad"], ""))
+        out.append((f"import-tensor-{key}", lambda w, k=key, c=change: ["import", write_pack_with(w, k, tensor_change=c), "--name", "bad"],
+                    TENSOR_PROBLEM[key]))
     # paths: export and gen outputs
     out += [
         ("export-into-packs", lambda w: ["export", "one", "-o", w.home / "packs" / "two.safetensors"], "inside the registry"),
@@ -276,7 +287,7 @@ def cases():
         ("export-folder", lambda w: ["export", "one", "-o", w.tmp], "is a folder"),
         ("export-existing", lambda w: ["export", "one", "-o", w.pack], "exists"),
         ("export-existing-kohya", lambda w: ["export", "one", "-o", w.pack, "--format", "kohya"], "exists"),
-        ("export-unwritable", lambda w: ["export", "one", "-o", "/proc/nope/x.safetensors"], ""),
+        ("export-unwritable", lambda w: ["export", "one", "-o", "/proc/nope/x.safetensors"], "/proc/nope"),
         ("export-bad-format", lambda w: ["export", "one", "-o", w.tmp / "x.safetensors", "--format", "bogus"], "format"),
         ("export-unknown", lambda w: ["export", "nobody", "-o", w.tmp / "x.safetensors"], "unknown concept"),
         ("gen-out-is-file", lambda w: ["gen", "a V* circle", "-c", "one", "--out", w.pack], "is a file"),

@@ -171,6 +171,7 @@ def drive(session, evaluations: int, blocks=("b0", "b1"), n: int = 16, seed: int
     x = torch.zeros(1, 4, 4, 4)
     out = []
     for _ in range(evaluations):
+        session.begin_evaluation()
         per = {}
         for block in blocks:
             session.record(block, torch.rand(1, len(session.concepts), n, generator=g))
@@ -221,10 +222,12 @@ def test_aggregate_maps_come_from_the_previous_pass_of_every_block():
     first = torch.zeros(1, 2, 16)
     first[0, 0, :8], first[0, 1, 8:] = 1.0, 1.0  # a: top half, b: bottom half
     x = torch.zeros(1, 4, 4, 4)
+    session.begin_evaluation()
     for block in ("b0", "b1"):
         session.record(block, first)
         session.region(block, "a", x)
     flipped = first.flip(1)  # this pass's own maps say the opposite
+    session.begin_evaluation()
     session.record("b0", flipped)
     a = session.region("b0", "a", x).flatten()
     assert a[:8].all() and not a[8:].any()  # the previous pass's aggregate decides, not this pass's block

@@ -8,7 +8,9 @@ from persres.errors import IncompatiblePack, ModelNotFound
 from persres.interop import write_lora as write_foreign
 from persres.models import fingerprint, load_pipeline, model_defaults
 from persres.registry import Registry
-from persres.sample import OtherCheckpointWarning, generate
+from persres.fitting import OtherCheckpointWarning
+from persres.sample import generate
+from persres.workspace import Workspace
 
 
 def test_missing_local_model_and_offline_hub_id(tmp_path):
@@ -190,7 +192,8 @@ def test_train_many_does_not_take_a_pack_of_the_old_weights_at_the_same_path_as_
                                                                                     concept_dir, tmp_path):
     import shutil
 
-    from persres.manifest import Row, train_many
+    from persres.manifest import Row
+    from persres.train_many import train_many
 
     model = shutil.copytree(tiny_model, tmp_path / "model")
     rows = [Row(0, 2, str(concept_dir), "mine", "circle", {"steps": 2})]
@@ -217,12 +220,13 @@ def test_benchmark_packs_are_retrained_when_the_weights_at_the_path_change(tiny_
 
     model = str(shutil.copytree(tiny_model, tmp_path / "model"))
     config, registry = TrainConfig(steps=1), Registry()
-    first = prepare_concepts(load_pipeline(model), ["checker_circle"], registry, model, config)["checker_circle"]
-    again = prepare_concepts(load_pipeline(model), ["checker_circle"], registry, model, config)["checker_circle"]
+    first = prepare_concepts(Workspace(model, registry=registry), ["checker_circle"], config)["checker_circle"]
+    again = prepare_concepts(Workspace(model, registry=registry), ["checker_circle"], config)["checker_circle"]
     assert again.bound.name == first.bound.name and len(registry.list()) == 1  # reused
     replace_weights(tmp_path / "model", tiny_other_checkpoint)
-    pipe = load_pipeline(model)
-    fresh = prepare_concepts(pipe, ["checker_circle"], registry, model, config)["checker_circle"]
+    ws = Workspace(model, registry=registry)
+    fresh = prepare_concepts(ws, ["checker_circle"], config)["checker_circle"]
+    pipe = ws.pipeline()
     assert fresh.bound.name != first.bound.name and len(registry.list()) == 2
     assert registry.get(fresh.bound.name).meta.weights == fingerprint(pipe.unet).weights
     # what a pack records is the digest of what was asked (config and path): unchanged, so older registries still match

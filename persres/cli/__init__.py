@@ -1,7 +1,6 @@
-"""The `persres` command-line interface (Typer + Rich), a thin layer over `persres.api`."""
+"""The `persres` command-line interface (Typer + Rich), a thin layer over `persres.Workspace`."""
 
-from persres.cli import scale as _scale  # noqa: F401  (registers train-many)
-from persres.cli import suggest as _suggest  # noqa: F401  (registers suggest-class)
+from persres.cli import bench, concepts, gen, train, train_many  # noqa: F401  (each registers its commands)
 from persres.cli.app import app, main
 
 __all__ = ["app", "main"]

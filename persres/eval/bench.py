@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persres.api import apply_concepts, config_digest, generation_metadata
+from persres.generation import generation_metadata
 from persres.config import SampleConfig, TrainConfig
+from persres.atomic import atomic_path
 from persres.errors import InputError
 from persres.eval.cc101 import CC101Concept, CC101Pair
 from persres.eval.folder import eval_folder
 from persres.images import save_png
-from persres.models import base_weights
-from persres.registry import Registry
+from persres.settings import digest_name
 from persres.tokens import expand_prompt
 
 # Table 1 of Ham et al. (CVPR 2024), CustomConcept101, as quoted in persres issue #4.
@@ -50,25 +49,27 @@ class BenchConfig:
     model: str = ""
     clip: str = ""
     dino: str = ""
+    written: list[Path] = field(default_factory=list)  # the result files, once written
 
 
 def pack_name(concept: CC101Concept, train: TrainConfig, model: str, weights: str) -> str:
     """One pack per (concept, training config, base model and its weights): reused when all match."""
-    return f"cc101-{concept.key}-{config_digest(train, model, weights)}"
+    return digest_name("cc101", concept.key, train, model, weights)
 
 
-def train_packs(concepts: Sequence[CC101Concept], cfg: BenchConfig, registry: Registry | None, pipe, cluster, log: Log) -> dict[str, str]:
+def train_packs(concepts: Sequence[CC101Concept], cfg: BenchConfig, ws, cluster, log: Log) -> dict[str, str]:
     """{concept key: pack name}: every pack the bench needs, trained once each (split by concept
     between processes; identifiers planned by rank 0 in concept order, as one process would)."""
-    from persres.manifest import Row, train_many
+    from persres.manifest import Row
+    from persres.train_many import train_many
 
     for c in concepts:
         if not c.images_dir.is_dir():
             raise InputError(f"images of {c.key!r} not found at {str(c.images_dir)!r}: download the benchmark images (see its README)")
-    weights = base_weights(cfg.model, pipe=pipe)
+    weights = ws.base_weights()
     rows = [Row(i, 0, str(c.images_dir), pack_name(c, cfg.train, cfg.model, weights), c.class_word, config=cfg.train)
             for i, c in enumerate(concepts)]
-    results = train_many(rows, model=cfg.model, registry=registry, cluster=cluster, log=log, pipe=pipe)
+    results = train_many(rows, model=ws.model, registry=ws.registry, cluster=cluster, log=log, workspace=ws)
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise InputError(f"training {failed[0].name} failed: {failed[0].message}")
@@ -89,7 +90,7 @@ class Folder:
     mode: str
 
 
-def sample_prompt(folder: Folder, i: int, cfg: BenchConfig, registry: Registry, pipe, loaded: list) -> bool:
+def sample_prompt(folder: Folder, i: int, cfg: BenchConfig, ws, loaded: list) -> bool:
     """Sample prompt i of a folder unless all its images exist; `loaded` holds the concepts now on `pipe` (bound)."""
     from persres import residuals
     from persres.sample import generate
@@ -97,12 +98,12 @@ def sample_prompt(folder: Folder, i: int, cfg: BenchConfig, registry: Registry, 
     if all((folder.path / f"{i:03d}-{j:03d}.png").exists() for j in range(cfg.samples_per_prompt)):
         return False
     if [c.name for c in loaded] != list(folder.names):
-        residuals.remove(pipe.unet)
-        loaded[:] = apply_concepts(pipe, list(folder.names), registry, cfg.model)
+        residuals.remove(ws.pipeline().unet)
+        loaded[:] = ws.apply_concepts(list(folder.names))
     prompt = folder.prompts[i]
-    expanded, concepts = expand_prompt(prompt, loaded, lambda n: registry.get(n).bound())
+    expanded, concepts = expand_prompt(prompt, loaded, lambda n: ws.registry.get(n).bound())
     config = cfg.sample.replace(lag=folder.lag, seed=1000 * i, num_images=cfg.samples_per_prompt)
-    result = generate(pipe, expanded, concepts, config)
+    result = generate(ws.pipeline(), expanded, concepts, config)
     for j, (image, seed) in enumerate(zip(result.images, result.seeds)):
         save_png(image, folder.path / f"{i:03d}-{j:03d}.png", generation_metadata(prompt, expanded, seed, concepts, config, cfg.model))
     return True
@@ -113,9 +114,8 @@ def score_folder(folder: Path, reference_dirs: list[Path], scorer, log: Log) -> 
     if path.exists():
         return json.loads(path.read_text())
     scores = eval_folder(folder, reference_dirs, scorer).to_dict()
-    tmp = path.with_name(f".scores.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(scores, indent=2))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(scores, indent=2))
     log(f"{folder.parent.name}/{folder.name}: scored {scores}")
     return scores
 
@@ -143,8 +143,7 @@ def run_bench(
     pairs: Sequence[CC101Pair],
     cfg: BenchConfig,
     scorer,
-    pipe,
-    registry: Registry | None = None,
+    ws,
     log: Log = lambda msg: None,
     advance: Advance = lambda n: None,
     cluster=None,
@@ -155,17 +154,16 @@ def run_bench(
     from persres.scale import Cluster
 
     cluster = cluster or Cluster()
-    registry = registry or Registry()
     needed = list({c.key: c for c in [*concepts, *(m for p in pairs for m in (p.first, p.second))]}.values())
-    packs = train_packs(needed, cfg, registry, pipe, cluster, log)
+    packs = train_packs(needed, cfg, ws, cluster, log)
     folders = folders_of(concepts, pairs, packs, cfg)
     units = [(k, i) for k, f in enumerate(folders) for i in range(len(f.prompts))]  # balanced: one prompt each
     loaded: list = []
     for k, i in cluster.split(units):
-        if sample_prompt(folders[k], i, cfg, registry, pipe, loaded):
+        if sample_prompt(folders[k], i, cfg, ws, loaded):
             log(f"{folders[k].concept}/{folders[k].path.name}: prompt {i + 1}/{len(folders[k].prompts)} sampled")
         advance(1)
-    residuals.remove(pipe.unet)
+    residuals.remove(ws.pipeline().unet)
     cluster.wait()
     for k in cluster.split(range(len(folders))):
         score_folder(folders[k].path, list(folders[k].references), scorer, log)
@@ -173,7 +171,7 @@ def run_bench(
     rows = [{"concept": f.concept, "category": f.category, "method": f"persres {mode_name(f.mode)}",
              **json.loads((f.path / "scores.json").read_text())} for f in folders]
     if cluster.main:
-        write_results(cfg.out, rows)
+        cfg.written = write_results(cfg.out, rows)
     return rows
 
 
@@ -197,7 +195,8 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def write_results(out: Path, rows: list[dict]) -> None:
+def write_results(out: Path, rows: list[dict]) -> list[Path]:
+    """results.csv, results.json and (with matplotlib) figure.png; the files written."""
     out.mkdir(parents=True, exist_ok=True)
     if rows:
         keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -207,7 +206,8 @@ def write_results(out: Path, rows: list[dict]) -> None:
             writer.writerows(rows)
     summary = summarize(rows)
     (out / "results.json").write_text(json.dumps({"rows": rows, **summary, "paper": PAPER_POINTS}, indent=2) + "\n")
-    plot(out / "figure.png", summary)
+    figure = plot(out / "figure.png", summary)
+    return [*([out / "results.csv"] if rows else []), out / "results.json", *([figure] if figure else [])]
 
 
 def plot(path: Path, summary: dict) -> Path | None:

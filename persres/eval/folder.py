@@ -82,3 +82,11 @@ def eval_folder(
     prompts = prompts_for(files, prompts_json, keep_identifier, strip)
     refs = [[r.image for r in read_folder(d)] for d in reference_dirs]
     return score(scorer, load_images(files), prompts, refs)
+
+
+def score_folder(samples: Path, refs: list[Path], clip: str, dino: str, device: str = "auto", prompts: Path | None = None,
+                 keep_identifier: bool = False, strip: Iterable[str] = ()) -> Scores:
+    """`persres eval`: load the scorers on `device` and score one folder of samples."""
+    from persres.models import pick_device
+
+    return eval_folder(samples, refs, Scorer(clip, dino, pick_device(device)), prompts, keep_identifier, strip)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from persres.atomic import atomic_path
 from persres.errors import InputError
 from persres.packs import PackMeta
 
@@ -20,8 +21,6 @@ FORMATS = ("persres", "diffusers", "kohya")
 
 def write_lora(path: Path, fmt: str, tensors, meta: PackMeta) -> Path:
     """Write a pack as a `diffusers` or `kohya` LoRA file (atomically), with UI metadata."""
-    import os
-
     from safetensors.torch import save_file
 
     from persres.interop import kohya, metadata, peft
@@ -31,11 +30,6 @@ def write_lora(path: Path, fmt: str, tensors, meta: PackMeta) -> Path:
     conv = meta.proj_out == "Conv2d"
     converted = peft.write(tensors, meta, conv) if fmt == "diffusers" else kohya.write(tensors, meta, conv)
     info = metadata.for_export(meta, fmt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(converted, str(tmp), metadata=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -13,12 +13,9 @@ import collections
 import datetime as dt
 import json
 
-from persres.families import family_of_meta
+from persres.families import FAMILIES, SD2_V_MODELSPEC, family_of_meta
 from persres.packs import PackMeta
 
-FAMILY_SS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # sd-scripts' ss_base_model_version
-FAMILY_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
-               "sdxl": "stable-diffusion-xl-v1-base"}
 IMPL_DIFFUSERS = "diffusers"
 IMPL_STABILITY = "https://github.com/Stability-AI/generative-models"  # what sd-scripts writes for SDXL LoRAs
 
@@ -27,8 +24,8 @@ def for_export(meta: PackMeta, fmt: str) -> dict[str, str]:
     family = family_of_meta(meta)
     config = meta.train_config
     prediction = config.get("prediction_type", "epsilon")
-    arch_key = "sd2-v" if family == "sd2" and prediction == "v_prediction" else family
-    resolution = int(config.get("resolution") or {"sdxl": 1024}.get(family, 512))
+    modelspec = SD2_V_MODELSPEC if family == "sd2" and prediction == "v_prediction" else FAMILIES[family].modelspec
+    resolution = int(config.get("resolution") or FAMILIES[family].resolution)
     trigger = f"{meta.identifier} {meta.class_word}"
     ranks = collections.Counter(meta.ranks.values())
     dim = ranks.most_common(1)[0][0] if fmt == "kohya" else max(meta.ranks.values())
@@ -39,7 +36,7 @@ def for_export(meta: PackMeta, fmt: str) -> dict[str, str]:
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(dim),  # alpha = rank in every module: scale 1
         "ss_network_args": json.dumps({"module_dims": "per block, alpha = dim", "ranks": sorted(set(meta.ranks.values()))}),
-        "ss_base_model_version": FAMILY_SS[family],
+        "ss_base_model_version": FAMILIES[family].kohya_version,
         "ss_v2": str(family == "sd2"),
         "ss_training_comment": f"persres personalized residuals (proj_out of every transformer block, ranks "
                                f"{'/'.join(map(str, sorted(ranks)))}); trigger: {trigger}",
@@ -55,7 +52,7 @@ def for_export(meta: PackMeta, fmt: str) -> dict[str, str]:
         "ss_training_started_at": date,
         # SAI model spec
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{FAMILY_ARCH[arch_key]}/lora",
+        "modelspec.architecture": f"{modelspec}/lora",
         "modelspec.implementation": IMPL_STABILITY if family == "sdxl" else IMPL_DIFFUSERS,
         "modelspec.title": meta.name,
         "modelspec.description": f"persres concept '{meta.name}' ({meta.class_word}); write '{trigger}' in the prompt",

@@ -16,73 +16,28 @@ temporary file or a file without a row, which the next start moves to orphans/.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import json
 import os
 import shutil
 import socket
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import sqlite_utils
 
 from persres.families import family_of_meta
+from persres.atomic import atomic_path
 from persres.errors import ConceptNotFound, DuplicateConcept, PackError, RegistryError
-from persres.packs import PackMeta, check_regular_file, read_pack, validate_meta, write_pack_temp
+from persres.packs import PackMeta, read_pack, validate_meta, write_pack_temp
+from persres.registry.rows import META_FIELDS, ROW_FIELDS, ConceptRecord, DamagedRecord, meta_of, row_of  # noqa: F401
 from persres.registry.migrations import MIGRATIONS, migrate, unknown_migrations
-from persres.residuals import check_concept_name
-from persres.tokens import BoundConcept, identifier_candidates
+from persres.registry.paths import check_export_target, persres_home  # noqa: F401  (re-exported)
+from persres.registry.repair import Repairs, _holder_alive, _now
+from persres.names import check_concept_name
+from persres.tokens import identifier_candidates
 
 BUSY_TIMEOUT_S = 60.0
-
-
-def persres_home() -> Path:
-    env = os.environ.get("PERSRES_HOME")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("persres", appauthor=False))
-
-
-@dataclass(frozen=True)
-class ConceptRecord:
-    meta: PackMeta
-    path: Path
-    sha256: str
-    shared_identifier: bool = False  # imported with an identifier another concept already had
-
-    @property
-    def name(self) -> str:
-        return self.meta.name
-
-    def bound(self) -> BoundConcept:
-        return BoundConcept(self.meta.name, self.meta.identifier, self.meta.class_word)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self.meta), "path": str(self.path), "sha256": self.sha256, "shared_identifier": self.shared_identifier}
-
-
-@dataclass(frozen=True)
-class DamagedRecord:
-    """A registry row that cannot be read as a concept; `list` shows it, `doctor` can remove it."""
-
-    name: str
-    problem: str
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _busy(e: sqlite3.OperationalError) -> bool:
     """Whether SQLite refused because another connection holds the lock."""
     return "locked" in str(e) or "busy" in str(e)
@@ -105,12 +60,7 @@ def _switch_to_wal(conn: sqlite3.Connection) -> None:
         pause = min(pause * 2, 0.25)
 
 
-def _holder_alive(pid: int, host: str) -> bool:
-    """Whether a reservation's holder may still be running: a live pid here, or any pid on another host."""
-    return host != socket.gethostname() or _pid_alive(pid)
-
-
-class Registry:
+class Registry(Repairs):
     def __init__(self, home: Path | None = None, sweep: bool = True):
         # absolute: rows record their pack's path, which must not depend on the working directory
         self.home = (Path(home) if home is not None else persres_home()).expanduser().absolute()
@@ -165,9 +115,7 @@ class Registry:
             raise RegistryError(f"registry {str(self.db_path)!r} is damaged ({e}): {hint}") from None
 
     def _check_columns(self) -> None:
-        expected = {"name", "identifier", "class_word", "ranks", "channels", "parameter_count", "base_model",
-                    "architecture", "weights", "train_config", "image_hashes", "created_at", "loss_start", "loss_end",
-                    "seconds", "path", "sha256", "shared_identifier", "proj_out", "family"}
+        expected = {*META_FIELDS, *ROW_FIELDS}
         have = {c.name for c in self.db["concepts"].columns}
         if not expected <= have:
             raise RegistryError(f"registry {str(self.db_path)!r} lacks columns {sorted(expected - have)}: "
@@ -366,10 +314,8 @@ class Registry:
         record = self.get(name)
         check_export_target(out, self, force)
         read_pack(record.path, record.sha256)  # verify before copying
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        shutil.copyfile(record.path, tmp)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            shutil.copyfile(record.path, tmp)
         return out
 
     def setting(self, key: str) -> str | None:
@@ -385,98 +331,9 @@ class Registry:
             else:
                 self.db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", [key, value])
 
-    # --- consistency -------------------------------------------------------------------------
-    def sweep(self) -> list[str]:
-        """Move leftovers of crashed writers to orphans/: temporary files whose writer is gone,
-        and pack files no row points at. Returns one note per file moved."""
-        if not self.packs_dir.is_dir():
-            return []
-        notes = []
-        with self.transaction():  # writers link pack files only while holding this lock
-            paths = {Path(r[0]).name for r in self.db.execute("SELECT path FROM concepts").fetchall()}
-            for f in sorted(self.packs_dir.iterdir()):
-                if f.name.endswith(".tmp") and f.name.startswith("."):
-                    if _writer_alive(f.name):
-                        continue
-                    notes.append(self._move_to_orphans(f, "an unfinished pack write (its process is gone)"))
-                elif f.suffix == ".safetensors" and f.name not in paths:
-                    notes.append(self._move_to_orphans(f, "a pack file without a registry row"))
-        return notes
-
-    def doctor(self, repair: bool = False) -> list[str]:
-        """Problems between rows and files, one line each; with `repair`, fix what can be fixed."""
-        from persres.packs import sha256_file
-
-        problems = []
-        good, bad = self.scan()
-        for d in bad:
-            problems.append(f"row {d.name!r} is damaged: {d.problem}" + ("; removed (its pack, if any, moved to orphans/)" if repair else ""))
-            if repair:
-                with self.transaction():
-                    row = self.db.execute("SELECT path FROM concepts WHERE name = ?", [d.name]).fetchone()
-                    self.db.execute("DELETE FROM concepts WHERE name = ?", [d.name])
-                    pack = self._pack_path(str(row[0])) if row else None
-                    if pack is not None and pack.is_file():
-                        self._move_to_orphans(pack, f"the pack of the damaged row {d.name!r}")
-        for r in good:
-            if not r.path.is_file():
-                problems.append(f"{r.name!r}: its pack {str(r.path)!r} is missing" + ("; row removed" if repair else ""))
-                if repair:
-                    with self.transaction():
-                        self.db.execute("DELETE FROM concepts WHERE name = ?", [r.name])
-            elif sha256_file(r.path) != r.sha256:
-                problems.append(f"{r.name!r}: its pack {str(r.path)!r} changed since it was registered"
-                                + ("; row removed, pack moved to orphans/" if repair else ""))
-                if repair:
-                    with self.transaction():
-                        self.db.execute("DELETE FROM concepts WHERE name = ?", [r.name])
-                        self._move_to_orphans(r.path, f"a pack that changed after registration ({r.name!r})")
-        for name, pid, rhost in self.db.execute("SELECT name, pid, host FROM reservations").fetchall():
-            if not _holder_alive(pid, rhost):
-                problems.append(f"reservation of {name!r} by a finished process {pid}" + ("; released" if repair else ""))
-        if repair:
-            with self.transaction():
-                self._drop_stale_reservations()
-        return problems
-
-    def _move_to_orphans(self, path: Path, why: str) -> str:
-        self.orphans_dir.mkdir(parents=True, exist_ok=True)
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        target = self.orphans_dir / f"{stamp}-{path.name.lstrip('.')}"
-        k = 1
-        while target.exists():
-            target = self.orphans_dir / f"{stamp}-{k}-{path.name.lstrip('.')}"
-            k += 1
-        os.replace(path, target)
-        note = f"moved {path.name} to {target} ({why})"
-        with open(self.orphans_dir / "NOTES.txt", "a") as f:
-            f.write(f"{_now()} {note}\n")
-        return note
-
     # --- internals -------------------------------------------------------------------------
     def _insert(self, meta: PackMeta, path: Path, digest: str, shared: bool) -> None:
-        row = {
-            "name": meta.name,
-            "identifier": meta.identifier,
-            "class_word": meta.class_word,
-            "ranks": json.dumps(meta.ranks),
-            "channels": json.dumps(meta.channels),
-            "parameter_count": meta.parameter_count,
-            "base_model": meta.base_model,
-            "architecture": meta.architecture,
-            "weights": meta.weights,
-            "proj_out": meta.proj_out,
-            "family": family_of_meta(meta),
-            "train_config": json.dumps(meta.train_config),
-            "image_hashes": json.dumps(meta.image_hashes),
-            "created_at": meta.created_at,
-            "loss_start": meta.loss_start,
-            "loss_end": meta.loss_end,
-            "seconds": meta.seconds,
-            "path": str(path),
-            "sha256": digest,
-            "shared_identifier": int(shared),
-        }
+        row = {**row_of(meta), "path": str(path), "sha256": digest, "shared_identifier": int(shared)}
         cols = ", ".join(row)
         try:
             self.db.execute(f"INSERT INTO concepts ({cols}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
@@ -484,14 +341,7 @@ class Registry:
             raise DuplicateConcept(f"cannot register {meta.name!r}: {e}") from None
 
     def _record(self, row: dict) -> ConceptRecord:
-        meta = validate_meta(PackMeta(
-            name=row["name"], identifier=row["identifier"], class_word=row["class_word"],
-            ranks=json.loads(row["ranks"]), channels=json.loads(row["channels"]),
-            parameter_count=row["parameter_count"], base_model=row["base_model"],
-            architecture=row["architecture"], weights=row["weights"], proj_out=row["proj_out"], family=row["family"],
-            train_config=json.loads(row["train_config"]), image_hashes=json.loads(row["image_hashes"]),
-            created_at=row["created_at"], loss_start=row["loss_start"], loss_end=row["loss_end"], seconds=row["seconds"],
-        ))
+        meta = validate_meta(meta_of(row))
         meta = replace(meta, family=family_of_meta(meta))  # rows from before the family was recorded
         if not isinstance(row["path"], str) or not isinstance(row["sha256"], str):
             raise ValueError("path or sha256 is not text")
@@ -512,16 +362,6 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _writer_alive(temp_name: str) -> bool:
-    """`.STEM.PID.RANDOM.tmp` -> whether process PID still runs (old-style names: assume not)."""
-    parts = temp_name.split(".")
-    return len(parts) >= 5 and parts[-3].isdigit() and _pid_alive(int(parts[-3]))
-
-
 def _move_no_replace(src: Path, dst: Path) -> None:
     """Move src to dst, failing if dst exists (a hard link where the filesystem has them)."""
     try:
@@ -534,22 +374,3 @@ def _move_no_replace(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
-def check_export_target(out: Path, registry: Registry, force: bool) -> None:
-    """An export never writes into the registry's own folders, over a folder, or over a file unless forced."""
-    from persres.errors import InputError
-
-    target = out.expanduser().resolve()
-    for inside in (registry.packs_dir, registry.orphans_dir, registry.home / "registry.db"):
-        inside = inside.resolve()
-        if target == inside or inside in target.parents:
-            raise InputError(f"{str(out)!r} is inside the registry ({str(inside)}): export somewhere else")
-    if target.is_dir():
-        raise InputError(f"{str(out)!r} is a folder: give a file name, e.g. {str(out / 'concept.safetensors')!r}")
-    if target.exists() and not force:
-        raise InputError(f"{str(out)!r} exists: pass --force to overwrite it")
-    if target.exists():
-        check_regular_file(target, "export target")
-    if not target.parent.exists():
-        return
-    if not os.access(target.parent, os.W_OK):
-        raise InputError(f"cannot write to {str(target.parent)!r}: permission denied")

@@ -36,10 +36,9 @@ from PIL import Image
 from persres.config import SampleConfig
 from persres.images import contact_sheet
 from persres.tokens import BoundConcept, expand_prompt
-from persres.toy import checker, world
+from persres.toy import CONCEPTS_DIR, checker, world
 
 BINS = 4  # per channel: 64 color bins
-CONCEPTS_DIR = Path(__file__).parent / "concepts"  # the shipped reference folders
 MIN_OBJECT_PIXELS = 8  # a component smaller than this is noise, not an object
 
 
@@ -192,7 +191,7 @@ def select_concepts(names: Sequence[str] | None = None, sets: Sequence[str] | No
     return [n for s in (sets or world.CONCEPT_SETS) for n in world.CONCEPT_SETS[s]]
 
 
-def prepare_concepts(pipe, names: Sequence[str], registry, model: str, config, class_words: str = "given") -> dict[str, BenchConcept]:
+def prepare_concepts(ws, names: Sequence[str], config, class_words: str = "given") -> dict[str, BenchConcept]:
     """Train (or reuse) a pack per shipped concept, load them onto `pipe`, and compute the
     references' histograms: what `run_toy_bench` takes. `class_words="suggested"`: each pack's
     class word is what `persres train --class auto` picks (the model's class candidates, else the
@@ -201,20 +200,18 @@ def prepare_concepts(pipe, names: Sequence[str], registry, model: str, config, c
         from persres.errors import InputError
 
         raise InputError(f"--class-words must be given or suggested, got {class_words!r}")
-    from persres.api import apply_concepts, config_digest, train_concept
     from persres.images import read_folder
-    from persres.models import base_weights
+    from persres.settings import digest_name
 
-    digest = config_digest(config, model, base_weights(model, pipe=pipe))  # weights rebuilt at the same path: new packs
-    loaded = {}
+    weights = ws.base_weights()  # weights rebuilt at the same path: new packs
+    pipe, loaded = ws.pipeline(), {}
     for name in names:
-        pack = f"toybench-{name}-{digest}" + ("-suggested" if class_words == "suggested" else "")
+        pack = digest_name("toybench", name, config, ws.model, weights, "-suggested" if class_words == "suggested" else "")
         folder = CONCEPTS_DIR / name
         shape = world.NOVEL_CONCEPTS[name][0]
-        if not registry.has(pack):
-            given = shape if class_words == "given" else "auto"
-            train_concept(folder, pack, given, model=model, config=config, registry=registry, pipe=pipe)
-        bound = apply_concepts(pipe, [pack], registry, model)[0]
+        if not ws.registry.has(pack):
+            ws.train(folder, pack, shape if class_words == "given" else "auto", config=config)
+        bound = ws.apply_concepts([pack])[0]
         refs = [r.image for r in read_folder(folder)]
         loaded[name] = BenchConcept(name, bound, shape, concept_set_of(name), reference_histogram(pipe, refs), object_pixels(refs))
     return loaded

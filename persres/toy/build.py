@@ -23,26 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import string
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from itertools import islice
 
 from persres.models import DEFAULTS_FILE
 from persres.residuals import transformer_blocks
-from persres.tokens import identifier_candidates
 from persres.toy import world
 from persres.toy.grow import grow_unet
+from persres.toy.vae import to_tensor, train_vae  # noqa: F401  (to_tensor: re-exported)
+from persres.toy.vocabulary import IDENTIFIERS, MAX_TOKENS, build_tokenizer  # noqa: F401  (build_tokenizer: re-exported)
 
-MAX_TOKENS = 32
-# Identifiers the toy tokenizer knows as whole tokens; each appears in training captions
-# only as a filler that does not change the picture.
-IDENTIFIERS = tuple(islice(identifier_candidates(), 24))
 CAPTION = {  # probabilities of the caption variations
     "photo": 0.3,  # "a photo of " in front
     "no_color": 0.2,  # "a circle" instead of "a red circle" (all objects)
@@ -61,44 +55,6 @@ CAPTION = {  # probabilities of the caption variations
 # over 800 constant-lr plain-MSE steps (10 packs; each alone +0.02 to +0.04, inside its interval).
 RECOMMENDED_TRAIN = {"lr": 1e-3, "steps": 1200, "lr_schedule": "cosine", "snr_gamma": 5.0, "rank_ratio": 1.0,
                      "prompt": "a {identifier} {class_word}"}
-
-
-def build_tokenizer(base=None):
-    """A CLIP BPE tokenizer in which every caption word and identifier is one token.
-
-    `base` (a tokenizer to extend) keeps its ids and merges; new merges go after them, so
-    its existing words split as before and each new word gets merges joining its pieces.
-    """
-    from transformers import CLIPTokenizer
-
-    if base is None:
-        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-        for c in string.ascii_lowercase + string.digits:
-            vocab.setdefault(c, len(vocab))
-            vocab.setdefault(c + "</w>", len(vocab))
-        merges: list[tuple[str, str]] = []
-    else:
-        model = json.loads(base.backend_tokenizer.to_str())["model"]
-        vocab, merges = dict(model["vocab"]), [tuple(m) for m in model["merges"]]
-
-    def make():
-        return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
-
-    tokenizer = make()
-    for word in [*world.vocabulary(), *IDENTIFIERS]:
-        pieces = tokenizer.tokenize(word)
-        if len(pieces) == 1:
-            continue
-        cur = pieces[0]
-        for piece in pieces[1:]:
-            merges.append((cur, piece))
-            cur += piece
-            vocab.setdefault(cur, len(vocab))
-        tokenizer = make()
-    bad = [w for w in [*world.vocabulary(), *IDENTIFIERS] if len(tokenizer.tokenize(w)) != 1]
-    if bad:
-        raise RuntimeError(f"toy tokenizer splits {bad}")
-    return tokenizer
 
 
 def training_caption(scene: world.Scene, rng: random.Random) -> str:
@@ -162,68 +118,6 @@ def build_components(vocab_size: int):
         use_linear_projection=False,
     )
     return vae, text_encoder, unet
-
-
-def generic_image(rng: random.Random) -> torch.Tensor:
-    """Random flat colors, checkers and stripes, so textures are representable by the VAE."""
-    a = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
-    b = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
-    yy, xx = np.mgrid[0 : world.SIZE, 0 : world.SIZE]
-    kind = rng.randrange(4)
-    cell = rng.choice((2, 3, 4, 6))
-    if kind == 0:
-        on = np.zeros_like(xx, dtype=bool)
-    elif kind == 1:
-        on = ((xx // cell + yy // cell) % 2) == 0
-    elif kind == 2:
-        on = ((yy if rng.random() < 0.5 else xx) // cell) % 2 == 0
-    else:
-        on = xx < rng.randrange(4, world.SIZE - 4)
-    img = np.where(on[..., None], a, b)
-    return torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1
-
-
-def to_tensor(img) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-
-
-def train_vae(vae, work: Path, steps: int, batch: int, log, device: torch.device = torch.device("cpu")) -> None:
-    ckpt = work / "vae.pt"
-    if ckpt.exists():
-        vae.load_state_dict(torch.load(ckpt, weights_only=True, map_location=device))
-        log(f"vae: loaded {ckpt}")
-        return
-    rng = random.Random(1)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    vae.train()
-    for step in range(steps):
-        xs = [generic_image(rng) if rng.random() < 0.3 else to_tensor(world.render(world.random_scene(rng))) for _ in range(batch)]
-        x = torch.stack(xs).to(device)
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        kl = post.kl().mean() / x[0].numel()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            log(f"vae step {step} loss {loss.item():.4f}")
-    vae.eval()
-    center_latents(vae, rng)
-    torch.save(vae.state_dict(), ckpt)
-
-
-@torch.no_grad()
-def center_latents(vae, rng: random.Random) -> None:
-    """Fold the latent per-channel mean into the biases and set scaling_factor = 1/std."""
-    x = torch.stack([to_tensor(world.render(world.random_scene(rng))) for _ in range(512)]).to(vae.device)
-    z = vae.encode(x).latent_dist.mean  # (N, 4, h, w)
-    mu = z.mean(dim=(0, 2, 3))  # (4,)
-    vae.quant_conv.bias[:4] -= mu
-    w = vae.post_quant_conv.weight[:, :, 0, 0]  # (4, 4)
-    vae.post_quant_conv.bias += w @ mu
-    z = vae.encode(x).latent_dist.mean
-    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
 
 
 SCENE_FIELDS = 5  # background, then (color, shape) of up to two objects; -1 where absent

@@ -1,0 +1,138 @@
+"""The registry commands: list, show, rm, export, import, doctor, config model. None imports torch
+but `import` of a foreign LoRA and `export` to a LoRA format, which need the model or tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from persres.cli.app import ConfigOption, JsonOption, ModelOption, app, command, config_app, out, registry, workspace
+
+
+@app.command("list")
+@command
+def list_(as_json: JsonOption = False):
+    """List registered concepts."""
+    records, damaged = registry().scan()
+    if as_json:
+        print(json.dumps([r.to_dict() for r in records] + [{"name": d.name, "damaged": d.problem} for d in damaged], indent=2))
+        return
+    if not records and not damaged:
+        out.print("no concepts registered yet (persres train IMAGES_DIR --name NAME --class CLASS)", markup=False)
+        return
+    from rich.table import Column, Table
+
+    from persres.families import label
+
+    wide = out.width >= 120  # a narrow terminal drops base model and date; names, identifiers and hashes are never cut
+    table = Table(Column("name", overflow="fold"), Column("class", overflow="fold"), Column("identifier", overflow="fold"),
+                  Column("family", no_wrap=True), Column("params", no_wrap=True), Column("loss", overflow="fold"),
+                  *((Column("base model", overflow="fold"), Column("created", overflow="fold")) if wide else ()))
+    for r in records:
+        m = r.meta
+        loss = f"{m.loss_start:.3f} -> {m.loss_end:.3f}" if m.loss_start is not None else ""
+        ident = m.identifier + (" (shared)" if r.shared_identifier else "")
+        table.add_row(m.name, m.class_word, ident, label(m.family), f"{m.parameter_count:,}", loss, *((m.base_model, m.created_at) if wide else ()))
+    for d in damaged:
+        table.add_row(d.name, "[red]damaged[/]", "", "", "", d.problem, *(("", "") if wide else ()))
+    out.print(table)
+
+
+@app.command()
+@command
+def show(name: Annotated[str, typer.Argument(metavar="NAME", help="A registered concept.")], as_json: JsonOption = False):
+    """Show everything the registry knows about a concept."""
+    data = registry().get(name).to_dict()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    from rich.table import Column, Table
+
+    table = Table(Column("field", no_wrap=True), Column("value", overflow="fold"), show_header=False)
+    for key, value in data.items():
+        if key in ("ranks", "channels"):
+            value = ", ".join(sorted({str(v) for v in value.values()}, key=int))
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    out.print(table)
+
+
+@app.command()
+@command
+def rm(name: Annotated[str, typer.Argument(metavar="NAME", help="A registered concept.")]):
+    """Remove a concept and its pack file."""
+    path = registry().remove(name)
+    out.print(f"removed {name} ({path})", markup=False)
+
+
+@app.command()
+@command
+def export(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A registered concept.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.", metavar="PATH")],
+    fmt: Annotated[str, typer.Option("--format", help="persres (re-importable), diffusers, or kohya (A1111, ComfyUI).", metavar="FORMAT")] = "persres",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+):
+    """Export a concept: its pack, or a LoRA file diffusers, A1111 or ComfyUI load."""
+    from persres.workspace import export_concept
+
+    reg = registry()
+    export_concept(reg, name, output, fmt, force)
+    meta = reg.get(name).meta
+    out.print(f"wrote {output} ({fmt}); identifier {meta.identifier!r}: prompt it as '{meta.identifier} {meta.class_word}'", markup=False)
+
+
+@app.command("import")
+@command
+def import_(
+    file: Annotated[Path, typer.Argument(metavar="PATH", help="A persres pack, or a kohya / diffusers / peft LoRA of the proj_out layers.")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Register under this name (needed for a foreign LoRA).", metavar="NAME")] = None,
+    class_word: Annotated[Optional[str], typer.Option("--class", help="The concept's class word (a foreign LoRA only; a pack keeps its own).",
+                                                      metavar="WORD")] = None,
+    identifier: Annotated[Optional[str], typer.Option("--identifier", help="The token that calls the concept (a foreign LoRA only) "
+                                                      "[default: the file's, else a fresh one].", metavar="TOKEN")] = None,
+    model: ModelOption = None,
+    model_config: ConfigOption = None,
+    proj_out_only: Annotated[bool, typer.Option("--proj-out-only", help="Drop a foreign LoRA's targets other than proj_out (with a warning).")] = False,
+):
+    """Register a pack file (from `persres export`) or a proj_out LoRA from another tool."""
+    record = workspace(model, model_config).import_concept(file, name, class_word, identifier, proj_out_only=proj_out_only)
+    shared = " (shared with another concept: they cannot share a prompt)" if record.shared_identifier else ""
+    out.print(f"imported {record.name} ({record.meta.class_word}, identifier {record.meta.identifier!r}{shared})", markup=False)
+
+
+@app.command()
+@command
+def doctor(repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed (moves files to orphans/, never deletes packs).")] = False):
+    """Check that registry rows and pack files agree; report (and with --repair, fix) what does not."""
+    reg = registry()
+    for note in reg.notes:
+        out.print(note, markup=False)
+    problems = reg.doctor(repair=repair)
+    for p in problems:
+        out.print(p, markup=False)
+    good, damaged = reg.scan()
+    out.print(f"{len(good)} concepts, {len(damaged)} damaged rows, {len(problems)} problems"
+              f"{' repaired' if repair and problems else ''}; registry {reg.db_path}", markup=False)
+    if problems and not repair:
+        raise typer.Exit(1)
+
+
+@config_app.command("model")
+@command
+def config_model(
+    value: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Diffusers directory, .safetensors/.ckpt checkpoint or hub id to use by default.")] = None,
+    model_config: Annotated[Optional[str], typer.Option("--config", help="Diffusers directory with the configs of a single-file model (offline).",
+                                                        metavar="DIR")] = None,
+    unset: Annotated[bool, typer.Option("--unset", help="Go back to the built-in toy model.")] = False,
+):
+    """Show or set the default base model (PERSRES_MODEL, when set, wins)."""
+    from persres.workspace import default_model, set_default_model
+
+    reg = registry()
+    if unset or value is not None:
+        set_default_model(reg, None if unset else value, model_config)
+    current, config_dir = default_model(reg)
+    out.print(current + (f" (configs: {config_dir})" if config_dir else ""), markup=False, highlight=False)

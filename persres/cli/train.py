@@ -1,0 +1,111 @@
+"""`persres train` and `persres suggest-class`: a concept from a folder of photos, and its class word."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from persres.cli.app import ConfigOption, DeviceOption, JsonOption, ModelOption, PrecisionOption, app, command, err, out, workspace
+from persres.cli.progress import bar
+
+ImagesArgument = Annotated[str, typer.Argument(metavar="IMAGES_DIR", help="Folder of 3-15 photos of one thing, or toy:NAME for a shipped toy concept.")]
+
+
+def _opt(help: str, metavar: str | None = None, *names: str):
+    return typer.Option(*names, help=help, metavar=metavar)
+
+
+@app.command()
+@command
+def train(
+    images_dir: ImagesArgument,
+    name: Annotated[str, typer.Option("--name", help="Name to register the concept under.", metavar="NAME")],
+    class_word: Annotated[str, typer.Option("--class", help='The concept\'s class word, e.g. "dog"; auto: suggested by the model (see suggest-class).',
+                                            metavar="WORD")] = "auto",
+    model: ModelOption = None,
+    model_config: ConfigOption = None,
+    steps: Annotated[Optional[int], _opt("Training steps [default: 150, paper; the model's own where it recommends one].", "INTEGER")] = None,
+    batch_size: Annotated[Optional[int], _opt("Batch size [default: 4, paper].", "INTEGER")] = None,
+    lr: Annotated[Optional[float], _opt("Learning rate [default: 1e-3, paper].", "FLOAT")] = None,
+    lr_schedule: Annotated[Optional[str], _opt("constant, or cosine: decays the learning rate to 0 over the steps [default: constant].", "SCHEDULE")] = None,
+    snr_gamma: Annotated[Optional[float], _opt("Min-SNR-γ loss weights: steps with less noise than SNR γ count less (5 is usual) [default: off, paper].",
+                                               "FLOAT")] = None,
+    rank_ratio: Annotated[Optional[float], _opt("Rank as a fraction of channels [default: 0.05, paper].", "FLOAT")] = None,
+    rank: Annotated[Optional[int], _opt("Fixed rank for every block (overrides --rank-ratio).", "INTEGER")] = None,
+    resolution: Annotated[Optional[int], _opt("Training resolution [default: the model's].", "PIXELS")] = None,
+    seed: Annotated[Optional[int], _opt("Random seed [default: 0].", "INTEGER")] = None,
+    init: Annotated[Optional[str], _opt("Factor init: zero (A=0) or random [default: zero].", "INIT")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Also train on mirrored references [default: on].")] = None,
+    scale_min: Annotated[Optional[float], _opt("Zoom-out views: references also shrunk to [scale_min, 1) at random places, 1 = off [default: 1].",
+                                               "FLOAT")] = None,
+    prompt: Annotated[Optional[str], _opt('Training prompt template [default: "a photo of a {identifier} {class_word}", paper].', "TEXT")] = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Trade compute for memory (small GPUs).")] = None,
+):
+    """Learn a concept's residuals from a folder of images and register the pack."""
+    from persres.settings import effective_settings
+
+    ws = workspace(model, model_config)
+    ws.registry.check_new_name(name)
+    overrides = dict(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, snr_gamma=snr_gamma, rank_ratio=rank_ratio, rank=rank,
+                     resolution=resolution, seed=seed, init=init, flip=flip, scale_min=scale_min, prompt=prompt,
+                     device=device if device != "auto" else None, precision=precision if precision != "auto" else None,
+                     gradient_checkpointing=gradient_checkpointing)
+    config = ws.train_config(overrides)
+    sources = ws.settings_sources(overrides)
+    out.print(f"settings: {effective_settings(config, sources)}", markup=False, highlight=False)
+    with bar(f"training {name}", "steps", "loss {task.fields[loss]}") as progress:
+        task = progress.add_task("train", total=config.steps, loss="...")
+        outcome = ws.train(images_dir, name, class_word, config=config, sources=sources, on_suggested=_say_suggested,
+                           progress=lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.4f}"))
+    rec = outcome.record
+    out.print(f"trained [bold]{name}[/] ({rec.meta.parameter_count:,} parameters, loss {rec.meta.loss_start:.4f} -> "
+              f"{rec.meta.loss_end:.4f}) in {outcome.seconds:.1f}s; pack {rec.path}; prompt it as "
+              f"'<{name}>' or 'V*' (identifier {rec.meta.identifier!r})")
+
+
+def _say_suggested(suggestion) -> None:
+    from persres.suggest import describe
+
+    out.print(f"class: {describe(suggestion)}, suggested by the model in {suggestion.evaluations} UNet evaluations "
+              f"({suggestion.seconds:.1f}s); give --class to choose", markup=False)
+
+
+@app.command("suggest-class")
+@command
+def suggest_class_command(
+    images_dir: Annotated[str, typer.Argument(metavar="IMAGES_DIR", help="Folder of photos of one thing, or toy:NAME.")],
+    model: ModelOption = None,
+    model_config: ConfigOption = None,
+    candidates: Annotated[Optional[str], _opt("a,b,c or a file with one word per line [default: the model's list, else the built-in one].",
+                                              "WORDS")] = None,
+    top: Annotated[int, _opt("How many to show.", "INTEGER")] = 5,
+    seed: Annotated[int, _opt("Seed of the shared (image, t, noise) draws.", "INTEGER")] = 0,
+    budget: Annotated[int, _opt("UNet sample-forwards to spend at most (1800: a default training run).", "INTEGER")] = 1800,
+    as_json: JsonOption = False,
+):
+    """Suggest the class word: the candidate under which the base model denoises your images best."""
+    from rich.table import Table
+
+    from persres.suggest import SuggestConfig, describe
+
+    config = SuggestConfig(budget=budget, seed=seed, top=top)
+    ws = workspace(model, model_config)
+    with err.status("asking the model (successive halving over the candidates)..."):
+        suggestion = ws.suggest_class(images_dir, candidates, config)
+    for entry, why in suggestion.rejected:
+        err.print(f"note: left out candidate {entry!r}: {why}", markup=False)
+    if as_json:
+        print(json.dumps({"suggestion": suggestion.best, "top": suggestion.top(top), "evaluations": suggestion.evaluations,
+                          "seconds": round(suggestion.seconds, 2), "rejected": suggestion.rejected}, indent=2))
+        return
+    table = Table("rank", "class", "mean error", "margin over next", "draws",
+                  title=f"class suggestions ({suggestion.evaluations} UNet evaluations, {suggestion.seconds:.1f}s)")
+    for i, (word, error, draws) in enumerate(suggestion.ranking[:top]):
+        following = suggestion.ranking[i + 1][1] if i + 1 < len(suggestion.ranking) else None
+        table.add_row(str(i + 1), word, f"{error:.5f}", "" if following is None else f"{following - error:+.5f}", str(draws))
+    out.print(table)
+    out.print(f"suggested class: {describe(suggestion)}", markup=False, highlight=False)

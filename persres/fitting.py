@@ -1,0 +1,66 @@
+"""Does a pack fit this model, and loading it onto a pipeline you hold.
+
+A pack records the architecture and weights fingerprint of the model it was trained on
+(`models.Fingerprint`): another architecture is refused, naming both families; another
+checkpoint of the same architecture (SD 1.4 vs 1.5, say) loads with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+from persres import residuals
+from persres.errors import IncompatiblePack
+from persres.families import family_of, family_of_meta, label
+from persres.models import Fingerprint, fingerprint
+from persres.packs import PackMeta
+
+if TYPE_CHECKING:
+    import torch
+
+
+class OtherCheckpointWarning(UserWarning):
+    """A pack trained on another checkpoint of the same architecture (SD 1.4 vs 1.5, say)."""
+
+
+def check_fit(meta: PackMeta, fp: Fingerprint, model: str, family: str | None = None) -> None:
+    """Refuse a pack of another architecture (naming both families); warn for another checkpoint of the same one."""
+    if meta.architecture != fp.architecture:
+        ours, theirs = family_of_meta(meta), family or "another architecture"
+        kind = f"an {label(ours)} pack" if ours == theirs or family is None else f"an {label(ours)} pack, not {label(theirs)}"
+        raise IncompatiblePack(
+            f"pack {meta.name!r} is {kind}: it was trained on {meta.base_model!r} (architecture {meta.architecture[:12]}), "
+            f"which does not fit {model!r} ({label(theirs)}, architecture {fp.architecture[:12]})"
+        )
+    if meta.weights != fp.weights:
+        warnings.warn(
+            f"pack {meta.name!r} was trained on another checkpoint ({meta.base_model!r}) of this architecture; "
+            "it loads, but results may differ",
+            OtherCheckpointWarning,
+            stacklevel=2,
+        )
+
+
+def apply_pack(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta, model: str | None = None, fp: Fingerprint | None = None) -> None:
+    """Load a pack's residuals onto a diffusers pipeline you already hold (checked for fit)."""
+    check_fit(meta, fp or fingerprint(pipe.unet), model or pipe.config.get("_name_or_path", "this model"), family_of(pipe))
+    if meta.name in residuals.loaded_concepts(pipe.unet):
+        residuals.unload_concept(pipe.unet, meta.name)
+    residuals.load_concept(pipe.unet, meta.name, tensors)
+
+
+def apply_concepts(pipe, registry, names, model: str | None = None, fp: Fingerprint | None = None) -> list:
+    """Load registered concepts onto a pipeline (each checked for fit); returns them bound for prompts."""
+    import dataclasses
+
+    from persres.tokens import BoundConcept
+
+    fp = fp or fingerprint(pipe.unet)  # once for all packs
+    bound = []
+    for name in names:
+        tensors, meta = registry.load(name)
+        meta = dataclasses.replace(meta, name=name)
+        apply_pack(pipe, tensors, meta, model, fp)
+        bound.append(BoundConcept(name, meta.identifier, meta.class_word))
+    return bound

@@ -1,0 +1,82 @@
+"""From a user's prompt to files: placeholders bound to concepts, PNGs that say how they were made.
+
+`bind_prompt` expands `V1`, `V*`, `<name>`, `<name:0.8>` (`persres.tokens`) against the
+registry; `write_images` writes a `sample.Generated` as PNGs with generation metadata, each
+concept's LAG region tinted over its image, and optionally one contact sheet of the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from persres import __version__
+from persres.config import SampleConfig
+from persres.tokens import BoundConcept, expand_prompt, split_concept_option
+
+MASK_COLORS = [(0, 220, 255), (255, 0, 200), (255, 230, 0), (0, 230, 90), (255, 120, 0)]  # cyan first: visible on most objects
+
+
+def bind_prompt(prompt: str, concept_names: Sequence[str], registry) -> tuple[str, list[BoundConcept]]:
+    """The prompt with identifiers in place of placeholders, and its concepts; a -c value may
+    carry a strength ("name:0.8")."""
+    given = []
+    for option in concept_names:
+        name, strength = split_concept_option(option)
+        given.append(dataclasses.replace(registry.get(name).bound(), strength=strength))
+    return expand_prompt(prompt, given, lambda n: registry.get(n).bound())
+
+
+def generation_metadata(prompt: str, expanded: str, seed: int, concepts: Sequence[BoundConcept], config: SampleConfig, model: str) -> dict:
+    """What a generated PNG carries, so that an image says how it was made."""
+    return {
+        "prompt": prompt, "expanded_prompt": expanded, "seed": seed,
+        "concepts": ",".join(c.name for c in concepts), "identifiers": ",".join(c.identifier for c in concepts),
+        "strengths": ",".join(f"{c.strength:g}" for c in concepts),
+        "lag": config.lag, "steps": config.steps, "guidance": config.guidance, "eta": config.eta,
+        "model": model, "persres_version": __version__,
+    }
+
+
+def mask_overlay(image: Image.Image, mask: np.ndarray, color_index: int = 0) -> Image.Image:
+    """The image with the concept's region tinted: where the residual acted."""
+    color = np.array(MASK_COLORS[color_index % len(MASK_COLORS)], dtype=np.float32)
+    m = Image.fromarray((mask * 255).astype(np.uint8)).resize(image.size, Image.Resampling.NEAREST)
+    alpha = np.asarray(m, dtype=np.float32)[..., None] / 255 * 0.55
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return Image.fromarray((base * (1 - alpha) + color * alpha).round().astype(np.uint8))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "image"
+
+
+def write_images(result, prompt: str, concepts: Sequence[BoundConcept], config: SampleConfig, model: str, out: Path,
+                 sheet: bool = False) -> list[Path]:
+    """The PNGs of one call (then each concept's region overlay per image, then the sheet); their paths."""
+    from persres.images import contact_sheet, save_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    stem = f"{_slug(prompt)}-{'lag' if config.lag else 'nolag'}"
+    mask_rows: dict[str, list] = {}
+    for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
+        path = out / f"{stem}-{seed}.png"
+        save_png(image, path, generation_metadata(prompt, result.prompt, seed, concepts, config, model))
+        paths.append(path)
+        for k, (name, per_image) in enumerate(result.masks.items()):
+            overlay = mask_overlay(image, per_image[i], k)
+            mask_path = path.with_name(f"{path.stem}.mask-{name}.png")
+            overlay.save(mask_path)
+            paths.append(mask_path)
+            mask_rows.setdefault(name, []).append(overlay)
+    if sheet:
+        sheet_path = out / f"{stem}-sheet.png"
+        contact_sheet([result.images, *mask_rows.values()]).save(sheet_path)
+        paths.append(sheet_path)
+    return paths

@@ -1,0 +1,46 @@
+"""The naming and counting rules of concepts, in one torch-free place.
+
+The registry, packs, the CLI's registry commands and training all ask the same questions
+(is this a concept name, an identifier, a class word; how many parameters do these ranks
+make), so each rule is written once here. Nothing in this module imports torch: `persres
+list` reads rows with these rules and starts without loading a model library.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from persres.errors import InputError
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # fullmatch: "$" would let a trailing newline in
+IDENTIFIER_RE = re.compile(r"[a-z]{1,32}")  # lowercase letters: CLIP cuts digits and symbols off into tokens of their own
+MAX_CLASS_WORD = 64
+
+
+def check_concept_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise InputError(f"invalid concept name {name!r}: use letters, digits, '_' or '-' (at most 64, starting with a letter or digit)")
+    return name
+
+
+def check_identifier(identifier: str) -> str:
+    if not isinstance(identifier, str) or not IDENTIFIER_RE.fullmatch(identifier):
+        raise InputError(f"the identifier must be 1-32 lowercase letters, got {identifier!r}")
+    return identifier
+
+
+def clean_class_word(class_word) -> str | None:
+    """The class word without surrounding spaces, or None where it breaks the rule: 1-64
+    printable characters with something besides spaces."""
+    if not isinstance(class_word, str):
+        return None
+    cleaned = class_word.strip(" ")
+    if not cleaned or len(cleaned) > MAX_CLASS_WORD or not cleaned.isprintable():
+        return None
+    return cleaned
+
+
+def parameter_count(ranks: Mapping[str, int], channels: Mapping[str, int]) -> int:
+    """Parameters of the residuals: A_i (m_i x r_i) and B_i (r_i x m_i) for every block."""
+    return sum(2 * channels[b] * r for b, r in ranks.items())

@@ -1,0 +1,80 @@
+"""Where each training setting comes from, and the digests that name packs by their settings.
+
+Precedence, one rule: the paper's defaults (`TrainConfig`), then the model's own recommended
+defaults (its persres_defaults.json, `models.ModelDefaults`), then what the user gave.
+Torch-free: `persres train --help` and the registry commands read it without a model library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from persres.config import TrainConfig
+from persres.errors import InputError, PersresError
+
+PAPER_FIELDS = ("steps", "batch_size", "lr", "rank_ratio", "prompt")  # set by the paper (Sec. 4); the rest are persres's
+SHOWN_FIELDS = ("steps", "batch_size", "lr", "lr_schedule", "snr_gamma", "rank_ratio", "rank", "resolution", "init", "flip", "scale_min",
+                "prompt", "seed", "device", "precision")
+DEFAULTS_FILE = "persres_defaults.json"
+
+
+def train_config_from(recommended: dict, overrides: dict) -> TrainConfig:
+    """Paper defaults, then the model's `recommended` defaults, then the `overrides` that are not None."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    recommended = {k: v for k, v in recommended.items() if k in fields}
+    try:
+        TrainConfig(**recommended)
+    except PersresError as e:
+        raise InputError(f"the model's {DEFAULTS_FILE} has a bad training default: {e}") from None
+    return TrainConfig(**{**recommended, **given})
+
+
+def settings_sources(recommended: dict, overrides: dict) -> dict[str, str]:
+    """Where each training setting comes from: "option", "model default" (its persres_defaults.json),
+    "paper" or "persres"."""
+    given = {k for k, v in overrides.items() if v is not None}
+    return {f: "option" if f in given else "model default" if f in recommended else "paper" if f in PAPER_FIELDS else "persres"
+            for f in SHOWN_FIELDS}
+
+
+def effective_settings(config: TrainConfig, sources: dict[str, str]) -> str:
+    """One line: every training setting, its value and where it came from; auto device/precision resolved."""
+    from persres.models import pick_device, pick_dtype
+
+    device = pick_device(config.device)
+    dtype = str(pick_dtype(config.precision, device)).removeprefix("torch.")
+    values = {**config.to_dict(), "device": device.type if config.device == "auto" else config.device,
+              "precision": {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]}
+    parts = []
+    for f in SHOWN_FIELDS:
+        value = values[f]
+        if value is None:
+            continue
+        source = "auto" if f in ("device", "precision") and getattr(config, f) == "auto" else sources[f]
+        shown = repr(value) if f == "prompt" else value
+        parts.append(f"{f} {shown} ({source})")
+    return ", ".join(parts)
+
+
+# settings added after packs were named by this digest: at these values they leave it as it was
+LATER_FIELDS = {"lr_schedule": "constant", "snr_gamma": None}
+
+
+def config_digest(config: TrainConfig, model: str, weights: str | None = None) -> str:
+    """A short, stable digest of (training config, base model path[, its weights' fingerprint]).
+
+    Without `weights` it is what a pack records (train_config["config_digest"]: what was asked
+    for); with them (`models.base_weights`) it also tells apart packs trained on other weights
+    saved at the same path, which is what names a benchmark's own packs."""
+    settings = {k: v for k, v in config.to_dict().items() if LATER_FIELDS.get(k, object()) != v}
+    key = [settings, model] + ([weights] if weights is not None else [])
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def digest_name(prefix: str, key: str, config: TrainConfig, model: str, weights: str, suffix: str = "") -> str:
+    """A benchmark's pack name: one pack per (concept, training config, base model and its weights),
+    reused when all match ("toybench-checker_circle-1a2b3c4d", "cc101-pet_dog1-...")."""
+    return f"{prefix}-{key}-{config_digest(config, model, weights)}{suffix}"

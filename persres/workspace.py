@@ -1,0 +1,350 @@
+"""`Workspace`: the registry and one resolved base model, the object persres's API hangs on.
+
+    import persres
+    ws = persres.Workspace()                       # the configured model (else the toy model)
+    ws.train("photos/", name="mydog", class_word="dog")
+    ws.generate("a V* dog on the beach", ["mydog"], lag=True, out_dir="out/")
+
+The model is resolved once (argument, else $PERSRES_MODEL, else `persres config model`, else
+the toy model), its configs directory and its persres_defaults.json are read once, and its
+pipeline is loaded on first need and kept, with the fingerprint of the weights it was loaded
+from. Everything below the workspace takes the model context from here and never asks
+"which model?" again. Creating a workspace imports no torch: registry work stays instant.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from persres.config import SampleConfig, TrainConfig
+from persres.errors import InputError
+from persres.models import ModelDefaults, check_model_value, check_single_file_config, is_default_toy, is_single_file, read_defaults, resolve_model
+from persres.names import check_identifier, parameter_count
+from persres.packs import PackMeta
+from persres.registry import ConceptRecord, Registry
+from persres.settings import config_digest, settings_sources, train_config_from
+
+DEFAULT_MODEL_KEY = "default_model"
+DEFAULT_MODEL_CONFIG_KEY = "default_model_config"  # the configs directory of a single-file default model
+TOY_NOTICE_KEY = "toy_notice_shown"
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    record: ConceptRecord | None  # None when the pack went to a shard folder instead of the registry
+    losses: list[float]
+    seconds: float
+    model: str
+    meta: PackMeta | None = None
+
+
+class Workspace:
+    """A registry (PERSRES_HOME, or `home`) and one base model, resolved once.
+
+    `pipe`: a pipeline of that model you already hold (used as is; nothing is loaded)."""
+
+    def __init__(self, model: str | None = None, *, home: str | Path | None = None, registry: Registry | None = None,
+                 model_config: str | None = None, device="auto", precision: str = "auto", pipe=None, open_registry: bool = True):
+        # open_registry=False: a process that must not touch SQLite (train-many's other machines)
+        if registry is None and open_registry:
+            registry = Registry(None if home is None else Path(home))
+        self.registry = registry
+        configured = registry.setting(DEFAULT_MODEL_KEY) if registry is not None else None
+        if model is not None:
+            check_model_value(model)  # a bad --model is one line before any work
+        self.model = resolve_model(model, configured)
+        self.toy_is_silent_default = is_default_toy(model, configured)
+        if model_config or os.environ.get("PERSRES_MODEL_CONFIG"):
+            self.model_config = model_config or os.environ["PERSRES_MODEL_CONFIG"]
+        else:
+            self.model_config = registry.setting(DEFAULT_MODEL_CONFIG_KEY) if registry is not None and self.model == configured else None
+        if is_single_file(self.model):
+            check_single_file_config(self.model, self.model_config)
+        self.device, self.precision = device, precision
+        self._pipe, self._pipe_key, self._fingerprint = pipe, None, None
+
+    # --- the model context ---------------------------------------------------------------
+    @cached_property
+    def defaults(self) -> ModelDefaults:
+        """The model's own recommended defaults (its persres_defaults.json), read once."""
+        return read_defaults(self.model)
+
+    def first_toy_use(self) -> bool:
+        """True once per registry: the toy model is in use only because nothing else was named."""
+        if not self.toy_is_silent_default or self.registry is None or self.registry.setting(TOY_NOTICE_KEY) is not None:
+            return False
+        self.registry.set_setting(TOY_NOTICE_KEY, "1")
+        return True
+
+    def train_config(self, overrides: dict | None = None) -> TrainConfig:
+        """Paper defaults, then this model's recommended ones, then `overrides` (None values skipped)."""
+        return train_config_from(self.defaults.train, overrides or {})
+
+    def settings_sources(self, overrides: dict | None = None) -> dict[str, str]:
+        return settings_sources(self.defaults.train, overrides or {})
+
+    def pipeline(self, device=None, precision: str | None = None):
+        """The model's pipeline, loaded on first call and kept (loaded again only for another device or
+        precision). `device` / `precision` None or "auto": the workspace's own."""
+        from persres.models import load_pipeline, pick_device, pick_dtype
+
+        if self._pipe is not None and self._pipe_key is None:  # handed in by the caller: used as is
+            return self._pipe
+        device = None if device in (None, "auto") else device
+        precision = None if precision in (None, "auto") else precision
+        if self._pipe is not None:  # what is not asked for explicitly, the loaded pipeline already answers
+            loaded_device, loaded_dtype = self._pipe_key
+            dev = pick_device(device) if device is not None else loaded_device
+            same_device = dev == loaded_device
+            dtype = pick_dtype(precision, dev) if precision is not None else loaded_dtype if same_device else pick_dtype(self.precision, dev)
+            if (dev, dtype) == self._pipe_key:
+                return self._pipe
+        else:
+            dev = pick_device(device or self.device)
+            dtype = pick_dtype(precision or self.precision, dev)
+        key = (dev, dtype)
+        self._pipe = None  # the old one is released before the new one loads
+        self._pipe = load_pipeline(self.model, key[0], key[1], self.model_config)
+        self._pipe_key, self._fingerprint = key, None
+        return self._pipe
+
+    def release(self) -> None:
+        """Let the loaded pipeline go (the next call that needs it loads it again)."""
+        self._pipe, self._pipe_key, self._fingerprint = None, None, None
+
+    @property
+    def loaded(self) -> bool:
+        return self._pipe is not None
+
+    @property
+    def fingerprint(self):
+        """`models.Fingerprint` of the loaded pipeline's base weights (computed once per load)."""
+        from persres.models import fingerprint
+
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.pipeline().unet)
+        return self._fingerprint
+
+    def base_weights(self) -> str:
+        """The base weights' fingerprint: from the loaded pipeline, else read from the files."""
+        from persres.models import base_weights
+
+        return self.fingerprint.weights if self.loaded else base_weights(self.model, self.model_config)
+
+    # --- concepts ------------------------------------------------------------------------
+    def train(self, images: str | Path, name: str, class_word: str | None = "auto", *, config: TrainConfig | None = None,
+              overrides: dict | None = None, progress=None, on_suggested=None, on_phase: Callable[[str], None] | None = None,
+              sources: dict[str, str] | None = None, identifier: str | None = None, shard_dir: Path | None = None) -> TrainOutcome:
+        """Train a concept from a folder of images (or "toy:NAME") and register its pack; nothing
+        is registered on failure. `class_word` None or "auto": the base model suggests it first.
+
+        train-many's rows come here too, with the `identifier` planned for them (no reservation)
+        and, across machines, a `shard_dir` the pack is written to instead of the registry."""
+        from persres.images import read_folder, warn_if_small
+        from persres.toy import resolve_folder
+        from persres.tokens import check_class_word, is_single_token
+
+        phase = on_phase or (lambda label: None)
+        if shard_dir is None:
+            self.registry.require_writable()
+            self.registry.check_new_name(name)
+        auto = class_word is None or class_word == "auto"
+        class_word = None if auto else check_class_word(class_word)
+        references = read_folder(resolve_folder(images))
+        config = config or self.train_config(overrides)
+        phase("loading the model")
+        pipe = self.pipeline(config.device, config.precision)
+        from persres.train import default_resolution, train_residuals
+
+        warn_if_small(references, config.resolution or default_resolution(pipe))
+        class_info = {"class_source": "given"}
+        if auto:
+            phase("suggesting the class word")
+            suggestion = self.suggest_class(references, seed=config.seed)
+            class_word = suggestion.best
+            class_info = {"class_source": "suggested", "class_suggestions": suggestion.top(5), "class_evaluations": suggestion.evaluations}
+            if on_suggested is not None:
+                on_suggested(suggestion)
+
+        def fit(ident: str) -> bool:
+            return is_single_token(pipe.tokenizer, ident)
+
+        def run(ident: str) -> TrainOutcome:
+            phase("training")
+            result = train_residuals(pipe, [r.image for r in references], ident, class_word, config, progress)
+            train_config = {**config.to_dict(), "prompt_template": config.prompt, "resolution": result.resolution, "prompt": result.prompt,
+                            **{k: v for k, v in {"sources": sources, **class_info}.items() if v},
+                            "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
+                            "config_digest": config_digest(config, self.model)}  # train-many: same config, same model -> done
+            meta = self.pack_meta(name, ident, class_word, result.ranks, train_config, [r.sha256 for r in references],
+                                  losses=result.losses, seconds=result.seconds)
+            if shard_dir is not None:
+                from persres.packs import write_pack
+
+                write_pack(Path(shard_dir) / f"{name}.safetensors", result.tensors, meta)
+                return TrainOutcome(None, result.losses, result.seconds, self.model, meta)
+            return TrainOutcome(self.registry.add(result.tensors, meta), result.losses, result.seconds, self.model, meta)
+
+        if identifier is not None:
+            if not fit(identifier):
+                raise InputError(f"the planned identifier {identifier!r} is not one token of {self.model!r}'s tokenizer")
+            return run(identifier)
+        with self.registry.reservation(name, fits=fit) as fresh:
+            return run(fresh)
+
+    def pack_meta(self, name: str, identifier: str, class_word: str, ranks: dict[str, int], train_config: dict,
+                  image_hashes: Sequence[str] = (), losses: Sequence[float] = (), seconds: float | None = None) -> PackMeta:
+        """What a pack of this model says about itself: the one place a new pack's metadata is made."""
+        from persres.families import family_of
+        from persres.packs import sha256_file
+        from persres.residuals import block_channels, proj_out_kind
+
+        pipe, fp = self.pipeline(), self.fingerprint
+        channels = block_channels(pipe.unet)
+        if is_single_file(self.model):
+            train_config = {**train_config, "checkpoint_sha256": sha256_file(Path(self.model))}
+        return PackMeta(
+            name=name, identifier=identifier, class_word=class_word, ranks=dict(ranks), channels=channels,
+            parameter_count=parameter_count(ranks, channels), base_model=self.model, architecture=fp.architecture,
+            weights=fp.weights, proj_out=proj_out_kind(pipe.unet), family=family_of(pipe), train_config=train_config,
+            image_hashes=list(image_hashes), created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            loss_start=losses[0] if losses else None, loss_end=losses[-1] if losses else None, seconds=seconds,
+        )
+
+    def suggest_class(self, images, candidates: str | Sequence[str] | None = None, config=None, seed: int | None = None):
+        """Rank candidate class words for reference images (a folder, "toy:NAME", or loaded references)."""
+        from persres.images import read_folder
+        from persres.suggest import SuggestConfig, parse_candidates, suggest
+        from persres.toy import resolve_folder
+
+        references = read_folder(resolve_folder(images)) if isinstance(images, (str, Path)) else images
+        if candidates is None:
+            entries = self.defaults.class_candidates or parse_candidates(None)
+        else:
+            entries = parse_candidates(candidates) if isinstance(candidates, str) else list(candidates)
+        config = config or SuggestConfig(**({} if seed is None else {"seed": seed}))
+        return suggest(self.pipeline(), [r.image for r in references], entries, config)
+
+    def import_concept(self, path: str | Path, name: str | None = None, class_word: str | None = None, identifier: str | None = None,
+                       *, proj_out_only: bool = False) -> ConceptRecord:
+        """Register a persres pack, or a proj_out LoRA (kohya, diffusers/peft, a persres export) fitted to this model.
+
+        A persres pack keeps its own class word and identifier: `class_word` / `identifier` are
+        refused for it. A foreign file needs a name and a class word (given, or in its persres.*
+        metadata); its identifier is the one given, the one in its metadata, or a fresh one."""
+        from persres.interop.lora import read_foreign
+        from persres.packs import CONFIG_KEY, check_regular_file, file_metadata
+        from persres.residuals import block_channels
+        from persres.tokens import check_class_word, is_single_token
+
+        self.registry.require_writable()
+        path = Path(path)
+        check_regular_file(path)
+        metadata = file_metadata(path)
+        if CONFIG_KEY in metadata:
+            if class_word is not None or identifier is not None:
+                given = "--class" if class_word is not None else "--identifier"
+                raise InputError(f"{str(path)!r} is a persres pack, which keeps its own class word and identifier: drop {given}")
+            return self.registry.import_pack(path, name)
+        name = name or metadata.get("persres.name")
+        class_word = class_word or metadata.get("persres.class_word")
+        if not name or not class_word:
+            missing = " and ".join(w for w, v in (("--name", name), ("--class", class_word)) if not v)
+            raise InputError(f"{str(path)!r} is a LoRA file, not a persres pack: give {missing} to import it")
+        self.registry.check_new_name(name)
+        class_word = check_class_word(class_word)
+        identifier = identifier or metadata.get("persres.identifier")
+        if identifier is not None:
+            check_identifier(identifier)
+        pipe = self.pipeline()
+        if identifier is not None and not is_single_token(pipe.tokenizer, identifier):
+            raise InputError(f"the identifier {identifier!r} is not one token of this model's tokenizer; pick another with --identifier")
+        lora = read_foreign(path, block_channels(pipe.unet), proj_out_only)
+        tensors, ranks = {}, {}
+        for block, (up, down) in lora.factors.items():
+            tensors[f"{block}.up"], tensors[f"{block}.down"] = up, down
+            ranks[block] = up.shape[1]
+        train_config = {"imported_from": lora.fmt, "source_file": path.name}
+        if identifier is not None:
+            return self.registry.add(tensors, self.pack_meta(name, identifier, class_word, ranks, train_config), allow_shared_identifier=True)
+        with self.registry.reservation(name, fits=lambda ident: is_single_token(pipe.tokenizer, ident)) as fresh:
+            return self.registry.add(tensors, self.pack_meta(name, fresh, class_word, ranks, train_config))
+
+    def export(self, name: str, output: str | Path, fmt: str = "persres", force: bool = False) -> Path:
+        """Write a concept as its pack (`persres`, re-importable) or as a `diffusers` / `kohya` LoRA file."""
+        return export_concept(self.registry, name, output, fmt, force)
+
+    def apply_concepts(self, names: Sequence[str]):
+        """Load registered concepts onto the pipeline (checked for fit); returns them bound for prompts."""
+        from persres.fitting import apply_concepts
+
+        return apply_concepts(self.pipeline(), self.registry, names, self.model, self.fingerprint)
+
+    def generate(self, prompt: str, concepts: Sequence[str] = (), config: SampleConfig | None = None, *, out_dir: str | Path | None = None,
+                 backend: str | None = None, sheet: bool = False, on_step=None, **settings):
+        """Sample a prompt with zero, one or several concepts (`-c` values: "NAME" or "NAME:STRENGTH").
+
+        `settings` replace fields of `config` (lag=True, steps=25, seed=3, num_images=4, ...).
+        With `out_dir`, PNGs that say how they were made are written there and listed in the
+        result's `paths`."""
+        from persres.generation import bind_prompt, write_images
+        from persres.sample import generate
+
+        config = (config or SampleConfig()).replace(**settings) if settings else (config or SampleConfig())
+        if out_dir is not None:
+            from persres.images import check_writable_dir
+
+            check_writable_dir(Path(out_dir))
+        expanded, bound = bind_prompt(prompt, concepts, self.registry)
+        self.apply_concepts([c.name for c in bound])
+        result = generate(self.pipeline(), expanded, bound, config, backend, on_step=on_step)
+        if out_dir is not None:
+            result.paths = write_images(result, prompt, bound, config, self.model, Path(out_dir), sheet=sheet)
+        return result
+
+
+def default_model(registry: Registry) -> tuple[str, str | None]:
+    """(the model commands use when none is named, its configs directory): $PERSRES_MODEL wins over
+    `persres config model`, which wins over the toy model."""
+    if os.environ.get("PERSRES_MODEL"):
+        return os.environ["PERSRES_MODEL"], None
+    return registry.setting(DEFAULT_MODEL_KEY) or "toy", registry.setting(DEFAULT_MODEL_CONFIG_KEY)
+
+
+def set_default_model(registry: Registry, value: str | None, model_config: str | None = None) -> None:
+    """`persres config model VALUE [--config DIR]` (None: back to the toy model). A single file is
+    loaded once here, so that it is proven loadable now and not at the first train."""
+    registry.require_writable()
+    if value is None:
+        registry.set_setting(DEFAULT_MODEL_KEY, None)
+        registry.set_setting(DEFAULT_MODEL_CONFIG_KEY, None)
+        return
+    checked = check_model_value(value)
+    if model_config is not None and not is_single_file(checked):
+        raise InputError("--config is for single-file checkpoints; a diffusers directory or hub id carries its own")
+    if is_single_file(checked):
+        from persres.models import load_pipeline
+
+        load_pipeline(checked, config=model_config)
+    registry.set_setting(DEFAULT_MODEL_KEY, checked)
+    registry.set_setting(DEFAULT_MODEL_CONFIG_KEY, str(Path(model_config).expanduser().resolve()) if model_config else None)
+
+
+def export_concept(registry: Registry, name: str, output: str | Path, fmt: str = "persres", force: bool = False) -> Path:
+    """`persres export`: the pack itself, or a LoRA file diffusers, A1111 or ComfyUI load (no model needed)."""
+    from persres.interop import FORMATS, write_lora
+    from persres.registry.store import check_export_target
+
+    output = Path(output)
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if fmt == "persres":
+        return registry.export_pack(name, output, force=force)
+    tensors, meta = registry.load(name)
+    check_export_target(output, registry, force)
+    return write_lora(output, fmt, tensors, meta)
