@@ -12,7 +12,7 @@ Implements "Personalized Residuals for Concept-Driven Text-to-Image Generation"
 front end over it.
 """
 
-__version__ = "0.1.0"
+from persres.version import __version__
 __all__ = ["Workspace", "SampleConfig", "TrainConfig", "__version__"]
 
 

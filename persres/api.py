@@ -18,7 +18,7 @@ from pathlib import Path
 
 from persres.config import SampleConfig, TrainConfig
 from persres.generation import bind_prompt, generation_metadata  # noqa: F401  (part of this API)
-from persres.models import read_defaults
+from persres.settings import read_defaults
 from persres.registry import ConceptRecord, Registry
 from persres.settings import config_digest, effective_settings, train_config_from  # noqa: F401  (part of this API)
 from persres.settings import settings_sources as _sources

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from persres import __version__
+from persres.version import __version__
 from persres.config import SampleConfig
 from persres.tokens import BoundConcept, expand_prompt, split_concept_option
 

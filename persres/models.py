@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 TOY = "toy"
 TOY_DIR = Path(__file__).parent / "toy" / "model"
-from persres.settings import DEFAULTS_FILE  # noqa: E402  (a model's own recommended training defaults)
 
 
 def resolve_model(model: str | None, configured: str | None = None) -> str:
@@ -124,38 +123,6 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and precision == "bf16" and not cpu_native_bf16():
         _warn_emulated_bf16()
     return dtypes[precision]
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    """What a model directory recommends in its persres_defaults.json (read once per model)."""
-
-    train: dict  # training settings by TrainConfig field name; {} when the model has none
-    class_candidates: list[str] | None  # the class words suggest-class ranks; None: the built-in nouns
-
-
-def read_defaults(model: str) -> ModelDefaults:
-    """A model directory's persres_defaults.json, checked: a model with its own small vocabulary
-    (the toy model) names its classes, as it recommends its training settings."""
-    path = Path(model) / DEFAULTS_FILE
-    if not path.is_file():
-        return ModelDefaults({}, None)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {path}: {' '.join(str(e).split())}") from None
-    train = data.get("train", {}) if isinstance(data, dict) else None
-    if not isinstance(train, dict):
-        raise InputError(f"{path} must hold an object with a \"train\" object of training defaults")
-    words = data.get("class_candidates")
-    if words is not None and (not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words)):
-        raise InputError(f"{path}: \"class_candidates\" must be a non-empty list of words")
-    return ModelDefaults(train, words)
-
-
-def model_defaults(model: str) -> dict:
-    """The training defaults a model directory recommends (persres_defaults.json), or {}."""
-    return read_defaults(model).train
 
 
 def pipeline_class_name(model: str) -> str:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from persres import residuals
+from persres.conditioning import check_same_positions
 from persres.config import SampleConfig
 from persres.errors import InputError, PromptError
 from persres.kernels import Backend, attention_backend, resolve_backend
@@ -62,6 +63,8 @@ def generate(
     `on_step(done, total)` is called after every denoising step (for a progress bar).
     """
     tokens = concept_tokens(pipe.tokenizer, prompt, concepts)
+    if concepts and getattr(pipe, "tokenizer_2", None) is not None:  # SDXL: positions read off one tokenizer hold for both
+        check_same_positions(pipe, prompt)
     limit = pipe.scheduler.config.get("num_train_timesteps", 1000)
     if config.steps > limit:
         raise InputError(f"--steps must be <= {limit} (the scheduler's training timesteps), got {config.steps}")

@@ -1,7 +1,7 @@
 """Where each training setting comes from, and the digests that name packs by their settings.
 
 Precedence, one rule: the paper's defaults (`TrainConfig`), then the model's own recommended
-defaults (its persres_defaults.json, `models.ModelDefaults`), then what the user gave.
+defaults (its persres_defaults.json, `ModelDefaults`), then what the user gave.
 Torch-free: `persres train --help` and the registry commands read it without a model library.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 from persres.config import TrainConfig
 from persres.errors import InputError, PersresError
@@ -17,7 +19,39 @@ from persres.errors import InputError, PersresError
 PAPER_FIELDS = ("steps", "batch_size", "lr", "rank_ratio", "prompt")  # set by the paper (Sec. 4); the rest are persres's
 SHOWN_FIELDS = ("steps", "batch_size", "lr", "lr_schedule", "snr_gamma", "rank_ratio", "rank", "resolution", "init", "flip", "scale_min",
                 "prompt", "seed", "device", "precision")
-DEFAULTS_FILE = "persres_defaults.json"
+DEFAULTS_FILE = "persres_defaults.json"  # a model directory's own recommended defaults
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model directory recommends in its persres_defaults.json (read once per model)."""
+
+    train: dict  # training settings by TrainConfig field name; {} when the model has none
+    class_candidates: list[str] | None  # the class words suggest-class ranks; None: the built-in nouns
+
+
+def read_defaults(model: str) -> ModelDefaults:
+    """A model directory's persres_defaults.json, checked: a model with its own small vocabulary
+    (the toy model) names its classes, as it recommends its training settings."""
+    path = Path(model) / DEFAULTS_FILE
+    if not path.is_file():
+        return ModelDefaults({}, None)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {path}: {' '.join(str(e).split())}") from None
+    train = data.get("train", {}) if isinstance(data, dict) else None
+    if not isinstance(train, dict):
+        raise InputError(f"{path} must hold an object with a \"train\" object of training defaults")
+    words = data.get("class_candidates")
+    if words is not None and (not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words)):
+        raise InputError(f"{path}: \"class_candidates\" must be a non-empty list of words")
+    return ModelDefaults(train, words)
+
+
+def model_defaults(model: str) -> dict:
+    """The training defaults a model directory recommends (persres_defaults.json), or {}."""
+    return read_defaults(model).train
 
 
 def train_config_from(recommended: dict, overrides: dict) -> TrainConfig:

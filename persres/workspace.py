@@ -23,11 +23,11 @@ from pathlib import Path
 
 from persres.config import SampleConfig, TrainConfig
 from persres.errors import InputError
-from persres.models import ModelDefaults, check_model_value, check_single_file_config, is_default_toy, is_single_file, read_defaults, resolve_model
+from persres.models import check_model_value, check_single_file_config, is_default_toy, is_single_file, resolve_model
 from persres.names import check_identifier, parameter_count
 from persres.packs import PackMeta
 from persres.registry import ConceptRecord, Registry
-from persres.settings import config_digest, settings_sources, train_config_from
+from persres.settings import ModelDefaults, config_digest, read_defaults, settings_sources, train_config_from
 
 DEFAULT_MODEL_KEY = "default_model"
 DEFAULT_MODEL_CONFIG_KEY = "default_model_config"  # the configs directory of a single-file default model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,18 @@ def consistent(home: Path) -> Registry:
     files = sorted(p.name for p in reg.packs_dir.iterdir()) if reg.packs_dir.exists() else []
     assert files == sorted(f"{r.name}.safetensors" for r in records)
     return reg
+
+
+def reserved(home: Path, name: str) -> bool:
+    """Whether a training holds a reservation for `name` now (read-only, never in its way)."""
+    try:
+        con = sqlite3.connect(f"file:{home / 'registry.db'}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute("SELECT 1 FROM reservations WHERE name = ?", [name]).fetchone() is not None
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # not created yet
+        return False
 
 
 def _open_at_the_barrier(home: str, barrier, answers) -> None:
@@ -119,9 +132,14 @@ def test_a_training_killed_at_random_moments_never_damages_the_registry(env, tmp
     assert persres("train", refs, "--name", "keep", "--class", "circle", "--steps", "1", env=env).wait(timeout=300) == 0
     rng = random.Random(0)
     for k in range(4):
-        p = persres("train", refs, "--name", f"v{k}", "--class", "circle", "--steps", "30", env=env)
-        time.sleep(rng.uniform(2.0, 8.0))
+        p = persres("train", refs, "--name", f"v{k}", "--class", "circle", "--steps", "3000", env=env)
+        deadline = time.monotonic() + 120
+        while not reserved(persres_home, f"v{k}"):  # the training has begun: its name and identifier are held
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
         p.send_signal(signal.SIGKILL)
         p.communicate(timeout=60)
+        assert p.returncode == -signal.SIGKILL  # the kill landed while it ran, not after it finished
         reg = consistent(persres_home)
-        assert "keep" in [r.name for r in reg.list()]
+        assert [r.name for r in reg.list()] == ["keep"]  # nothing half-registered

@@ -61,7 +61,15 @@ def test_preprocessing_resizes_the_shorter_side_and_keeps_the_center(preprocess)
     green = (torch.tensor([0.0, 200 / 255, 0.0]).view(3, 1) - mean) / std
     inner = x[:, :, 8:-8].reshape(3, -1)  # the side strips fall outside the center crop
     torch.testing.assert_close(inner, green.expand_as(inner), atol=0.05, rtol=0)
-    assert preprocess is not CLIP_PREPROCESS or CLIP_PREPROCESS.mean == CLIP_MEAN and CLIP_PREPROCESS.std == CLIP_STD
+
+
+def test_each_preprocessing_normalizes_with_its_models_published_statistics():
+    # CLIP (Radford et al.) and DINO (ImageNet) statistics, written out here independently of the code
+    assert CLIP_PREPROCESS.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert CLIP_PREPROCESS.std == pytest.approx((0.26862954, 0.26130258, 0.27577711))
+    assert DINO_PREPROCESS.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert DINO_PREPROCESS.std == pytest.approx((0.229, 0.224, 0.225))
+    assert (CLIP_PREPROCESS.mean, CLIP_PREPROCESS.std) == (CLIP_MEAN, CLIP_STD)
 
 
 def test_portrait_image_is_cropped_vertically():
@@ -77,7 +85,10 @@ def test_an_image_scored_against_itself_has_image_alignment_one(scorer, tmp_path
     scores = eval_folder(folder, [folder], scorer, prompts, strip=["<new1>"])
     assert scores.clip_i[0] == pytest.approx(1.0, abs=1e-6)
     assert scores.dino_i[0] == pytest.approx(1.0, abs=1e-6)
-    assert 0 <= scores.clip_t <= 2.5
+    # CLIP-T recomputed: 2.5 * max(cos, 0) of the image and the prompt with the placeholder removed
+    image, text = scorer.clip_images([Image.open(files[0]).convert("RGB")]), scorer.clip_texts(["a photo of a circle"])
+    cos = torch.nn.functional.cosine_similarity(image, text).item()
+    assert scores.clip_t == pytest.approx(2.5 * max(cos, 0.0), abs=1e-5)
 
 
 def test_strip_identifiers():

@@ -306,3 +306,22 @@ def test_v_prediction_models_train_on_v_and_export_as_v(tiny_linear_model, conce
     with safe_open(str(write_lora(tmp_path / "k.safetensors", "kohya", tensors, meta)), framework="pt") as f:
         md = f.metadata()
     assert md["modelspec.prediction_type"] == "v" and md["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+
+
+def test_sdxl_gen_refuses_a_prompt_its_two_tokenizers_split_differently(xl_pipe):
+    """A concept's maps are read by token position: both tokenizers must agree on them at gen too."""
+    from transformers import CLIPTokenizer
+
+    from persres.config import SampleConfig
+    from persres.errors import PromptError
+    from persres.sample import generate
+    from persres.tokens import BoundConcept
+
+    residuals.new_concept(xl_pipe.unet, "a", residuals.ranks_for(xl_pipe.unet), init="random")
+    prompt = "a sks circle"
+    concept = [BoundConcept("a", "sks", "circle")]
+    generate(xl_pipe, prompt, concept, SampleConfig(steps=1, lag=True))  # the same tokenizer twice: fine
+    letters = {c: i for i, c in enumerate(["<|startoftext|>", "<|endoftext|>", *"abcdefghijklmnopqrstuvwxyz", *(c + "</w>" for c in "abcdefghijklmnopqrstuvwxyz")])}
+    xl_pipe.tokenizer_2 = CLIPTokenizer(vocab=letters, merges=[], model_max_length=xl_pipe.tokenizer.model_max_length)
+    with pytest.raises(PromptError, match="split"):
+        generate(xl_pipe, prompt, concept, SampleConfig(steps=1, lag=True))

@@ -343,10 +343,6 @@ REGISTRY_STATES = ["garbage", "truncated", "newer", "columns", "folder"]
 CASES = cases()
 
 
-def test_the_suite_has_at_least_150_cases():
-    assert len(CASES) + len(REGISTRY_STATES) * 3 + 3 >= 150, len(CASES)
-
-
 def assert_refused(world: World, args, expected: str):
     before = snapshot(world.home)
     result = runner.invoke(app, [str(a) for a in args])

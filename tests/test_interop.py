@@ -245,3 +245,24 @@ def test_the_shipped_toy_model_loads_in_plain_diffusers():
     pipe = StableDiffusionPipeline.from_pretrained(TOY_DIR)  # default arguments, as a diffusers user would
     image = pipe("a red circle on a blue background", num_inference_steps=2, output_type="pil").images[0]
     assert image.size == (32, 32)
+
+
+def test_import_identifier_names_a_foreign_lora_and_is_refused_for_a_persres_pack(pack, tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from persres.cli import app
+
+    tensors, meta = pack
+    path = write_lora(tmp_path / "kohya.safetensors", "kohya", tensors, meta)
+    env = {"PERSRES_MODEL": str(tiny_model)}
+    given = CliRunner().invoke(app, ["import", str(path), "--name", "renamed", "--identifier", "zwx"], env=env)
+    assert given.exit_code == 0, given.output
+    record = Registry().get("renamed")
+    assert record.meta.identifier == "zwx" != meta.identifier
+    # a persres pack keeps its own identifier and class word: the options are refused, nothing registered
+    exported = tmp_path / "mine.safetensors"
+    Registry().export_pack("mine", exported)
+    for option, value in (("--identifier", "qrv"), ("--class", "dog")):
+        refused = CliRunner().invoke(app, ["import", str(exported), "--name", "again", option, value], env=env)
+        assert refused.exit_code == 1 and f"drop {option}" in refused.stderr, refused.output
+    assert not Registry().has("again")

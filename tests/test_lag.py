@@ -131,7 +131,8 @@ def test_lag_regions_record_maps_in_every_transformer_block(pipe):
     assert all(layer.regions is None for layer in residuals.layers_of(pipe.unet).values())
 
 
-def test_two_concepts_in_one_pass_get_disjoint_regions(pipe):
+def test_two_concepts_in_one_pass_take_one_evaluation_per_step_and_a_mask_each(pipe):
+    """(Disjoint regions on a real UNet: tests/test_lag_end_to_end.py.)"""
     ranks = residuals.ranks_for(pipe.unet)
     residuals.new_concept(pipe.unet, "a", ranks, init="random")
     residuals.new_concept(pipe.unet, "b", ranks, init="random", seed=1)

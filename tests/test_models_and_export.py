@@ -6,7 +6,8 @@ from persres.api import apply_concepts, train_concept
 from persres.config import SampleConfig, TrainConfig
 from persres.errors import IncompatiblePack, ModelNotFound
 from persres.interop import write_lora as write_foreign
-from persres.models import fingerprint, load_pipeline, model_defaults
+from persres.models import fingerprint, load_pipeline
+from persres.settings import model_defaults
 from persres.registry import Registry
 from persres.fitting import OtherCheckpointWarning
 from persres.sample import generate

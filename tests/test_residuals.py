@@ -306,3 +306,18 @@ def test_bf16_on_the_cpu_trains_fp32_factors_and_samples_with_lag(tiny_model, co
     residuals.load_concept(pipe.unet, "c", result.tensors)
     out = generate(pipe, "a sks circle", [BoundConcept("c", "sks", "circle")], SampleConfig(steps=3, lag=True, save_masks=True))
     assert 0 < out.masks["c"][0].mean() < 1
+
+
+def test_the_training_target_is_the_schedulers_own_noise_and_velocity(pipe):
+    """x_t and the v-prediction target against diffusers' own add_noise and get_velocity."""
+    from persres.train import noised
+
+    sched = pipe.scheduler
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 990])
+    noisy, v = noised(sched.alphas_cumprod, latents, noise, t, "v_prediction")
+    torch.testing.assert_close(noisy, sched.add_noise(latents, noise, t))
+    torch.testing.assert_close(v, sched.get_velocity(latents, noise, t))
+    _, eps = noised(sched.alphas_cumprod, latents, noise, t, "epsilon")
+    assert torch.equal(eps, noise)

@@ -192,7 +192,8 @@ def test_quality_measure_reports_fractions(tiny_model):
 
 def test_build_script_exports_a_loadable_model_and_resumes(tmp_path):
     from persres.config import SampleConfig
-    from persres.models import load_pipeline, model_defaults
+    from persres.models import load_pipeline
+    from persres.settings import model_defaults
     from persres.sample import generate
     from persres.toy import build
 

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 from persres.api import train_config_for
 from persres.cli import app
 from persres.config import TrainConfig
-from persres.models import TOY_DIR, load_pipeline, model_defaults
+from persres.models import TOY_DIR, load_pipeline
+from persres.settings import model_defaults
 from persres.toy import world
 
 CONCEPTS = Path(world.__file__).parent / "concepts"

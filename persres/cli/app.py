@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from persres import __version__
+from persres.version import __version__
 
 
 class OneLineErrors(TyperGroup):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 
-from persres.models import DEFAULTS_FILE
+from persres.settings import DEFAULTS_FILE
 from persres.residuals import transformer_blocks
 from persres.toy import world
 from persres.toy.grow import grow_unet

@@ -1,0 +1,46 @@
+"""The registry commands start without a model library: a real `persres` process per command,
+asked afterwards which modules it loaded."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from persres.api import train_concept
+
+PROBE = """
+import json, sys
+from persres.cli import main
+sys.argv = ["persres", *json.loads(sys.argv[1])]
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+heavy = sorted(m for m in ("torch", "diffusers", "transformers", "safetensors.torch") if m in sys.modules)
+print("LOADED=" + json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+def loaded_by(args: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args)], capture_output=True, text=True, env=env, timeout=120)
+    line = next(l for l in done.stdout.splitlines() if l.startswith("LOADED="))
+    return json.loads(line.removeprefix("LOADED="))
+
+
+@pytest.fixture
+def registered(tiny_model, concept_dir):
+    train_concept(concept_dir, "one", "circle", model=str(tiny_model), overrides={"steps": 1})
+
+
+@pytest.mark.parametrize("args", [["list"], ["list", "--json"], ["show", "one"], ["show", "one", "--json"], ["doctor"],
+                                  ["config", "model"], ["--help"], ["train", "--help"], ["--version"], ["rm", "one"]],
+                         ids=lambda a: " ".join(a))
+def test_registry_commands_never_import_torch(registered, args):
+    got = loaded_by(args)
+    assert got["code"] in (0, None), got
+    assert got["heavy"] == [], got
