@@ -58,6 +58,9 @@ def train_config_from(recommended: dict, overrides: dict) -> TrainConfig:
     """Paper defaults, then the model's `recommended` defaults, then the `overrides` that are not None."""
     given = {k: v for k, v in overrides.items() if v is not None}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise InputError(f"unknown training setting {unknown[0]!r} (settings: {', '.join(sorted(fields))})")
     recommended = {k: v for k, v in recommended.items() if k in fields}
     try:
         TrainConfig(**recommended)

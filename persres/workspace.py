@@ -139,9 +139,11 @@ class Workspace:
     # --- concepts ------------------------------------------------------------------------
     def train(self, images: str | Path, name: str, class_word: str | None = "auto", *, config: TrainConfig | None = None,
               overrides: dict | None = None, progress=None, on_suggested=None, on_phase: Callable[[str], None] | None = None,
-              sources: dict[str, str] | None = None, identifier: str | None = None, shard_dir: Path | None = None) -> TrainOutcome:
+              sources: dict[str, str] | None = None, identifier: str | None = None, shard_dir: Path | None = None,
+              **settings) -> TrainOutcome:
         """Train a concept from a folder of images (or "toy:NAME") and register its pack; nothing
         is registered on failure. `class_word` None or "auto": the base model suggests it first.
+        `settings` (steps=100, lr=1e-3, ...) join `overrides`: TrainConfig fields over the model's defaults.
 
         train-many's rows come here too, with the `identifier` planned for them (no reservation)
         and, across machines, a `shard_dir` the pack is written to instead of the registry."""
@@ -156,7 +158,7 @@ class Workspace:
         auto = class_word is None or class_word == "auto"
         class_word = None if auto else check_class_word(class_word)
         references = read_folder(resolve_folder(images))
-        config = config or self.train_config(overrides)
+        config = config or self.train_config({**(overrides or {}), **settings})
         phase("loading the model")
         pipe = self.pipeline(config.device, config.precision)
         from persres.train import default_resolution, train_residuals

@@ -1,0 +1,36 @@
+"""The docs' examples run as written: every Python block of docs/python-api.md and of the
+README's "Python API" section, in order, in one namespace, on the built-in toy model."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def python_blocks(text: str) -> list[str]:
+    return BLOCK.findall(text)
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start: end if end != -1 else None]
+
+
+@pytest.mark.parametrize("source", ["docs/python-api.md", "README.md#Python API"])
+def test_every_python_example_runs_as_written(source, tmp_path, monkeypatch):
+    path, _, section = source.partition("#")
+    text = readme_section(section) if section else (ROOT / path).read_text()
+    blocks = python_blocks(text)
+    assert blocks, f"{source} has no python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"{source} block {i + 1}", "exec"), namespace)
+        except Exception as e:  # name the block that failed
+            raise AssertionError(f"{source} block {i + 1} failed: {type(e).__name__}: {e}\n{block}") from e
