@@ -11,7 +11,7 @@ from rich.console import Console
 
 from persres.cli.app import DeviceOption, ModelOption, PrecisionOption, bench_app, command, err, out, registry
 from persres.cli.gen import scores_table
-from persres.cli.progress import BarReporter
+from persres.cli.progress import BarReporter, StatusReporter
 
 
 def _opt(help: str, metavar: str | None = None, *names: str):
@@ -105,15 +105,10 @@ def bench_toy(
 
     from persres.eval.runs import bench_toy as run
 
-    with err.status("toy bench...") as status:
-        class Status:  # a Reporter drawn as the one status line
-            def start(self, total): pass
-            def advance(self, n=1): pass
-            def describe(self, text): status.update(text)
-
+    with StatusReporter("toy bench...") as reporter:
         report = run(registry(), quick=quick, concept=tuple(concept), concept_set=tuple(concept_set), out=out_dir, model=model, steps=steps,
                      guidance=guidance, samples=samples, seeds=seeds, singles=singles, pairs=pairs, category=tuple(category),
-                     pair_method=tuple(pair_method), strength=strength, precision=precision, class_words=class_words, reporter=Status(),
+                     pair_method=tuple(pair_method), strength=strength, precision=precision, class_words=class_words, reporter=reporter,
                      train={"steps": train_steps, "lr": lr, "lr_schedule": lr_schedule, "snr_gamma": snr_gamma, "init": init, "flip": flip,
                             "prompt": prompt, "rank_ratio": rank_ratio, "scale_min": scale_min},
                      multi={"tokens": lag_tokens, "coverage": lag_coverage, "maps": lag_maps, "delay": lag_delay, "conflict": lag_conflict})

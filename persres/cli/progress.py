@@ -44,3 +44,26 @@ class BarReporter:
 
     def describe(self, text: str) -> None:
         self.progress.update(self.task, description=text[:60])
+
+
+class StatusReporter:
+    """A `persres.eval.runs.Reporter` drawn as one spinner line saying what runs now."""
+
+    def __init__(self, text: str):
+        self.status = err.status(text)
+
+    def __enter__(self):
+        self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.status.__exit__(*exc)
+
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def describe(self, text: str) -> None:
+        self.status.update(text)
