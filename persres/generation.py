@@ -56,17 +56,35 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "image"
 
 
+def file_stem(prompt: str, concepts: Sequence[BoundConcept], config: SampleConfig) -> str:
+    """What made the images, in their names: "a-v-circle-on-green-checker-lag", "...-checker0.7+heart-nolag",
+    "...-base" without concepts (strengths other than 1 written after the name)."""
+    made_by = "+".join(c.name + ("" if c.strength == 1 else f"{c.strength:g}") for c in concepts) or "base"
+    return f"{_slug(prompt)}-{made_by}" + ("" if not concepts else "-lag" if config.lag else "-nolag")
+
+
+def free_path(path: Path, overwrite: bool = False) -> Path:
+    """`path`, or with -2, -3, ... before its suffix where a file of that name exists (unless `overwrite`)."""
+    if overwrite or not path.exists():
+        return path
+    k = 2
+    while path.with_name(f"{path.stem}-{k}{path.suffix}").exists():
+        k += 1
+    return path.with_name(f"{path.stem}-{k}{path.suffix}")
+
+
 def write_images(result, prompt: str, concepts: Sequence[BoundConcept], config: SampleConfig, model: str, out: Path,
-                 sheet: bool = False) -> list[Path]:
-    """The PNGs of one call (then each concept's region overlay per image, then the sheet); their paths."""
+                 sheet: bool = False, overwrite: bool = False) -> list[Path]:
+    """The PNGs of one call (then each concept's region overlay per image, then the sheet); their paths.
+    An existing file is never replaced unless `overwrite`: the new one takes the next free number."""
     from persres.images import contact_sheet, save_png
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    stem = f"{_slug(prompt)}-{'lag' if config.lag else 'nolag'}"
+    stem = file_stem(prompt, concepts, config)
     mask_rows: dict[str, list] = {}
     for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
-        path = out / f"{stem}-{seed}.png"
+        path = free_path(out / f"{stem}-{seed}.png", overwrite)
         save_png(image, path, generation_metadata(prompt, result.prompt, seed, concepts, config, model))
         paths.append(path)
         for k, (name, per_image) in enumerate(result.masks.items()):
@@ -76,7 +94,7 @@ def write_images(result, prompt: str, concepts: Sequence[BoundConcept], config: 
             paths.append(mask_path)
             mask_rows.setdefault(name, []).append(overlay)
     if sheet:
-        sheet_path = out / f"{stem}-sheet.png"
+        sheet_path = free_path(out / f"{stem}-sheet.png", overwrite)
         contact_sheet([result.images, *mask_rows.values()]).save(sheet_path)
         paths.append(sheet_path)
     return paths

@@ -189,6 +189,35 @@ def check_single_file_config(path: str, config: str | None) -> str:
     return family
 
 
+def local_snapshot(model: str, on_download=None) -> str:
+    """Where `model` is read from: itself, unless it is a hub id not yet in the local cache; then it is
+    downloaded first (diffusers' `DiffusionPipeline.download`: what the pipeline needs, with the hub's
+    own progress bars), after `on_download(model)` is told, and its snapshot folder is returned."""
+    if model == TOY or Path(model).expanduser().exists() or not HUB_ID_RE.fullmatch(model):
+        return model
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        return model  # cached: diffusers reads it by its id
+    if on_download is not None:
+        on_download(model)
+    from diffusers import DiffusionPipeline
+
+    try:
+        return str(DiffusionPipeline.download(model))
+    except Exception as e:
+        raise ModelNotFound(f"model {model!r} is not on disk and could not be fetched ({type(e).__name__}); "
+                            "download it once with network access, or pass --model /path/to/a/diffusers/directory") from None
+
+
+def dtype_argument(dtype) -> dict:
+    """`from_pretrained`'s dtype under the name this diffusers reads: `dtype` where it has replaced
+    the deprecated `torch_dtype` (diffusers >= 0.36), else `torch_dtype`."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 def _pipeline_class(xl: bool):
     """(pipeline class, its load options): no safety checker on SD 1.x/2.x, no watermark on SDXL."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -205,7 +234,7 @@ def _load_single_file(path: str, config: str | None, dtype: "torch.dtype"):
     config = None if config is None else str(Path(config).expanduser())
     cls, kwargs = _pipeline_class(family == "sdxl")
     try:
-        return cls.from_single_file(path, config=config, local_files_only=True, torch_dtype=dtype, **kwargs)
+        return cls.from_single_file(path, config=config, local_files_only=True, **dtype_argument(dtype), **kwargs)
     except Exception as e:
         source = f"the configs of {config!r}" if config is not None else f"the cached configs of {FAMILIES[family].config_repo}"
         raise ModelNotFound(f"model {path!r} ({label(family)}) did not load with {source} "
@@ -243,7 +272,7 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
                 raise ModelNotFound(f"model {model!r} is a {class_name or 'pipeline of no declared class'}; "
                                     f"persres runs {' and '.join(PIPELINES)} models (SD 1.x, SD 2.x, SDXL)")
             cls, kwargs = _pipeline_class(class_name == XL_PIPELINE)
-            pipe = cls.from_pretrained(model, torch_dtype=load_dtype, local_files_only=local.is_dir(), **kwargs)
+            pipe = cls.from_pretrained(model, local_files_only=local.is_dir(), **dtype_argument(load_dtype), **kwargs)
     except ModelNotFound:
         raise
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError... for missing weights

@@ -88,10 +88,11 @@ class Workspace:
     def settings_sources(self, overrides: dict | None = None) -> dict[str, str]:
         return settings_sources(self.defaults.train, overrides or {})
 
-    def pipeline(self, device=None, precision: str | None = None):
+    def pipeline(self, device=None, precision: str | None = None, on_download=None):
         """The model's pipeline, loaded on first call and kept (loaded again only for another device or
-        precision). `device` / `precision` None or "auto": the workspace's own."""
-        from persres.models import load_pipeline, pick_device, pick_dtype
+        precision). `device` / `precision` None or "auto": the workspace's own. A hub id not yet on this
+        machine is downloaded first, with the hub's progress bars, after `on_download(model)` is told."""
+        from persres.models import load_pipeline, local_snapshot, pick_device, pick_dtype
 
         if self._pipe is not None and self._pipe_key is None:  # handed in by the caller: used as is
             return self._pipe
@@ -109,7 +110,7 @@ class Workspace:
             dtype = pick_dtype(precision or self.precision, dev)
         key = (dev, dtype)
         self._pipe = None  # the old one is released before the new one loads
-        self._pipe = load_pipeline(self.model, key[0], key[1], self.model_config)
+        self._pipe = load_pipeline(local_snapshot(self.model, on_download), key[0], key[1], self.model_config)
         self._pipe_key, self._fingerprint = key, None
         return self._pipe
 
@@ -137,18 +138,25 @@ class Workspace:
         return self.fingerprint.weights if self.loaded else base_weights(self.model, self.model_config)
 
     # --- concepts ------------------------------------------------------------------------
+    @staticmethod
+    def references(images) -> list:
+        """Reference images: a folder, "toy:NAME" (a concept shipped with persres), or already read ones."""
+        from persres.images import read_folder
+        from persres.toy import resolve_folder
+
+        return read_folder(resolve_folder(images)) if isinstance(images, (str, Path)) else list(images)
+
     def train(self, images: str | Path, name: str, class_word: str | None = "auto", *, config: TrainConfig | None = None,
               overrides: dict | None = None, progress=None, on_suggested=None, on_phase: Callable[[str], None] | None = None,
               sources: dict[str, str] | None = None, identifier: str | None = None, shard_dir: Path | None = None,
               **settings) -> TrainOutcome:
-        """Train a concept from a folder of images (or "toy:NAME") and register its pack; nothing
+        """Train a concept from a folder of images (or "toy:NAME", or read `references`) and register its pack; nothing
         is registered on failure. `class_word` None or "auto": the base model suggests it first.
         `settings` (steps=100, lr=1e-3, ...) join `overrides`: TrainConfig fields over the model's defaults.
 
         train-many's rows come here too, with the `identifier` planned for them (no reservation)
         and, across machines, a `shard_dir` the pack is written to instead of the registry."""
-        from persres.images import read_folder, warn_if_small
-        from persres.toy import resolve_folder
+        from persres.images import warn_if_small
         from persres.tokens import check_class_word, is_single_token
 
         phase = on_phase or (lambda label: None)
@@ -157,7 +165,7 @@ class Workspace:
             self.registry.check_new_name(name)
         auto = class_word is None or class_word == "auto"
         class_word = None if auto else check_class_word(class_word)
-        references = read_folder(resolve_folder(images))
+        references = self.references(images)
         config = config or self.train_config({**(overrides or {}), **settings})
         phase("loading the model")
         pipe = self.pipeline(config.device, config.precision)
@@ -220,11 +228,9 @@ class Workspace:
 
     def suggest_class(self, images, candidates: str | Sequence[str] | None = None, config=None, seed: int | None = None):
         """Rank candidate class words for reference images (a folder, "toy:NAME", or loaded references)."""
-        from persres.images import read_folder
         from persres.suggest import SuggestConfig, parse_candidates, suggest
-        from persres.toy import resolve_folder
 
-        references = read_folder(resolve_folder(images)) if isinstance(images, (str, Path)) else images
+        references = self.references(images)
         if candidates is None:
             entries = self.defaults.class_candidates or parse_candidates(None)
         else:
@@ -288,12 +294,14 @@ class Workspace:
         return apply_concepts(self.pipeline(), self.registry, names, self.model, self.fingerprint)
 
     def generate(self, prompt: str, concepts: Sequence[str] = (), config: SampleConfig | None = None, *, out_dir: str | Path | None = None,
-                 backend: str | None = None, sheet: bool = False, on_step=None, **settings):
+                 backend: str | None = None, sheet: bool = False, on_step=None, overwrite: bool = False,
+                 **settings):
         """Sample a prompt with zero, one or several concepts (`-c` values: "NAME" or "NAME:STRENGTH").
 
         `settings` replace fields of `config` (lag=True, steps=25, seed=3, num_images=4, ...).
-        With `out_dir`, PNGs that say how they were made are written there and listed in the
-        result's `paths`."""
+        With `out_dir`, PNGs that say how they were made are written there, named after the prompt,
+        the concepts (with their strengths) and LAG, never over an existing file unless `overwrite`,
+        and listed in the result's `paths`."""
         from persres.generation import bind_prompt, write_images
         from persres.sample import generate
 
@@ -306,7 +314,7 @@ class Workspace:
         self.apply_concepts([c.name for c in bound])
         result = generate(self.pipeline(), expanded, bound, config, backend, on_step=on_step)
         if out_dir is not None:
-            result.paths = write_images(result, prompt, bound, config, self.model, Path(out_dir), sheet=sheet)
+            result.paths = write_images(result, prompt, bound, config, self.model, Path(out_dir), sheet=sheet, overwrite=overwrite)
         return result
 
 

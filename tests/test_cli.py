@@ -353,3 +353,64 @@ def test_few_or_small_references_warn_but_train(tiny_model, tmp_path):
         Image.new("RGB", (1, 1), (i, 0, 0)).save(tiny / f"{i}.png")
     result = run("train", tiny, "--name", "tiny", "--class", "circle", "--model", tiny_model, "--steps", "1")
     assert result.exit_code == 0 and "smaller than the training resolution" in result.stderr, result.output
+
+
+def test_gen_never_overwrites_and_names_what_made_each_image(trained, tmp_path):
+    out = tmp_path / "out"
+    common = ("--model", trained, "--steps", "1", "--out", out)
+    first = run("gen", "a V* circle", "-c", "mydog", *common).stdout.split()
+    weaker = run("gen", "a V* circle", "-c", "mydog:0.5", *common).stdout.split()
+    lag = run("gen", "a V* circle", "-c", "mydog", "--lag", *common).stdout.split()
+    again = run("gen", "a V* circle", "-c", "mydog", *common).stdout.split()
+    names = [p.rsplit("/", 1)[-1] for p in first + weaker + lag + again]
+    assert names == ["a-v-circle-mydog-nolag-0.png", "a-v-circle-mydog0.5-nolag-0.png", "a-v-circle-mydog-lag-0.png",
+                     "a-v-circle-mydog-nolag-0-2.png"]
+    assert len(set(names)) == len(list(out.iterdir())) == 4
+    assert Image.open(weaker[0]).text["strengths"] == "0.5"
+    replaced = run("gen", "a V* circle", "-c", "mydog", "--overwrite", *common).stdout.split()
+    assert replaced == first and len(list(out.iterdir())) == 4
+
+
+def test_a_model_to_download_shows_its_progress_before_training_starts(tiny_model, concept_dir, monkeypatch):
+    """A hub id not in the cache: diffusers downloads it with the hub's progress bars enabled (the
+    CLI quiets only the per-component loading bars), and only then does training begin."""
+    import diffusers
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    import persres.train
+
+    order = []
+
+    def fake_download(name, **kwargs):
+        order.append(("download", name, are_progress_bars_disabled()))
+        return str(tiny_model)
+
+    real_train = persres.train.train_residuals
+
+    def train(*args, **kwargs):
+        order.append(("train",))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "download", classmethod(lambda cls, name, **kw: fake_download(name, **kw)))
+    monkeypatch.setattr(persres.train, "train_residuals", train)
+    result = run("train", concept_dir, "--name", "hub", "--class", "circle", "--model", "someorg/some-model", "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert order == [("download", "someorg/some-model", False), ("train",)]
+    assert "downloading someorg/some-model from the Hugging Face hub" in result.stderr
+    assert Registry().get("hub").meta.base_model == "someorg/some-model"  # the pack names the hub id, not the cache folder
+
+
+def test_library_warnings_are_shown_once_and_deprecations_of_persres_calls_are_not(capsys):
+    import importlib
+
+    cli_app = importlib.import_module("persres.cli.app")
+
+    library = "/usr/lib/python3/site-packages/diffusers/schedulers/scheduling_ddim.py"
+    ours = cli_app.PACKAGE_DIR + "/models.py"
+    for _ in range(2):
+        cli_app._show_warning("the scheduler changed its default: images differ", UserWarning, library, 1)
+        cli_app._show_warning("`torch_dtype` is deprecated", FutureWarning, ours, 1)  # about persres's own call
+    cli_app._show_warning("this output will change in 1.0", FutureWarning, library, 2)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["warning (diffusers): the scheduler changed its default: images differ",
+                     "warning (diffusers): this output will change in 1.0"]

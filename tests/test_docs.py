@@ -34,3 +34,10 @@ def test_every_python_example_runs_as_written(source, tmp_path, monkeypatch):
             exec(compile(block, f"{source} block {i + 1}", "exec"), namespace)
         except Exception as e:  # name the block that failed
             raise AssertionError(f"{source} block {i + 1} failed: {type(e).__name__}: {e}\n{block}") from e
+
+
+def test_the_cli_reference_page_is_what_the_app_generates():
+    from persres.cli.reference import markdown
+
+    committed = (ROOT / "docs" / "cli.md").read_text()
+    assert committed == markdown(), "docs/cli.md is stale: python -m persres.cli.reference > docs/cli.md"

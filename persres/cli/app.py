@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from persres.version import __version__
 
@@ -34,6 +34,8 @@ class OneLineErrors(TyperGroup):
         except typer.TyperException as e:  # click's usage errors, as Typer vendors them
             if type(e).__name__ == "NoArgsIsHelpError":  # a bare `persres` or `persres config`: help, not an error
                 e.show()
+                if getattr(e, "ctx", None) is not None and e.ctx.parent is None:
+                    print(GETTING_STARTED, file=sys.stderr)
                 rv = 0
             else:
                 where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
@@ -42,6 +44,31 @@ class OneLineErrors(TyperGroup):
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+GETTING_STARTED = """
+Get started offline, on the built-in toy model (a few minutes on a CPU):
+  persres train toy:checker_circle --name checker --class circle
+  persres gen "a V* circle on a green background" -c checker --lag --out out/"""
+
+
+class Command(TyperCommand):
+    """Help that names arguments by their metavar alone: `IMAGES_DIR`, not `IMAGES_DIR <str>`."""
+
+    def format_options(self, ctx, formatter) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append((param.metavar or record[0].split(" <")[0], record[1]))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
 
 
 app = typer.Typer(
@@ -83,15 +110,37 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable outpu
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # their info logs; their warnings still reach _show_warning
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.simplefilter("default")  # each distinct warning once per place
+
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_shown: set[tuple[str, str]] = set()
+
+
+def _package_of(filename: str) -> str:
+    """'diffusers' for .../site-packages/diffusers/models/x.py: which library warned."""
+    parts = os.path.abspath(filename).split(os.sep)
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts and parts.index(marker) + 1 < len(parts):
+            return parts[parts.index(marker) + 1].removesuffix(".py")
+    return os.path.basename(filename).removesuffix(".py")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    if category.__module__.startswith("persres"):
-        err.print(f"warning: {message}", markup=False)
+    """persres's own warnings, and a library's once per message. A library's deprecation of an API that
+    persres itself calls (the warning points into persres's code) is for persres's developers, not shown."""
+    ours = category.__module__.startswith("persres")
+    about_our_call = issubclass(category, (DeprecationWarning, FutureWarning)) and os.path.abspath(filename).startswith(PACKAGE_DIR)
+    if not ours and (about_our_call or issubclass(category, (DeprecationWarning, PendingDeprecationWarning))):
+        return
+    key = (category.__name__, str(message))
+    if key in _shown:
+        return
+    _shown.add(key)
+    source = "" if ours else f" ({_package_of(filename)})"
+    err.print(f"warning{source}: {' '.join(str(message).split())}", markup=False)
 
 
 def command(fn):
@@ -145,12 +194,19 @@ def workspace(model: Optional[str] = None, model_config: Optional[str] = None, d
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()  # the per-component loading bars; a download keeps the hub's own
     transformers_logging.disable_progress_bar()
+    from huggingface_hub.utils import enable_progress_bars
+
+    enable_progress_bars()
     if ws.first_toy_use():
         err.print("note: using persres's built-in toy model; pass --model, set PERSRES_MODEL or run "
                   "`persres config model PATH_OR_HUB_ID` to use real Stable Diffusion weights", markup=False)
     return ws
+
+
+def say_download(model: str) -> None:
+    err.print(f"downloading {model} from the Hugging Face hub (once; later runs read the local cache)", markup=False)
 
 
 def main() -> None:

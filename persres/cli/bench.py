@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from persres.cli.app import DeviceOption, ModelOption, PrecisionOption, bench_app, command, err, out, registry
+from persres.cli.app import Command, DeviceOption, ModelOption, PrecisionOption, bench_app, command, err, out, registry
 from persres.cli.gen import scores_table
 from persres.cli.progress import BarReporter, StatusReporter
 
@@ -24,7 +24,7 @@ def _written(report) -> None:
     out.print("results in " + ", ".join(str(p) for p in report.written), markup=False, highlight=False)
 
 
-@bench_app.command("customconcept101")
+@bench_app.command("customconcept101", cls=Command)
 @command
 def bench_cc101(
     root: Annotated[Path, _opt("Your copy of the customconcept101 folder (dataset.json, prompts/, images).", "DIR", "--root")],
@@ -62,7 +62,7 @@ def bench_cc101(
 TOY_KEYS = ("identity", "drawn", "background", "added", "attribute", "both_present", "own_minus_other", "own_minus_other_2", "right_class")
 
 
-@bench_app.command("toy")
+@bench_app.command("toy", cls=Command)
 @command
 def bench_toy(
     quick: Annotated[bool, typer.Option("--quick", help="Fewer prompts, 2 samples, one seed (a few minutes on a CPU).")] = False,

@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from persres.cli.app import ConfigOption, JsonOption, ModelOption, app, command, config_app, out, registry, workspace
+from persres.cli.app import Command, ConfigOption, JsonOption, ModelOption, app, command, config_app, out, registry, workspace
 
 
-@app.command("list")
+@app.command("list", cls=Command)
 @command
 def list_(as_json: JsonOption = False):
     """List registered concepts."""
@@ -41,7 +41,7 @@ def list_(as_json: JsonOption = False):
     out.print(table)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def show(name: Annotated[str, typer.Argument(metavar="NAME", help="A registered concept.")], as_json: JsonOption = False):
     """Show everything the registry knows about a concept."""
@@ -59,7 +59,7 @@ def show(name: Annotated[str, typer.Argument(metavar="NAME", help="A registered 
     out.print(table)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def rm(name: Annotated[str, typer.Argument(metavar="NAME", help="A registered concept.")]):
     """Remove a concept and its pack file."""
@@ -67,7 +67,7 @@ def rm(name: Annotated[str, typer.Argument(metavar="NAME", help="A registered co
     out.print(f"removed {name} ({path})", markup=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def export(
     name: Annotated[str, typer.Argument(metavar="NAME", help="A registered concept.")],
@@ -84,7 +84,7 @@ def export(
     out.print(f"wrote {output} ({fmt}); identifier {meta.identifier!r}: prompt it as '{meta.identifier} {meta.class_word}'", markup=False)
 
 
-@app.command("import")
+@app.command("import", cls=Command)
 @command
 def import_(
     file: Annotated[Path, typer.Argument(metavar="PATH", help="A persres pack, or a kohya / diffusers / peft LoRA of the proj_out layers.")],
@@ -103,7 +103,7 @@ def import_(
     out.print(f"imported {record.name} ({record.meta.class_word}, identifier {record.meta.identifier!r}{shared})", markup=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def doctor(repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed (moves files to orphans/, never deletes packs).")] = False):
     """Check that registry rows and pack files agree; report (and with --repair, fix) what does not."""
@@ -120,7 +120,7 @@ def doctor(repair: Annotated[bool, typer.Option("--repair", help="Fix what can b
         raise typer.Exit(1)
 
 
-@config_app.command("model")
+@config_app.command("model", cls=Command)
 @command
 def config_model(
     value: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Diffusers directory, .safetensors/.ckpt checkpoint or hub id to use by default.")] = None,

@@ -8,11 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from persres.cli.app import ConfigOption, DeviceOption, JsonOption, ModelOption, PrecisionOption, app, command, out, workspace
+from persres.cli.app import Command, ConfigOption, DeviceOption, JsonOption, ModelOption, PrecisionOption, app, command, out, say_download, workspace
 from persres.cli.progress import bar
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def gen(
     prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="Prompt; V1, V2.. bind to -c in order, V* to the only one, <name> to a concept.")],
@@ -30,6 +30,7 @@ def gen(
     model_config: ConfigOption = None,
     save_masks: Annotated[bool, typer.Option("--save-masks", help="Also write each concept's LAG region overlay.")] = False,
     sheet: Annotated[bool, typer.Option("--sheet", help="Also write all images (and masks) of the call on one enlarged sheet.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files of the same name [default: the next free number].")] = False,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     backend: Annotated[str, typer.Option(help="Attention backend: auto, sdpa, xformers or reference.", metavar="BACKEND")] = "auto",
@@ -42,9 +43,13 @@ def gen(
         raise InputError("--save-masks shows LAG regions: add --lag")
     config = SampleConfig(steps=steps, guidance=guidance, lag=lag, seed=seed, num_images=n, height=height, width=width, save_masks=save_masks)
     ws = workspace(model, model_config, device, precision)
+    from persres.generation import bind_prompt
+
+    bind_prompt(prompt, concept, ws.registry)  # a prompt error before any loading
+    ws.pipeline(on_download=say_download)
     with bar("generating", "steps") as progress:
         task = progress.add_task("gen", total=n * steps)
-        result = ws.generate(prompt, concept, config, out_dir=out_dir, backend=backend, sheet=sheet,
+        result = ws.generate(prompt, concept, config, out_dir=out_dir, backend=backend, sheet=sheet, overwrite=overwrite,
                              on_step=lambda done, total: progress.update(task, completed=done))
     for p in result.paths:
         out.print(str(p), markup=False, highlight=False)
@@ -61,7 +66,7 @@ def scores_table(title: str, rows: list[dict]):
     return table
 
 
-@app.command("eval")
+@app.command("eval", cls=Command)
 @command
 def eval_(
     samples: Annotated[Path, typer.Argument(metavar="SAMPLES_DIR", help="Folder of generated images.")],

@@ -7,8 +7,30 @@ from typing import Annotated, Optional
 
 import typer
 
-from persres.cli.app import ConfigOption, DeviceOption, JsonOption, ModelOption, PrecisionOption, app, command, err, out, workspace
+from persres.cli.app import Command, ConfigOption, DeviceOption, JsonOption, ModelOption, PrecisionOption, app, command, err, out, say_download, workspace
 from persres.cli.progress import bar
+
+def _toy_defaults() -> dict:
+    from persres.models import TOY_DIR
+    from persres.settings import read_defaults
+
+    try:
+        return read_defaults(str(TOY_DIR)).train
+    except Exception:  # an install without the toy model: help still renders
+        return {}
+
+
+TOY_DEFAULTS = _toy_defaults()  # what the built-in toy model recommends (its persres_defaults.json)
+
+
+def _default(field: str, paper) -> str:
+    """"[default: 150, paper; the toy model's: 1200]": the default, and the built-in model's own where it differs."""
+    def shown(value) -> str:
+        return "off" if value is None else repr(value) if field == "prompt" else f"{value:g}" if isinstance(value, float) else str(value)
+
+    toy = TOY_DEFAULTS.get(field, paper)
+    return f"[default: {shown(paper)}, paper" + ("" if toy == paper else f"; the toy model's: {shown(toy)}") + "]"
+
 
 ImagesArgument = Annotated[str, typer.Argument(metavar="IMAGES_DIR", help="Folder of 3-15 photos of one thing, or toy:NAME for a shipped toy concept.")]
 
@@ -17,7 +39,7 @@ def _opt(help: str, metavar: str | None = None, *names: str):
     return typer.Option(*names, help=help, metavar=metavar)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def train(
     images_dir: ImagesArgument,
@@ -26,13 +48,13 @@ def train(
                                             metavar="WORD")] = "auto",
     model: ModelOption = None,
     model_config: ConfigOption = None,
-    steps: Annotated[Optional[int], _opt("Training steps [default: 150, paper; the model's own where it recommends one].", "INTEGER")] = None,
-    batch_size: Annotated[Optional[int], _opt("Batch size [default: 4, paper].", "INTEGER")] = None,
-    lr: Annotated[Optional[float], _opt("Learning rate [default: 1e-3, paper].", "FLOAT")] = None,
-    lr_schedule: Annotated[Optional[str], _opt("constant, or cosine: decays the learning rate to 0 over the steps [default: constant].", "SCHEDULE")] = None,
-    snr_gamma: Annotated[Optional[float], _opt("Min-SNR-γ loss weights: steps with less noise than SNR γ count less (5 is usual) [default: off, paper].",
+    steps: Annotated[Optional[int], _opt(f"Training steps {_default('steps', 150)}.", "INTEGER")] = None,
+    batch_size: Annotated[Optional[int], _opt(f"Batch size {_default('batch_size', 4)}.", "INTEGER")] = None,
+    lr: Annotated[Optional[float], _opt(f"Learning rate {_default('lr', 1e-3)}.", "FLOAT")] = None,
+    lr_schedule: Annotated[Optional[str], _opt(f"constant, or cosine: decays the learning rate to 0 over the steps {_default('lr_schedule', 'constant')}.", "SCHEDULE")] = None,
+    snr_gamma: Annotated[Optional[float], _opt(f"Min-SNR-γ loss weights: steps with less noise than SNR γ count less (5 is usual) {_default('snr_gamma', None)}.",
                                                "FLOAT")] = None,
-    rank_ratio: Annotated[Optional[float], _opt("Rank as a fraction of channels [default: 0.05, paper].", "FLOAT")] = None,
+    rank_ratio: Annotated[Optional[float], _opt(f"Rank as a fraction of channels {_default('rank_ratio', 0.05)}.", "FLOAT")] = None,
     rank: Annotated[Optional[int], _opt("Fixed rank for every block (overrides --rank-ratio).", "INTEGER")] = None,
     resolution: Annotated[Optional[int], _opt("Training resolution [default: the model's].", "PIXELS")] = None,
     seed: Annotated[Optional[int], _opt("Random seed [default: 0].", "INTEGER")] = None,
@@ -40,12 +62,15 @@ def train(
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Also train on mirrored references [default: on].")] = None,
     scale_min: Annotated[Optional[float], _opt("Zoom-out views: references also shrunk to [scale_min, 1) at random places, 1 = off [default: 1].",
                                                "FLOAT")] = None,
-    prompt: Annotated[Optional[str], _opt('Training prompt template [default: "a photo of a {identifier} {class_word}", paper].', "TEXT")] = None,
+    prompt: Annotated[Optional[str], _opt(f"Training prompt template {_default('prompt', 'a photo of a {identifier} {class_word}')}.", "TEXT")] = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Trade compute for memory (small GPUs).")] = None,
 ):
-    """Learn a concept's residuals from a folder of images and register the pack."""
+    """Learn a concept's residuals from a folder of images and register the pack.
+
+    Settings not given come from the model's own persres_defaults.json where it has one (the
+    built-in toy model does: shown beside each default), else from the paper."""
     from persres.settings import effective_settings
 
     ws = workspace(model, model_config)
@@ -57,9 +82,11 @@ def train(
     config = ws.train_config(overrides)
     sources = ws.settings_sources(overrides)
     out.print(f"settings: {effective_settings(config, sources)}", markup=False, highlight=False)
+    references = ws.references(images_dir)  # a bad folder is one line before any loading
+    ws.pipeline(config.device, config.precision, on_download=say_download)  # a download shows its own progress, before training
     with bar(f"training {name}", "steps", "loss {task.fields[loss]}") as progress:
         task = progress.add_task("train", total=config.steps, loss="...")
-        outcome = ws.train(images_dir, name, class_word, config=config, sources=sources, on_suggested=_say_suggested,
+        outcome = ws.train(references, name, class_word, config=config, sources=sources, on_suggested=_say_suggested,
                            progress=lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.4f}"))
     rec = outcome.record
     out.print(f"trained [bold]{name}[/] ({rec.meta.parameter_count:,} parameters, loss {rec.meta.loss_start:.4f} -> "
@@ -74,7 +101,7 @@ def _say_suggested(suggestion) -> None:
               f"({suggestion.seconds:.1f}s); give --class to choose", markup=False)
 
 
-@app.command("suggest-class")
+@app.command("suggest-class", cls=Command)
 @command
 def suggest_class_command(
     images_dir: Annotated[str, typer.Argument(metavar="IMAGES_DIR", help="Folder of photos of one thing, or toy:NAME.")],

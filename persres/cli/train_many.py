@@ -8,10 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from persres.cli.app import ConfigOption, app, command, err, out, registry
+from persres.cli.app import Command, ConfigOption, app, command, err, out, registry
 
 
-@app.command("train-many")
+@app.command("train-many", cls=Command)
 @command
 def train_many_command(
     manifest: Annotated[Path, typer.Argument(metavar="MANIFEST", help="CSV (header row) or JSONL: images, name, class [, steps, lr, rank_ratio, seed, model].")],
