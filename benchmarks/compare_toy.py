@@ -6,7 +6,7 @@ Rows of the two results.csv are paired by (concept, prompt, method, seed, image)
 prompt and the same initial noise, so a per-image difference removes the prompt-to-prompt
 spread. For each (set, category, method) and score: A's and B's mean ± 95% interval, and
 the paired difference B − A ± its 95% interval. "within" says whether each mean lies in the
-other's interval (issue #16's parity test); "paired" whether the paired difference's
+other's interval (the precision parity test); "paired" whether the paired difference's
 interval contains 0 (stricter: the prompt-to-prompt spread is gone).
 """
 

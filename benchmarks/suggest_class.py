@@ -6,7 +6,7 @@
 For every shipped toy concept (a texture no caption names, on one of the six shapes), the
 suggestion is scored against the true shape with two candidate lists: the six shapes alone
 (class words, as the built-in list holds nouns) and the six shapes with the toy world's
-colors and caption words as distractors (the harder test issue #15 asks for); and with both
+colors and caption words as distractors (the harder test); and with both
 scores (per-draw mean rank, mean error). Side by side: the time of a default training run of
 the toy model (its recommended steps) on the same concept.
 """
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
 
 
 def new_textures(args) -> None:
-    """Issue #15's protocol: every shape in each new texture; right means the suggestion is the shape."""
+    """The new-textures protocol: every shape in each new texture; right means the suggestion is the shape."""
     from persres.models import load_pipeline, resolve_model
     from persres.suggest import SuggestConfig, screen, suggest_class
     from persres.toy import world

@@ -2,7 +2,7 @@
 toy model gives when every UNet weight may move, against the residuals' lift.
 
     OMP_NUM_THREADS=1 python -m benchmarks.toy_ceiling run --out benchmarks/results/toy-ceiling
-    python -m benchmarks.toy_ceiling report --out benchmarks/results/toy-ceiling --against benchmarks/results/toy-seeds/steps=800
+    python -m benchmarks.toy_ceiling report --out benchmarks/results/toy-ceiling --against benchmarks/results/toy-seeds/VARIANT
 
 Per concept of the tuning sets (`--sets held_out` only to report):
 - ceiling: each reference, through the model's VAE, scored against the other references'

@@ -179,7 +179,7 @@ def report(args) -> None:
                     entry[f"{method} {s}"] = mean_ci(values)
             entry[f"{method} per concept"] = {c: round(v, 3) for (c,), v in by(d, 1).items()}
         entry["background"] = {m: mean_ci([r["background"] for r in rows if r["method"] == m]) for m in ("base", "nolag", "lag")}
-        if any("drawn" in r for r in rows):  # rows scored since session 8: the object is there at all
+        if any("drawn" in r for r in rows):  # rows that score whether the object is there at all
             entry["drawn"] = {m: mean_ci([r["drawn"] for r in rows if r["method"] == m]) for m in ("base", "nolag", "lag")}
         pair_rows = pair_runs.get(name, [])
         for method in ("summed", "lag") if pair_rows else ():

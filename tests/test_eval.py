@@ -168,7 +168,9 @@ def test_bench_runs_end_to_end_and_resumes_without_redoing_work(mini_root, tiny_
     assert sum(advanced) == work_units(concepts, pairs, cfg) == 2 * (2 + 2 + 1)
 
 
-def test_cli_eval_and_bench(mini_root, tiny_model, tmp_path):
+def test_cli_eval_and_bench(mini_root, tiny_model, tmp_path, monkeypatch):
+    import sys
+
     from typer.testing import CliRunner
 
     from persres.cli import app
@@ -176,11 +178,15 @@ def test_cli_eval_and_bench(mini_root, tiny_model, tmp_path):
     clip, dino = build_tiny_scorers(tmp_path / "scorers")
     runner = CliRunner()
     out = tmp_path / "b"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the optional plotting library is missing
     result = runner.invoke(app, ["bench", "customconcept101", "--root", str(mini_root), "--concepts", "1", "--samples-per-prompt", "1",
                                  "--prompts-per-concept", "1", "--steps", "2", "--train-steps", "2", "--lag", "on", "--out", str(out),
                                  "--model", str(tiny_model), "--clip", str(clip), "--dino", str(dino)])
     assert result.exit_code == 0, result.output
-    assert (out / "results.json").exists()
+    assert (out / "results.json").exists() and not (out / "figure.png").exists()
+    said = [line for line in result.stdout.splitlines() if line.startswith("results in ")]
+    assert said == [f"results in {out / 'results.csv'}, {out / 'results.json'}"]  # only the files written
+    assert "figure.png not drawn: matplotlib is not installed" in result.stderr
     samples = out / "toy_circle" / "lag"
     result = runner.invoke(app, ["eval", str(samples), "--refs", str(mini_root / "benchmark_dataset" / "toy_circle"),
                                  "--clip", str(clip), "--dino", str(dino), "--json"])

@@ -27,7 +27,7 @@ from persres.images import save_png
 from persres.settings import digest_name
 from persres.tokens import expand_prompt
 
-# Table 1 of Ham et al. (CVPR 2024), CustomConcept101, as quoted in persres issue #4.
+# Table 1 of Ham et al. (CVPR 2024), CustomConcept101.
 PAPER_POINTS = {
     "paper: residuals": {"clip_t": 0.7193, "clip_i": 0.7594, "dino_i": 0.5671},
     "paper: residuals + LAG": {"clip_t": 0.7220, "clip_i": 0.7424, "dino_i": 0.5411},

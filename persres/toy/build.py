@@ -14,8 +14,8 @@ picture), so identifiers are in-distribution tokens with weak meaning, as `sks` 
 Every word and identifier is one token.
 
 `--init-from DIR` starts from an exported model instead of from scratch (its VAE is kept
-and its tokenizer extended, existing token ids unchanged): how the shipped model was
-fine-tuned from the v0.1 model (see the README's toy section).
+and its tokenizer extended, existing token ids unchanged): the shipped model is such a
+fine-tune, in three stages (docs/toy-world.md).
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ CAPTION = {  # probabilities of the caption variations
 }
 
 
-# What `persres train` uses on this model unless told otherwise (see the README's toy section,
-# "Method defaults", decided on the tuning concepts with benchmarks/toy_seeds.py, 20 packs).
+# What `persres train` uses on this model unless told otherwise (docs/toy-world.md, "Studied",
+# decided on the tuning concepts with benchmarks/toy_seeds.py, 20 packs).
 # "a sks circle" matches the captions' "a red circle". 800 steps, not 400: +0.03 identity in new
 # scenes. Rank ratio 1.0 (factors as wide as the layer: ranks 64 and 128) at lr 1e-3: +0.08
 # identity in new scenes over the paper's 0.05 at lr 5e-3, pairs with LAG +0.08 / +0.03 own - other;
 # rank and lr go together (rank 1.0 at lr 5e-3 lost 0.09). SD's own default stays the paper's 0.05.
-# Session 11: 1200 steps with a cosine decay and min-SNR-5 loss weights, together +0.06 / +0.04 (LAG)
-# over 800 constant-lr plain-MSE steps (10 packs; each alone +0.02 to +0.04, inside its interval).
+# 1200 steps with a cosine decay and min-SNR-5 loss weights: together +0.06 / +0.04 (LAG) over 800
+# constant-lr plain-MSE steps (10 packs; each alone +0.02 to +0.04, inside its interval).
 RECOMMENDED_TRAIN = {"lr": 1e-3, "steps": 1200, "lr_schedule": "cosine", "snr_gamma": 5.0, "rank_ratio": 1.0,
                      "prompt": "a {identifier} {class_word}"}
 

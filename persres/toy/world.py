@@ -121,7 +121,7 @@ NOVEL_CONCEPTS: dict[str, tuple[str, str]] = {
     "quartered_circle": ("circle", "quarters"),
     "ringed_square": ("square", "rings"),
     "grid_heart": ("heart", "grid"),
-    # a second tuning set (session 7), made before it was scored: one texture per shape, new colors
+    # a second tuning set, fixed before it was scored: one texture per shape, new colors
     "bordered_star": ("star", "border"),
     "zigzag_square": ("square", "zigzag"),
     "vstriped_cross": ("cross", "vstripes"),
