@@ -198,7 +198,9 @@ class Workspace:
 
                 write_pack(Path(shard_dir) / f"{name}.safetensors", result.tensors, meta)
                 return TrainOutcome(None, result.losses, result.seconds, self.model, meta)
-            return TrainOutcome(self.registry.add(result.tensors, meta), result.losses, result.seconds, self.model, meta)
+            record = self.registry.add(result.tensors, meta)
+            self._keep_references(name, references)
+            return TrainOutcome(record, result.losses, result.seconds, self.model, meta)
 
         if identifier is not None:
             if not fit(identifier):
@@ -206,6 +208,14 @@ class Workspace:
             return run(identifier)
         with self.registry.reservation(name, fits=fit) as fresh:
             return run(fresh)
+
+    def _keep_references(self, name: str, references) -> None:
+        """A contact sheet of the references beside the registry, for galleries (`persres ui`)."""
+        from persres.atomic import atomic_path
+        from persres.images import contact_sheet
+
+        with atomic_path(self.registry.reference_sheet(name)) as tmp:
+            contact_sheet([[r.image for r in references]], min_side=96).save(tmp, format="PNG")
 
     def pack_meta(self, name: str, identifier: str, class_word: str, ranks: dict[str, int], train_config: dict,
                   image_hashes: Sequence[str] = (), losses: Sequence[float] = (), seconds: float | None = None) -> PackMeta:

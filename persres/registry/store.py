@@ -66,6 +66,7 @@ class Registry(Repairs):
         self.home = (Path(home) if home is not None else persres_home()).expanduser().absolute()
         self.packs_dir = self.home / "packs"
         self.orphans_dir = self.home / "orphans"
+        self.references_dir = self.home / "references"  # NAME.png: a contact sheet of a trained concept's references
         self.db_path = self.home / "registry.db"
         self.notes: list[str] = []  # what opening the registry repaired (orphans moved aside)
         self._open()
@@ -308,7 +309,12 @@ class Registry(Repairs):
             path = self._pack_path(str(row[0]))
             if path.suffix == ".safetensors" and path.is_file():  # never anything but a pack file of packs/
                 path.unlink()
+            self.reference_sheet(name).unlink(missing_ok=True)
         return path
+
+    def reference_sheet(self, name: str) -> Path:
+        """Where the contact sheet of `name`'s reference images is kept (it may not exist: imports have none)."""
+        return self.references_dir / f"{name}.png"
 
     def export_pack(self, name: str, out: Path, force: bool = False) -> Path:
         record = self.get(name)
