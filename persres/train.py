@@ -177,8 +177,10 @@ def train_residuals(
     class_word: str,
     config: TrainConfig = TrainConfig(),
     progress: Progress | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Learn one concept's residuals on a loaded pipeline; the pipeline is left as it was."""
+    """Learn one concept's residuals on a loaded pipeline; the pipeline is left as it was.
+    `on_phase(text)` hears when encoding the references ends and the steps begin."""
     unet = pipe.unet
     noise_sched = pipe.scheduler
     prediction = prediction_of(noise_sched)
@@ -187,8 +189,12 @@ def train_residuals(
     resolution = config.resolution or default_resolution(pipe)
     device = unet.device
     gen = torch.Generator(device=device).manual_seed(config.seed)
+    if on_phase is not None:
+        on_phase("encoding the references and the prompt, once")
     source = cache_inputs(pipe, images, prompt, resolution, config.flip, chunk=config.batch_size,
                           scale_min=config.scale_min, seed=config.seed)
+    if on_phase is not None:
+        on_phase("training")
 
     ranks = residuals.ranks_for(unet, config.rank_ratio, config.rank)
     # Only the factors learn: a pipeline handed in unfrozen would otherwise back-propagate into

@@ -185,8 +185,7 @@ class Workspace:
             return is_single_token(pipe.tokenizer, ident)
 
         def run(ident: str) -> TrainOutcome:
-            phase("training")
-            result = train_residuals(pipe, [r.image for r in references], ident, class_word, config, progress)
+            result = train_residuals(pipe, [r.image for r in references], ident, class_word, config, progress, on_phase=phase)
             train_config = {**config.to_dict(), "prompt_template": config.prompt, "resolution": result.resolution, "prompt": result.prompt,
                             **{k: v for k, v in {"sources": sources, **class_info}.items() if v},
                             "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),

@@ -313,6 +313,43 @@ def test_gen_shows_a_progress_bar_on_a_terminal_only(trained, tmp_path):
     assert piped.returncode == 0 and piped.stderr.strip() == "", piped.stderr
 
 
+def on_a_terminal(args, env) -> tuple[int, str]:
+    import os
+    import pty
+    import subprocess
+
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(args, stdin=secondary, stdout=secondary, stderr=secondary, env=env)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=300)
+    os.close(primary)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def test_train_shows_its_phases_on_a_terminal(tiny_model, concept_dir, persres_home):
+    import os
+    import sys
+
+    env = {**os.environ, "COLUMNS": "160", "PERSRES_HOME": str(persres_home)}
+    code, seen = on_a_terminal([sys.executable, "-m", "persres", "train", str(concept_dir), "--name", "tty", "--class", "circle",
+                                "--model", str(tiny_model), "--steps", "200"], env)
+    import re
+
+    seen = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", seen)  # the terminal's colors and cursor moves
+    assert code == 0, seen
+    assert seen.index("loading ") < seen.index("encoding the references") < seen.index("training") < seen.index("trained tty"), seen
+    assert "loss" in seen
+
+
 def test_shipped_toy_concepts_train_from_any_directory(tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run("train", "toy:checker_circle", "--name", "c", "--class", "circle", "--model", tiny_model, "--steps", "1")

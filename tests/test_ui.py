@@ -90,6 +90,23 @@ def test_train_list_generate_with_and_without_lag_export_import(served):
     assert "no problems" in client.predict(api_name="/doctor")
 
 
+def test_cancel_stops_a_training_and_registers_nothing(served):
+    import time
+
+    client, ws, root, _ = served
+    before = snapshot(ws.registry)
+    job = client.submit([], "toy:checker_circle", "slow", "circle", 100_000, 1e-3, 0.05, api_name="/train")
+    deadline = time.monotonic() + 120
+    while not ws.registry._live_reservation("slow"):  # the training has begun
+        assert time.monotonic() < deadline and not job.done()
+        time.sleep(0.1)
+    assert client.predict(api_name="/cancel") == "cancelling..."
+    with pytest.raises(Exception, match="training 'slow' cancelled: nothing was registered"):
+        job.result(timeout=120)
+    assert snapshot(ws.registry) == before and not ws.registry.has("slow")
+    assert not ws.registry._live_reservation("slow")
+
+
 def test_a_cli_train_shows_up_after_a_refresh(served, concept_dir):
     """The registry is the single source of truth: what another process registers, the app lists."""
     from typer.testing import CliRunner

@@ -133,7 +133,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     persres itself calls (the warning points into persres's code) is for persres's developers, not shown."""
     ours = category.__module__.startswith("persres")
     about_our_call = issubclass(category, (DeprecationWarning, FutureWarning)) and os.path.abspath(filename).startswith(PACKAGE_DIR)
-    if not ours and (about_our_call or issubclass(category, (DeprecationWarning, PendingDeprecationWarning))):
+    if not ours and (about_our_call or issubclass(category, (DeprecationWarning, PendingDeprecationWarning, ResourceWarning))):
         return
     key = (category.__name__, str(message))
     if key in _shown:

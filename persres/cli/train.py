@@ -83,10 +83,12 @@ def train(
     sources = ws.settings_sources(overrides)
     out.print(f"settings: {effective_settings(config, sources)}", markup=False, highlight=False)
     references = ws.references(images_dir)  # a bad folder is one line before any loading
-    ws.pipeline(config.device, config.precision, on_download=say_download)  # a download shows its own progress, before training
-    with bar(f"training {name}", "steps", "loss {task.fields[loss]}") as progress:
-        task = progress.add_task("train", total=config.steps, loss="...")
+    with err.status(f"loading {ws.model}"):  # a download shows its own progress first, then the training bar
+        ws.pipeline(config.device, config.precision, on_download=say_download)
+    with bar(f"{name}:", "steps", "loss {task.fields[loss]}", "{task.fields[phase]}") as progress:
+        task = progress.add_task("train", total=config.steps, loss="...", phase="")
         outcome = ws.train(references, name, class_word, config=config, sources=sources, on_suggested=_say_suggested,
+                           on_phase=lambda text: (progress.update(task, phase=text), progress.refresh()),  # each phase drawn
                            progress=lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.4f}"))
     rec = outcome.record
     out.print(f"trained [bold]{name}[/] ({rec.meta.parameter_count:,} parameters, loss {rec.meta.loss_start:.4f} -> "

@@ -70,7 +70,8 @@ def gallery(session: Session) -> list[tuple[str, str]]:
         if not sheet.is_file():
             sheet = _blank(session)
         loss = f", loss {m.loss_start:.3f} → {m.loss_end:.3f}" if m.loss_start is not None else ""
-        cards.append((str(sheet), f"{m.name} · {m.class_word} · {m.identifier} · {m.family} · "
+        ranks = "/".join(str(r) for r in sorted(set(m.ranks.values())))
+        cards.append((str(sheet), f"{m.name} · {m.class_word} · {m.identifier} · {m.family} · rank {ranks} · "
                                   f"{m.parameter_count:,} params · {m.created_at[:10]}{loss}"))
     return cards
 
