@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from PIL import Image
 
 from persres.version import __version__
 from persres.config import SampleConfig
-from persres.tokens import BoundConcept, expand_prompt, split_concept_option
+from persres.tokens import BoundConcept, PromptWarning, expand_prompt, split_concept_option, unbound_placeholders
 
 MASK_COLORS = [(0, 220, 255), (255, 0, 200), (255, 230, 0), (0, 230, 90), (255, 120, 0)]  # cyan first: visible on most objects
 
@@ -29,7 +30,13 @@ def bind_prompt(prompt: str, concept_names: Sequence[str], registry) -> tuple[st
     for option in concept_names:
         name, strength = split_concept_option(option)
         given.append(dataclasses.replace(registry.get(name).bound(), strength=strength))
-    return expand_prompt(prompt, given, lambda n: registry.get(n).bound())
+    expanded, bound = expand_prompt(prompt, given, lambda n: registry.get(n).bound())
+    loose = unbound_placeholders(prompt, bound)
+    if loose:  # a typo far more often than intended text: said, and the image still made
+        words = ", ".join(repr(w) for w in dict.fromkeys(loose))
+        warnings.warn(f"{words} in the prompt binds to no concept and goes to the model as text "
+                      f"(concept placeholders are <name>, <name:0.8>, or V1, V2, ... with -c)", PromptWarning, stacklevel=2)
+    return expanded, bound
 
 
 def generation_metadata(prompt: str, expanded: str, seed: int, concepts: Sequence[BoundConcept], config: SampleConfig, model: str) -> dict:

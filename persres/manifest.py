@@ -67,7 +67,14 @@ def _csv_records(text: str, path: Path) -> list[tuple[int, dict]]:
         raise InputError(f"manifest {str(path)!r}: " + "; ".join(
             ([f"missing column(s) {', '.join(missing)}"] if missing else []) + ([f"unknown column(s) {', '.join(unknown)}"] if unknown else []))
             + f" (columns: {', '.join(REQUIRED + OPTIONAL)})")
-    return [(reader.line_num, {k: v for k, v in rec.items() if v not in (None, "")}) for rec in reader]
+    records = []
+    for rec in reader:
+        if None in rec:  # csv puts values beyond the header's columns under the key None
+            records.append((reader.line_num, {"__bad__": f"{len(rec[None])} more value(s) than the header's "
+                                                         f"{len(header)} columns (a comma inside a value needs quotes)"}))
+        else:
+            records.append((reader.line_num, {k: v for k, v in rec.items() if v not in (None, "")}))
+    return records
 
 
 def _jsonl_records(text: str, path: Path) -> list[tuple[int, dict]]:

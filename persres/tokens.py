@@ -25,6 +25,7 @@ from persres.errors import PromptError
 RARE_IDENTIFIERS = ("sks", "zwx", "qrv", "vyk", "pmj", "tqz", "hwx", "jxn")
 
 PLACEHOLDER_RE = re.compile(r"<([A-Za-z0-9][A-Za-z0-9_-]*)(?::([^<>]*))?>|\bV(\d+)\b|\bV\*")
+UNCLOSED_RE = re.compile(r"<[A-Za-z0-9][A-Za-z0-9_-]*(?::[^<>\s]*)?(?![A-Za-z0-9_:>-])(?![^<]*>)")  # "<name" with no ">"
 MAX_STRENGTH = 2.0  # a residual scaled past twice what it learned is extrapolation, not a setting
 
 
@@ -193,7 +194,9 @@ def expand_prompt(
             if not concepts:  # no -c: V-numbers are ordinary words ("a V8 engine")
                 return m.group(0)
             i = int(index)
-            if not 1 <= i <= len(concepts):
+            if i < 1:
+                raise PromptError(f"V{index} is not a placeholder: concepts given with -c are V1, V2, ...")
+            if i > len(concepts):
                 raise PromptError(f"V{i} is not bound: give at least {i} concept(s) with -c (got {len(concepts)})")
             return use(concepts[i - 1])
         if len(concepts) != 1:
@@ -210,3 +213,16 @@ def expand_prompt(
             else:
                 raise PromptError(f"concept {c.name!r} is not in the prompt: write V{concepts.index(c) + 1}, V* or <{c.name}> where it belongs")
     return expanded, used
+
+
+class PromptWarning(UserWarning):
+    """Something in the prompt looks like a concept placeholder, but binds to no concept."""
+
+
+def unbound_placeholders(prompt: str, bound: Sequence[BoundConcept]) -> list[str]:
+    """What in a prompt looks like a concept placeholder and binds to nothing: an unclosed `<name`
+    (the text goes to the model as it is), or `V1`, `V*` when no concept is given at all."""
+    found = [m.group(0) for m in UNCLOSED_RE.finditer(prompt)]
+    if not bound:
+        found += re.findall(r"\bV\d+\b", prompt)
+    return found

@@ -451,3 +451,23 @@ def test_library_warnings_are_shown_once_and_deprecations_of_persres_calls_are_n
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["warning (diffusers): the scheduler changed its default: images differ",
                      "warning (diffusers): this output will change in 1.0"]
+
+
+@pytest.mark.parametrize("prompt,loose", [("a <mydog:1.5 circle on a red background", "'<mydog:1.5'"), ("a V1 circle", "'V1'")])
+def test_a_placeholder_that_binds_nothing_is_warned_and_the_image_still_written(trained, tmp_path, prompt, loose):
+    result = run("gen", prompt, "--model", trained, "--steps", "1", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and loose in warned[0] and "binds to no concept" in warned[0], result.stderr
+    assert len(result.stdout.split()) == 1  # the image
+
+
+def test_v0_is_not_a_placeholder(trained, tmp_path):
+    assert_one_line_error(run("gen", "a V0 circle", "-c", "mydog", "--model", trained, "--out", tmp_path / "o"), "V0 is not a placeholder")
+
+
+@pytest.mark.parametrize("option,value", [("--samples", "-1"), ("--samples", "0"), ("--seeds", "0"), ("--steps", "0")])
+def test_bench_toy_refuses_bad_counts_before_any_training(tiny_model, tmp_path, option, value):
+    result = run("bench", "toy", "--concept", "checker_circle", "--model", tiny_model, "--out", tmp_path / "b", option, value)
+    assert_one_line_error(result, f"{option} must be at least 1")
+    assert Registry().list() == []  # nothing trained or registered first

@@ -206,3 +206,20 @@ def test_doctor_reports_and_repairs_rows_and_files_that_disagree(persres_home):
     clean = CliRunner().invoke(app, ["doctor"])
     assert clean.exit_code == 0 and "1 concepts, 0 damaged rows, 0 problems" in clean.stdout
     assert [r.name for r in Registry().list()] == ["a"]
+
+
+def test_opening_the_registry_releases_reservations_of_finished_processes(persres_home):
+    import socket
+    import subprocess
+    import sys
+
+    reg = Registry()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    with reg.transaction():
+        reg.db.execute("INSERT INTO reservations (name, identifier, pid, host, created_at) VALUES ('gone', 'zwx', ?, ?, 'x')",
+                       [int(dead), socket.gethostname()])
+        reg.db.execute("INSERT INTO reservations (name, identifier, pid, host, created_at) VALUES ('elsewhere', 'qrv', 1, 'other-host', 'x')")
+    again = Registry()  # the next start sweeps
+    held = [r[0] for r in again.db.execute("SELECT name FROM reservations").fetchall()]
+    assert held == ["elsewhere"]  # a process on another machine may still run: kept
+    assert again.doctor() == []

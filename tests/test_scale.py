@@ -221,3 +221,12 @@ def test_bench_on_two_processes_equals_one(bench_inputs, tiny_model, tmp_path):
     again = bench(tmp_path / "h2", tmp_path / "b2", bench_inputs, tiny_model, 1)
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_a_ragged_csv_row_is_named_as_such():
+    from persres.manifest import _csv_records
+
+    text = "images,name,class\nimgs/a,one,dog\nimgs/b,two,dog,extra,more\n"
+    records = _csv_records(text, Path("m.csv"))
+    assert records[0][1] == {"images": "imgs/a", "name": "one", "class": "dog"}
+    assert records[1] == (3, {"__bad__": "2 more value(s) than the header's 3 columns (a comma inside a value needs quotes)"})

@@ -44,8 +44,11 @@ class Repairs:
     """The sweep and doctor of `Registry` (a mixin: it uses the registry's db, folders and transaction)."""
 
     def sweep(self) -> list[str]:
-        """Move leftovers of crashed writers to orphans/: temporary files whose writer is gone,
-        and pack files no row points at. Returns one note per file moved."""
+        """Release reservations whose process is gone, and move leftovers of crashed writers to
+        orphans/: temporary files whose writer is gone, and pack files no row points at. Returns
+        one note per file moved (a released reservation held nothing worth a note)."""
+        with self.transaction():
+            self._drop_stale_reservations()
         if not self.packs_dir.is_dir():
             return []
         notes = []
