@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from persres.errors import InputError
+from persres.errors import InputError, PackError
 from persres.packs import check_regular_file
 
 
@@ -35,3 +35,23 @@ def check_export_target(out: Path, registry, force: bool) -> None:
         return
     if not os.access(target.parent, os.W_OK):
         raise InputError(f"cannot write to {str(target.parent)!r}: permission denied")
+
+
+def _fault(point: str) -> None:
+    """Fault injection for the kill tests: PERSRES_FAULT=point makes this process SIGKILL itself there."""
+    if os.environ.get("PERSRES_FAULT") == point:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _move_no_replace(src: Path, dst: Path) -> None:
+    """Move src to dst, failing if dst exists (a hard link where the filesystem has them)."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise PackError(f"{str(dst)!r} appeared while registering; nothing was overwritten") from None
+    except OSError:  # no hard links here: the registry's write lock already excludes other persres writers
+        if dst.exists():
+            raise PackError(f"{str(dst)!r} appeared while registering; nothing was overwritten") from None
+        os.replace(src, dst)

@@ -28,11 +28,11 @@ import sqlite_utils
 
 from persres.families import family_of_meta
 from persres.atomic import atomic_path
-from persres.errors import ConceptNotFound, DuplicateConcept, PackError, RegistryError
+from persres.errors import ConceptNotFound, DuplicateConcept, RegistryError
 from persres.packs import PackMeta, read_pack, validate_meta, write_pack_temp
 from persres.registry.rows import META_FIELDS, ROW_FIELDS, ConceptRecord, DamagedRecord, meta_of, row_of  # noqa: F401
 from persres.registry.migrations import MIGRATIONS, migrate, unknown_migrations
-from persres.registry.paths import check_export_target, persres_home  # noqa: F401  (re-exported)
+from persres.registry.paths import _fault, _move_no_replace, check_export_target, persres_home  # noqa: F401  (re-exported)
 from persres.registry.repair import Repairs, _holder_alive, _now
 from persres.names import check_concept_name
 from persres.tokens import identifier_candidates
@@ -88,8 +88,9 @@ class Registry(Repairs):
         hint = "move it aside to start a new registry (or restore it from a backup); `persres doctor` explains"
         try:
             if not self.writable and not self.db_path.exists():
-                raise RegistryError(f"registry home {str(home)!r} is not writable and holds no registry yet")
-            uri = f"{self.db_path.resolve().as_uri()}{'' if self.writable else '?mode=ro'}"
+                raise RegistryError(f"registry home {str(home)!r} is not writable by this user and holds no registry yet: "
+                                    "point PERSRES_HOME at a folder you can write")
+            uri = self.db_path.resolve().as_uri() if self.writable else self._read_only_uri()
             conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             if self.writable:
@@ -111,9 +112,28 @@ class Registry(Repairs):
             if _busy(e):
                 raise RegistryError(f"registry {str(self.db_path)!r} stayed locked by another process for "
                                     f"{BUSY_TIMEOUT_S:.0f}s; try again when it has finished") from None
+            if "readonly" in str(e) or "read-only" in str(e):
+                raise RegistryError(f"registry {str(self.db_path)!r} is not writable by this user ({e}); "
+                                    "reading commands still work where the folder can be read") from None
             raise RegistryError(f"registry {str(self.db_path)!r} cannot be used ({e}): {hint}") from None
         except sqlite3.DatabaseError as e:
             raise RegistryError(f"registry {str(self.db_path)!r} is damaged ({e}): {hint}") from None
+
+    def _read_only_uri(self) -> str:
+        """How a registry this user cannot write is read. SQLite opens a WAL database read-only only
+        where it can create the `-shm` index: so straight from the file as immutable when no
+        write-ahead log is pending, else from a private copy of the database and its log."""
+        wal = Path(f"{self.db_path}-wal")
+        if not wal.exists() or wal.stat().st_size == 0:
+            return f"{self.db_path.resolve().as_uri()}?immutable=1"
+        import atexit
+        import tempfile
+
+        copy = Path(tempfile.mkdtemp(prefix="persres-readonly-"))
+        atexit.register(shutil.rmtree, copy, True)
+        for suffix in ("", "-wal"):
+            shutil.copyfile(f"{self.db_path}{suffix}", copy / f"registry.db{suffix}")
+        return f"{(copy / 'registry.db').as_uri()}?mode=rw"
 
     def _check_columns(self) -> None:
         expected = {*META_FIELDS, *ROW_FIELDS}
@@ -142,7 +162,8 @@ class Registry(Repairs):
         import tempfile
 
         if not self.writable:
-            raise RegistryError(f"registry home {str(self.home)!r} is not writable")
+            raise RegistryError(f"registry home {str(self.home)!r} is not writable by this user: nothing can be trained, imported "
+                                "or removed there (point PERSRES_HOME at a folder you can write)")
         try:
             self.packs_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.packs_dir):
@@ -358,25 +379,3 @@ class Registry(Repairs):
         under this home (a moved or restored home, or a row written under a relative home, still
         finds its pack)."""
         return self.packs_dir / Path(stored).name
-
-
-def _fault(point: str) -> None:
-    """Fault injection for the kill tests: PERSRES_FAULT=point makes this process SIGKILL itself there."""
-    if os.environ.get("PERSRES_FAULT") == point:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _move_no_replace(src: Path, dst: Path) -> None:
-    """Move src to dst, failing if dst exists (a hard link where the filesystem has them)."""
-    try:
-        os.link(src, dst)
-    except FileExistsError:
-        raise PackError(f"{str(dst)!r} appeared while registering; nothing was overwritten") from None
-    except OSError:  # no hard links here: the registry's write lock already excludes other persres writers
-        if dst.exists():
-            raise PackError(f"{str(dst)!r} appeared while registering; nothing was overwritten") from None
-        os.replace(src, dst)
-
-
