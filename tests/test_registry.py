@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import sqlite3
 from pathlib import Path
 
@@ -223,3 +224,42 @@ def test_opening_the_registry_releases_reservations_of_finished_processes(persre
     held = [r[0] for r in again.db.execute("SELECT name FROM reservations").fetchall()]
     assert held == ["elsewhere"]  # a process on another machine may still run: kept
     assert again.doctor() == []
+
+
+@pytest.mark.parametrize("loss", ["deleted", "garbage"])
+def test_doctor_rebuild_restores_every_concept_from_its_packs(persres_home, loss):
+    from typer.testing import CliRunner
+
+    from persres.cli import app
+
+    reg = Registry()
+    for k, (name, identifier) in enumerate([("a", "sks"), ("b", "zwx"), ("c", "qrv"), ("d", "vyk")]):
+        meta = make_meta(name, identifier)
+        reg.add(make_tensors(meta, seed=k), meta)
+    before = {r.name: (r.meta.identifier, r.sha256) for r in reg.list()}
+    orphan = reg.packs_dir / "d.safetensors"
+    reg.orphans_dir.mkdir(exist_ok=True)
+    with reg.transaction():
+        reg.db.execute("DELETE FROM concepts WHERE name = 'd'")
+    os.replace(orphan, reg.orphans_dir / "20260101-000000-d.safetensors")  # a pack only orphans/ holds
+    (reg.packs_dir / "junk.safetensors").write_bytes(b"not a pack")
+    del reg
+    db = persres_home / "registry.db"
+    if loss == "deleted":
+        for extra in ("", "-wal", "-shm"):
+            Path(f"{db}{extra}").unlink(missing_ok=True)
+    else:
+        db.write_bytes(os.urandom(4096))
+        for extra in ("-wal", "-shm"):
+            Path(f"{db}{extra}").unlink(missing_ok=True)
+        doctor = CliRunner().invoke(app, ["doctor"])  # the tool for this case opens what it can and says what to do
+        assert doctor.exit_code == 1 and "persres doctor --rebuild" in doctor.stdout and "Traceback" not in doctor.output
+    result = CliRunner().invoke(app, ["doctor", "--rebuild"])
+    assert result.exit_code == 1, result.output  # one file was refused
+    assert "3 concepts restored" not in result.stdout and "4 concepts restored, 1 files refused" in result.stdout
+    assert "junk.safetensors" in result.stdout
+    after = {r.name: (r.meta.identifier, r.sha256) for r in Registry().list()}
+    assert {k: after[k] for k in "abc"} == {k: before[k] for k in "abc"}  # same identifiers, same files byte for byte
+    assert after["d"][0] == before["d"][0]
+    assert (loss == "garbage") == any(p.name.startswith("registry.db.broken-") for p in persres_home.iterdir())
+    assert CliRunner().invoke(app, ["doctor"]).exit_code == 0

@@ -105,9 +105,28 @@ def import_(
 
 @app.command(cls=Command)
 @command
-def doctor(repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed (moves files to orphans/, never deletes packs).")] = False):
+def doctor(
+    repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed (moves files to orphans/, never deletes packs).")] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="A new registry.db from the packs (and orphans/); the old one kept aside.")] = False,
+):
     """Check that registry rows and pack files agree; report (and with --repair, fix) what does not."""
-    reg = registry()
+    from persres.errors import RegistryError
+    from persres.registry import persres_home
+
+    if rebuild:
+        from persres.registry.rebuild import rebuild as rebuild_registry
+
+        report = rebuild_registry(persres_home())
+        for line in (*(f"kept aside: {p}" for p in report.kept_aside), *(f"restored {r}" for r in report.restored),
+                     *(f"refused {r}" for r in report.refused)):
+            out.print(line, markup=False, highlight=False)
+        out.print(f"{len(report.restored)} concepts restored, {len(report.refused)} files refused", markup=False)
+        raise typer.Exit(1 if report.refused else 0)
+    try:
+        reg = registry()
+    except RegistryError as e:  # doctor is the tool for a registry that cannot be opened: it says what to do
+        out.print(f"{e}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
     for note in reg.notes:
         out.print(note, markup=False)
     problems = reg.doctor(repair=repair)

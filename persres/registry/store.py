@@ -83,9 +83,9 @@ class Registry(Repairs):
         except OSError as e:
             raise RegistryError(f"cannot create the registry home {str(home)!r}: {e.strerror or e}") from None
         if self.db_path.exists() and not self.db_path.is_file():
-            raise RegistryError(f"registry {str(self.db_path)!r} is not a file: move it aside to start a new registry")
+            raise RegistryError(f"registry {str(self.db_path)!r} is not a file: `persres doctor --rebuild` makes a new one from its packs")
         self.writable = os.access(home, os.W_OK) and (not self.db_path.exists() or os.access(self.db_path, os.W_OK))
-        hint = "move it aside to start a new registry (or restore it from a backup); `persres doctor` explains"
+        hint = "`persres doctor --rebuild` makes a new one from its packs (the old file is kept aside)"
         try:
             if not self.writable and not self.db_path.exists():
                 raise RegistryError(f"registry home {str(home)!r} is not writable by this user and holds no registry yet: "
@@ -140,7 +140,7 @@ class Registry(Repairs):
         have = {c.name for c in self.db["concepts"].columns}
         if not expected <= have:
             raise RegistryError(f"registry {str(self.db_path)!r} lacks columns {sorted(expected - have)}: "
-                                "it was changed by hand or by another program; move it aside to start a new registry")
+                                "it was changed by hand or by another program; `persres doctor --rebuild` makes a new one from its packs")
 
     @contextlib.contextmanager
     def transaction(self):
@@ -200,6 +200,10 @@ class Registry(Repairs):
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise RegistryError(f"the registry row of {name!r} is damaged ({' '.join(str(e).split())[:160]}); "
                                 f"`persres doctor --repair` removes it") from None
+
+    def identifier_taken(self, identifier: str) -> bool:
+        """Whether a concept (not marked shared) already has `identifier`."""
+        return self.db.execute("SELECT 1 FROM concepts WHERE identifier = ? AND shared_identifier = 0", [identifier]).fetchone() is not None
 
     def has(self, name: str) -> bool:
         return self.db.execute("SELECT 1 FROM concepts WHERE name = ?", [name]).fetchone() is not None
