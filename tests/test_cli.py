@@ -471,3 +471,17 @@ def test_bench_toy_refuses_bad_counts_before_any_training(tiny_model, tmp_path, 
     result = run("bench", "toy", "--concept", "checker_circle", "--model", tiny_model, "--out", tmp_path / "b", option, value)
     assert_one_line_error(result, f"{option} must be at least 1")
     assert Registry().list() == []  # nothing trained or registered first
+
+
+@pytest.mark.parametrize("failure", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                                                                  "you tried to allocate 68719476736 bytes")])
+def test_out_of_memory_is_a_designed_message(trained, tmp_path, monkeypatch, failure):
+    import persres.workspace
+
+    def no_memory(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(persres.workspace.Workspace, "generate", no_memory)
+    result = run("gen", "a V* circle", "-c", "mydog", "--model", trained, "--out", tmp_path / "o")
+    assert_one_line_error(result, "out of memory")
+    assert "internal error" not in result.stderr

@@ -279,6 +279,13 @@ def cases():
     for key, change in TENSOR_CHANGES.items():
         out.append((f"import-tensor-{key}", lambda w, k=key, c=change: ["import", write_pack_with(w, k, tensor_change=c), "--name", "bad"],
                     TENSOR_PROBLEM[key]))
+    out += [
+        ("import-lora-rank-above-channels", lambda w: ["import", _wide_lora(w), "--name", "wide", "--class", "circle"], "exceeds the layer's"),
+        ("import-lora-alpha-text", lambda w: ["import", _peft_lora(w, {"lora_alpha": "strong"}), "--name", "al", "--class", "circle"],
+         "lora_alpha for"),
+        ("import-lora-alpha-pattern-text", lambda w: ["import", _peft_lora(w, {"alpha_pattern": {"proj_out": "x"}}), "--name", "ap",
+                                                      "--class", "circle"], "alpha_pattern for"),
+    ]
     # paths: export and gen outputs
     out += [
         ("export-into-packs", lambda w: ["export", "one", "-o", w.home / "packs" / "two.safetensors"], "inside the registry"),
@@ -317,6 +324,43 @@ def cases():
     return out
 
 
+def _lora_of_one(w: World, fmt: str) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from persres.interop import write_lora
+    from persres.packs import read_pack
+
+    tensors, meta = read_pack(w.pack)
+    path = write_lora(w.tmp / f"one-{fmt}.safetensors", fmt, tensors, meta)
+    with safe_open(str(path), framework="pt") as f:
+        return load_file(str(path)), dict(f.metadata() or {})
+
+
+def _wide_lora(w: World) -> Path:
+    """A kohya LoRA of the model's proj_out layers whose rank exceeds their channels."""
+    tensors, metadata = _lora_of_one(w, "kohya")
+    g = torch.Generator().manual_seed(0)
+    for key in [k for k in tensors if k.endswith("lora_down.weight")]:
+        down, up = tensors[key], tensors[key.replace("lora_down", "lora_up")]
+        m = down.shape[1]
+        tensors[key] = torch.randn(m + 1, *down.shape[1:], generator=g)
+        tensors[key.replace("lora_down", "lora_up")] = torch.randn(up.shape[0], m + 1, *up.shape[2:], generator=g)
+        tensors[key.replace("lora_down.weight", "alpha")] = torch.tensor(float(m + 1))
+    path = w.tmp / "wide.safetensors"
+    save_file(tensors, str(path), metadata={k: v for k, v in metadata.items() if not k.startswith("persres.")})
+    return path
+
+
+def _peft_lora(w: World, change: dict) -> Path:
+    """A diffusers/peft LoRA whose adapter metadata carries `change`."""
+    tensors, metadata = _lora_of_one(w, "diffusers")
+    config = json.loads(metadata["lora_adapter_metadata"]) | change
+    path = w.tmp / f"peft-{'-'.join(change)}.safetensors"
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(config)})
+    return path
+
+
 def _plain_safetensors(w: World) -> Path:
     path = w.tmp / "plain.safetensors"
     save_file({"x": torch.zeros(2)}, str(path))
@@ -350,6 +394,7 @@ def assert_refused(world: World, args, expected: str):
     assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert expected in lines[0], lines[0]
+    assert "internal error" not in lines[0], lines[0]  # every refusal is a designed message, never the catch-all
     assert "Traceback" not in result.stdout + result.stderr
     assert snapshot(world.home) == before
     return lines[0]

@@ -166,14 +166,31 @@ def command(fn):
             raise typer.Exit(1) from None
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
-        except Exception as e:  # a bug: still one line; PERSRES_DEBUG=1 shows the traceback
-            if os.environ.get("PERSRES_DEBUG"):
-                raise
-            err.print(f"error: internal error {type(e).__name__}: {' '.join(str(e).split())[:300]} "
-                      "(please report it; PERSRES_DEBUG=1 shows the traceback)", markup=False)
+        except (MemoryError, RuntimeError) as e:
+            if not isinstance(e, MemoryError) and not out_of_memory(e):
+                return _internal(e)
+            err.print(f"error: out of memory ({' '.join(str(e).split())[:160] or type(e).__name__}): try a smaller --resolution, "
+                      "--height/--width, --batch-size or -n, or --precision bf16", markup=False)
             raise typer.Exit(1) from None
+        except Exception as e:  # a bug: still one line; PERSRES_DEBUG=1 shows the traceback
+            return _internal(e)
 
     return wrapper
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A CUDA OutOfMemoryError, or the CPU allocator's "can't allocate memory"."""
+    text = str(e).lower()
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
+
+
+def _internal(e: Exception):
+    """A bug: still one line; PERSRES_DEBUG=1 shows the traceback."""
+    if os.environ.get("PERSRES_DEBUG"):
+        raise e
+    err.print(f"error: internal error {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+              "(please report it; PERSRES_DEBUG=1 shows the traceback)", markup=False)
+    raise typer.Exit(1) from None
 
 
 def registry():

@@ -78,6 +78,8 @@ def _factors(path: Path, block: str, up, down, alpha, m: int) -> tuple[torch.Ten
     if up is None or down is None or up.ndim != 2 or down.ndim != 2:
         raise PackError(f"{where}: factors must be matrices or 1x1 convolutions")
     r = down.shape[0]
+    if up.shape == (m, r) and down.shape == (r, m) and r > m:
+        raise PackError(f"{where}: rank {r} exceeds the layer's {m} channels (a low-rank residual has at most {m})")
     if up.shape != (m, r) or down.shape != (r, m):
         raise PackError(f"{where}: factor shapes {tuple(up.shape)} and {tuple(down.shape)} do not fit {m} channels "
                         f"at one rank (expected ({m}, r) and (r, {m}))")

@@ -19,6 +19,7 @@ import json
 
 import torch
 
+from persres.errors import PackError
 from persres.packs import PackMeta
 
 PREFIXES = ("unet.", "base_model.model.", "")
@@ -54,14 +55,24 @@ def is_peft(keys) -> bool:
 
 def _alpha_for(module: str, rank: int, config: dict | None, alphas: dict[str, torch.Tensor]) -> float:
     if module in alphas:
-        return float(alphas[module])
+        return _number(alphas[module], module, ".alpha tensor")
     if config:
-        for pattern, value in (config.get("alpha_pattern") or {}).items():
+        patterns = config.get("alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise PackError(f"the LoRA's adapter metadata has an alpha_pattern that is not an object: {patterns!r}")
+        for pattern, value in patterns.items():
             if module == pattern or module.endswith("." + pattern) or pattern.endswith(module):
-                return float(value)
+                return _number(value, module, "alpha_pattern")
         if "lora_alpha" in config:
-            return float(config["lora_alpha"])
+            return _number(config["lora_alpha"], module, "lora_alpha")
     return float(rank)
+
+
+def _number(value, module: str, where: str) -> float:
+    try:
+        return float(value.float().reshape(-1)[0]) if torch.is_tensor(value) else float(value)
+    except (TypeError, ValueError, IndexError, RuntimeError):
+        raise PackError(f"the LoRA's {where} for {module} is not a number: {value!r}"[:300]) from None
 
 
 def read(tensors: dict[str, torch.Tensor], blocks: list[str], metadata: dict[str, str]) -> tuple[dict[str, tuple], list[str]]:
