@@ -90,7 +90,11 @@ def read_folder(folder: str | Path) -> list[ReferenceImage]:
             with Image.open(path) as im:
                 im.load()
                 rgb = to_rgb(im)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except Image.DecompressionBombError:
+            warnings.warn(f"skipping {path}: {_pixels(path)} is over the {Image.MAX_IMAGE_PIXELS * 2:,} pixels PIL opens "
+                          "(its guard against decompression bombs); resize it first", CorruptImageWarning, stacklevel=2)
+            continue
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 warnings.warn(f"skipping unreadable image {path}", CorruptImageWarning, stacklevel=2)
             continue
@@ -101,6 +105,21 @@ def read_folder(folder: str | Path) -> list[ReferenceImage]:
         warnings.warn(f"only {len(images)} reference image(s) in {str(folder)!r}; the method is made for "
                       f"{MIN_IMAGES}-15 and may copy a single photo", FewImagesWarning, stacklevel=2)
     return images
+
+
+def _pixels(path: Path) -> str:
+    """"20000 x 20000 pixels" from an image's header, without decoding it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(path) as im:
+                    return f"{im.width} x {im.height} = {im.width * im.height:,} pixels"
+            finally:
+                Image.MAX_IMAGE_PIXELS = old
+    except Exception:
+        return "its size"
 
 
 def warn_if_small(references: list[ReferenceImage], side: int) -> None:

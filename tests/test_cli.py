@@ -485,3 +485,13 @@ def test_out_of_memory_is_a_designed_message(trained, tmp_path, monkeypatch, fai
     result = run("gen", "a V* circle", "-c", "mydog", "--model", trained, "--out", tmp_path / "o")
     assert_one_line_error(result, "out of memory")
     assert "internal error" not in result.stderr
+
+
+def test_an_image_too_large_for_pil_is_named_with_its_size_and_the_limit(tmp_path):
+    from conftest import write_concept_images
+    from persres.images import read_folder
+
+    folder = write_concept_images(tmp_path / "refs", n=3)
+    Image.new("1", (20000, 20000)).save(folder / "huge.png")  # 400 M pixels: PIL's decompression-bomb guard
+    with pytest.warns(UserWarning, match=r"huge.png: 20000 x 20000 = 400,000,000 pixels is over the 178,956,970 pixels PIL opens"):
+        assert len(read_folder(folder)) == 3
