@@ -41,3 +41,7 @@ class BackendUnavailable(PersresError):
 
 class RegistryError(PersresError):
     """A registry home or database that cannot be used: unreadable, newer schema, read-only."""
+
+
+class GenerationError(PersresError):
+    """Sampling produced something that must not be written (non-finite pixels)."""

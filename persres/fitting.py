@@ -8,16 +8,14 @@ checkpoint of the same architecture (SD 1.4 vs 1.5, say) loads with a warning.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+
+import torch
 
 from persres import residuals
 from persres.errors import IncompatiblePack
 from persres.families import family_of, family_of_meta, label
 from persres.models import Fingerprint, fingerprint
 from persres.packs import PackMeta
-
-if TYPE_CHECKING:
-    import torch
 
 
 class OtherCheckpointWarning(UserWarning):
@@ -42,9 +40,27 @@ def check_fit(meta: PackMeta, fp: Fingerprint, model: str, family: str | None = 
         )
 
 
+# A residual this many times its base weight's size is damaged, not trained: residuals that
+# persres trains stay near or below 1x (the toy model's full-rank packs: 0.1-1.2x per block).
+MAX_RESIDUAL_RATIO = 50.0
+
+
+def check_magnitude(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta) -> None:
+    """Refuse a pack whose ΔW = A B is far beyond its block's base weight (naming both sizes)."""
+    blocks = residuals.transformer_blocks(pipe.unet)
+    for block in meta.ranks:
+        up, down = tensors[f"{block}.up"].double(), tensors[f"{block}.down"].double()
+        delta = torch.sqrt(((up.T @ up) * (down @ down.T)).sum().clamp_min(0))  # ||A B||_F without forming the m x m product
+        base = residuals.base_layer_of(blocks[block].proj_out).weight.detach().double().norm()
+        if not torch.isfinite(delta) or delta > MAX_RESIDUAL_RATIO * base:
+            raise IncompatiblePack(f"pack {meta.name!r} is damaged: its residual on {block} has size {float(delta):.3g}, "
+                                   f"{float(delta / base):.3g}x the base weight's {float(base):.3g} (at most {MAX_RESIDUAL_RATIO:g}x)")
+
+
 def apply_pack(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta, model: str | None = None, fp: Fingerprint | None = None) -> None:
-    """Load a pack's residuals onto a diffusers pipeline you already hold (checked for fit)."""
+    """Load a pack's residuals onto a diffusers pipeline you already hold (checked for fit and size)."""
     check_fit(meta, fp or fingerprint(pipe.unet), model or pipe.config.get("_name_or_path", "this model"), family_of(pipe))
+    check_magnitude(pipe, tensors, meta)
     if meta.name in residuals.loaded_concepts(pipe.unet):
         residuals.unload_concept(pipe.unet, meta.name)
     residuals.load_concept(pipe.unet, meta.name, tensors)

@@ -21,7 +21,7 @@ from PIL import Image
 from persres import residuals
 from persres.conditioning import check_same_positions
 from persres.config import SampleConfig
-from persres.errors import InputError, PromptError
+from persres.errors import GenerationError, InputError, PromptError
 from persres.kernels import Backend, attention_backend, resolve_backend
 from persres.lag import ConceptTokens, lag_regions
 from persres.tokens import BoundConcept, concept_span
@@ -94,6 +94,7 @@ def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds
     call = dict(
         prompt=prompt, num_inference_steps=config.steps, guidance_scale=config.guidance, eta=config.eta,
         num_images_per_prompt=len(seeds), generator=generators, height=height, width=width,
+        output_type="np",  # (N, H, W, 3) in [0, 1]: checked finite before it becomes pixels
     )
     if callback is not None:
         call["callback_on_step_end"] = callback
@@ -111,7 +112,12 @@ def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds
                                                       multi=config.multi, steps=config.steps))
         elif resolve_backend(backend) is not Backend.SDPA:  # diffusers' default already is SDPA
             stack.enter_context(attention_backend(pipe.unet, backend))
-        images = pipe(**call).images
+        pixels = pipe(**call).images
+    if not np.isfinite(pixels).all():  # NaN would be written as black with nothing said
+        made_by = f"with concept(s) {', '.join(repr(n) for n in names)}: a residual is damaged or far too strong" if names \
+            else "by the base model alone (try --precision fp32)"
+        raise GenerationError(f"the images came out non-finite (NaN or inf) {made_by}; nothing was written")
+    images = pipe.image_processor.numpy_to_pil(pixels)
     if session is not None:
         for name, m in session.average_masks().items():
             masks[name] = [m[-len(seeds):][i].cpu().numpy() for i in range(len(seeds))]  # cond half

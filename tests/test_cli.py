@@ -495,3 +495,40 @@ def test_an_image_too_large_for_pil_is_named_with_its_size_and_the_limit(tmp_pat
     Image.new("1", (20000, 20000)).save(folder / "huge.png")  # 400 M pixels: PIL's decompression-bomb guard
     with pytest.warns(UserWarning, match=r"huge.png: 20000 x 20000 = 400,000,000 pixels is over the 178,956,970 pixels PIL opens"):
         assert len(read_folder(folder)) == 3
+
+
+def test_a_pack_far_beyond_its_base_weights_is_refused_with_numbers(trained, tmp_path):
+    """A valid, correctly hashed pack whose factors are huge (a flipped exponent, a bad tool): no image."""
+    from persres.packs import read_pack, write_pack
+
+    reg = Registry()
+    tensors, meta = read_pack(reg.get("mydog").path)
+    tensors = {k: v * 1e4 if k.endswith(".up") else v for k, v in tensors.items()}
+    huge = tmp_path / "huge.safetensors"
+    write_pack(huge, tensors, meta.__class__(**{**meta.__dict__, "name": "huge"}))
+    assert run("import", huge).exit_code == 0
+    out = tmp_path / "o"
+    result = run("gen", "a V* circle", "-c", "huge", "--model", trained, "--steps", "1", "--out", out)
+    assert_one_line_error(result, "pack 'huge' is damaged: its residual on")
+    assert "x the base weight's" in result.stderr and list(out.glob("*.png")) == []
+
+
+def test_non_finite_pixels_are_never_written(trained, tmp_path):
+    import math
+
+    from persres.config import SampleConfig
+    from persres.errors import GenerationError
+    from persres.workspace import Workspace
+
+    ws = Workspace(str(trained))
+    pipe = ws.pipeline()
+    def poison(module, args, output):  # the UNet's prediction goes NaN, as a broken residual would make it
+        (output[0] if isinstance(output, tuple) else output.sample).fill_(math.nan)
+
+    hook = pipe.unet.register_forward_hook(poison)
+    try:
+        with pytest.raises(GenerationError, match="non-finite .* with concept\\(s\\) 'mydog'"):
+            ws.generate("a V* circle", ["mydog"], SampleConfig(steps=1), out_dir=tmp_path / "o")
+    finally:
+        hook.remove()
+    assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
