@@ -243,7 +243,7 @@ def test_doctor_rebuild_restores_every_concept_from_its_packs(persres_home, loss
         reg.db.execute("DELETE FROM concepts WHERE name = 'd'")
     os.replace(orphan, reg.orphans_dir / "20260101-000000-d.safetensors")  # a pack only orphans/ holds
     (reg.packs_dir / "junk.safetensors").write_bytes(b"not a pack")
-    del reg
+    reg.db.conn.close()  # closed now, not whenever it is collected: a late close would checkpoint over the damage below
     db = persres_home / "registry.db"
     if loss == "deleted":
         for extra in ("", "-wal", "-shm"):
