@@ -286,29 +286,14 @@ def test_gen_prints_every_file_it_writes(trained, tmp_path):
 
 def test_gen_shows_a_progress_bar_on_a_terminal_only(trained, tmp_path):
     import os
-    import pty
     import subprocess
     import sys
 
     env = {**os.environ, "COLUMNS": "120"}
     args = [sys.executable, "-m", "persres", "gen", "a V* circle", "-c", "mydog", "--model", str(trained), "--steps", "3",
             "-n", "2", "--out", str(tmp_path / "o")]
-    primary, secondary = pty.openpty()
-    proc = subprocess.Popen(args, stdin=secondary, stdout=secondary, stderr=secondary, env=env)
-    os.close(secondary)
-    chunks = []
-    while True:
-        try:
-            data = os.read(primary, 4096)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    proc.wait(timeout=120)
-    os.close(primary)
-    on_tty = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode == 0 and "generating" in on_tty and "steps" in on_tty, on_tty
+    code, on_tty = on_a_terminal(args, env)
+    assert code == 0 and "generating" in on_tty and "steps" in on_tty, on_tty
     piped = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert piped.returncode == 0 and piped.stderr.strip() == "", piped.stderr
 
