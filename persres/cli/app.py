@@ -109,6 +109,11 @@ PrecisionOption = Annotated[str, typer.Option("--precision", help="auto, fp32, f
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
+def opt(help: str, metavar: str | None = None, *names: str):
+    """An option with its help and a metavar users know (INTEGER, DIR, ...)."""
+    return typer.Option(*names, help=help, metavar=metavar)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # their info logs; their warnings still reach _show_warning
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -9,13 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from persres.cli.app import Command, DeviceOption, ModelOption, PrecisionOption, bench_app, command, err, out, registry
+from persres.cli.app import Command, opt, DeviceOption, ModelOption, PrecisionOption, bench_app, command, err, out, registry
 from persres.cli.gen import scores_table
 from persres.cli.progress import BarReporter, StatusReporter
-
-
-def _opt(help: str, metavar: str | None = None, *names: str):
-    return typer.Option(*names, help=help, metavar=metavar)
 
 
 def _written(report) -> None:
@@ -27,20 +23,20 @@ def _written(report) -> None:
 @bench_app.command("customconcept101", cls=Command)
 @command
 def bench_cc101(
-    root: Annotated[Path, _opt("Your copy of the customconcept101 folder (dataset.json, prompts/, images).", "DIR", "--root")],
-    concepts: Annotated[Optional[int], _opt("The first N concepts.", "INTEGER", "--concepts")] = None,
-    concept: Annotated[list[str], _opt("A concept by its folder name, e.g. pet_dog1 (repeatable).", "NAME", "--concept")] = [],
+    root: Annotated[Path, opt("Your copy of the customconcept101 folder (dataset.json, prompts/, images).", "DIR", "--root")],
+    concepts: Annotated[Optional[int], opt("The first N concepts.", "INTEGER", "--concepts")] = None,
+    concept: Annotated[list[str], opt("A concept by its folder name, e.g. pet_dog1 (repeatable).", "NAME", "--concept")] = [],
     multiconcept: Annotated[bool, typer.Option("--multiconcept", help="Also the pairs of dataset_multiconcept.json whose concepts are selected.")] = False,
-    samples_per_prompt: Annotated[int, _opt("Samples per prompt [paper: 50].", "INTEGER")] = 50,
-    prompts_per_concept: Annotated[int, _opt("Prompts per concept [paper: 20].", "INTEGER")] = 20,
-    lag: Annotated[str, _opt("both, on or off.", "MODE", "--lag")] = "both",
-    out_dir: Annotated[Path, _opt("Output folder (resumable).", "DIR", "--out")] = Path("bench-cc101"),
-    model: Annotated[Optional[str], _opt("Base model [paper: CompVis/stable-diffusion-v1-4].", "MODEL", "--model")] = None,
-    steps: Annotated[int, _opt("DDIM steps [paper: 50].", "INTEGER")] = 50,
-    guidance: Annotated[float, _opt("Guidance scale [paper: 6.0].", "FLOAT")] = 6.0,
-    train_steps: Annotated[Optional[int], _opt("Training steps [default: 150, paper].", "INTEGER")] = None,
-    clip: Annotated[str, _opt("CLIP model: directory or hub id.", "MODEL")] = "openai/clip-vit-base-patch32",
-    dino: Annotated[str, _opt("DINO model: directory or hub id.", "MODEL")] = "facebook/dino-vits16",
+    samples_per_prompt: Annotated[int, opt("Samples per prompt [paper: 50].", "INTEGER")] = 50,
+    prompts_per_concept: Annotated[int, opt("Prompts per concept [paper: 20].", "INTEGER")] = 20,
+    lag: Annotated[str, opt("both, on or off.", "MODE", "--lag")] = "both",
+    out_dir: Annotated[Path, opt("Output folder (resumable).", "DIR", "--out")] = Path("bench-cc101"),
+    model: Annotated[Optional[str], opt("Base model [paper: CompVis/stable-diffusion-v1-4].", "MODEL", "--model")] = None,
+    steps: Annotated[int, opt("DDIM steps [paper: 50].", "INTEGER")] = 50,
+    guidance: Annotated[float, opt("Guidance scale [paper: 6.0].", "FLOAT")] = 6.0,
+    train_steps: Annotated[Optional[int], opt("Training steps [default: 150, paper].", "INTEGER")] = None,
+    clip: Annotated[str, opt("CLIP model: directory or hub id.", "MODEL")] = "openai/clip-vit-base-patch32",
+    dino: Annotated[str, opt("DINO model: directory or hub id.", "MODEL")] = "facebook/dino-vits16",
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
 ):
@@ -66,38 +62,38 @@ TOY_KEYS = ("identity", "drawn", "background", "added", "attribute", "both_prese
 @command
 def bench_toy(
     quick: Annotated[bool, typer.Option("--quick", help="Fewer prompts, 2 samples, one seed (a few minutes on a CPU).")] = False,
-    concept: Annotated[list[str], _opt("A shipped toy concept [default: every concept of --set].", "NAME", "--concept")] = [],
-    concept_set: Annotated[list[str], _opt("tuning, tuning_2 or held_out [default: all three].", "SET", "--set")] = [],
-    out_dir: Annotated[Path, _opt("Output folder.", "DIR", "--out")] = Path("bench-toy"),
+    concept: Annotated[list[str], opt("A shipped toy concept [default: every concept of --set].", "NAME", "--concept")] = [],
+    concept_set: Annotated[list[str], opt("tuning, tuning_2 or held_out [default: all three].", "SET", "--set")] = [],
+    out_dir: Annotated[Path, opt("Output folder.", "DIR", "--out")] = Path("bench-toy"),
     model: ModelOption = None,
-    steps: Annotated[int, _opt("DDIM steps (paper: 50).", "INTEGER")] = 50,
-    guidance: Annotated[float, _opt("Guidance scale (paper: 6.0).", "FLOAT")] = 6.0,
-    samples: Annotated[Optional[int], _opt("Images per prompt and seed [default: 8; 2 with --quick].", "INTEGER")] = None,
-    seeds: Annotated[Optional[int], _opt("Seeds per prompt [default: 2; 1 with --quick].", "INTEGER")] = None,
+    steps: Annotated[int, opt("DDIM steps (paper: 50).", "INTEGER")] = 50,
+    guidance: Annotated[float, opt("Guidance scale (paper: 6.0).", "FLOAT")] = 6.0,
+    samples: Annotated[Optional[int], opt("Images per prompt and seed [default: 8; 2 with --quick].", "INTEGER")] = None,
+    seeds: Annotated[Optional[int], opt("Seeds per prompt [default: 2; 1 with --quick].", "INTEGER")] = None,
     singles: Annotated[bool, typer.Option("--singles/--no-singles", help="The one-concept categories.")] = True,
     pairs: Annotated[bool, typer.Option("--pairs/--no-pairs", help="Two concepts in one prompt.")] = True,
-    category: Annotated[list[str], _opt("Only these one-concept categories (identity, background, add_object, attribute).", "CATEGORY",
+    category: Annotated[list[str], opt("Only these one-concept categories (identity, background, add_object, attribute).", "CATEGORY",
                                         "--category")] = [],
-    pair_method: Annotated[list[str], _opt("Only these two-concept methods (base, summed, lag).", "METHOD", "--pair-method")] = [],
-    train_steps: Annotated[Optional[int], _opt("Training steps [default: the model's recommendation].", "INTEGER")] = None,
-    lr: Annotated[Optional[float], _opt("Learning rate [default: the model's recommendation].", "FLOAT")] = None,
-    lr_schedule: Annotated[Optional[str], _opt("constant or cosine [default: the model's recommendation].", "SCHEDULE")] = None,
-    snr_gamma: Annotated[Optional[float], _opt("Min-SNR-γ loss weights [default: the model's recommendation].", "FLOAT")] = None,
-    init: Annotated[Optional[str], _opt("Factor init: zero or random [default: the model's recommendation].", "INIT")] = None,
+    pair_method: Annotated[list[str], opt("Only these two-concept methods (base, summed, lag).", "METHOD", "--pair-method")] = [],
+    train_steps: Annotated[Optional[int], opt("Training steps [default: the model's recommendation].", "INTEGER")] = None,
+    lr: Annotated[Optional[float], opt("Learning rate [default: the model's recommendation].", "FLOAT")] = None,
+    lr_schedule: Annotated[Optional[str], opt("constant or cosine [default: the model's recommendation].", "SCHEDULE")] = None,
+    snr_gamma: Annotated[Optional[float], opt("Min-SNR-γ loss weights [default: the model's recommendation].", "FLOAT")] = None,
+    init: Annotated[Optional[str], opt("Factor init: zero or random [default: the model's recommendation].", "INIT")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Flipped copies of the references [default: the model's recommendation].")] = None,
-    prompt: Annotated[Optional[str], _opt("Training prompt template [default: the model's recommendation].", "TEXT")] = None,
-    rank_ratio: Annotated[Optional[float], _opt("Rank as a fraction of channels [default: the model's recommendation].", "FLOAT")] = None,
-    scale_min: Annotated[Optional[float], _opt("Zoom-out views down to this scale, 1 = off [default: the model's recommendation].", "FLOAT")] = None,
-    strength: Annotated[float, _opt("Every concept's residual scaled by this when sampling, 0-2 (as gen -c NAME:S).", "FLOAT")] = 1.0,
-    lag_tokens: Annotated[Optional[str], _opt("Several concepts: region tokens, identifier+class, class or identifier.", "TOKENS")] = None,
-    lag_coverage: Annotated[Optional[float], _opt("Several concepts: fraction of pixels in each mask (0.5: median).", "FLOAT")] = None,
-    lag_maps: Annotated[Optional[str], _opt("Several concepts: block (each block's own) or aggregate (previous evaluation's, all blocks).",
+    prompt: Annotated[Optional[str], opt("Training prompt template [default: the model's recommendation].", "TEXT")] = None,
+    rank_ratio: Annotated[Optional[float], opt("Rank as a fraction of channels [default: the model's recommendation].", "FLOAT")] = None,
+    scale_min: Annotated[Optional[float], opt("Zoom-out views down to this scale, 1 = off [default: the model's recommendation].", "FLOAT")] = None,
+    strength: Annotated[float, opt("Every concept's residual scaled by this when sampling, 0-2 (as gen -c NAME:S).", "FLOAT")] = 1.0,
+    lag_tokens: Annotated[Optional[str], opt("Several concepts: region tokens, identifier+class, class or identifier.", "TOKENS")] = None,
+    lag_coverage: Annotated[Optional[float], opt("Several concepts: fraction of pixels in each mask (0.5: median).", "FLOAT")] = None,
+    lag_maps: Annotated[Optional[str], opt("Several concepts: block (each block's own) or aggregate (previous evaluation's, all blocks).",
                                             "MAPS")] = None,
-    lag_delay: Annotated[Optional[float], _opt("Several concepts: fraction of steps the base model runs alone first.", "FLOAT")] = None,
-    lag_conflict: Annotated[Optional[str], _opt("Several concepts: where masks overlap, normalized (max-normalized map) or raw (attention) wins.",
+    lag_delay: Annotated[Optional[float], opt("Several concepts: fraction of steps the base model runs alone first.", "FLOAT")] = None,
+    lag_conflict: Annotated[Optional[str], opt("Several concepts: where masks overlap, normalized (max-normalized map) or raw (attention) wins.",
                                                 "RULE")] = None,
-    precision: Annotated[str, _opt("auto, fp32 or bf16: training and sampling.", "PRECISION")] = "auto",
-    class_words: Annotated[str, _opt("given (each concept's true shape) or suggested (what `train --class auto` picks; prompts use it).",
+    precision: Annotated[str, opt("auto, fp32 or bf16: training and sampling.", "PRECISION")] = "auto",
+    class_words: Annotated[str, opt("given (each concept's true shape) or suggested (what `train --class auto` picks; prompts use it).",
                                      "WHICH", "--class-words")] = "given",
 ):
     """Train the toy concepts and score identity, background, added objects, attributes and concept pairs, with and without LAG."""

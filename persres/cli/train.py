@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from persres.cli.app import Command, ConfigOption, DeviceOption, JsonOption, ModelOption, PrecisionOption, app, command, err, out, say_download, workspace
+from persres.cli.app import Command, opt, ConfigOption, DeviceOption, JsonOption, ModelOption, PrecisionOption, app, command, err, out, say_download, workspace
 from persres.cli.progress import bar
 
 def _toy_defaults() -> dict:
@@ -35,10 +35,6 @@ def _default(field: str, paper) -> str:
 ImagesArgument = Annotated[str, typer.Argument(metavar="IMAGES_DIR", help="Folder of 3-15 photos of one thing, or toy:NAME for a shipped toy concept.")]
 
 
-def _opt(help: str, metavar: str | None = None, *names: str):
-    return typer.Option(*names, help=help, metavar=metavar)
-
-
 @app.command(cls=Command)
 @command
 def train(
@@ -48,21 +44,21 @@ def train(
                                             metavar="WORD")] = "auto",
     model: ModelOption = None,
     model_config: ConfigOption = None,
-    steps: Annotated[Optional[int], _opt(f"Training steps {_default('steps', 150)}.", "INTEGER")] = None,
-    batch_size: Annotated[Optional[int], _opt(f"Batch size {_default('batch_size', 4)}.", "INTEGER")] = None,
-    lr: Annotated[Optional[float], _opt(f"Learning rate {_default('lr', 1e-3)}.", "FLOAT")] = None,
-    lr_schedule: Annotated[Optional[str], _opt(f"constant, or cosine: decays the learning rate to 0 over the steps {_default('lr_schedule', 'constant')}.", "SCHEDULE")] = None,
-    snr_gamma: Annotated[Optional[float], _opt(f"Min-SNR-γ loss weights: steps with less noise than SNR γ count less (5 is usual) {_default('snr_gamma', None)}.",
+    steps: Annotated[Optional[int], opt(f"Training steps {_default('steps', 150)}.", "INTEGER")] = None,
+    batch_size: Annotated[Optional[int], opt(f"Batch size {_default('batch_size', 4)}.", "INTEGER")] = None,
+    lr: Annotated[Optional[float], opt(f"Learning rate {_default('lr', 1e-3)}.", "FLOAT")] = None,
+    lr_schedule: Annotated[Optional[str], opt(f"constant, or cosine: decays the learning rate to 0 over the steps {_default('lr_schedule', 'constant')}.", "SCHEDULE")] = None,
+    snr_gamma: Annotated[Optional[float], opt(f"Min-SNR-γ loss weights: steps with less noise than SNR γ count less (5 is usual) {_default('snr_gamma', None)}.",
                                                "FLOAT")] = None,
-    rank_ratio: Annotated[Optional[float], _opt(f"Rank as a fraction of channels {_default('rank_ratio', 0.05)}.", "FLOAT")] = None,
-    rank: Annotated[Optional[int], _opt("Fixed rank for every block (overrides --rank-ratio).", "INTEGER")] = None,
-    resolution: Annotated[Optional[int], _opt("Training resolution [default: the model's].", "PIXELS")] = None,
-    seed: Annotated[Optional[int], _opt("Random seed [default: 0].", "INTEGER")] = None,
-    init: Annotated[Optional[str], _opt("Factor init: zero (A=0) or random [default: zero].", "INIT")] = None,
+    rank_ratio: Annotated[Optional[float], opt(f"Rank as a fraction of channels {_default('rank_ratio', 0.05)}.", "FLOAT")] = None,
+    rank: Annotated[Optional[int], opt("Fixed rank for every block (overrides --rank-ratio).", "INTEGER")] = None,
+    resolution: Annotated[Optional[int], opt("Training resolution [default: the model's].", "PIXELS")] = None,
+    seed: Annotated[Optional[int], opt("Random seed [default: 0].", "INTEGER")] = None,
+    init: Annotated[Optional[str], opt("Factor init: zero (A=0) or random [default: zero].", "INIT")] = None,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Also train on mirrored references [default: on].")] = None,
-    scale_min: Annotated[Optional[float], _opt("Zoom-out views: references also shrunk to [scale_min, 1) at random places, 1 = off [default: 1].",
+    scale_min: Annotated[Optional[float], opt("Zoom-out views: references also shrunk to [scale_min, 1) at random places, 1 = off [default: 1].",
                                                "FLOAT")] = None,
-    prompt: Annotated[Optional[str], _opt(f"Training prompt template {_default('prompt', 'a photo of a {identifier} {class_word}')}.", "TEXT")] = None,
+    prompt: Annotated[Optional[str], opt(f"Training prompt template {_default('prompt', 'a photo of a {identifier} {class_word}')}.", "TEXT")] = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Trade compute for memory (small GPUs).")] = None,
@@ -109,11 +105,11 @@ def suggest_class_command(
     images_dir: Annotated[str, typer.Argument(metavar="IMAGES_DIR", help="Folder of photos of one thing, or toy:NAME.")],
     model: ModelOption = None,
     model_config: ConfigOption = None,
-    candidates: Annotated[Optional[str], _opt("a,b,c or a file with one word per line [default: the model's list, else the built-in one].",
+    candidates: Annotated[Optional[str], opt("a,b,c or a file with one word per line [default: the model's list, else the built-in one].",
                                               "WORDS")] = None,
-    top: Annotated[int, _opt("How many to show.", "INTEGER")] = 5,
-    seed: Annotated[int, _opt("Seed of the shared (image, t, noise) draws.", "INTEGER")] = 0,
-    budget: Annotated[int, _opt("UNet sample-forwards to spend at most (1800: a default training run).", "INTEGER")] = 1800,
+    top: Annotated[int, opt("How many to show.", "INTEGER")] = 5,
+    seed: Annotated[int, opt("Seed of the shared (image, t, noise) draws.", "INTEGER")] = 0,
+    budget: Annotated[int, opt("UNet sample-forwards to spend at most (1800: a default training run).", "INTEGER")] = 1800,
     as_json: JsonOption = False,
 ):
     """Suggest the class word: the candidate under which the base model denoises your images best."""
