@@ -38,6 +38,15 @@ CONTENT_KEY = "persres.content_sha256"
 BLOCK_RE = re.compile(r"[A-Za-z0-9_.]{1,200}")
 
 
+# What format-1 writers (persres 0.1) put in a pack: these two metadata keys, and PackMeta's
+# fields of that time as `json.dumps(..., sort_keys=True)` writes them. A "format 1" pack
+# that differs was not written by one (a format-2 pack with its hash stripped, or a forgery).
+FORMAT1_KEYS = frozenset({VERSION_KEY, CONFIG_KEY})
+FORMAT1_FIELDS = frozenset({"name", "identifier", "class_word", "ranks", "channels", "parameter_count", "base_model",
+                            "architecture", "weights", "proj_out", "train_config", "image_hashes", "created_at",
+                            "loss_start", "loss_end", "seconds"})
+
+
 class UnverifiedPackWarning(UserWarning):
     """A format-1 pack: it carries no content hash, so changed bytes cannot be detected."""
 
@@ -246,7 +255,30 @@ def _metadata(path: Path) -> dict[str, str]:
                         f"{', '.join((*LEGACY_VERSIONS, FORMAT_VERSION))}")
     if version == FORMAT_VERSION and CONTENT_KEY not in metadata:
         raise PackError(f"{str(path)!r} has no content hash ({CONTENT_KEY}): it was altered or damaged")
+    if version in LEGACY_VERSIONS:
+        _check_format1(path, metadata)
     return metadata
+
+
+def _check_format1(path: Path, metadata: dict[str, str]) -> None:
+    """Refuse a pack that claims format 1 but is not what a format-1 writer produced."""
+    why = None
+    if set(metadata) != FORMAT1_KEYS:
+        why = f"it carries metadata format 1 never wrote ({', '.join(sorted(set(metadata) - FORMAT1_KEYS))})"
+    else:
+        try:
+            config = json.loads(metadata[CONFIG_KEY])
+        except ValueError:
+            config = None
+        if not isinstance(config, dict):
+            why = "its metadata is not a JSON object"
+        elif set(config) != FORMAT1_FIELDS:
+            odd = sorted(set(config) ^ FORMAT1_FIELDS)[:3]
+            why = f"its metadata fields differ from format 1's ({', '.join(odd)})"
+        elif json.dumps(config, sort_keys=True) != metadata[CONFIG_KEY]:
+            why = "its metadata is not written as format 1 wrote it"
+    if why:
+        raise PackError(f"{str(path)!r} claims pack format 1 but {why}: it was altered or damaged")
 
 
 def _one_line(e: Exception) -> str:

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import os
 import sqlite3
 from pathlib import Path
@@ -8,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from persres.errors import ConceptNotFound, DuplicateConcept, PackError
-from persres.packs import CONFIG_KEY, VERSION_KEY, PackMeta, read_meta, read_pack, write_pack
+from persres.packs import (CONFIG_KEY, CONTENT_KEY, FORMAT1_FIELDS, VERSION_KEY, PackMeta, UnverifiedPackWarning,
+                           content_sha256, read_meta, read_pack, write_pack)
 from persres.registry import Registry
 from persres.registry.migrations import MIGRATIONS, migrate
 
@@ -143,17 +145,50 @@ def test_truncated_pack_is_refused_and_the_registry_is_unchanged(tmp_path):
     assert sorted(p.name for p in reg.packs_dir.iterdir()) == ["a.safetensors"]
 
 
+def format1_json(meta) -> str:
+    """Metadata as a format-1 writer wrote it: that era's fields, sorted keys."""
+    return json.dumps({k: v for k, v in dataclasses.asdict(meta).items() if k in FORMAT1_FIELDS}, sort_keys=True)
+
+
+def test_a_format1_pack_is_read_with_a_warning(tmp_path):
+    meta = make_meta()
+    path = tmp_path / "old.safetensors"
+    save_file(make_tensors(meta), str(path), metadata={VERSION_KEY: "1", CONFIG_KEY: format1_json(meta)})
+    with pytest.warns(UnverifiedPackWarning, match="without a content hash"):
+        tensors, loaded = read_pack(path)
+    assert loaded == meta and torch.equal(tensors["blk.0.up"], make_tensors(meta)["blk.0.up"])
+
+
+@pytest.mark.parametrize("forgery", ["hash-stripped format 2", "extra metadata key", "extra field", "unsorted"])
+def test_a_pack_that_only_claims_format1_is_refused(tmp_path, forgery):
+    """Format 1 has no content hash; a file is read as format 1 only if a format-1 writer could have written it."""
+    meta, tensors = make_meta(), make_tensors(make_meta())
+    metadata = {VERSION_KEY: "1", CONFIG_KEY: format1_json(meta)}
+    if forgery == "hash-stripped format 2":
+        metadata[CONFIG_KEY] = meta.to_json()  # format 2's fields (family)
+    elif forgery == "extra metadata key":
+        metadata[CONTENT_KEY] = content_sha256(tensors, metadata[CONFIG_KEY])
+    elif forgery == "extra field":
+        metadata[CONFIG_KEY] = json.dumps({**json.loads(metadata[CONFIG_KEY]), "note": "x"}, sort_keys=True)
+    else:
+        metadata[CONFIG_KEY] = metadata[CONFIG_KEY].replace('{"', '{ "', 1)
+    path = tmp_path / "claims1.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(PackError, match="claims pack format 1"):
+        read_pack(path)
+
+
 def test_pack_whose_tensors_do_not_match_its_metadata(tmp_path):
     meta = make_meta()
     tensors = make_tensors(meta)
     tensors["blk.1.up"] = torch.zeros(12, 4)
     path = tmp_path / "bad.safetensors"
-    save_file(tensors, str(path), metadata={VERSION_KEY: "1", CONFIG_KEY: meta.to_json()})
-    with pytest.raises(PackError, match="shape"):
+    save_file(tensors, str(path), metadata={VERSION_KEY: "1", CONFIG_KEY: format1_json(meta)})
+    with pytest.warns(UnverifiedPackWarning), pytest.raises(PackError, match="shape"):
         read_pack(path)
     del tensors["blk.1.up"]
-    save_file(tensors, str(path), metadata={VERSION_KEY: "1", CONFIG_KEY: meta.to_json()})
-    with pytest.raises(PackError, match="missing"):
+    save_file(tensors, str(path), metadata={VERSION_KEY: "1", CONFIG_KEY: format1_json(meta)})
+    with pytest.warns(UnverifiedPackWarning), pytest.raises(PackError, match="missing"):
         read_pack(path)
     save_file(make_tensors(meta), str(path))
     with pytest.raises(PackError, match="not a persres pack"):
