@@ -19,6 +19,23 @@ def test_missing_local_model_and_offline_hub_id(tmp_path):
         load_pipeline(str(tmp_path / "nowhere"))
     with pytest.raises(ModelNotFound, match="could not be fetched"):
         load_pipeline("CompVis/stable-diffusion-v1-4-not-here")
+    with pytest.raises(ModelNotFound, match="could not be fetched: HF_HUB_OFFLINE is set"):
+        Workspace("CompVis/stable-diffusion-v1-4-not-here").pipeline()
+
+
+def test_a_hub_id_with_the_hub_unreachable_fails_at_once(monkeypatch):
+    """No retries: the connection is probed first and its failure is the one line."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(ModelNotFound, match=rf"127.0.0.1:{port} cannot be reached \(Connection refused\)"):
+        Workspace("nobody/not-cached").pipeline()
 
 
 def test_fingerprint_separates_architecture_from_checkpoint(tiny_model, tiny_other_checkpoint, tiny_linear_model):
