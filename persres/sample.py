@@ -24,6 +24,7 @@ from persres.config import SampleConfig
 from persres.errors import GenerationError, InputError, PromptError
 from persres.kernels import Backend, attention_backend, resolve_backend
 from persres.lag import ConceptTokens, lag_regions
+from persres.sizes import native_side
 from persres.tokens import BoundConcept, concept_span
 
 @dataclass
@@ -68,8 +69,8 @@ def generate(
     limit = pipe.scheduler.config.get("num_train_timesteps", 1000)
     if config.steps > limit:
         raise InputError(f"--steps must be <= {limit} (the scheduler's training timesteps), got {config.steps}")
-    height = config.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = config.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height = config.height or native_side(pipe)
+    width = config.width or native_side(pipe)
     seeds = [config.seed + i for i in range(config.num_images)]
     images: list[Image.Image] = []
     masks: dict[str, list[np.ndarray]] = {}

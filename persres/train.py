@@ -132,7 +132,9 @@ def denoising_loss(unet, batch: Batch, noise: torch.Tensor, t: torch.Tensor, alp
 
 
 def default_resolution(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from persres.sizes import native_side
+
+    return native_side(pipe)
 
 
 @torch.no_grad()

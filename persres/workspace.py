@@ -149,13 +149,15 @@ class Workspace:
     def train(self, images: str | Path, name: str, class_word: str | None = "auto", *, config: TrainConfig | None = None,
               overrides: dict | None = None, progress=None, on_suggested=None, on_phase: Callable[[str], None] | None = None,
               sources: dict[str, str] | None = None, identifier: str | None = None, shard_dir: Path | None = None,
-              **settings) -> TrainOutcome:
+              force_size: bool = False, **settings) -> TrainOutcome:
         """Train a concept from a folder of images (or "toy:NAME", or read `references`) and register its pack; nothing
         is registered on failure. `class_word` None or "auto": the base model suggests it first.
         `settings` (steps=100, lr=1e-3, ...) join `overrides`: TrainConfig fields over the model's defaults.
 
         train-many's rows come here too, with the `identifier` planned for them (no reservation)
-        and, across machines, a `shard_dir` the pack is written to instead of the registry."""
+        and, across machines, a `shard_dir` the pack is written to instead of the registry.
+        A resolution far past the model's or beyond this machine's memory is refused unless
+        `force_size` (`persres.sizes`)."""
         from persres.images import warn_if_small
         from persres.tokens import check_class_word, is_single_token
 
@@ -169,9 +171,12 @@ class Workspace:
         config = config or self.train_config({**(overrides or {}), **settings})
         phase("loading the model")
         pipe = self.pipeline(config.device, config.precision)
+        from persres.sizes import check_size
         from persres.train import default_resolution, train_residuals
 
-        warn_if_small(references, config.resolution or default_resolution(pipe))
+        resolution = config.resolution or default_resolution(pipe)
+        check_size(pipe, resolution, resolution, config.batch_size, training=True, force=force_size, what="the training")
+        warn_if_small(references, resolution)
         class_info = {"class_source": "given"}
         if auto:
             phase("suggesting the class word")
@@ -304,15 +309,17 @@ class Workspace:
 
     def generate(self, prompt: str, concepts: Sequence[str] = (), config: SampleConfig | None = None, *, out_dir: str | Path | None = None,
                  backend: str | None = None, sheet: bool = False, on_step=None, overwrite: bool = False,
-                 **settings):
+                 force_size: bool = False, **settings):
         """Sample a prompt with zero, one or several concepts (`-c` values: "NAME" or "NAME:STRENGTH").
 
         `settings` replace fields of `config` (lag=True, steps=25, seed=3, num_images=4, ...).
         With `out_dir`, PNGs that say how they were made are written there, named after the prompt,
         the concepts (with their strengths) and LAG, never over an existing file unless `overwrite`,
-        and listed in the result's `paths`."""
+        and listed in the result's `paths`. A size far past the model's or beyond this machine's
+        memory is refused unless `force_size` (`persres.sizes`)."""
         from persres.generation import bind_prompt, write_images
-        from persres.sample import generate
+        from persres.sample import SAMPLE_BATCH, generate
+        from persres.sizes import check_size, native_side
 
         config = (config or SampleConfig()).replace(**settings) if settings else (config or SampleConfig())
         if out_dir is not None:
@@ -320,8 +327,12 @@ class Workspace:
 
             check_writable_dir(Path(out_dir))
         expanded, bound = bind_prompt(prompt, concepts, self.registry)
+        pipe = self.pipeline()
+        per_pass = min(config.num_images, SAMPLE_BATCH) * (2 if config.guidance > 1 else 1)  # CFG: two halves
+        check_size(pipe, config.height or native_side(pipe), config.width or native_side(pipe), per_pass, training=False,
+                   force=force_size)
         self.apply_concepts([c.name for c in bound])
-        result = generate(self.pipeline(), expanded, bound, config, backend, on_step=on_step)
+        result = generate(pipe, expanded, bound, config, backend, on_step=on_step)
         if out_dir is not None:
             result.paths = write_images(result, prompt, bound, config, self.model, Path(out_dir), sheet=sheet, overwrite=overwrite)
         return result

@@ -31,6 +31,7 @@ def gen(
     save_masks: Annotated[bool, typer.Option("--save-masks", help="Also write each concept's LAG region overlay.")] = False,
     sheet: Annotated[bool, typer.Option("--sheet", help="Also write all images (and masks) of the call on one enlarged sheet.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files of the same name [default: the next free number].")] = False,
+    force_size: Annotated[bool, typer.Option("--force-size", help="Sample a size past 4x the model's or beyond the memory estimate.")] = False,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     backend: Annotated[str, typer.Option(help="Attention backend: auto, sdpa, xformers or reference.", metavar="BACKEND")] = "auto",
@@ -49,7 +50,7 @@ def gen(
     ws.pipeline(on_download=say_download)
     with bar("generating", "steps") as progress:
         task = progress.add_task("gen", total=n * steps)
-        result = ws.generate(prompt, concept, config, out_dir=out_dir, backend=backend, sheet=sheet, overwrite=overwrite,
+        result = ws.generate(prompt, concept, config, out_dir=out_dir, backend=backend, sheet=sheet, overwrite=overwrite, force_size=force_size,
                              on_step=lambda done, total: progress.update(task, completed=done))
     for p in result.paths:
         out.print(str(p), markup=False, highlight=False)

@@ -1,12 +1,57 @@
-"""Progress on stderr for long commands: one Rich bar (off when stderr is not a terminal)."""
+"""Progress on stderr for long commands: one Rich bar on a terminal, plain lines otherwise."""
 
 from __future__ import annotations
+
+import time
 
 from persres.cli.app import err
 
 
+class LineProgress:
+    """What `bar` gives where stderr is not a terminal (a log, a pipe, CI): one plain line per
+    tenth of the work done and at least one a minute, so a long run is never silent."""
+
+    EVERY_S = 60.0
+
+    def __init__(self, label: str, unit: str):
+        self.label, self.unit = label, unit
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description: str, total: float | None = None, **fields) -> int:
+        self.tasks[len(self.tasks)] = {"total": total, "done": 0, "fields": fields, "t0": time.monotonic(),
+                                       "said_at": time.monotonic(), "tenth": 0}
+        return len(self.tasks) - 1
+
+    def update(self, task: int, completed: float | None = None, advance: float = 0, **fields) -> None:
+        t = self.tasks[task]
+        t["fields"].update(fields)
+        t["done"] = (t["done"] if completed is None else completed) + advance
+        tenth = int(10 * t["done"] / t["total"]) if t["total"] else 0
+        now = time.monotonic()
+        if tenth > t["tenth"] or now - t["said_at"] >= self.EVERY_S:
+            t["tenth"], t["said_at"] = max(tenth, t["tenth"]), now
+            extra = " ".join(f"{k} {v}" for k, v in t["fields"].items() if v not in ("", None))
+            total = f"/{t['total']:g}" if t["total"] else ""
+            err.print(f"{self.label} {t['done']:g}{total} {self.unit} {extra} ({now - t['t0']:.0f} s)".replace("  ", " "),
+                      markup=False, highlight=False, soft_wrap=True)
+
+    def advance(self, task: int, n: float = 1) -> None:
+        self.update(task, advance=n)
+
+    def refresh(self) -> None:
+        pass
+
+
 def bar(label: str, unit: str, *fields: str):
-    """label, bar, done/total, unit, extra `fields`, speed, ETA."""
+    """label, bar, done/total, unit, extra `fields`, speed, ETA; `LineProgress` where stderr is not a terminal."""
+    if not err.is_terminal:
+        return LineProgress(label, unit)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
     from rich.text import Text
 
@@ -15,7 +60,7 @@ def bar(label: str, unit: str, *fields: str):
             return Text(f"{task.speed:.2f} {unit}/s" if task.speed else "")
 
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), *map(TextColumn, fields),
-                    Speed(), TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+                    Speed(), TimeRemainingColumn(), console=err, transient=True)
 
 
 class BarReporter:

@@ -62,6 +62,7 @@ def train(
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Trade compute for memory (small GPUs).")] = None,
+    force_size: Annotated[bool, typer.Option("--force-size", help="Train at a resolution past 4x the model's or beyond the memory estimate.")] = False,
 ):
     """Learn a concept's residuals from a folder of images and register the pack.
 
@@ -83,7 +84,7 @@ def train(
         ws.pipeline(config.device, config.precision, on_download=say_download)
     with bar(f"{name}:", "steps", "loss {task.fields[loss]}", "{task.fields[phase]}") as progress:
         task = progress.add_task("train", total=config.steps, loss="...", phase="")
-        outcome = ws.train(references, name, class_word, config=config, sources=sources, on_suggested=_say_suggested,
+        outcome = ws.train(references, name, class_word, config=config, sources=sources, on_suggested=_say_suggested, force_size=force_size,
                            on_phase=lambda text: (progress.update(task, phase=text), progress.refresh()),  # each phase drawn
                            progress=lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.4f}"))
     rec = outcome.record
