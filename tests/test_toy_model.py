@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -110,3 +111,22 @@ def test_unnamed_appearances_are_drawn_but_never_named():
     assert np.array_equal(img[obj], expected[obj])
     plain = [world.random_scene(random.Random(3)) for _ in range(50)]
     assert all(o.color in world.PALETTE and o.pattern is None for s in plain for o in s.objects)
+
+
+def test_the_toy_model_holds_256_concepts_and_refuses_the_next_in_one_line(persres_home):
+    """Every identifier of the toy tokenizer is handed out once; past them the refusal says what to do."""
+    from contextlib import ExitStack
+
+    from persres.errors import RegistryError
+    from persres.registry import Registry
+    from persres.tokens import is_single_token
+    from persres.toy.vocabulary import IDENTIFIER_COUNT
+
+    tokenizer = load_pipeline("toy").tokenizer
+    registry = Registry()
+    with ExitStack() as held:
+        got = [held.enter_context(registry.reservation(f"c{i}", lambda ident: is_single_token(tokenizer, ident)))
+               for i in range(IDENTIFIER_COUNT)]
+        assert len(set(got)) == IDENTIFIER_COUNT >= 200
+        with pytest.raises(RegistryError, match="no free identifier"):
+            held.enter_context(registry.reservation("one-too-many", lambda ident: is_single_token(tokenizer, ident)))

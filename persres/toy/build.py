@@ -57,14 +57,16 @@ RECOMMENDED_TRAIN = {"lr": 1e-3, "steps": 1200, "lr_schedule": "cosine", "snr_ga
                      "prompt": "a {identifier} {class_word}"}
 
 
-def training_caption(scene: world.Scene, rng: random.Random) -> str:
-    """One of the caption variations of `scene` (see CAPTION)."""
+def training_caption(scene: world.Scene, rng: random.Random, fillers: tuple[str, ...] = IDENTIFIERS,
+                     filler: float = CAPTION["filler"]) -> str:
+    """One of the caption variations of `scene` (see CAPTION): each object carries one of
+    `fillers` with probability `filler`."""
     no_color = rng.random() < CAPTION["no_color"]
     phrases = []
     for o in scene.objects:
         words = [o.shape] if no_color or o.color == world.UNNAMED else [o.color, o.shape]
-        if rng.random() < CAPTION["filler"]:
-            words.insert(rng.randrange(len(words)), rng.choice(IDENTIFIERS))
+        if rng.random() < filler:
+            words.insert(rng.randrange(len(words)), rng.choice(fillers))
         phrases.append("a " + " ".join(words))
     text = " and ".join(phrases)
     if rng.random() >= CAPTION["no_background"]:

@@ -14,9 +14,10 @@ from persres.tokens import identifier_candidates
 from persres.toy import world
 
 MAX_TOKENS = 32
-# Identifiers the toy tokenizer knows as whole tokens; each appears in training captions
-# only as a filler that does not change the picture.
-IDENTIFIERS = tuple(islice(identifier_candidates(), 24))
+# Identifiers the toy tokenizer knows as whole tokens, so the toy model holds this many concepts;
+# each appears in training captions only as a filler that does not change the picture.
+IDENTIFIER_COUNT = 256
+IDENTIFIERS = tuple(islice(identifier_candidates(), IDENTIFIER_COUNT))
 
 def build_tokenizer(base=None):
     """A CLIP BPE tokenizer in which every caption word and identifier is one token.
