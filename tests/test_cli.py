@@ -284,7 +284,7 @@ def test_gen_prints_every_file_it_writes(trained, tmp_path):
     assert printed == written and len(written) == 5  # 2 images, 2 masks, 1 sheet
 
 
-def test_gen_shows_a_progress_bar_on_a_terminal_only(trained, tmp_path):
+def test_gen_draws_a_bar_on_a_terminal_and_plain_lines_otherwise(trained, tmp_path):
     import os
     import subprocess
     import sys
@@ -294,8 +294,11 @@ def test_gen_shows_a_progress_bar_on_a_terminal_only(trained, tmp_path):
             "-n", "2", "--out", str(tmp_path / "o")]
     code, on_tty = on_a_terminal(args, env)
     assert code == 0 and "generating" in on_tty and "steps" in on_tty, on_tty
+    assert "━" in on_tty  # the bar
     piped = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
-    assert piped.returncode == 0 and piped.stderr.strip() == "", piped.stderr
+    lines = piped.stderr.splitlines()
+    assert piped.returncode == 0 and [line.split()[:2] for line in lines] == [["generating", f"{k}/6"] for k in (2, 4, 6)]  # 2 images a step, piped.stderr
+    assert "\x1b" not in piped.stderr and "━" not in piped.stderr
 
 
 def on_a_terminal(args, env) -> tuple[int, str]:
@@ -413,6 +416,12 @@ def test_a_model_to_download_shows_its_progress_before_training_starts(tiny_mode
         order.append(("train",))
         return real_train(*args, **kwargs)
 
+    from huggingface_hub import constants
+
+    import persres.models
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the hub is "reachable": the download is the fake one
+    monkeypatch.setattr(persres.models, "hub_unreachable", lambda endpoint: None)
     monkeypatch.setattr(diffusers.DiffusionPipeline, "download", classmethod(lambda cls, name, **kw: fake_download(name, **kw)))
     monkeypatch.setattr(persres.train, "train_residuals", train)
     result = run("train", concept_dir, "--name", "hub", "--class", "circle", "--model", "someorg/some-model", "--steps", "1")
