@@ -173,4 +173,6 @@ def test_lag_path_honours_upcast_attention(monkeypatch):
     err_upcast, _, kernel_upcast = run(True)
     assert dtype == torch.bfloat16
     assert (kernel_plain, kernel_upcast) == (torch.bfloat16, torch.float32)
-    assert max(err_plain, err_upcast) < 1e-5, (err_plain, err_upcast)
+    # the upcast kernel's log-sum-exp is fp32 like the reference; the plain one's comes from bf16
+    # arithmetic inside the kernel (native-bf16 CPUs differ there); a wrong column would be off by ~0.1
+    assert err_upcast < 1e-5 and err_plain < 1e-3, (err_plain, err_upcast)
