@@ -20,7 +20,7 @@ except SystemExit as e:
     code = e.code
 else:
     code = 0
-heavy = sorted(m for m in ("torch", "diffusers", "transformers", "safetensors.torch") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "diffusers", "transformers", "safetensors.torch", "pandas") if m in sys.modules)
 print("LOADED=" + json.dumps({"code": code, "heavy": heavy}))
 """
 
