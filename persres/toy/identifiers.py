@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", type=Path, default=TOY_DIR)
     ap.add_argument("--out", type=Path, help="where the extended model goes (default: --model itself)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "persres-toy-ids")
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--dataset", type=int, default=8192)
     ap.add_argument("--unnamed", type=float, default=0.4)
