@@ -164,6 +164,38 @@ def make_dataset(vae, n: int, work: Path, log, two_prob: float = 0.3, unnamed: f
     return data
 
 
+def work_log(work: Path):
+    """A `log(msg)` printing timestamped lines and appending them to `work`/log.txt."""
+    logf = (work / "log.txt").open("a")
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    return log
+
+
+def _checkpoints(work: Path, prefix: str) -> list[Path]:
+    return sorted(work.glob(f"{prefix}-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+
+
+def latest_checkpoint(work: Path, prefix: str) -> Path | None:
+    """The newest `prefix`-STEP.pt in `work`, if any (what a rerun resumes from)."""
+    found = _checkpoints(work, prefix)
+    return found[-1] if found else None
+
+
+def save_checkpoint(work: Path, prefix: str, step: int, state: dict, keep: int = 2) -> None:
+    """Write `prefix`-STEP.pt atomically and keep only the newest `keep` of them."""
+    tmp = work / "tmp.pt"
+    torch.save(state, tmp)
+    tmp.replace(work / f"{prefix}-{step}.pt")
+    for old in _checkpoints(work, prefix)[:-keep]:
+        old.unlink()
+
+
 def train_unet(unet, text_encoder, vae, tokenizer, data, work: Path, steps: int, batch: int, log, lr: float = 5e-4,
                warmup: int = 200) -> dict:
     from diffusers import DDPMScheduler
@@ -179,9 +211,9 @@ def train_unet(unet, text_encoder, vae, tokenizer, data, work: Path, steps: int,
     ema_te = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
     start = 0
     caption_rng = random.Random(4)
-    ckpts = sorted(work.glob("unet-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-    if ckpts:
-        state = torch.load(ckpts[-1], weights_only=False, map_location=device)
+    ckpt = latest_checkpoint(work, "unet")
+    if ckpt is not None:
+        state = torch.load(ckpt, weights_only=False, map_location=device)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["te"])
         opt.load_state_dict(state["opt"])
@@ -233,11 +265,7 @@ def train_unet(unet, text_encoder, vae, tokenizer, data, work: Path, steps: int,
             state = {"unet": unet.state_dict(), "te": text_encoder.state_dict(), "opt": opt.state_dict(),
                      "ema": ema, "ema_te": ema_te, "step": step + 1, "rng": torch.get_rng_state(),
                      "sched": sched_lr.state_dict(), "caption_rng": caption_rng.getstate()}
-            tmp = work / "tmp.pt"
-            torch.save(state, tmp)
-            tmp.replace(work / f"unet-{step + 1}.pt")
-            for old in sorted(work.glob("unet-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-2]:
-                old.unlink()
+            save_checkpoint(work, "unet", step + 1, state)
     return {"ema": ema, "ema_te": ema_te}
 
 
@@ -312,14 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    logf = (args.work / "log.txt").open("a")
-
-    def log(msg: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {msg}"
-        print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
-
+    log = work_log(args.work)
     random.seed(0)
     device = torch.device(args.device)
     record: dict = {"toy_steps": args.steps}

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from persres.toy import world
-from persres.toy.build import decode_scene, make_dataset, training_caption
+from persres.tokens import is_single_token
+from persres.toy.build import decode_scene, latest_checkpoint, make_dataset, save_checkpoint, training_caption, work_log
 from persres.toy.vocabulary import IDENTIFIERS, MAX_TOKENS, build_tokenizer
 
 
@@ -43,12 +44,11 @@ def extend(model: Path, log):
     unet = UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=torch.float32)
     text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder", dtype=torch.float32)
 
-    def one_token(tok, word):
-        ids = tok(word, add_special_tokens=False).input_ids
-        return ids[0] if len(ids) == 1 else None
+    def token_id(word: str) -> int:
+        return tokenizer(word, add_special_tokens=False).input_ids[0]  # old ids are unchanged: one id in both
 
-    known = [i for i in (one_token(old_tok, w) for w in IDENTIFIERS) if i is not None]
-    new = [one_token(tokenizer, w) for w in IDENTIFIERS if one_token(old_tok, w) is None]
+    known = [token_id(w) for w in IDENTIFIERS if is_single_token(old_tok, w)]
+    new = [token_id(w) for w in IDENTIFIERS if not is_single_token(old_tok, w)]
     text_encoder.resize_token_embeddings(len(tokenizer))
     emb = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
@@ -78,9 +78,9 @@ def fit_new_rows(unet, text_encoder, vae, tokenizer, new_ids: list[int], data, w
     scenes = data["scenes"].tolist()
     mean, std = data["mean"], data["std"]
     caption_rng, start = random.Random(7), 0
-    ckpts = sorted(work.glob("ids-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-    if ckpts:
-        state = torch.load(ckpts[-1], weights_only=False)
+    ckpt = latest_checkpoint(work, "ids")
+    if ckpt is not None:
+        state = torch.load(ckpt, weights_only=False)
         with torch.no_grad():
             emb.copy_(state["emb"])
         opt.load_state_dict(state["opt"])
@@ -116,10 +116,7 @@ def fit_new_rows(unet, text_encoder, vae, tokenizer, new_ids: list[int], data, w
         if (step + 1) % 100 == 0 or step + 1 == steps:
             state = {"emb": emb.detach().clone(), "opt": opt.state_dict(), "rng": torch.get_rng_state(),
                      "caption_rng": caption_rng.getstate(), "step": step + 1}
-            torch.save(state, work / "tmp.pt")
-            (work / "tmp.pt").replace(work / f"ids-{step + 1}.pt")
-            for old in sorted(work.glob("ids-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-2]:
-                old.unlink()
+            save_checkpoint(work, "ids", step + 1, state)
     emb.requires_grad_(False)
 
 
@@ -136,14 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unnamed", type=float, default=0.4)
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    logf = (args.work / "log.txt").open("a")
-
-    def log(msg: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {msg}"
-        print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
-
+    log = work_log(args.work)
     tokenizer, vae, text_encoder, unet, new_ids = extend(args.model, log)
     if not new_ids:
         log("every identifier is already a token of this model")
