@@ -434,7 +434,7 @@ def test_a_model_to_download_shows_its_progress_before_training_starts(tiny_mode
 def test_library_warnings_are_shown_once_and_deprecations_of_persres_calls_are_not(capsys):
     import importlib
 
-    cli_app = importlib.import_module("persres.cli.app")
+    cli_app = importlib.import_module("persres.cli.root")
 
     library = "/usr/lib/python3/site-packages/diffusers/schedulers/scheduling_ddim.py"
     ours = cli_app.PACKAGE_DIR + "/models.py"

@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from persres import sizes
-from persres.cli.app import app
+from persres.cli import app
 from persres.registry import Registry
 
 runner = CliRunner()

@@ -44,3 +44,35 @@ def test_registry_commands_never_import_torch(registered, args):
     got = loaded_by(args)
     assert got["code"] in (0, None), got
     assert got["heavy"] == [], got
+
+
+def test_every_command_names_the_module_that_registers_it():
+    from persres.cli import COMMAND_MODULES, app
+
+    registered = {c.name or c.callback.__name__.replace("_", "-"): [c.callback.__module__] for c in app.registered_commands}
+    registered |= {g.name: [c.callback.__module__ for c in g.typer_instance.registered_commands] for g in app.registered_groups}
+    assert set(registered) == set(COMMAND_MODULES)
+    for name, modules in registered.items():
+        assert modules and set(modules) == {f"persres.cli.{COMMAND_MODULES[name]}"}, name
+
+
+LAZY_PROBE = """
+import sys
+from persres.cli import main
+sys.argv = ["persres", *sys.argv[1:]]
+try:
+    main()
+except SystemExit:
+    pass
+print("MODULES=" + ",".join(sorted(m for m in sys.modules if m.startswith("persres.cli."))))
+"""
+
+
+@pytest.mark.parametrize("args, modules", [(["list"], {"root", "concepts"}), (["config", "model"], {"root", "concepts"}),
+                                           (["--help"], {"root", "train", "gen", "concepts", "train_many", "bench", "ui", "progress"})],
+                         ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_a_command_loads_only_its_own_module(tmp_path, args, modules):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PERSRES_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", LAZY_PROBE, *args], capture_output=True, text=True, env=env, timeout=120)
+    line = next(l for l in done.stdout.splitlines() if l.startswith("MODULES="))
+    assert set(line.removeprefix("MODULES=").split(",")) == {f"persres.cli.{m}" for m in modules}

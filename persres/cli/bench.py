@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from persres.cli.app import Command, opt, DeviceOption, ModelOption, PrecisionOption, bench_app, command, err, out, registry
+from persres.cli.root import Command, opt, DeviceOption, ModelOption, PrecisionOption, bench_app, command, err, out, registry
 from persres.cli.gen import scores_table
 from persres.cli.progress import BarReporter, StatusReporter
 

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from persres.cli.app import Command, ConfigOption, JsonOption, ModelOption, app, command, config_app, out, registry, workspace
+from persres.cli.root import Command, ConfigOption, JsonOption, ModelOption, app, command, config_app, out, registry, workspace
 
 
 @app.command("list", cls=Command)

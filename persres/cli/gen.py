@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from persres.cli.app import Command, ConfigOption, DeviceOption, JsonOption, ModelOption, PrecisionOption, app, command, out, say_download, workspace
+from persres.cli.root import Command, ConfigOption, DeviceOption, JsonOption, ModelOption, PrecisionOption, app, command, out, say_download, workspace
 from persres.cli.progress import bar
 
 

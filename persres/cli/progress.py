@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from persres.cli.app import err
+from persres.cli.root import err
 
 
 class LineProgress:

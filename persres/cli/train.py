@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from persres.cli.app import Command, opt, ConfigOption, DeviceOption, JsonOption, ModelOption, PrecisionOption, app, command, err, out, say_download, workspace
+from persres.cli.root import Command, opt, ConfigOption, DeviceOption, JsonOption, ModelOption, PrecisionOption, app, command, err, out, say_download, workspace
 from persres.cli.progress import bar
 
 def _toy_defaults() -> dict:

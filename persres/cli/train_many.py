@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from persres.cli.app import Command, ConfigOption, app, command, err, out, registry
+from persres.cli.root import Command, ConfigOption, app, command, err, out, registry
 
 
 @app.command("train-many", cls=Command)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from persres.cli.app import Command, ConfigOption, ModelOption, app, command, err, workspace
+from persres.cli.root import Command, ConfigOption, ModelOption, app, command, err, workspace
 
 
 @app.command(cls=Command)

@@ -45,6 +45,13 @@ class OneLineErrors(TyperGroup):
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
 
+    def list_commands(self, ctx) -> list[str]:
+        """In the order of `persres.cli.COMMAND_MODULES`, whichever command modules were imported first."""
+        from persres.cli import COMMAND_MODULES
+
+        order = list(COMMAND_MODULES)
+        return sorted(super().list_commands(ctx), key=lambda name: order.index(name) if name in order else len(order))
+
 
 GETTING_STARTED = """
 Get started offline, on the built-in toy model (a few minutes on a CPU):
@@ -229,7 +236,3 @@ def workspace(model: Optional[str] = None, model_config: Optional[str] = None, d
 
 def say_download(model: str) -> None:
     err.print(f"downloading {model} from the Hugging Face hub (once; later runs read the local cache)", markup=False)
-
-
-def main() -> None:
-    app(prog_name="persres")
