@@ -136,7 +136,8 @@ class LagSession:
         self._regions.clear()
 
     def region(self, block: str, concept: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The concept's mask shaped to broadcast against proj_out's input `x`."""
+        """The concept's mask shaped to broadcast against proj_out's input `x`; None where its residual
+        does not act (no maps yet, a concept not in the prompt, the several-concept delay)."""
         if concept not in self.index:
             return None
         regions = self._regions.get(block)
@@ -148,12 +149,12 @@ class LagSession:
             h, w = self._grid(x, maps.shape[-1])
             if self.aggregate:
                 self._accumulate(maps, h, w)
-                if self._previous is not None and self._previous.shape[:2] == maps.shape[:2]:
-                    maps = F.interpolate(self._previous, size=(h, w), mode="area").flatten(2)  # (B, K, h*w)
-            regions = self._regions[block] = regions_from_maps(maps, self.coverage, self.conflict)
             if self.evaluation < self.delayed:
-                regions.zero_()  # and not kept: the saved masks show where residuals act, while they act
-            elif self.keep_masks:
+                return None  # the base model alone lays out these steps: no residual acts, none is computed
+            if self.aggregate and self._previous is not None and self._previous.shape[:2] == maps.shape[:2]:
+                maps = F.interpolate(self._previous, size=(h, w), mode="area").flatten(2)  # (B, K, h*w)
+            regions = self._regions[block] = regions_from_maps(maps, self.coverage, self.conflict)
+            if self.keep_masks:  # the saved masks show where residuals act, while they act
                 self._keep(regions, h, w)
         mask = regions[:, self.index[concept]]  # (B, N)
         if x.ndim == 4:  # conv proj_out: x (B, C, H, W)

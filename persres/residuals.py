@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 
 class RegionSource(Protocol):
-    """What a proj_out wrapper asks during LAG sampling (see `persres.lag.LagSession`)."""
+    """What a proj_out wrapper asks during LAG sampling (see `persres.lag.LagSession`): the concept's
+    mask, or None where its residual acts nowhere (then the residual is not computed at all)."""
 
     def region(self, block: str, concept: str, x: torch.Tensor) -> torch.Tensor | None: ...
 
@@ -134,16 +135,14 @@ class ResidualProjOut(nn.Module):
         for name, residual in self.residuals.items():
             if name in self.merged or (self.active is not None and name not in self.active):
                 continue
+            mask = None if self.regions is None else self.regions.region(self.block, name, x)  # LAG: (B, 1, H, W) or (B, N, 1)
+            if self.regions is not None and mask is None:
+                continue  # LAG, and this residual acts nowhere now: not computed
             delta = residual(x, self.is_conv)
             strength = self.strengths.get(name, 1.0)
             if strength != 1.0:
                 delta = delta * strength
-            if self.regions is None:
-                out = out + delta
-                continue
-            mask = self.regions.region(self.block, name, x)  # LAG: (B, 1, H, W) or (B, N, 1)
-            if mask is not None:
-                out = out + delta * mask.to(x.dtype)
+            out = out + (delta if mask is None else delta * mask.to(x.dtype))
         return out
 
 

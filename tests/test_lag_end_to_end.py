@@ -129,3 +129,26 @@ def test_three_concepts_each_act_only_in_their_own_disjoint_region(pipe):
     assert len(calls) == steps
     assert len(seen) == steps * len(residuals.layers_of(unet))
     assert all(share > 0 for share in acted.values()), acted
+
+
+def test_no_residual_is_computed_during_the_several_concept_delay(pipe):
+    """While the base model alone lays out the image (the first `delay` of the steps), no concept's
+    factors run; afterwards every concept's residual runs once per block and step."""
+    from persres.config import MultiLagConfig
+
+    unet = pipe.unet
+    names = ["a", "b"]
+    for seed, name in enumerate(names):
+        residuals.new_concept(unet, name, residuals.ranks_for(unet), init="random", seed=seed)
+    concepts = [BoundConcept("a", "sks", "circle"), BoundConcept("b", "zwx", "heart")]
+    layers = residuals.layers_of(unet)
+    per_evaluation: list[int] = []
+    hooks = [layer.residuals[n].register_forward_hook(lambda *a: per_evaluation.__setitem__(-1, per_evaluation[-1] + 1))
+             for layer in layers.values() for n in names]
+    hooks.append(unet.register_forward_pre_hook(lambda *a: per_evaluation.append(0)))
+    try:
+        generate(pipe, "a sks circle and a zwx heart", concepts, SampleConfig(steps=5, lag=True, multi=MultiLagConfig(delay=0.4)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert per_evaluation == [0, 0] + [len(layers) * len(names)] * 3  # round(0.4 * 5) = 2 delayed evaluations
