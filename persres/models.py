@@ -103,18 +103,43 @@ def _warn_emulated_bf16() -> None:  # once per process: pick_dtype is asked more
                   SlowPrecisionWarning, stacklevel=3)
 
 
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The frozen model's dtype (residual factors, optimizer state and loss stay fp32 regardless).
+# On a CPU that computes bf16 natively, bf16 pays for its casts and its less tuned kernels on a
+# small UNet and wins on a large one. The line between, in persres.sizes.unet_width of the UNet's
+# config, from `python -m benchmarks.precision_rule` (2-core AMD EPYC with avx512_bf16; docs/
+# benchmarks.md, "Precision"): a training step in bf16 takes 1.13x fp32's time on the toy model
+# (width 312) and 1.19x on SD v1.4's architecture at 1/8 of its channels (362), but 0.90x at 1/4
+# (725), 0.67x at 1/2 (1450) and 0.37x at full size (2900).
+BF16_MIN_UNET_WIDTH = 500.0
+
+
+def choose_dtype(precision: str, device: torch.device, unet_config: dict | None = None) -> tuple[torch.dtype, str]:
+    """The frozen model's dtype and why, in words for the `settings:` line (residual factors,
+    optimizer state and loss stay fp32 regardless).
 
     auto: bf16 on a GPU that has it (else fp16); on the CPU bf16 where the CPU computes it
-    natively (avx512_bf16 or AMX), else fp32. bf16 matches fp32 on the toy bench within its
-    intervals, training and sampling (README: "Precision")."""
+    natively (avx512_bf16 or AMX) and the UNet is large enough for it to be faster (its
+    `unet_config`; a model whose config cannot be read without loading counts as large: every
+    Stable Diffusion is), else fp32. bf16 matches fp32 on the toy bench within its intervals
+    (README: "Precision")."""
     import torch
 
     if precision == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_native_bf16() else torch.float32
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "the GPU computes bf16"
+            return torch.float16, "the GPU lacks bf16"
+        if not cpu_native_bf16():
+            return torch.float32, "this CPU has no native bf16"
+        if unet_config is not None:
+            from persres.sizes import unet_width
+
+            try:
+                width = unet_width(unet_config)
+            except (TypeError, ValueError, KeyError):  # a config of another shape: counted as large
+                width = BF16_MIN_UNET_WIDTH
+            if width < BF16_MIN_UNET_WIDTH:
+                return torch.float32, f"bf16 is slower than fp32 on this CPU for a UNet this small (width {width:.0f} < {BF16_MIN_UNET_WIDTH:.0f})"
+        return torch.bfloat16, "native on this CPU, and faster than fp32 for a UNet this large"
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision not in dtypes:
         raise InputError(f"--precision must be auto, fp32, fp16 or bf16, got {precision!r}")
@@ -122,7 +147,37 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
         raise InputError("--precision fp16 needs CUDA; use fp32 or bf16 on the CPU")
     if device.type == "cpu" and precision == "bf16" and not cpu_native_bf16():
         _warn_emulated_bf16()
-    return dtypes[precision]
+    return dtypes[precision], "asked for"
+
+
+def pick_dtype(precision: str, device: torch.device, unet_config: dict | None = None) -> torch.dtype:
+    """The dtype `choose_dtype` picks."""
+    return choose_dtype(precision, device, unet_config)[0]
+
+
+def unet_config_of(model: str) -> dict | None:
+    """The UNet's config of a diffusers directory (the toy model's included) or of a hub model
+    already in the local cache, read without loading or downloading anything; None for a
+    single-file checkpoint, a model not on this machine, or a config that cannot be read."""
+    if model == TOY:
+        model = str(TOY_DIR)
+    local = Path(model).expanduser()
+    if local.is_dir():
+        path = local / "unet" / "config.json"
+    elif HUB_ID_RE.fullmatch(model):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "unet/config.json")
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    else:
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return config if isinstance(config, dict) and "block_out_channels" in config and "layers_per_block" in config else None
 
 
 def pipeline_class_name(model: str) -> str:

@@ -77,20 +77,23 @@ def settings_sources(recommended: dict, overrides: dict) -> dict[str, str]:
             for f in SHOWN_FIELDS}
 
 
-def effective_settings(config: TrainConfig, sources: dict[str, str]) -> str:
-    """One line: every training setting, its value and where it came from; auto device/precision resolved."""
-    from persres.models import pick_device, pick_dtype
+def effective_settings(config: TrainConfig, sources: dict[str, str], unet_config: dict | None = None) -> str:
+    """One line: every training setting, its value and where it came from; auto device/precision
+    resolved, and for an auto precision why (`unet_config`: the model's, where it is known)."""
+    from persres.models import choose_dtype, pick_device
 
     device = pick_device(config.device)
-    dtype = str(pick_dtype(config.precision, device)).removeprefix("torch.")
+    dtype, why = choose_dtype(config.precision, device, unet_config)
     values = {**config.to_dict(), "device": device.type if config.device == "auto" else config.device,
-              "precision": {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]}
+              "precision": {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[str(dtype).removeprefix("torch.")]}
     parts = []
     for f in SHOWN_FIELDS:
         value = values[f]
         if value is None:
             continue
         source = "auto" if f in ("device", "precision") and getattr(config, f) == "auto" else sources[f]
+        if f == "precision" and source == "auto":
+            source = f"auto: {why}"
         shown = repr(value) if f == "prompt" else value
         parts.append(f"{f} {shown} ({source})")
     return ", ".join(parts)

@@ -74,6 +74,14 @@ class Workspace:
         """The model's own recommended defaults (its persres_defaults.json), read once."""
         return read_defaults(self.model)
 
+    @cached_property
+    def unet_config(self) -> dict | None:
+        """The model's UNet config where it can be read without loading (what `--precision auto`
+        weighs on the CPU); a single file's from its `--config` directory."""
+        from persres.models import unet_config_of
+
+        return unet_config_of(self.model) or (unet_config_of(self.model_config) if self.model_config else None)
+
     def first_toy_use(self) -> bool:
         """True once per registry: the toy model is in use only because nothing else was named."""
         if not self.toy_is_silent_default or self.registry is None or self.registry.setting(TOY_NOTICE_KEY) is not None:
@@ -102,12 +110,13 @@ class Workspace:
             loaded_device, loaded_dtype = self._pipe_key
             dev = pick_device(device) if device is not None else loaded_device
             same_device = dev == loaded_device
-            dtype = pick_dtype(precision, dev) if precision is not None else loaded_dtype if same_device else pick_dtype(self.precision, dev)
+            dtype = pick_dtype(precision, dev, self.unet_config) if precision is not None else loaded_dtype if same_device \
+                else pick_dtype(self.precision, dev, self.unet_config)
             if (dev, dtype) == self._pipe_key:
                 return self._pipe
         else:
             dev = pick_device(device or self.device)
-            dtype = pick_dtype(precision or self.precision, dev)
+            dtype = pick_dtype(precision or self.precision, dev, self.unet_config)
         key = (dev, dtype)
         self._pipe = None  # the old one is released before the new one loads
         self._pipe = load_pipeline(local_snapshot(self.model, on_download), key[0], key[1], self.model_config)

@@ -241,10 +241,20 @@ def test_help_shows_every_documented_default_as_written():
     assert checked >= 20
 
 
+def precision_part(unet_config) -> str:
+    """What the settings line says of an auto precision on this machine, and why."""
+    import torch
+
+    from persres.models import choose_dtype
+
+    dtype, why = choose_dtype("auto", torch.device("cpu"), unet_config)
+    return f"precision {'bf16' if dtype is torch.bfloat16 else 'fp32'} (auto: {why})"
+
+
 def test_train_prints_its_effective_settings_and_show_records_them(tiny_model, concept_dir, tmp_path):
     import shutil
 
-    from persres.models import cpu_native_bf16
+    from persres.models import unet_config_of
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
@@ -254,7 +264,7 @@ def test_train_prints_its_effective_settings_and_show_records_them(tiny_model, c
     assert result.exit_code == 0, result.output
     line = next(line for line in result.stdout.splitlines() if line.startswith("settings: "))
     for part in ("steps 2 (option)", "scale_min 0.5 (option)", "lr_schedule cosine (option)", "snr_gamma 5.0 (option)", "flip True (persres)", "lr 0.02 (model default)", "batch_size 4 (paper)", "rank_ratio 0.05 (paper)",
-                 "init zero (persres)", "device cpu (auto)", f"precision {'bf16' if cpu_native_bf16() else 'fp32'} (auto)"):
+                 "init zero (persres)", "device cpu (auto)", precision_part(unet_config_of(str(model)))):
         assert part in line, line
     sources = json.loads(run("show", "s", "--json").stdout)["train_config"]["sources"]
     assert sources["lr"] == "model default" and sources["steps"] == "option"

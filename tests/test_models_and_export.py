@@ -165,6 +165,41 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_and_still_runs(monkeypatch
 
 
 
+def test_auto_precision_on_a_native_bf16_cpu_weighs_the_unets_size(monkeypatch, tiny_model, tmp_path):
+    import json
+
+    from persres import models
+    from persres.testing import SD14_UNET_CONFIG
+
+    cpu = torch.device("cpu")
+    toy = models.unet_config_of("toy")
+    assert toy is not None and toy["block_out_channels"] == json.loads((models.TOY_DIR / "unet" / "config.json").read_text())["block_out_channels"]
+    monkeypatch.setattr(models, "cpu_native_bf16", lambda: True)
+    dtype, why = models.choose_dtype("auto", cpu, toy)
+    assert dtype is torch.float32 and "bf16 is slower than fp32 on this CPU for a UNet this small (width 312 <" in why
+    assert models.choose_dtype("auto", cpu, models.unet_config_of(str(tiny_model)))[0] is torch.float32
+    assert models.choose_dtype("auto", cpu, SD14_UNET_CONFIG) == (torch.bfloat16, "native on this CPU, and faster than fp32 for a UNet this large")
+    assert models.choose_dtype("auto", cpu, None)[0] is torch.bfloat16  # unknown before loading: a Stable Diffusion
+    assert models.choose_dtype("bf16", cpu, toy) == (torch.bfloat16, "asked for")  # an explicit choice stands
+    monkeypatch.setattr(models, "cpu_native_bf16", lambda: False)
+    assert models.choose_dtype("auto", cpu, SD14_UNET_CONFIG) == (torch.float32, "this CPU has no native bf16")
+    # configs read without loading: none for a folder without a UNet config, a damaged one, a single file
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "damaged" / "unet").mkdir(parents=True)
+    (tmp_path / "damaged" / "unet" / "config.json").write_text("{not json")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert [models.unet_config_of(str(tmp_path / p)) for p in ("bare", "damaged", "model.safetensors")] == [None, None, None]
+
+
+def test_workspace_loads_the_toy_model_in_the_precision_auto_chose(monkeypatch):
+    from persres import models
+    from persres.workspace import Workspace
+
+    monkeypatch.setattr(models, "cpu_native_bf16", lambda: True)
+    assert Workspace("toy", open_registry=False).pipeline().unet.dtype is torch.float32
+    assert Workspace("toy", open_registry=False, precision="bf16").pipeline().unet.dtype is torch.bfloat16
+
+
 def test_base_weights_reads_the_fingerprint_without_building_the_pipeline(tiny_model, tiny_linear_model, tiny_other_checkpoint,
                                                                          tmp_path, monkeypatch):
     import shutil

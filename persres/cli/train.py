@@ -78,7 +78,7 @@ def train(
                      gradient_checkpointing=gradient_checkpointing)
     config = ws.train_config(overrides)
     sources = ws.settings_sources(overrides)
-    out.print(f"settings: {effective_settings(config, sources)}", markup=False, highlight=False)
+    out.print(f"settings: {effective_settings(config, sources, ws.unet_config)}", markup=False, highlight=False)
     references = ws.references(images_dir)  # a bad folder is one line before any loading
     with err.status(f"loading {ws.model}"):  # a download shows its own progress first, then the training bar
         ws.pipeline(config.device, config.precision, on_download=say_download)
