@@ -20,13 +20,32 @@ from pathlib import Path
 import numpy as np
 
 
+def parts_of(image, k: int) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """(pixels, k object masks left to right) as the toy checker segments them; for three
+    objects its three largest components (None where fewer are drawn)."""
+    from persres.toy import checker
+
+    img, background, parts = checker.segment(image, min(k, 2))
+    if k <= 2:
+        return img, list(parts)
+    largest = [c for c in checker.components(checker.object_mask(img, background))[:k] if c.sum() >= 6]
+    ordered = sorted(largest, key=lambda c: np.nonzero(c)[1].mean())
+    return img, ordered + [None] * (k - len(ordered))
+
+
 def score(image, concepts) -> dict:
-    """All present, and per object (left to right) identity and own − other (mean over the others)."""
-    from persres.toy.bench import count_objects, identity
+    """All present, and per object (left to right) identity and own − other (mean over the others):
+    the reference colour histogram's overlap with the object's pixels (0 for an object not drawn)."""
+    from persres.toy.bench import color_histogram, count_objects
 
     k = len(concepts)
-    own = [identity(image, c.ref_hist, k, i) for i, c in enumerate(concepts)]
-    other = [np.mean([identity(image, o.ref_hist, k, i) for j, o in enumerate(concepts) if j != i]) for i in range(k)]
+    img, parts = parts_of(image, k)
+
+    def overlap(part, concept) -> float:
+        return 0.0 if part is None or not part.any() else float(np.minimum(color_histogram(img[part]), concept.ref_hist).sum())
+
+    own = [overlap(parts[i], c) for i, c in enumerate(concepts)]
+    other = [np.mean([overlap(parts[i], o) for j, o in enumerate(concepts) if j != i]) for i in range(k)]
     return {"all_present": float(count_objects(image) == k), "identity": float(np.mean(own)),
             "own_minus_other": float(np.mean([a - b for a, b in zip(own, other)]))}
 
