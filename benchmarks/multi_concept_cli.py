@@ -8,7 +8,9 @@ pictures), then times whole `persres gen` commands at 128 px, CFG 6, default pre
 plain (no concept), one concept merged, one with LAG, four with LAG. Per-step time is the
 difference between a run of --steps and one of --short steps over the difference in steps,
 so start-up, model load, text encoding and decoding cancel; variants interleaved, median of
---repeats, after one warm-up run.
+--repeats, after one warm-up run. Then the same model, packs and prompts through
+`Workspace.generate` in one process (what `persres gen` calls; half the steps, --repeats + 1
+rounds), each variant over the plain run just before it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,36 @@ def prepare(work: Path, env: dict) -> Path:
     return model
 
 
+def in_process(work: Path, prompts: dict[str, tuple[str, list[str], bool]], steps: int, repeats: int) -> dict[str, list[float]]:
+    """The same model, packs and prompts through `persres.Workspace.generate` in this one process
+    (what `persres gen` calls): per step from the step callbacks, each variant right after a plain run."""
+    import torch
+
+    from persres.registry import Registry
+    from persres.workspace import Workspace
+
+    ws = Workspace(str(work / "sd14-random"), registry=Registry(work / "home"))
+    stamps: list[float] = []
+
+    def run(prompt, concepts, lag) -> float:
+        stamps.clear()
+        ws.generate(prompt, concepts, steps=steps, lag=lag, height=128, width=128, guidance=6.0,
+                    on_step=lambda done, total: stamps.append(time.perf_counter()))
+        return (stamps[-1] - stamps[0]) / (steps - 1)
+
+    ratios: dict[str, list[float]] = {}
+    with torch.inference_mode():
+        run(*prompts["plain"])  # warm-up
+        for _ in range(repeats):
+            for name, prompt in prompts.items():
+                if name == "plain":
+                    continue
+                plain = run(*prompts["plain"])
+                ratios.setdefault(name, []).append(run(*prompt) / plain)
+                print(f"in process {name}: {ratios[name][-1]:.3f}x the plain run before it", flush=True)
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "persres-multi-concept-cli")
@@ -81,10 +113,15 @@ def main(argv: list[str] | None = None) -> None:
             per_step.setdefault(name, []).append((long - short) / (args.steps - args.short))
             print(f"{name}: {per_step[name][-1]:.3f} s/step (runs of {long:.1f} s and {short:.1f} s)", flush=True)
     median = {n: statistics.median(v) for n, v in per_step.items()}
+    ratios = in_process(args.work, {"plain": ("a photo of a dog in a garden", [], False), "merged-1": (one, ["a"], False),
+                                    "lag-1": (one, ["a"], True), "merged-4": (four, ["a", "b", "c", "d"], False),
+                                    "lag-4": (four, ["a", "b", "c", "d"], True)}, args.steps // 2, args.repeats + 1)
     report = {"machine": machine(), "resolution": 128, "steps": [args.short, args.steps], "repeats": args.repeats,
               "seconds per step": {n: round(v, 4) for n, v in median.items()},
               "relative to plain": {n: round(v / median["plain"], 3) for n, v in median.items()},
-              "lag-1 relative to merged-1": round(median["lag-1"] / median["merged-1"], 3)}
+              "lag-1 relative to merged-1": round(median["lag-1"] / median["merged-1"], 3),
+              "in process, relative to the plain run before (median)": {n: round(statistics.median(v), 3) for n, v in ratios.items()},
+              "in process, per round": {n: [round(x, 3) for x in v] for n, v in ratios.items()}}
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
