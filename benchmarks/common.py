@@ -68,3 +68,34 @@ def run_variant(script: str, variant: str, args: list[str]) -> dict:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+class StepClock:
+    """Per-step time of a sampling run: from the first UNet evaluation (a forward pre-hook on each
+    UNet) to the end of the last step (`on_step`, the sampler's step callback), and how many UNet
+    evaluations ran. `reset()` before each run; `remove()` when done."""
+
+    def __init__(self, *unets, device="cpu"):
+        self.device = device
+        self.evaluations, self.started, self.ended = 0, None, None
+        self.hooks = [u.register_forward_pre_hook(self._pre) for u in unets]
+
+    def _pre(self, module, args) -> None:
+        self.evaluations += 1
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def on_step(self, done: int, total: int) -> None:
+        if done == total:
+            sync(self.device)
+            self.ended = time.perf_counter()
+
+    def reset(self) -> None:
+        self.evaluations, self.started, self.ended = 0, None, None
+
+    def per_step(self, steps: int) -> float:
+        return (self.ended - self.started) / steps
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()

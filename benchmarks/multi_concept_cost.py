@@ -29,34 +29,17 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine
+from benchmarks.common import StepClock, machine
 
 CONCEPTS = (("dog", "sks", "dog"), ("cat", "zwx", "cat"), ("vase", "qrv", "vase"), ("chair", "vfx", "chair"))
 
 
 def prompt_for(k: int) -> str:
     return "a photo of " + " and ".join(f"a {ident} {word}" for _, ident, word in CONCEPTS[:k]) + " in a garden"
-
-
-class Clock:
-    """Counts the UNet evaluations of a run and times them from the first one on."""
-
-    def __init__(self, *unets):
-        self.evaluations, self.started = 0, None
-        self.hooks = [u.register_forward_pre_hook(self._pre) for u in unets]
-
-    def _pre(self, module, args) -> None:
-        self.evaluations += 1
-        if self.started is None:
-            self.started = time.perf_counter()
-
-    def reset(self) -> None:
-        self.evaluations, self.started = 0, None
 
 
 class NPass:
@@ -166,12 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     plain_unet = baseline.plain_unet
     plain = StableDiffusionPipeline(**{**pipe.components, "unet": plain_unet})
     plain.set_progress_bar_config(disable=True)
-    clock = Clock(pipe.unet, plain_unet)
-    ends: list[float] = []
-
-    def on_step(done, total):
-        if done == total:
-            ends.append(time.perf_counter())
+    clock = StepClock(pipe.unet, plain_unet)
+    on_step = clock.on_step
 
     ks = [int(k) for k in args.ks.split(",")]
     report = {"machine": machine(), "precision": str(dtype).removeprefix("torch."), "steps": args.steps, "guidance": 7.5,
@@ -189,10 +168,9 @@ def main(argv: list[str] | None = None) -> None:
 
         def per_step(run, steps: int) -> tuple[float, int]:
             clock.reset()
-            ends.clear()
             with torch.inference_mode():
                 run(steps)
-            return (ends[-1] - clock.started) / steps, clock.evaluations
+            return clock.per_step(steps), clock.evaluations
 
         seconds: dict[str, list[float]] = {}
         ratios: dict[str, list[float]] = {}  # each run over the plain run just before it: drift cancels

@@ -135,9 +135,11 @@ class ResidualProjOut(nn.Module):
         for name, residual in self.residuals.items():
             if name in self.merged or (self.active is not None and name not in self.active):
                 continue
-            mask = None if self.regions is None else self.regions.region(self.block, name, x)  # LAG: (B, 1, H, W) or (B, N, 1)
-            if self.regions is not None and mask is None:
-                continue  # LAG, and this residual acts nowhere now: not computed
+            mask = None
+            if self.regions is not None:  # LAG: (B, 1, H, W) or (B, N, 1)
+                mask = self.regions.region(self.block, name, x)
+                if mask is None:
+                    continue  # this residual acts nowhere now: not computed
             delta = residual(x, self.is_conv)
             strength = self.strengths.get(name, 1.0)
             if strength != 1.0:

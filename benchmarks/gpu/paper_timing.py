@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, peak_memory_mb, reset_peak_memory, sync
+from benchmarks.common import StepClock, machine, peak_memory_mb, reset_peak_memory, sync
 
 
 def pipeline(tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -74,14 +74,8 @@ def sample_timing(pipe, device, steps: int, resolution: int, repeats: int) -> di
     concept = [BoundConcept("dog", "sks", "dog")]
     prompt = "a photo of a sks dog on a sofa"
     cfg = SampleConfig(steps=steps, height=resolution, width=resolution)
-    first: list[float] = []
-    hook = pipe.unet.register_forward_pre_hook(lambda m, a: first.append(time.perf_counter()) if not first else None)
-    ends: list[float] = []
-
-    def on_step(done, total):
-        if done == total:
-            sync(device)
-            ends.append(time.perf_counter())
+    clock = StepClock(pipe.unet, device=device)
+    on_step = clock.on_step
 
     variants = {"plain": lambda: generate(pipe, prompt, [], cfg, on_step=on_step),
                 "merged": lambda: generate(pipe, prompt, concept, cfg.replace(lag=False), on_step=on_step),
@@ -90,13 +84,12 @@ def sample_timing(pipe, device, steps: int, resolution: int, repeats: int) -> di
     try:
         for rep in range(repeats + 1):  # round 0 warms up
             for name, run in variants.items():
-                first.clear()
-                ends.clear()
+                clock.reset()
                 run()
                 if rep:
-                    times.setdefault(name, []).append((ends[-1] - first[0]) / steps)
+                    times.setdefault(name, []).append(clock.per_step(steps))
     finally:
-        hook.remove()
+        clock.remove()
         residuals.remove(pipe.unet)
     step_s = {n: statistics.median(v) for n, v in times.items()}
     return {"steps": steps, "resolution": resolution, "step_s": {n: round(v, 4) for n, v in step_s.items()},
