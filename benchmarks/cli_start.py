@@ -4,8 +4,9 @@ beside `persres --help`.
     python -m benchmarks.cli_start --json benchmarks/results/cpu-cli_start.json
 
 Each command runs `--repeats` times in a fresh `persres` process (the console script, as a user
-runs it) on a registry of packs registered in place (fake factors; `list` reads rows only),
-and the median is reported with its ratio to `--help`.
+runs it) on a registry of packs registered in place (fake factors; `list` reads rows only).
+The commands take turns, one run each per round, so that a slow spell of the machine slows
+all of them alike; the median is reported with its ratio to `--help`.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ def fill(home: Path, n: int) -> None:
         registry.add({"blk.up": torch.randn(8, 2), "blk.down": torch.randn(2, 8)}, meta, allow_shared_identifier=True)
 
 
-def timed(args: list[str], env: dict, repeats: int) -> float:
+def timed(commands: dict[str, tuple[list[str], dict]], repeats: int) -> dict[str, float]:
+    """Median wall time of each (arguments, environment), the commands interleaved round by round."""
     exe = shutil.which("persres")
-    times = []
-    for _ in range(repeats + 1):  # the first run warms the file cache and is dropped
-        t = time.perf_counter()
-        subprocess.run([exe, *args], env=env, check=True, capture_output=True)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:])
+    times: dict[str, list[float]] = {label: [] for label in commands}
+    for _ in range(repeats + 1):  # the first round warms the file cache and is dropped
+        for label, (args, env) in commands.items():
+            t = time.perf_counter()
+            subprocess.run([exe, *args], env=env, check=True, capture_output=True)
+            times[label].append(time.perf_counter() - t)
+    return {label: statistics.median(ts[1:]) for label, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,14 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from benchmarks.common import machine
 
-    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
+        commands = {}
         for n in (2, 200):
             home = Path(tmp) / f"home{n}"
             fill(home, n)
-            env = {**os.environ, "PERSRES_HOME": str(home)}
-            rows[f"list ({n} concepts)"] = timed(["list"], env, args.repeats)
-        rows["--help"] = timed(["--help"], {**os.environ, "PERSRES_HOME": str(Path(tmp) / "home2")}, args.repeats)
+            commands[f"list ({n} concepts)"] = (["list"], {**os.environ, "PERSRES_HOME": str(home)})
+        commands["--help"] = (["--help"], {**os.environ, "PERSRES_HOME": str(Path(tmp) / "home2")})
+        rows = timed(commands, args.repeats)
     report = {"machine": machine(), "repeats": args.repeats,
               "median_s": {k: round(v, 3) for k, v in rows.items()},
               "ratio_to_help": {k: round(v / rows["--help"], 2) for k, v in rows.items()}}

@@ -21,7 +21,8 @@ except SystemExit as e:
 else:
     code = 0
 heavy = sorted(m for m in ("torch", "diffusers", "transformers", "safetensors.torch", "pandas") if m in sys.modules)
-print("LOADED=" + json.dumps({"code": code, "heavy": heavy}))
+slow = sorted(m for m in ("pydantic", "sqlite_utils") if m in sys.modules)
+print("LOADED=" + json.dumps({"code": code, "heavy": heavy, "slow": slow}))
 """
 
 
@@ -44,6 +45,26 @@ def test_registry_commands_never_import_torch(registered, args):
     got = loaded_by(args)
     assert got["code"] in (0, None), got
     assert got["heavy"] == [], got
+
+
+@pytest.mark.parametrize("args", [["list"], ["list", "--json"], ["doctor"], ["--help"], ["--version"]], ids=lambda a: " ".join(a))
+def test_flag_only_commands_on_a_migrated_registry_skip_pydantic_and_sqlite_utils(registered, args):
+    got = loaded_by(args)
+    assert got["code"] in (0, None), got
+    assert got["slow"] == [], got
+
+
+def test_a_registry_that_needs_a_migration_still_gets_it(tmp_path, monkeypatch):
+    from persres.registry import Registry
+    from persres.registry.migrations import MIGRATIONS
+
+    first = Registry(tmp_path)
+    first.conn.execute("DELETE FROM _migrations WHERE name = ?", [MIGRATIONS[-1][0]])
+    first.conn.execute("ALTER TABLE concepts DROP COLUMN family")
+    first.conn.close()
+    again = Registry(tmp_path)
+    assert [r[0] for r in again.conn.execute("SELECT name FROM _migrations")] == [name for name, _ in MIGRATIONS]
+    assert "family" in {r[1] for r in again.conn.execute("PRAGMA table_info(concepts)")}
 
 
 def test_every_command_names_the_module_that_registers_it():

@@ -5,9 +5,13 @@ Never edit a released migration: add the next one.
 
 from __future__ import annotations
 
+import sqlite3
+import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import sqlite_utils
+if TYPE_CHECKING:
+    import sqlite_utils
 
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = []
 
@@ -89,12 +93,38 @@ def m004_family(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE concepts SET family = 'sd1' WHERE proj_out = 'Conv2d'")
 
 
-def unknown_migrations(db: sqlite_utils.Database) -> list[str]:
-    """Migrations the database has that this persres does not know (a newer persres wrote it)."""
-    if "_migrations" not in db.table_names():
+def applied_migrations(conn: sqlite3.Connection) -> list[str]:
+    """The names of the migrations the database records, in the order they were applied."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'").fetchone():
         return []
+    return [r[0] for r in conn.execute("SELECT name FROM _migrations ORDER BY rowid").fetchall()]
+
+
+def unknown_migrations(applied: list[str]) -> list[str]:
+    """Those of `applied` this persres does not know (a newer persres wrote the database)."""
     known = {name for name, _ in MIGRATIONS}
-    return [row["name"] for row in db["_migrations"].rows if row["name"] not in known]
+    return [name for name in applied if name not in known]
+
+
+def pending_migrations(applied: list[str]) -> list[str]:
+    """The migrations of this persres the database does not record yet."""
+    return [name for name, _ in MIGRATIONS if name not in applied]
+
+
+def sqlite_utils_database(conn: sqlite3.Connection) -> "sqlite_utils.Database":
+    """`conn` wrapped by sqlite-utils, imported only here (migrations, tests): reading commands
+    start without it. sqlite-utils imports pandas and numpy where they are installed, only to
+    convert values the registry never inserts (0.7 s); imported with both hidden (unless already
+    loaded), they stay importable for everyone else."""
+    hidden = [name for name in ("pandas", "numpy") if name not in sys.modules and "sqlite_utils" not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # `import name` raises ImportError: sqlite-utils' own fallback
+    try:
+        import sqlite_utils
+    finally:
+        for name in hidden:
+            del sys.modules[name]
+    return sqlite_utils.Database(conn)
 
 
 def migrate(db: sqlite_utils.Database, transaction) -> list[str]:

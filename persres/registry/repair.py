@@ -53,7 +53,7 @@ class Repairs:
             return []
         notes = []
         with self.transaction():  # writers link pack files only while holding this lock
-            paths = {Path(r[0]).name for r in self.db.execute("SELECT path FROM concepts").fetchall()}
+            paths = {Path(r[0]).name for r in self.conn.execute("SELECT path FROM concepts").fetchall()}
             for f in sorted(self.packs_dir.iterdir()):
                 if f.name.endswith(".tmp") and f.name.startswith("."):
                     if _writer_alive(f.name):
@@ -73,8 +73,8 @@ class Repairs:
             problems.append(f"row {d.name!r} is damaged: {d.problem}" + ("; removed (its pack, if any, moved to orphans/)" if repair else ""))
             if repair:
                 with self.transaction():
-                    row = self.db.execute("SELECT path FROM concepts WHERE name = ?", [d.name]).fetchone()
-                    self.db.execute("DELETE FROM concepts WHERE name = ?", [d.name])
+                    row = self.conn.execute("SELECT path FROM concepts WHERE name = ?", [d.name]).fetchone()
+                    self.conn.execute("DELETE FROM concepts WHERE name = ?", [d.name])
                     pack = self._pack_path(str(row[0])) if row else None
                     if pack is not None and pack.is_file():
                         self._move_to_orphans(pack, f"the pack of the damaged row {d.name!r}")
@@ -83,15 +83,15 @@ class Repairs:
                 problems.append(f"{r.name!r}: its pack {str(r.path)!r} is missing" + ("; row removed" if repair else ""))
                 if repair:
                     with self.transaction():
-                        self.db.execute("DELETE FROM concepts WHERE name = ?", [r.name])
+                        self.conn.execute("DELETE FROM concepts WHERE name = ?", [r.name])
             elif sha256_file(r.path) != r.sha256:
                 problems.append(f"{r.name!r}: its pack {str(r.path)!r} changed since it was registered"
                                 + ("; row removed, pack moved to orphans/" if repair else ""))
                 if repair:
                     with self.transaction():
-                        self.db.execute("DELETE FROM concepts WHERE name = ?", [r.name])
+                        self.conn.execute("DELETE FROM concepts WHERE name = ?", [r.name])
                         self._move_to_orphans(r.path, f"a pack that changed after registration ({r.name!r})")
-        for name, pid, rhost in self.db.execute("SELECT name, pid, host FROM reservations").fetchall():
+        for name, pid, rhost in self.conn.execute("SELECT name, pid, host FROM reservations").fetchall():
             if not _holder_alive(pid, rhost):
                 problems.append(f"reservation of {name!r} by a finished process {pid}" + ("; released" if repair else ""))
         if repair:

@@ -1,4 +1,4 @@
-"""The concept registry: a SQLite table of packs (sqlite-utils) plus the pack files beside it.
+"""The concept registry: a SQLite table of packs plus the pack files beside it.
 
 Layout under PERSRES_HOME (default: the platform's user data directory):
     registry.db          concepts, reservations, settings, _migrations (WAL mode)
@@ -16,6 +16,7 @@ temporary file or a file without a row, which the next start moves to orphans/.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -24,14 +25,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import sqlite_utils
-
 from persres.families import family_of_meta
 from persres.atomic import atomic_path
 from persres.errors import ConceptNotFound, DuplicateConcept, RegistryError
 from persres.packs import PackMeta, read_pack, validate_meta, write_pack_temp
 from persres.registry.rows import META_FIELDS, ROW_FIELDS, ConceptRecord, DamagedRecord, meta_of, row_of  # noqa: F401
-from persres.registry.migrations import MIGRATIONS, migrate, unknown_migrations
+from persres.registry.migrations import MIGRATIONS, applied_migrations, migrate, pending_migrations, sqlite_utils_database, unknown_migrations
 from persres.registry.paths import _fault, _move_no_replace, check_export_target, persres_home  # noqa: F401  (re-exported)
 from persres.registry.repair import Repairs, _holder_alive, _now
 from persres.names import check_concept_name
@@ -96,16 +95,17 @@ class Registry(Repairs):
             if self.writable:
                 _switch_to_wal(conn)
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            self.db = sqlite_utils.Database(conn)
-            newer = unknown_migrations(self.db)
+            self.conn = conn
+            applied = applied_migrations(conn)
+            newer = unknown_migrations(applied)
             if newer:
                 raise RegistryError(
                     f"registry {str(self.db_path)!r} has schema {len(MIGRATIONS) + len(newer)} (migration {newer[0]!r}), "
                     f"newer than this persres (schema {len(MIGRATIONS)}): upgrade persres"
                 )
-            if self.writable:
+            if self.writable and pending_migrations(applied):
                 migrate(self.db, self.transaction)
-            elif "concepts" not in self.db.table_names():
+            elif not self.writable and not self._has_table("concepts"):
                 raise RegistryError(f"registry {str(self.db_path)!r} is read-only and not initialized")
             self._check_columns()
         except sqlite3.OperationalError as e:
@@ -135,9 +135,17 @@ class Registry(Repairs):
             shutil.copyfile(f"{self.db_path}{suffix}", copy / f"registry.db{suffix}")
         return f"{(copy / 'registry.db').as_uri()}?mode=rw"
 
+    @functools.cached_property
+    def db(self):
+        """The connection as a `sqlite_utils.Database`, for migrations (reads and writes use `conn`)."""
+        return sqlite_utils_database(self.conn)
+
+    def _has_table(self, name: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone() is not None
+
     def _check_columns(self) -> None:
         expected = {*META_FIELDS, *ROW_FIELDS}
-        have = {c.name for c in self.db["concepts"].columns}
+        have = {r[1] for r in self.conn.execute("PRAGMA table_info(concepts)").fetchall()}
         if not expected <= have:
             raise RegistryError(f"registry {str(self.db_path)!r} lacks columns {sorted(expected - have)}: "
                                 "it was changed by hand or by another program; `persres doctor --rebuild` makes a new one from its packs")
@@ -145,7 +153,7 @@ class Registry(Repairs):
     @contextlib.contextmanager
     def transaction(self):
         """BEGIN IMMEDIATE ... COMMIT: the write lock is taken up front, so writers queue, never interleave."""
-        conn = self.db.conn
+        conn = self.conn
         if conn.in_transaction:  # nested: part of the outer transaction
             yield
             return
@@ -175,7 +183,7 @@ class Registry(Repairs):
     def scan(self) -> tuple[list[ConceptRecord], list[DamagedRecord]]:
         """Every row: readable concepts, and rows that are damaged (reported, never a crash)."""
         good, bad = [], []
-        cursor = self.db.execute("SELECT * FROM concepts ORDER BY created_at, name")
+        cursor = self.conn.execute("SELECT * FROM concepts ORDER BY created_at, name")
         columns = [d[0] for d in cursor.description]
         for values in cursor.fetchall():
             row = dict(zip(columns, values))
@@ -189,10 +197,12 @@ class Registry(Repairs):
         return self.scan()[0]
 
     def names(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT name FROM concepts ORDER BY name").fetchall()]
+        return [r[0] for r in self.conn.execute("SELECT name FROM concepts ORDER BY name").fetchall()]
 
     def get(self, name: str) -> ConceptRecord:
-        rows = list(self.db["concepts"].rows_where("name = ?", [name]))
+        cursor = self.conn.execute("SELECT * FROM concepts WHERE name = ?", [name])
+        columns = [d[0] for d in cursor.description]
+        rows = [dict(zip(columns, values)) for values in cursor.fetchall()]
         if not rows:
             raise ConceptNotFound(f"unknown concept {name!r} (known: {', '.join(self.names()) or 'none registered'})")
         try:
@@ -203,10 +213,10 @@ class Registry(Repairs):
 
     def identifier_taken(self, identifier: str) -> bool:
         """Whether a concept (not marked shared) already has `identifier`."""
-        return self.db.execute("SELECT 1 FROM concepts WHERE identifier = ? AND shared_identifier = 0", [identifier]).fetchone() is not None
+        return self.conn.execute("SELECT 1 FROM concepts WHERE identifier = ? AND shared_identifier = 0", [identifier]).fetchone() is not None
 
     def has(self, name: str) -> bool:
-        return self.db.execute("SELECT 1 FROM concepts WHERE name = ?", [name]).fetchone() is not None
+        return self.conn.execute("SELECT 1 FROM concepts WHERE name = ?", [name]).fetchone() is not None
 
     def load(self, name: str):
         """(tensors, meta) of a registered concept, verified against its recorded sha256."""
@@ -233,14 +243,14 @@ class Registry(Repairs):
             self._drop_stale_reservations()
             self.check_new_name(name)
             identifier = self._free_identifier(fits)
-            self.db.execute("INSERT INTO reservations (name, identifier, pid, host, created_at) VALUES (?, ?, ?, ?, ?)",
+            self.conn.execute("INSERT INTO reservations (name, identifier, pid, host, created_at) VALUES (?, ?, ?, ?, ?)",
                             [name, identifier, os.getpid(), socket.gethostname(), _now()])
         _fault("reserved")
         try:
             yield identifier
         finally:
             with self.transaction():
-                self.db.execute("DELETE FROM reservations WHERE name = ? AND pid = ?", [name, os.getpid()])
+                self.conn.execute("DELETE FROM reservations WHERE name = ? AND pid = ?", [name, os.getpid()])
 
     def free_identifier(self, tokenizer=None, exclude: set[str] = frozenset()) -> str:
         """The first identifier no concept or reservation holds, outside `exclude`, that `tokenizer`
@@ -252,7 +262,7 @@ class Registry(Repairs):
             return self._free_identifier(None if tokenizer is None else lambda ident: is_single_token(tokenizer, ident), exclude)
 
     def _free_identifier(self, fits, exclude: set[str] = frozenset()) -> str:
-        used = {r[0] for r in self.db.execute("SELECT identifier FROM concepts UNION SELECT identifier FROM reservations")}
+        used = {r[0] for r in self.conn.execute("SELECT identifier FROM concepts UNION SELECT identifier FROM reservations")}
         used |= set(exclude)
         for n, candidate in enumerate(identifier_candidates()):
             if candidate in used:
@@ -265,13 +275,13 @@ class Registry(Repairs):
                             f"({len(used)} in use); remove concepts you no longer need")
 
     def _live_reservation(self, name: str) -> bool:
-        row = self.db.execute("SELECT pid, host FROM reservations WHERE name = ?", [name]).fetchone()
+        row = self.conn.execute("SELECT pid, host FROM reservations WHERE name = ?", [name]).fetchone()
         return row is not None and _holder_alive(row[0], row[1])
 
     def _drop_stale_reservations(self) -> None:
-        for name, pid, rhost in self.db.execute("SELECT name, pid, host FROM reservations").fetchall():
+        for name, pid, rhost in self.conn.execute("SELECT name, pid, host FROM reservations").fetchall():
             if not _holder_alive(pid, rhost):
-                self.db.execute("DELETE FROM reservations WHERE name = ?", [name])
+                self.conn.execute("DELETE FROM reservations WHERE name = ?", [name])
 
     # --- writing ---------------------------------------------------------------------------
     def add(self, tensors, meta: PackMeta, *, allow_shared_identifier: bool = False) -> ConceptRecord:
@@ -290,12 +300,12 @@ class Registry(Repairs):
             with self.transaction():
                 if self.has(meta.name):
                     raise DuplicateConcept(f"a concept named {meta.name!r} already exists")
-                holder = self.db.execute("SELECT pid, host FROM reservations WHERE name = ?", [meta.name]).fetchone()
+                holder = self.conn.execute("SELECT pid, host FROM reservations WHERE name = ?", [meta.name]).fetchone()
                 if holder is not None and tuple(holder) != (os.getpid(), socket.gethostname()) and self._live_reservation(meta.name):
                     raise DuplicateConcept(f"a concept named {meta.name!r} is being trained by another process right now")
-                owner = self.db.execute("SELECT name FROM concepts WHERE identifier = ? AND shared_identifier = 0",
+                owner = self.conn.execute("SELECT name FROM concepts WHERE identifier = ? AND shared_identifier = 0",
                                         [meta.identifier]).fetchone()
-                reserved = self.db.execute("SELECT name FROM reservations WHERE identifier = ?", [meta.identifier]).fetchone()
+                reserved = self.conn.execute("SELECT name FROM reservations WHERE identifier = ?", [meta.identifier]).fetchone()
                 shared = owner is not None or (reserved is not None and reserved[0] != meta.name)
                 if shared and not allow_shared_identifier:
                     raise DuplicateConcept(f"identifier {meta.identifier!r} already belongs to "
@@ -306,7 +316,7 @@ class Registry(Repairs):
                 _fault("linked")
                 try:
                     self._insert(meta, path, digest, shared)
-                    self.db.execute("DELETE FROM reservations WHERE name = ?", [meta.name])
+                    self.conn.execute("DELETE FROM reservations WHERE name = ?", [meta.name])
                     _fault("inserted")
                 except BaseException:
                     path.unlink(missing_ok=True)
@@ -327,10 +337,10 @@ class Registry(Repairs):
         """Delete the row, then its pack file; returns the pack's path. Works on damaged rows too."""
         self.require_writable()
         with self.transaction():
-            row = self.db.execute("SELECT path FROM concepts WHERE name = ?", [name]).fetchone()
+            row = self.conn.execute("SELECT path FROM concepts WHERE name = ?", [name]).fetchone()
             if row is None:
                 raise ConceptNotFound(f"unknown concept {name!r} (known: {', '.join(self.names()) or 'none registered'})")
-            self.db.execute("DELETE FROM concepts WHERE name = ?", [name])
+            self.conn.execute("DELETE FROM concepts WHERE name = ?", [name])
             path = self._pack_path(str(row[0]))
             if path.suffix == ".safetensors" and path.is_file():  # never anything but a pack file of packs/
                 path.unlink()
@@ -350,7 +360,7 @@ class Registry(Repairs):
         return out
 
     def setting(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
+        row = self.conn.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
         return row[0] if row else None
 
     def set_setting(self, key: str, value: str | None) -> None:
@@ -358,16 +368,16 @@ class Registry(Repairs):
             return  # a read-only registry cannot remember settings; nothing else depends on them
         with self.transaction():
             if value is None:
-                self.db.execute("DELETE FROM settings WHERE key = ?", [key])
+                self.conn.execute("DELETE FROM settings WHERE key = ?", [key])
             else:
-                self.db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", [key, value])
+                self.conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", [key, value])
 
     # --- internals -------------------------------------------------------------------------
     def _insert(self, meta: PackMeta, path: Path, digest: str, shared: bool) -> None:
         row = {**row_of(meta), "path": str(path), "sha256": digest, "shared_identifier": int(shared)}
         cols = ", ".join(row)
         try:
-            self.db.execute(f"INSERT INTO concepts ({cols}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+            self.conn.execute(f"INSERT INTO concepts ({cols}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
         except sqlite3.IntegrityError as e:
             raise DuplicateConcept(f"cannot register {meta.name!r}: {e}") from None
 
