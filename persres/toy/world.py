@@ -127,6 +127,16 @@ NOVEL_CONCEPTS: dict[str, tuple[str, str]] = {
     "vstriped_cross": ("cross", "vstripes"),
     "spotted_circle": ("circle", "spots"),
     "halved_triangle": ("triangle", "halves"),
+    # colors outside the palette and pattern families outside the training appearances (PATTERNS),
+    # fixed before any tuning and never used for a decision: the color-fidelity report's concepts
+    "salmon_spotted_heart": ("heart", "salmon_spots"),
+    "olive_concentric_square": ("square", "concentric"),
+    "teal_coral_triangle": ("triangle", "diagonal_split"),
+    "maroon_zigzag_circle": ("circle", "vzigzag"),
+    "crosshatched_cross": ("cross", "crosshatch"),
+    "chevron_star": ("star", "chevrons"),
+    "wavy_circle": ("circle", "waves"),
+    "brick_triangle": ("triangle", "bricks"),
 }
 # Fixed before any tuning: method choices are tuned on "tuning" (and "tuning_2", added later
 # to decide on more than five concepts) and reported on "held_out".
@@ -134,6 +144,8 @@ CONCEPT_SETS: dict[str, tuple[str, ...]] = {
     "tuning": ("checker_circle", "split_square", "striped_heart", "dotted_triangle", "diagonal_star"),
     "held_out": ("gradient_cross", "quartered_circle", "ringed_square", "grid_heart"),
     "tuning_2": ("bordered_star", "zigzag_square", "vstriped_cross", "spotted_circle", "halved_triangle"),
+    "held_out_colors": ("salmon_spotted_heart", "olive_concentric_square", "teal_coral_triangle", "maroon_zigzag_circle",
+                        "crosshatched_cross", "chevron_star", "wavy_circle", "brick_triangle"),
 }
 
 
@@ -169,6 +181,23 @@ def _texel(texture: str, i: int, j: int, cx: float, cy: float) -> tuple[int, int
         return (245, 245, 240) if dx % 5 < 2 and dy % 5 < 2 else (120, 20, 40)
     if texture == "halves":  # top half gold, bottom half slate
         return (220, 170, 30) if dy < 0 else (70, 90, 110)
+    if texture == "salmon_spots":  # salmon spots on navy, 4 px pitch
+        return (250, 128, 114) if dx % 4 < 2 and dy % 4 < 2 else (20, 30, 100)
+    if texture == "concentric":  # olive/peach concentric squares, 2 px bands
+        return (128, 128, 0) if max(abs(dx), abs(dy)) // 2 % 2 == 0 else (255, 218, 185)
+    if texture == "diagonal_split":  # teal above the diagonal, coral below
+        return (0, 128, 128) if dx > dy else (255, 127, 80)
+    if texture == "vzigzag":  # maroon/mint vertical zigzag bands, 3 px
+        return (128, 0, 0) if ((dx + abs(dy % 6 - 3)) // 3) % 2 == 0 else (152, 255, 152)
+    if texture == "crosshatch":  # dark slate diagonal lines both ways on sky blue, 4 px pitch
+        return (47, 79, 79) if (dx + dy) % 4 == 0 or (dx - dy) % 4 == 0 else (135, 206, 235)
+    if texture == "chevrons":  # mustard/turquoise chevrons pointing up, 3 px
+        return (225, 173, 1) if ((dy + abs(dx)) // 3) % 2 == 0 else (64, 224, 208)
+    if texture == "waves":  # khaki/forest wavy horizontal bands, 3 px
+        return (240, 230, 140) if ((dy + round(2 * math.sin(dx * math.pi / 4))) // 3) % 2 == 0 else (34, 85, 34)
+    if texture == "bricks":  # chocolate bricks (6 x 3 px, rows offset) in periwinkle mortar
+        row = dy // 3
+        return (204, 204, 255) if dy % 3 == 0 or (dx + 3 * (row % 2)) % 6 == 0 else (123, 63, 0)
     raise ValueError(f"unknown texture {texture!r}")
 
 
