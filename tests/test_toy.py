@@ -70,12 +70,18 @@ def test_bench_toy_quick_runs_end_to_end(tiny_model, tmp_path):
     assert {(r["category"], r["method"]) for r in summary} >= {
         ("identity", "base"), ("background", "lag"), ("two_concepts", "lag"), ("two_concepts", "summed"), ("background", "nolag-base")}
     assert {r["set"] for r in summary} == {"tuning"}
-    assert all(0 <= r["identity"] <= 1 for r in summary if not r["method"].endswith("-base"))
-    assert all(0 <= r["drawn"] <= 1 for r in summary if r["category"] != "two_concepts" and not r["method"].endswith("-base"))
+    samples = [r for r in summary if r["category"] != "references" and not r["method"].endswith("-base")]
+    assert all(0 <= r["identity"] <= 1 for r in samples)
+    assert all(0 <= r["drawn"] <= 1 for r in samples if r["category"] != "two_concepts")
     pair = next(r for r in summary if (r["category"], r["method"]) == ("two_concepts", "lag"))
     assert 0 <= pair["both_present"] <= 1 and -1 <= pair["own_minus_other"] <= 1 and pair["n"] == 2
+    refs = {r["method"]: r for r in summary if r["category"] == "references"}
+    assert refs["references"]["delta_e"] == 0 and refs["references"]["within_20"] == 1 and refs["references"]["n"] == 10
+    assert refs["vae"]["delta_e"] > 0 and refs["vae"]["n"] == 10  # the tiny model's untrained VAE is far from the colors
     rows = (out / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 5 * 3 * 2 + 3 * 2  # header; 2 concepts x 5 quick prompts x 3 methods x 2 images; the pair
+    # header; 2 concepts x 5 quick prompts x 3 methods x 2 images; each concept's 5 references and their VAE round trip; the pair
+    assert len(rows) == 1 + 2 * 5 * 3 * 2 + 2 * 5 * 2 + 3 * 2
+    assert (out / "references.png").exists()
     for category in ("identity", "background", "add_object", "attribute", "two_concepts"):
         assert (out / f"grid-{category}.png").exists()
     bad = CliRunner().invoke(app, ["bench", "toy", "--concept", "nope"])
@@ -158,6 +164,44 @@ def test_identity_score_prefers_the_concept():
     assert identity(same, ref_hist) > 0.8 > 0.2 > identity(plain, ref_hist)
 
 
+def _bench_concept(name: str, backgrounds=("white", "blue", "green")):
+    from persres.toy.bench import BenchConcept, color_histogram, object_pixels
+
+    rng = random.Random(7)
+    refs = [world.render(world.novel_scene(rng, name, bg)) for bg in backgrounds]
+    pixels = object_pixels(refs)
+    return BenchConcept(name, None, world.NOVEL_CONCEPTS[name][0], "test", color_histogram(pixels), pixels, refs, refs)
+
+
+def test_color_fidelity_is_zero_on_the_concept_and_far_on_palette_colors():
+    from persres.toy.bench import color_fidelity, shape_match
+
+    concept = _bench_concept("teal_coral_triangle")
+    same = world.render(world.novel_scene(random.Random(1), "teal_coral_triangle", "purple"))
+    fid = color_fidelity(same, concept.ref_lab)
+    assert fid["delta_e"] == 0 and fid["delta_e2000"] == 0 and fid["within_20"] == 1
+    palette = world.render(world.Scene("purple", (world.Obj("triangle", "green", 16, 16, 18),)))  # right shape, palette color
+    far = color_fidelity(palette, concept.ref_lab)
+    assert far["delta_e"] > 30 and far["within_20"] == 0 and shape_match(palette, "triangle") == 1.0
+    assert color_fidelity(world.render(world.Scene("purple", ())), concept.ref_lab) == {}  # nothing drawn: nothing scored
+
+
+def test_several_concepts_are_scored_side_by_side_by_their_own_colors():
+    from persres.toy.bench import score_group
+
+    names = ["salmon_spotted_heart", "chevron_star", "olive_concentric_square"]
+    concepts = [_bench_concept(n) for n in names]
+    objs = [world.Obj(world.NOVEL_CONCEPTS[n][0], n, cx, 16, 9, texture=world.NOVEL_CONCEPTS[n][1]) for n, cx in zip(names, (5.5, 16, 26.5))]
+    trio = world.render(world.Scene("red", tuple(objs)))
+    row = score_group(trio, concepts)
+    assert row["both_present"] == 1.0
+    assert [row[f"nearer_own{s}"] for s in ("", "_2", "_3")] == [1.0, 1.0, 1.0]
+    assert all(row[f"delta_e{s}"] < 5 for s in ("", "_2", "_3"))
+    swapped = score_group(trio, [concepts[1], concepts[0], concepts[2]])  # the first two sides scored against each other's colors
+    assert (swapped["nearer_own"], swapped["nearer_own_2"], swapped["nearer_own_3"]) == (0.0, 0.0, 1.0)
+    assert swapped["lab_margin"] < 0 < row["lab_margin"]
+
+
 def test_bench_counts_objects_and_picks_a_pair_background_away_from_the_concepts():
     from persres.toy.bench import count_objects, pair_background
 
@@ -229,3 +273,27 @@ def test_build_grows_an_exported_model_and_keeps_its_vae(tmp_path):
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16  # stored small
     plain = StableDiffusionPipeline.from_pretrained(str(tmp_path / "grown"))  # no dtype given: one dtype throughout
     assert {plain.unet.dtype, plain.vae.dtype, plain.text_encoder.dtype} == {torch.float32}
+
+
+@pytest.mark.parametrize("lab1, lab2, expected", [  # CIEDE2000 test data of Sharma, Wu and Dalal (2005), pairs 1, 7, 17, 25, 34
+    ((50.0, 2.6772, -79.7751), (50.0, 0.0, -82.7485), 2.0425),
+    ((50.0, 0.0, 0.0), (50.0, -1.0, 2.0), 2.3669),
+    ((50.0, 2.5, 0.0), (73.0, 25.0, -18.0), 27.1492),
+    ((60.2574, -34.0099, 36.2677), (60.4626, -34.1751, 39.4387), 1.2644),
+    ((2.0776, 0.0795, -1.1350), (0.9033, -0.0636, -0.5514), 0.9082),
+])
+def test_ciede2000_matches_the_published_test_data(lab1, lab2, expected):
+    from persres.toy.color import delta_e2000
+
+    assert float(delta_e2000(np.array(lab1), np.array(lab2))) == pytest.approx(expected, abs=1e-4)
+    assert float(delta_e2000(np.array(lab2), np.array(lab1))) == pytest.approx(expected, abs=1e-4)
+
+
+def test_srgb_to_lab_matches_known_colors():
+    from persres.toy.color import delta_e76, srgb_to_lab
+
+    lab = srgb_to_lab(np.array([[255, 0, 0], [255, 255, 255], [0, 0, 0], [128, 128, 128]]))
+    assert lab[0] == pytest.approx([53.24, 80.09, 67.20], abs=0.02)
+    assert lab[1] == pytest.approx([100, 0, 0], abs=0.01) and lab[2] == pytest.approx([0, 0, 0], abs=1e-6)
+    assert lab[3] == pytest.approx([53.59, 0, 0], abs=0.01)
+    assert float(delta_e76(lab[1], lab[2])) == pytest.approx(100, abs=0.01)

@@ -55,7 +55,8 @@ def bench_cc101(
     _written(report)
 
 
-TOY_KEYS = ("identity", "drawn", "background", "added", "attribute", "both_present", "own_minus_other", "own_minus_other_2", "right_class")
+TOY_KEYS = ("identity", "drawn", "background", "added", "attribute", "delta_e", "within_20", "shape", "both_present", "own_minus_other",
+            "own_minus_other_2", "nearer_own", "nearer_own_2", "delta_e_2", "right_class")
 
 
 @bench_app.command("toy", cls=Command)
@@ -63,7 +64,7 @@ TOY_KEYS = ("identity", "drawn", "background", "added", "attribute", "both_prese
 def bench_toy(
     quick: Annotated[bool, typer.Option("--quick", help="Fewer prompts, 2 samples, one seed (a few minutes on a CPU).")] = False,
     concept: Annotated[list[str], opt("A shipped toy concept [default: every concept of --set].", "NAME", "--concept")] = [],
-    concept_set: Annotated[list[str], opt("tuning, tuning_2 or held_out [default: all three].", "SET", "--set")] = [],
+    concept_set: Annotated[list[str], opt("tuning, tuning_2, held_out or held_out_colors [default: all].", "SET", "--set")] = [],
     out_dir: Annotated[Path, opt("Output folder.", "DIR", "--out")] = Path("bench-toy"),
     model: ModelOption = None,
     steps: Annotated[int, opt("DDIM steps (paper: 50).", "INTEGER")] = 50,
@@ -96,7 +97,7 @@ def bench_toy(
     class_words: Annotated[str, opt("given (each concept's true shape) or suggested (what `train --class auto` picks; prompts use it).",
                                      "WHICH", "--class-words")] = "given",
 ):
-    """Train the toy concepts and score identity, background, added objects, attributes and concept pairs, with and without LAG."""
+    """Train the toy concepts and score identity, color fidelity (Lab ΔE), shape, background, added objects, attributes and concept pairs, with and without LAG."""
     from rich.table import Column, Table
 
     from persres.eval.runs import bench_toy as run

@@ -115,5 +115,5 @@ def bench_toy(registry, *, quick: bool = False, concept: tuple[str, ...] = (), c
             "seeds": list(cfg.seeds), "quick": quick, "sample_steps": steps, "guidance": guidance, "strength": cfg.strength,
             "sample_dtype": str(pipe.unet.dtype).removeprefix("torch.")}
     rows = run_toy_bench(pipe, loaded, out, cfg, log=lambda m: reporter.describe(f"sampling and scoring: {m}"), meta=meta)
-    written = [out / "results.csv", out / "results.json", *sorted(out.glob("grid-*.png"))]
+    written = [out / "results.csv", out / "results.json", out / "references.png", *sorted(out.glob("grid-*.png"))]
     return BenchReport(rows, summarize(rows), [p for p in written if p.exists()])

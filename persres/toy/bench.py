@@ -13,11 +13,20 @@ residual), without LAG and with LAG, on the same seeds. Scores, per image:
 - background: the checker's background color is the prompt's
 - added object: the second object's color is the prompt's
 - attribute: the object's dominant color is the prompt's
+- color fidelity, as a person sees it: each object pixel's CIE Lab distance to the nearest
+  color of the concept's references (`delta_e`: the median ΔE76 over the object's core,
+  `delta_e2000`: the same with CIEDE2000, `within_20`: the share of pixels within ΔE76 20);
+  the references themselves score 0, their round trip through the model's own VAE (method
+  "vae") is what a decoder-bound residual can reach at best
+- shape: the checker's best-matching shape template is the concept's shape
 Two concepts in one prompt (consecutive pairs within a set, on a background far from both
 concepts' colors): both objects present (the checker counts exactly two), and on each side
-the own concept's identity minus the other's, for the base model, both residuals summed
-into the weights, and LAG. Summaries are means with 95% intervals over images; identity
-lifts are paired (same seed, same prompt) differences against the base model.
+the own concept's identity minus the other's, the side's ΔE to its own concept's colors,
+whether it is nearer its own concept's colors than the other's (`nearer_own`), for the base
+model, both residuals summed into the weights, and LAG. A three-concept prompt (the set's
+first three concepts of different shapes) is scored the same way, side by side.
+Summaries are means with 95% intervals over images; identity lifts are paired (same seed,
+same prompt) differences against the base model.
 """
 
 from __future__ import annotations
@@ -36,10 +45,11 @@ from PIL import Image
 from persres.config import SampleConfig
 from persres.images import contact_sheet
 from persres.tokens import BoundConcept, expand_prompt
-from persres.toy import CONCEPTS_DIR, checker, world
+from persres.toy import CONCEPTS_DIR, checker, color, world
 
 BINS = 4  # per channel: 64 color bins
 MIN_OBJECT_PIXELS = 8  # a component smaller than this is noise, not an object
+NEAR_DELTA_E = 20.0  # ΔE76: "the concept's color" up to this distance (about a shade apart)
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,13 @@ class BenchConcept:
     concept_set: str
     ref_hist: np.ndarray
     ref_pixels: np.ndarray  # (N, 3) the references' object pixels, as rendered
+    refs: list[Image.Image] = field(default_factory=list)  # the reference images
+    vae_refs: list[Image.Image] = field(default_factory=list)  # the same through the model's VAE
+
+    @property
+    def ref_lab(self) -> np.ndarray:
+        """(M, 3) the distinct colors of the references' objects, in Lab."""
+        return reference_lab(self.ref_pixels)
 
 
 def prompts_for(shape: str, quick: bool, class_word: str | None = None) -> list[ToyPrompt]:
@@ -97,6 +114,30 @@ def color_histogram(pixels: np.ndarray) -> np.ndarray:
     idx = q[:, 0] * BINS * BINS + q[:, 1] * BINS + q[:, 2]
     hist = np.bincount(idx, minlength=BINS**3).astype(np.float64)
     return hist / hist.sum()
+
+
+def reference_lab(pixels: np.ndarray) -> np.ndarray:
+    """(N, 3) object pixels -> (M, 3) their distinct colors in Lab."""
+    return color.srgb_to_lab(np.unique(np.round(pixels).astype(np.int64), axis=0))
+
+
+def color_fidelity(image: Image.Image, ref_lab: np.ndarray, objects: int = 1, which: int = 0) -> dict:
+    """ΔE of one object's core pixels to the nearest reference color: median ΔE76, median
+    CIEDE2000, share within NEAR_DELTA_E; {} where the checker finds no object there."""
+    img, _, parts = checker.segment(image, objects)
+    part = parts[which]
+    if part.sum() < 6:
+        return {}
+    core = checker._erode(part)  # edge pixels blend into the background
+    lab = color.srgb_to_lab(img[core if core.sum() >= 6 else part])
+    de76 = color.nearest_delta_e(lab, ref_lab, "76")
+    return {"delta_e": float(np.median(de76)), "delta_e2000": float(np.median(color.nearest_delta_e(lab, ref_lab, "2000"))),
+            "within_20": float((de76 <= NEAR_DELTA_E).mean())}
+
+
+def shape_match(image: Image.Image, shape: str, objects: int = 1, which: int = 0) -> float:
+    """1.0 where the checker reads the object as `shape`."""
+    return float(checker.read(image, objects).shapes[which] == shape)
 
 
 def identity(image: Image.Image, reference_hist: np.ndarray, objects: int = 1, which: int = 0) -> float:
@@ -136,9 +177,9 @@ def object_pixels(images: list[Image.Image]) -> np.ndarray:
     return np.concatenate(out)
 
 
-def pair_background(a: np.ndarray, b: np.ndarray) -> str:
-    """The palette background farthest from both concepts' colors (5th percentile distance)."""
-    pixels = np.concatenate([a, b]).astype(np.float32)
+def pair_background(*concept_pixels: np.ndarray) -> str:
+    """The palette background farthest from every concept's colors (5th percentile distance)."""
+    pixels = np.concatenate(concept_pixels).astype(np.float32)
 
     def margin(color: str) -> float:
         return float(np.percentile(np.sqrt(((pixels - np.array(world.PALETTE[color])) ** 2).sum(-1)), 5))
@@ -146,10 +187,13 @@ def pair_background(a: np.ndarray, b: np.ndarray) -> str:
     return max(world.COLORS, key=margin)
 
 
-def score_image(image: Image.Image, prompt: ToyPrompt, ref_hist: np.ndarray) -> dict:
+def score_image(image: Image.Image, prompt: ToyPrompt, ref_hist: np.ndarray, concept: BenchConcept | None = None) -> dict:
     reading = checker.read(image, prompt.objects)
     row = {"identity": identity(image, ref_hist, prompt.objects),
            "drawn": float(count_objects(image) == prompt.objects)}  # a residual that dissolves its object scores 0
+    if concept is not None:
+        row |= color_fidelity(image, concept.ref_lab, prompt.objects)
+        row["shape"] = float(reading.shapes[0] == concept.shape)
     if prompt.background is not None:
         row["background"] = float(reading.background == prompt.background)
     if prompt.added is not None:
@@ -159,11 +203,35 @@ def score_image(image: Image.Image, prompt: ToyPrompt, ref_hist: np.ndarray) -> 
     return row
 
 
+def side_suffix(i: int) -> str:
+    return "" if i == 0 else f"_{i + 1}"
+
+
+def score_group(image: Image.Image, concepts: Sequence[BenchConcept]) -> dict:
+    """Several concepts side by side, left to right: all present, and per side (suffix "", "_2",
+    "_3") its identity, own minus the other concepts' best, its ΔE to its own concept's colors,
+    whether it is nearer its own colors than any other concept's, and its shape."""
+    n = len(concepts)
+    row = {"both_present": float(count_objects(image) == n)}
+    reading = checker.read(image, n)
+    for i, own in enumerate(concepts):
+        others = [c for c in concepts if c is not own]
+        sfx = side_suffix(i)
+        ident = identity(image, own.ref_hist, n, i)
+        row[f"identity{sfx}"] = ident
+        row[f"own_minus_other{sfx}"] = ident - max(identity(image, o.ref_hist, n, i) for o in others)
+        fid = color_fidelity(image, own.ref_lab, n, i)
+        if fid:
+            other_de = min(color_fidelity(image, o.ref_lab, n, i)["delta_e"] for o in others)
+            row |= {f"{k}{sfx}": v for k, v in fid.items()}
+            row[f"nearer_own{sfx}"] = float(fid["delta_e"] < other_de)
+            row[f"lab_margin{sfx}"] = other_de - fid["delta_e"]
+        row[f"shape{sfx}"] = float(reading.shapes[i] == own.shape)
+    return row
+
+
 def score_pair(image: Image.Image, left: BenchConcept, right: BenchConcept) -> dict:
-    own_l, other_l = identity(image, left.ref_hist, 2, 0), identity(image, right.ref_hist, 2, 0)
-    own_r, other_r = identity(image, right.ref_hist, 2, 1), identity(image, left.ref_hist, 2, 1)
-    return {"both_present": float(count_objects(image) == 2), "identity": own_l, "identity_2": own_r,
-            "own_minus_other": own_l - other_l, "own_minus_other_2": own_r - other_r}
+    return score_group(image, [left, right])
 
 
 def grid(columns: dict[str, list[Image.Image]], scale: int = 3) -> Image.Image:
@@ -205,6 +273,7 @@ def prepare_concepts(ws, names: Sequence[str], config, class_words: str = "given
 
     weights = ws.base_weights()  # weights rebuilt at the same path: new packs
     pipe, loaded = ws.pipeline(), {}
+    vae_refs: dict[str, list[Image.Image]] = {}
     for name in names:
         pack = digest_name("toybench", name, config, ws.model, weights, "-suggested" if class_words == "suggested" else "")
         folder = CONCEPTS_DIR / name
@@ -213,7 +282,9 @@ def prepare_concepts(ws, names: Sequence[str], config, class_words: str = "given
             ws.train(folder, pack, shape if class_words == "given" else "auto", config=config)
         bound = ws.apply_concepts([pack])[0]
         refs = [r.image for r in read_folder(folder)]
-        loaded[name] = BenchConcept(name, bound, shape, concept_set_of(name), reference_histogram(pipe, refs), object_pixels(refs))
+        vae_refs[name] = vae_round_trip(pipe, refs)
+        loaded[name] = BenchConcept(name, bound, shape, concept_set_of(name), color_histogram(object_pixels(vae_refs[name])),
+                                    object_pixels(refs), refs, vae_refs[name])
     return loaded
 
 
@@ -258,50 +329,99 @@ def run_toy_bench(pipe, concepts: dict[str, BenchConcept], out: Path, cfg: ToyBe
                         rows.append({"set": concept.concept_set, "concept": name, "category": prompt.category,
                                      "prompt": prompt.text, "method": method, "seed": seed, "image": i,
                                      "class_word": concept.bound.class_word, "right_class": concept.bound.class_word == concept.shape,
-                                     **score_image(im, prompt, concept.ref_hist)})
+                                     **score_image(im, prompt, concept.ref_hist, concept)})
                 if seed == cfg.seeds[0]:
-                    grids.setdefault(prompt.category, []).append(grid({"no LAG": images["nolag"], "LAG": images["lag"]}))
+                    grids.setdefault(prompt.category, []).append(grid(images))
             log(f"{name}: {prompt.text}")
+    for name, concept in concepts.items() if cfg.singles else ():
+        rows += reference_rows(concept)
+    if cfg.singles and concepts:
+        references_sheet(concepts.values()).save(out / "references.png")
     for a, b in pairs_of(concepts) if cfg.pairs else ():
         rows += two_concepts(pipe, concepts[a], concepts[b], cfg, grids)
         log(f"{a} + {b}")
+    for trio in triples_of(concepts) if cfg.pairs else ():
+        rows += several_concepts(pipe, [concepts[n] for n in trio], cfg, grids)
+        log(" + ".join(trio))
     for category, parts in grids.items():
         contact_sheet([[p] for p in parts], min_side=1, gap=6).save(out / f"grid-{category}.png")  # one prompt per band
     write_rows(out, rows, meta or {})
     return rows
 
 
+def reference_rows(concept: BenchConcept) -> list[dict]:
+    """The references themselves (ΔE 0 by construction) and their VAE round trip, scored as samples are."""
+    rows = []
+    for method, images in (("references", concept.refs), ("vae", concept.vae_refs)):
+        for i, im in enumerate(images):
+            rows.append({"set": concept.concept_set, "concept": concept.name, "category": "references", "prompt": "", "method": method,
+                         "seed": 0, "image": i, **color_fidelity(im, concept.ref_lab), "shape": shape_match(im, concept.shape)})
+    return rows
+
+
+def references_sheet(concepts) -> Image.Image:
+    """One band per concept: its references, then the same through the model's VAE."""
+    return contact_sheet([[*c.refs, *c.vae_refs] for c in concepts], min_side=96)
+
+
+def triples_of(concepts: dict[str, BenchConcept]) -> list[tuple[str, str, str]]:
+    """Per set, its first three concepts of three different shapes (one three-concept prompt)."""
+    out = []
+    for s in dict.fromkeys(c.concept_set for c in concepts.values()):
+        trio: list[str] = []
+        for n, c in concepts.items():
+            if c.concept_set == s and len(trio) < 3 and c.shape not in {concepts[t].shape for t in trio}:
+                trio.append(n)
+        if len(trio) == 3:
+            out.append(tuple(trio))
+    return out
+
+
 def pair_prompt(left: BenchConcept, right: BenchConcept) -> tuple[str, str, list[BoundConcept]]:
     """A pair's prompt (V1 left, V2 right, on a background far from both), its expansion and its concepts."""
-    bg = pair_background(left.ref_pixels, right.ref_pixels)
-    text = f"a V1 {left.bound.class_word} and a V2 {right.bound.class_word} on a {bg} background"
-    expanded, used = expand_prompt(text, [left.bound, right.bound], lambda n: left.bound)
+    return group_prompt([left, right])
+
+
+def group_prompt(concepts: Sequence[BenchConcept]) -> tuple[str, str, list[BoundConcept]]:
+    """Several concepts' prompt (V1, V2, ... left to right, on a background far from all), its expansion and its concepts."""
+    bg = pair_background(*(c.ref_pixels for c in concepts))
+    text = " and ".join(f"a V{i + 1} {c.bound.class_word}" for i, c in enumerate(concepts)) + f" on a {bg} background"
+    expanded, used = expand_prompt(text, [c.bound for c in concepts], lambda n: concepts[0].bound)
     return text, expanded, used
 
 
 def two_concepts(pipe, left: BenchConcept, right: BenchConcept, cfg: ToyBenchConfig, grids) -> list[dict]:
+    return several_concepts(pipe, [left, right], cfg, grids)
+
+
+def several_concepts(pipe, concepts: Sequence[BenchConcept], cfg: ToyBenchConfig, grids) -> list[dict]:
+    """A pair (category two_concepts) or a trio (three_concepts) in one prompt, for each pair method."""
     from persres.sample import generate
 
-    text, expanded, used = pair_prompt(left, right)
+    text, expanded, used = group_prompt(concepts)
     used = [replace(c, strength=cfg.strength) for c in used]
-    base_text = text.replace("V1 ", "").replace("V2 ", "")
+    base_text = text
+    for i in range(len(concepts)):
+        base_text = base_text.replace(f"V{i + 1} ", "")
+    category = {2: "two_concepts", 3: "three_concepts"}[len(concepts)]
     rows = []
     for seed in cfg.seeds:
-        sample = cfg.sample.replace(num_images=cfg.samples, seed=1000 * seed + 999)
+        sample = cfg.sample.replace(num_images=cfg.samples, seed=1000 * seed + 999 - (len(concepts) - 2))
         runs = {"base": (base_text, [], sample), "summed": (expanded, used, sample.replace(lag=False)),
                 "lag": (expanded, used, sample.replace(lag=True))}
         images = {method: generate(pipe, *runs[method]).images for method in cfg.pair_methods}
         for method, ims in images.items():
             for i, im in enumerate(ims):
-                rows.append({"set": left.concept_set, "concept": f"{left.name}+{right.name}", "category": "two_concepts", "prompt": text, "method": method, "seed": seed, "image": i,
-                             **score_pair(im, left, right)})
+                rows.append({"set": concepts[0].concept_set, "concept": "+".join(c.name for c in concepts), "category": category,
+                             "prompt": text, "method": method, "seed": seed, "image": i, **score_group(im, concepts)})
         if seed == cfg.seeds[0]:
-            grids.setdefault("two_concepts", []).append(grid(images))
+            grids.setdefault(category, []).append(grid(images))
     return rows
 
 
-METRICS = ("identity", "drawn", "background", "added", "attribute", "both_present", "identity_2", "own_minus_other", "own_minus_other_2",
-           "right_class")
+SIDE_METRICS = ("identity", "own_minus_other", "delta_e", "delta_e2000", "within_20", "nearer_own", "lab_margin", "shape")
+METRICS = tuple(dict.fromkeys(("identity", "drawn", "background", "added", "attribute", "both_present", "right_class",
+                                *(f"{k}{side_suffix(i)}" for i in range(3) for k in SIDE_METRICS))))
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
@@ -329,7 +449,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 entry[k], entry[f"{k}_ci"] = mean_ci(vals)
         out.append(entry)
     base = {(r["set"], r["concept"], r["prompt"], r["seed"], r["image"]): r["identity"] for r in rows if r["method"] == "base"}
-    for s, cat in dict.fromkeys((r["set"], r["category"]) for r in rows if r["category"] != "two_concepts"):
+    for s, cat in dict.fromkeys((r["set"], r["category"]) for r in rows if r["category"] not in ("two_concepts", "three_concepts", "references")):
         for method in ("nolag", "lag"):
             diffs = [r["identity"] - base[key] for r in rows
                      if (r["set"], r["category"], r["method"]) == (s, cat, method)

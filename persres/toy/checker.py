@@ -1,8 +1,9 @@
 """The toy world's analytic checker: what is in a picture, decided by code.
 
 - background: the most common palette color of the border pixels
-- object(s): pixels far from the background color; one object, or the left/right halves
-  for two-object scenes
+- object(s): pixels far from the background color; one object, or for scenes of several
+  objects side by side the largest components left to right (a blob split along x where
+  objects touch)
 - object color: the nearest palette color to the object pixels' median
 - shape: the template (rendered by the generator itself) with the best IoU against the
   object mask, searched over sizes and positions around the mask's bounding box
@@ -107,8 +108,8 @@ def segment(image: Image.Image, objects: int = 1) -> tuple[np.ndarray, str, list
     comps = components(mask)
     if objects == 1:
         return img, bg, [comps[0] if comps else mask]
-    big = [c for c in comps[:2] if c.sum() >= 6]  # the two largest components, or a left/right split of one blob
-    return img, bg, sorted(big, key=lambda c: np.nonzero(c)[1].mean()) if len(big) == 2 else split_left_right(mask)
+    big = [c for c in comps[:objects] if c.sum() >= 6]  # the largest components, or the mask split along x
+    return img, bg, sorted(big, key=lambda c: np.nonzero(c)[1].mean()) if len(big) == objects else split_along_x(mask, objects)
 
 
 def read(image: Image.Image, objects: int = 1) -> Reading:
@@ -134,21 +135,22 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def split_left_right(mask: np.ndarray) -> list[np.ndarray]:
-    """Two objects side by side: 2-means on the mask pixels' x coordinates (they may touch)."""
+def split_along_x(mask: np.ndarray, objects: int = 2) -> list[np.ndarray]:
+    """Objects side by side, left to right: k-means on the mask pixels' x coordinates (they may touch)."""
     ys, xs = np.nonzero(mask)
-    if len(xs) < 2:
-        return [mask, np.zeros_like(mask)]
-    lo, hi = float(xs.min()), float(xs.max())
+    if len(xs) < objects:
+        return [mask, *(np.zeros_like(mask) for _ in range(objects - 1))]
+    centers = np.linspace(float(xs.min()), float(xs.max()), objects)
     for _ in range(10):
-        left = np.abs(xs - lo) <= np.abs(xs - hi)
-        if left.all() or not left.any():
+        label = np.abs(xs[:, None] - centers[None, :]).argmin(1)  # (N,)
+        moved = np.array([xs[label == k].mean() if (label == k).any() else centers[k] for k in range(objects)])
+        if np.allclose(moved, centers):
             break
-        lo, hi = xs[left].mean(), xs[~left].mean()
+        centers = moved
     parts = []
-    for sel in (left, ~left):
+    for k in range(objects):
         part = np.zeros_like(mask)
-        part[ys[sel], xs[sel]] = True
+        part[ys[label == k], xs[label == k]] = True
         parts.append(part)
     return parts
 
