@@ -8,7 +8,9 @@ pictures), then times whole `persres gen` commands at 128 px, CFG 6, default pre
 plain (no concept), one concept merged, one with LAG, four with LAG. Per-step time is the
 difference between a run of --steps and one of --short steps over the difference in steps,
 so start-up, model load, text encoding and decoding cancel; variants interleaved, median of
---repeats, after one warm-up run. Then the same model, packs and prompts through
+--repeats, after one warm-up run, and each variant's ratio to the plain run of the same round
+(paired: a slow spell of the machine slows both), reported as median and mean with its 95%
+interval over rounds. Then the same model, packs and prompts through
 `Workspace.generate` in one process (what `persres gen` calls; half the steps, --repeats + 1
 rounds), each variant over the plain run just before it.
 """
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine
+from persres.toy.bench import mean_ci
 
 WORDS = (("dog", "a"), ("cat", "b"), ("vase", "c"), ("chair", "d"))
 
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             per_step.setdefault(name, []).append((long - short) / (args.steps - args.short))
             print(f"{name}: {per_step[name][-1]:.3f} s/step (runs of {long:.1f} s and {short:.1f} s)", flush=True)
     median = {n: statistics.median(v) for n, v in per_step.items()}
+    paired = {n: [x / p for x, p in zip(v, per_step["plain"])] for n, v in per_step.items() if n != "plain"}
     ratios = in_process(args.work, {"plain": ("a photo of a dog in a garden", [], False), "merged-1": (one, ["a"], False),
                                     "lag-1": (one, ["a"], True), "merged-4": (four, ["a", "b", "c", "d"], False),
                                     "lag-4": (four, ["a", "b", "c", "d"], True)}, args.steps // 2, args.repeats + 1)
@@ -120,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
               "seconds per step": {n: round(v, 4) for n, v in median.items()},
               "relative to plain": {n: round(v / median["plain"], 3) for n, v in median.items()},
               "lag-1 relative to merged-1": round(median["lag-1"] / median["merged-1"], 3),
+              "paired to the plain run of the same round": {n: {"median": round(statistics.median(v), 3),
+                                                                "mean": round(mean_ci(v)[0], 3), "ci95": round(mean_ci(v)[1], 3),
+                                                                "per round": [round(x, 3) for x in v]} for n, v in paired.items()},
               "in process, relative to the plain run before (median)": {n: round(statistics.median(v), 3) for n, v in ratios.items()},
               "in process, per round": {n: [round(x, 3) for x in v] for n, v in ratios.items()}}
     print(json.dumps(report, indent=2))
