@@ -93,9 +93,13 @@ def m004_family(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE concepts SET family = 'sd1' WHERE proj_out = 'Conv2d'")
 
 
+def has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone() is not None
+
+
 def applied_migrations(conn: sqlite3.Connection) -> list[str]:
     """The names of the migrations the database records, in the order they were applied."""
-    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'").fetchone():
+    if not has_table(conn, "_migrations"):
         return []
     return [r[0] for r in conn.execute("SELECT name FROM _migrations ORDER BY rowid").fetchall()]
 

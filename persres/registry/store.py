@@ -30,7 +30,8 @@ from persres.atomic import atomic_path
 from persres.errors import ConceptNotFound, DuplicateConcept, RegistryError
 from persres.packs import PackMeta, read_pack, validate_meta, write_pack_temp
 from persres.registry.rows import META_FIELDS, ROW_FIELDS, ConceptRecord, DamagedRecord, meta_of, row_of  # noqa: F401
-from persres.registry.migrations import MIGRATIONS, applied_migrations, migrate, pending_migrations, sqlite_utils_database, unknown_migrations
+from persres.registry.migrations import (MIGRATIONS, applied_migrations, has_table, migrate, pending_migrations, sqlite_utils_database,
+                                         unknown_migrations)
 from persres.registry.paths import _fault, _move_no_replace, check_export_target, persres_home  # noqa: F401  (re-exported)
 from persres.registry.repair import Repairs, _holder_alive, _now
 from persres.names import check_concept_name
@@ -105,7 +106,7 @@ class Registry(Repairs):
                 )
             if self.writable and pending_migrations(applied):
                 migrate(self.db, self.transaction)
-            elif not self.writable and not self._has_table("concepts"):
+            elif not self.writable and not has_table(conn, "concepts"):
                 raise RegistryError(f"registry {str(self.db_path)!r} is read-only and not initialized")
             self._check_columns()
         except sqlite3.OperationalError as e:
@@ -139,9 +140,6 @@ class Registry(Repairs):
     def db(self):
         """The connection as a `sqlite_utils.Database`, for migrations (reads and writes use `conn`)."""
         return sqlite_utils_database(self.conn)
-
-    def _has_table(self, name: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone() is not None
 
     def _check_columns(self) -> None:
         expected = {*META_FIELDS, *ROW_FIELDS}
@@ -183,15 +181,18 @@ class Registry(Repairs):
     def scan(self) -> tuple[list[ConceptRecord], list[DamagedRecord]]:
         """Every row: readable concepts, and rows that are damaged (reported, never a crash)."""
         good, bad = [], []
-        cursor = self.conn.execute("SELECT * FROM concepts ORDER BY created_at, name")
-        columns = [d[0] for d in cursor.description]
-        for values in cursor.fetchall():
-            row = dict(zip(columns, values))
+        for row in self._rows("SELECT * FROM concepts ORDER BY created_at, name"):
             try:
                 good.append(self._record(row))
             except (ValueError, TypeError, KeyError, AttributeError) as e:
                 bad.append(DamagedRecord(str(row.get("name")), " ".join(str(e).split())[:160]))
         return good, bad
+
+    def _rows(self, sql: str, params: list | tuple = ()) -> list[dict]:
+        """A query's rows as {column: value}."""
+        cursor = self.conn.execute(sql, params)
+        columns = [d[0] for d in cursor.description]
+        return [dict(zip(columns, values)) for values in cursor.fetchall()]
 
     def list(self) -> list[ConceptRecord]:
         return self.scan()[0]
@@ -200,9 +201,7 @@ class Registry(Repairs):
         return [r[0] for r in self.conn.execute("SELECT name FROM concepts ORDER BY name").fetchall()]
 
     def get(self, name: str) -> ConceptRecord:
-        cursor = self.conn.execute("SELECT * FROM concepts WHERE name = ?", [name])
-        columns = [d[0] for d in cursor.description]
-        rows = [dict(zip(columns, values)) for values in cursor.fetchall()]
+        rows = self._rows("SELECT * FROM concepts WHERE name = ?", [name])
         if not rows:
             raise ConceptNotFound(f"unknown concept {name!r} (known: {', '.join(self.names()) or 'none registered'})")
         try:

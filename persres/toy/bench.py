@@ -36,6 +36,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -86,9 +87,9 @@ class BenchConcept:
     refs: list[Image.Image] = field(default_factory=list)  # the reference images
     vae_refs: list[Image.Image] = field(default_factory=list)  # the same through the model's VAE
 
-    @property
+    @cached_property
     def ref_lab(self) -> np.ndarray:
-        """(M, 3) the distinct colors of the references' objects, in Lab."""
+        """(M, 3) the distinct colors of the references' objects, in Lab (computed once per concept)."""
         return reference_lab(self.ref_pixels)
 
 
@@ -121,18 +122,28 @@ def reference_lab(pixels: np.ndarray) -> np.ndarray:
     return color.srgb_to_lab(np.unique(np.round(pixels).astype(np.int64), axis=0))
 
 
-def color_fidelity(image: Image.Image, ref_lab: np.ndarray, objects: int = 1, which: int = 0) -> dict:
-    """ΔE of one object's core pixels to the nearest reference color: median ΔE76, median
-    CIEDE2000, share within NEAR_DELTA_E; {} where the checker finds no object there."""
-    img, _, parts = checker.segment(image, objects)
-    part = parts[which]
+def object_lab(img: np.ndarray, part: np.ndarray) -> np.ndarray | None:
+    """(K, 3) Lab of an object's core pixels (edge pixels blend into the background), or None
+    where the checker found no object there."""
     if part.sum() < 6:
-        return {}
-    core = checker._erode(part)  # edge pixels blend into the background
-    lab = color.srgb_to_lab(img[core if core.sum() >= 6 else part])
+        return None
+    core = checker._erode(part)
+    return color.srgb_to_lab(img[core if core.sum() >= 6 else part])
+
+
+def lab_fidelity(lab: np.ndarray, ref_lab: np.ndarray) -> dict:
+    """Median ΔE76, median CIEDE2000 and share within NEAR_DELTA_E of (K, 3) object colors to the nearest reference color."""
     de76 = color.nearest_delta_e(lab, ref_lab, "76")
     return {"delta_e": float(np.median(de76)), "delta_e2000": float(np.median(color.nearest_delta_e(lab, ref_lab, "2000"))),
             "within_20": float((de76 <= NEAR_DELTA_E).mean())}
+
+
+def color_fidelity(image: Image.Image, ref_lab: np.ndarray, objects: int = 1, which: int = 0) -> dict:
+    """ΔE of one object's core pixels to the nearest reference color (`lab_fidelity`); {} where
+    the checker finds no object there."""
+    img, _, parts = checker.segment(image, objects)
+    lab = object_lab(img, parts[which])
+    return {} if lab is None else lab_fidelity(lab, ref_lab)
 
 
 def shape_match(image: Image.Image, shape: str, objects: int = 1, which: int = 0) -> float:
@@ -142,7 +153,10 @@ def shape_match(image: Image.Image, shape: str, objects: int = 1, which: int = 0
 
 def identity(image: Image.Image, reference_hist: np.ndarray, objects: int = 1, which: int = 0) -> float:
     img, _, parts = checker.segment(image, objects)
-    hist = color_histogram(img[parts[which]])
+    return histogram_identity(color_histogram(img[parts[which]]), reference_hist)
+
+
+def histogram_identity(hist: np.ndarray, reference_hist: np.ndarray) -> float:
     return float(np.minimum(hist, reference_hist).sum())
 
 
@@ -214,24 +228,23 @@ def score_group(image: Image.Image, concepts: Sequence[BenchConcept]) -> dict:
     n = len(concepts)
     row = {"both_present": float(count_objects(image) == n)}
     reading = checker.read(image, n)
-    for i, own in enumerate(concepts):
+    img, _, parts = checker.segment(image, n)  # once: every side is scored against every concept
+    for i, (own, part) in enumerate(zip(concepts, parts)):
         others = [c for c in concepts if c is not own]
         sfx = side_suffix(i)
-        ident = identity(image, own.ref_hist, n, i)
+        hist = color_histogram(img[part])
+        ident = histogram_identity(hist, own.ref_hist)
         row[f"identity{sfx}"] = ident
-        row[f"own_minus_other{sfx}"] = ident - max(identity(image, o.ref_hist, n, i) for o in others)
-        fid = color_fidelity(image, own.ref_lab, n, i)
-        if fid:
-            other_de = min(color_fidelity(image, o.ref_lab, n, i)["delta_e"] for o in others)
+        row[f"own_minus_other{sfx}"] = ident - max(histogram_identity(hist, o.ref_hist) for o in others)
+        lab = object_lab(img, part)
+        if lab is not None:
+            fid = lab_fidelity(lab, own.ref_lab)
+            other_de = min(float(np.median(color.nearest_delta_e(lab, o.ref_lab, "76"))) for o in others)
             row |= {f"{k}{sfx}": v for k, v in fid.items()}
             row[f"nearer_own{sfx}"] = float(fid["delta_e"] < other_de)
             row[f"lab_margin{sfx}"] = other_de - fid["delta_e"]
         row[f"shape{sfx}"] = float(reading.shapes[i] == own.shape)
     return row
-
-
-def score_pair(image: Image.Image, left: BenchConcept, right: BenchConcept) -> dict:
-    return score_group(image, [left, right])
 
 
 def grid(columns: dict[str, list[Image.Image]], scale: int = 3) -> Image.Image:
@@ -273,7 +286,6 @@ def prepare_concepts(ws, names: Sequence[str], config, class_words: str = "given
 
     weights = ws.base_weights()  # weights rebuilt at the same path: new packs
     pipe, loaded = ws.pipeline(), {}
-    vae_refs: dict[str, list[Image.Image]] = {}
     for name in names:
         pack = digest_name("toybench", name, config, ws.model, weights, "-suggested" if class_words == "suggested" else "")
         folder = CONCEPTS_DIR / name
@@ -282,9 +294,9 @@ def prepare_concepts(ws, names: Sequence[str], config, class_words: str = "given
             ws.train(folder, pack, shape if class_words == "given" else "auto", config=config)
         bound = ws.apply_concepts([pack])[0]
         refs = [r.image for r in read_folder(folder)]
-        vae_refs[name] = vae_round_trip(pipe, refs)
-        loaded[name] = BenchConcept(name, bound, shape, concept_set_of(name), color_histogram(object_pixels(vae_refs[name])),
-                                    object_pixels(refs), refs, vae_refs[name])
+        vae_refs = vae_round_trip(pipe, refs)  # once: the identity histogram (`reference_histogram`) and the "vae" rows
+        loaded[name] = BenchConcept(name, bound, shape, concept_set_of(name), color_histogram(object_pixels(vae_refs)),
+                                    object_pixels(refs), refs, vae_refs)
     return loaded
 
 
@@ -338,7 +350,7 @@ def run_toy_bench(pipe, concepts: dict[str, BenchConcept], out: Path, cfg: ToyBe
     if cfg.singles and concepts:
         references_sheet(concepts.values()).save(out / "references.png")
     for a, b in pairs_of(concepts) if cfg.pairs else ():
-        rows += two_concepts(pipe, concepts[a], concepts[b], cfg, grids)
+        rows += several_concepts(pipe, [concepts[a], concepts[b]], cfg, grids)
         log(f"{a} + {b}")
     for trio in triples_of(concepts) if cfg.pairs else ():
         rows += several_concepts(pipe, [concepts[n] for n in trio], cfg, grids)
@@ -388,10 +400,6 @@ def group_prompt(concepts: Sequence[BenchConcept]) -> tuple[str, str, list[Bound
     text = " and ".join(f"a V{i + 1} {c.bound.class_word}" for i, c in enumerate(concepts)) + f" on a {bg} background"
     expanded, used = expand_prompt(text, [c.bound for c in concepts], lambda n: concepts[0].bound)
     return text, expanded, used
-
-
-def two_concepts(pipe, left: BenchConcept, right: BenchConcept, cfg: ToyBenchConfig, grids) -> list[dict]:
-    return several_concepts(pipe, [left, right], cfg, grids)
 
 
 def several_concepts(pipe, concepts: Sequence[BenchConcept], cfg: ToyBenchConfig, grids) -> list[dict]:
