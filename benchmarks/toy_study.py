@@ -2,11 +2,15 @@
 
     python -m benchmarks.toy_study training --out benchmarks/results/toy-study-training
     python -m benchmarks.toy_study lag --out benchmarks/results/toy-study-lag
+    python -m benchmarks.toy_study colors --out benchmarks/results/toy-study-colors
 
 `training`: factor init (zero / the paper's random), flip augmentation, training prompt and
 lr, each against the shipped model's defaults, on identity and change-background prompts
 (base / no LAG / LAG). `lag`: the multi-concept LAG choices (region tokens, coverage, map
-source) on every tuning pair, with the default training. One process, one pipeline; each
+source) on every tuning pair, with the default training. `colors`: what moves the Lab color
+fidelity (median ΔE76 to the references' colors, share within ΔE 20, shape) and, in pairs with
+LAG, which concept's colors each object is nearer to: the min-SNR weighting, steps, lr, and LAG's
+delay and coverage. One process, one pipeline; each
 training variant keeps its packs in its own registry under --out. Writes study.json and
 prints one markdown table.
 """
@@ -50,6 +54,18 @@ LAG_VARIANTS = {
 }
 
 
+COLOR_VARIANTS = {
+    "defaults": {},
+    "min-SNR off (γ 1e6: plain MSE)": {"train": {"snr_gamma": 1e6}},
+    "2400 steps": {"train": {"steps": 2400}},
+    "lr 3e-3": {"train": {"lr": 3e-3}},
+    "min-SNR off, 2400 steps": {"train": {"snr_gamma": 1e6, "steps": 2400}},
+    "LAG delay 0.3": {"lag": {"delay": 0.3}},
+    "LAG coverage 0.3": {"lag": {"coverage": 0.3}},
+    "LAG coverage 0.7": {"lag": {"coverage": 0.7}},
+}
+
+
 def setting(text: str) -> tuple[str, object]:
     """KEY=VALUE -> (key, value), the value read as JSON (0.2, false, null) or else kept as text."""
     key, _, value = text.partition("=")
@@ -82,9 +98,21 @@ def pair_scores(summary: list[dict]) -> dict:
     return out
 
 
+def color_scores(summary: list[dict]) -> dict:
+    """The Lab figures of one run: per method, median ΔE76, share within ΔE 20, shape; pairs per side."""
+    out = {}
+    for r in summary:
+        if r["category"] in ("identity", "background", "references") and "delta_e" in r:
+            out[f"{r['category']} {r['method']}"] = {k: round(r[k], 3) for k in ("delta_e", "within_20", "shape")}
+        if r["category"] == "two_concepts":
+            out[f"pairs {r['method']}"] = {k: round(r[k], 3) for k in (
+                "both_present", "delta_e", "delta_e_2", "nearer_own", "nearer_own_2", "shape", "shape_2")}
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("study", choices=("training", "lag"))
+    ap.add_argument("study", choices=("training", "lag", "colors"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", default="toy")
     ap.add_argument("--samples", type=int, default=8)
@@ -110,22 +138,32 @@ def main(argv=None) -> None:
     start = dict(setting(kv) for kv in args.train)
     sample = SampleConfig(steps=args.steps)
     results = {}
-    variants = TRAINING_VARIANTS if args.study == "training" else LAG_VARIANTS
+    variants = {"training": TRAINING_VARIANTS, "lag": LAG_VARIANTS, "colors": COLOR_VARIANTS}[args.study]
+    path = args.out / "study.json"
     for label, change in variants.items():
         if args.only and label not in args.only:
             continue
+        if not args.only and path.exists() and label in json.loads(path.read_text())["results"]:
+            continue  # finished by an earlier run (resume); --only reruns it
         t0 = time.time()
         if args.study == "training":
             registry = Registry(args.out / "registries" / label.replace(" ", "_").replace("(", "").replace(")", ""))
             config = train_config_for(model, start | change)
             cfg = ToyBenchConfig(samples=args.samples, seeds=tuple(range(args.seeds)), categories=("identity", "background"),
                                  pairs=args.pairs, pair_methods=("summed", "lag"), sample=sample)
-        else:
+        elif args.study == "lag":
             registry = Registry(args.out / "registries" / "defaults")  # packs named by config digest: one per start config
             config = train_config_for(model, start)
             cfg = ToyBenchConfig(samples=args.samples, seeds=tuple(range(args.seeds)), singles=False,
                                  pair_methods=("lag",) if results else ("base", "summed", "lag"),
                                  sample=sample.replace(multi=MultiLagConfig(**change)))
+        else:  # colors: one registry, packs named by their config's digest; LAG variants reuse the defaults' packs
+            registry = Registry(args.out / "registries" / "colors")
+            config = train_config_for(model, start | change.get("train", {}))
+            lag_only = "lag" in change
+            cfg = ToyBenchConfig(samples=args.samples, seeds=tuple(range(args.seeds)), singles=not lag_only,
+                                 categories=("identity", "background"), pair_methods=("lag",),
+                                 sample=sample.replace(multi=MultiLagConfig(**change.get("lag", {}))))
         loaded = prepare_concepts(Workspace(model, registry=registry, pipe=pipe), names, config)
         rows = run_toy_bench(pipe, loaded, args.out / label.replace(" ", "_").replace(",", ""), cfg,
                              meta={"variant": label, "train": config.to_dict()})
@@ -134,18 +172,25 @@ def main(argv=None) -> None:
             results[label] = {"identity": lifts(summary, "identity"), "background": lifts(summary, "background")}
             if args.pairs:
                 results[label]["pairs"] = pair_scores(summary)
-        else:
+        elif args.study == "lag":
             results[label] = pair_scores(summary)
+        else:
+            results[label] = color_scores(summary)
         results[label]["seconds"] = round(time.time() - t0)
         from persres import residuals
 
         residuals.remove(pipe.unet)
         print(label, json.dumps(results[label]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"study": args.study, "model": model, "samples": args.samples, "seeds": args.seeds, "ddim_steps": args.steps,
-            "concepts": names, "defaults": dataclasses.asdict(train_config_for(model, start))}
-    path = args.out / "study.json"
-    if path.exists():  # variants run in several invocations accumulate; the latest run of a variant wins
+        meta = {"study": args.study, "model": model, "samples": args.samples, "seeds": args.seeds, "ddim_steps": args.steps,
+                "concepts": names, "defaults": dataclasses.asdict(train_config_for(model, start))}
+        write_study(path, meta, {label: results[label]})
+
+
+def write_study(path: Path, meta: dict, results: dict) -> None:
+    """Adds `results` to study.json after each variant, so an interrupted run keeps what it finished;
+    variants run in several invocations accumulate, the latest run of a variant wins."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
         previous = json.loads(path.read_text())
         meta = previous["meta"] | {"note": previous["meta"].get("note", "")}
         results = previous["results"] | results
