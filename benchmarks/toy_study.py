@@ -56,10 +56,10 @@ LAG_VARIANTS = {
 
 COLOR_VARIANTS = {
     "defaults": {},
-    "min-SNR off (γ 1e6: plain MSE)": {"train": {"snr_gamma": 1e6}},
+    "plain MSE": {"train": {"snr_gamma": 1e6}},  # min-SNR off: γ above every step's SNR
     "2400 steps": {"train": {"steps": 2400}},
     "lr 3e-3": {"train": {"lr": 3e-3}},
-    "min-SNR off, 2400 steps": {"train": {"snr_gamma": 1e6, "steps": 2400}},
+    "plain MSE, 2400 steps": {"train": {"snr_gamma": 1e6, "steps": 2400}},
     "LAG delay 0.3": {"lag": {"delay": 0.3}},
     "LAG coverage 0.3": {"lag": {"coverage": 0.3}},
     "LAG coverage 0.7": {"lag": {"coverage": 0.7}},
