@@ -4,15 +4,21 @@
 - sd2: SD 2.x, epsilon or v-prediction (`StableDiffusionPipeline`; Linear proj_out, OpenCLIP-H)
 - sdxl: SDXL base (`StableDiffusionXLPipeline`; two text encoders, a pooled text embedding
   and size/crop conditioning through `added_cond_kwargs`, see `persres.conditioning`)
+- flux: FLUX.1 (`FluxPipeline`; a diffusion transformer, `FluxTransformer2DModel`, trained by
+  flow matching; CLIP pooled + T5 text states; see `persres.flux`)
 
-The family is read from the UNet's config (the architecture decides, not a name), recorded in
-every pack, and named whenever a pack meets a model it does not fit. This module imports no
+The family is read from the denoiser's config (the UNet's, or FLUX's transformer's: the
+architecture decides, not a name), recorded in every pack, and named whenever a pack meets a
+model it does not fit. This module imports no
 torch: the registry names families without loading a model library.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+FLUX_RANK_RATIO = 1 / 128  # FLUX.1's r = m / 128: the paper's share of the model's parameters (see FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,7 @@ class Family:
     kohya_version: str  # sd-scripts' ss_base_model_version
     modelspec: str  # SAI model spec architecture (LoRAs append "/lora")
     resolution: int  # native training resolution, for exported metadata
+    train_defaults: tuple[tuple[str, object], ...] = ()  # training settings the family recommends over the paper's
 
 
 FAMILIES = {f.key: f for f in (
@@ -33,6 +40,11 @@ FAMILIES = {f.key: f for f in (
            "stable-diffusion-v2-512", 512),
     Family("sdxl", "SDXL", "StableDiffusionXLPipeline", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl_base_v1-0",
            "stable-diffusion-xl-v1-base", 1024),
+    # The paper's budget, not its ratio: r = 0.05 m gives 108 M parameters on FLUX.1-dev (0.91% of
+    # its transformer); r = m / 128 = 24 gives 16.8 M, 0.141% of it, as the paper's 1,239,040 are
+    # 0.144% of SD v1.4's UNet (tests/test_flux.py counts both on the real configs).
+    Family("flux", "FLUX.1", "FluxPipeline", "black-forest-labs/FLUX.1-dev", "flux1", "flux-1-dev", 1024,
+           (("rank_ratio", FLUX_RANK_RATIO),)),
 )}
 SD2_V_MODELSPEC = "stable-diffusion-v2-768-v"  # SD 2.x with v-prediction
 LABELS = {k: f.label for k, f in FAMILIES.items()}
@@ -41,14 +53,28 @@ PIPELINES = tuple(dict.fromkeys(f.pipeline for f in FAMILIES.values()))
 
 
 def family_of_config(unet_config) -> str:
-    """sd1, sd2 or sdxl from a UNet config (a dict or a diffusers FrozenDict)."""
+    """sd1, sd2, sdxl or flux from a denoiser's config (a dict or a diffusers FrozenDict)."""
+    if unet_config.get("num_single_layers") is not None:
+        return "flux"
     if unet_config.get("addition_embed_type") == "text_time":
         return "sdxl"
     return "sd2" if unet_config.get("use_linear_projection") else "sd1"
 
 
+def denoiser(pipe):
+    """The pipeline's denoising network: the UNet, or FLUX's transformer."""
+    model = getattr(pipe, "transformer", None)
+    return model if model is not None else pipe.unet
+
+
 def family_of(pipe) -> str:
-    return family_of_config(pipe.unet.config)
+    return family_of_config(denoiser(pipe).config)
+
+
+def family_of_pipeline_class(name: str) -> str | None:
+    """The family a model_index.json's pipeline class names, where only one family uses it (FLUX.1)."""
+    found = [f.key for f in FAMILIES.values() if f.pipeline == name]
+    return found[0] if len(found) == 1 else None
 
 
 def family_of_meta(meta) -> str:

@@ -13,7 +13,7 @@ import torch
 
 from persres import residuals
 from persres.errors import IncompatiblePack
-from persres.families import family_of, family_of_meta, label
+from persres.families import denoiser, family_of, family_of_meta, label
 from persres.models import Fingerprint, fingerprint
 from persres.packs import PackMeta
 
@@ -47,7 +47,7 @@ MAX_RESIDUAL_RATIO = 50.0
 
 def check_magnitude(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta) -> None:
     """Refuse a pack whose ΔW = A B is far beyond its block's base weight (naming both sizes)."""
-    blocks = residuals.transformer_blocks(pipe.unet)
+    blocks = residuals.transformer_blocks(denoiser(pipe))
     for block in meta.ranks:
         up, down = tensors[f"{block}.up"].double(), tensors[f"{block}.down"].double()
         delta = torch.sqrt(((up.T @ up) * (down @ down.T)).sum().clamp_min(0))  # ||A B||_F without forming the m x m product
@@ -59,11 +59,11 @@ def check_magnitude(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta) -> N
 
 def apply_pack(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta, model: str | None = None, fp: Fingerprint | None = None) -> None:
     """Load a pack's residuals onto a diffusers pipeline you already hold (checked for fit and size)."""
-    check_fit(meta, fp or fingerprint(pipe.unet), model or pipe.config.get("_name_or_path", "this model"), family_of(pipe))
+    check_fit(meta, fp or fingerprint(denoiser(pipe)), model or pipe.config.get("_name_or_path", "this model"), family_of(pipe))
     check_magnitude(pipe, tensors, meta)
-    if meta.name in residuals.loaded_concepts(pipe.unet):
-        residuals.unload_concept(pipe.unet, meta.name)
-    residuals.load_concept(pipe.unet, meta.name, tensors)
+    if meta.name in residuals.loaded_concepts(denoiser(pipe)):
+        residuals.unload_concept(denoiser(pipe), meta.name)
+    residuals.load_concept(denoiser(pipe), meta.name, tensors)
 
 
 def apply_concepts(pipe, registry, names, model: str | None = None, fp: Fingerprint | None = None) -> list:
@@ -72,7 +72,7 @@ def apply_concepts(pipe, registry, names, model: str | None = None, fp: Fingerpr
 
     from persres.tokens import BoundConcept
 
-    fp = fp or fingerprint(pipe.unet)  # once for all packs
+    fp = fp or fingerprint(denoiser(pipe))  # once for all packs
     bound = []
     for name in names:
         tensors, meta = registry.load(name)

@@ -159,7 +159,10 @@ class LagSession:
         mask = regions[:, self.index[concept]]  # (B, N)
         if x.ndim == 4:  # conv proj_out: x (B, C, H, W)
             return mask.view(x.shape[0], 1, x.shape[2], x.shape[3])
-        return mask.unsqueeze(-1)  # linear proj_out: x (B, N, C)
+        text = x.shape[1] - mask.shape[1]  # FLUX's joint sequence [T text, N image]: no residual on text
+        if text:
+            mask = F.pad(mask, (text, 0))  # (B, T+N)
+        return mask.unsqueeze(-1)  # linear proj_out: x (B, N, C) or (B, T+N, C)
 
     def _accumulate(self, maps: torch.Tensor, h: int, w: int) -> None:
         out_hw = self.latent_hw or (h, w)
@@ -204,7 +207,8 @@ def lag_regions(
     multi: MultiLagConfig = MultiLagConfig(),
     steps: int | None = None,
 ):
-    """Inside the block, every residual acts only in its concept's region (one UNet pass per step)."""
+    """Inside the block, every residual acts only in its concept's region (one UNet or FLUX
+    transformer pass per step)."""
     session = LagSession(concepts, cfg, latent_hw, keep_masks, multi, steps)
     layers = layers_of(unet)
 
@@ -213,6 +217,13 @@ def lag_regions(
             return KernelAttnProcessor(backend, session, block_of(name))
         # diffusers' default processor already is SDPA: keep it for self-attention then
         return old if resolve_backend(backend) is Backend.SDPA else KernelAttnProcessor(backend)
+
+    if hasattr(unet, "single_transformer_blocks"):  # FLUX.1: joint attention, `latent_hw` is the packed token grid
+        from persres.flux.lag import processor_factory
+
+        if latent_hw is None:
+            raise ValueError("LAG on FLUX needs the image-token grid (latent_hw)")
+        make = processor_factory(backend, session, layers, latent_hw[0] * latent_hw[1])
 
     with attention_processors(unet, make):
         for layer in layers.values():

@@ -1,4 +1,5 @@
-"""Load a diffusers Stable Diffusion pipeline (SD 1.x, SD 2.x or SDXL: a directory, a hub id, or "toy") and fingerprint it.
+"""Load a diffusers pipeline of a family persres runs (SD 1.x, SD 2.x, SDXL, FLUX.1: a directory, a hub id,
+a single file, or "toy") and fingerprint it.
 
 Torch is imported inside the functions that need it: naming and resolving a model (what the
 registry commands do) does not load it."""
@@ -155,19 +156,18 @@ def pick_dtype(precision: str, device: torch.device, unet_config: dict | None = 
     return choose_dtype(precision, device, unet_config)[0]
 
 
-def unet_config_of(model: str) -> dict | None:
-    """The UNet's config of a diffusers directory (the toy model's included) or of a hub model
-    already in the local cache, read without loading or downloading anything; None for a
-    single-file checkpoint, a model not on this machine, or a config that cannot be read."""
+def _model_json(model: str, name: str) -> dict | None:
+    """A JSON file of a diffusers directory (the toy model's included) or of a hub model already in
+    the local cache, read without loading or downloading anything; None where it is not there."""
     if model == TOY:
         model = str(TOY_DIR)
     local = Path(model).expanduser()
     if local.is_dir():
-        path = local / "unet" / "config.json"
+        path = local / name
     elif HUB_ID_RE.fullmatch(model):
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(model, "unet/config.json")
+        cached = try_to_load_from_cache(model, name)
         if not isinstance(cached, str):
             return None
         path = Path(cached)
@@ -177,7 +177,37 @@ def unet_config_of(model: str) -> dict | None:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return config if isinstance(config, dict) and "block_out_channels" in config and "layers_per_block" in config else None
+    return config if isinstance(config, dict) else None
+
+
+def unet_config_of(model: str) -> dict | None:
+    """The UNet's config of a diffusers directory or a cached hub model (see `_model_json`); None for a
+    single-file checkpoint, a model without a UNet (FLUX.1), not on this machine, or unreadable."""
+    config = _model_json(model, "unet/config.json")
+    return config if config is not None and "block_out_channels" in config and "layers_per_block" in config else None
+
+
+def denoiser_config_of(model: str) -> dict | None:
+    """The denoiser's config, read without loading: the UNet's, or a FLUX.1 transformer's."""
+    config = unet_config_of(model)
+    if config is not None:
+        return config
+    config = _model_json(model, "transformer/config.json")
+    return config if config is not None and "num_single_layers" in config else None
+
+
+def family_of_model(model: str, model_config: str | None = None) -> str | None:
+    """A model's family read from its files without loading it (a single file's from its tensor
+    names); None where they cannot be read here."""
+    from persres.families import family_of_config
+
+    if is_single_file(model):
+        try:
+            return single_file_family(model)
+        except ModelNotFound:
+            return None
+    config = denoiser_config_of(model)
+    return None if config is None else family_of_config(config)
 
 
 def pipeline_class_name(model: str) -> str:
@@ -194,9 +224,12 @@ def pipeline_class_name(model: str) -> str:
     return DiffusionPipeline.load_config(model).get("_class_name", "")
 
 
+FLUX_SINGLE_FILE_KEY = "single_blocks.0.linear2.weight"  # Black Forest Labs' layout, with or without "model.diffusion_model."
+
+
 def single_file_family(path: str) -> str:
-    """sd1, sd2 or sdxl from an original-layout checkpoint's tensor names (the header only for
-    .safetensors); ModelNotFound for a file that is not a Stable Diffusion checkpoint."""
+    """sd1, sd2, sdxl or flux from an original-layout checkpoint's tensor names (the header only for
+    .safetensors); ModelNotFound for a file that is not a checkpoint of these."""
     try:
         if path.lower().endswith(".safetensors"):
             from safetensors import safe_open
@@ -209,13 +242,16 @@ def single_file_family(path: str) -> str:
             keys = list(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {}))
     except Exception as e:  # a damaged header, a pickle that is not a state dict, ...
         raise ModelNotFound(f"model {path!r} is not a readable checkpoint ({type(e).__name__})") from None
+    if any(k.endswith(FLUX_SINGLE_FILE_KEY) for k in keys):
+        return "flux"
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "sd2"
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "sd1"
-    raise ModelNotFound(f"model {path!r} is not a Stable Diffusion checkpoint (no model.diffusion_model.* tensors)")
+    raise ModelNotFound(f"model {path!r} is not a Stable Diffusion or FLUX.1 checkpoint (no model.diffusion_model.* "
+                        "or single_blocks.* tensors)")
 
 
 def check_single_file_config(path: str, config: str | None) -> str:
@@ -224,12 +260,12 @@ def check_single_file_config(path: str, config: str | None) -> str:
 
     family = single_file_family(path)
     if config is not None:
-        try:
-            unet_config = json.loads((Path(config).expanduser() / "unet" / "config.json").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            raise ModelNotFound(f"--config {config!r} is not a diffusers directory (no readable unet/config.json)") from None
-        if family_of_config(unet_config) != family:
-            raise ModelNotFound(f"--config {config!r} is for {label(family_of_config(unet_config))}, "
+        denoiser_config = denoiser_config_of(str(Path(config).expanduser())) if Path(config).expanduser().is_dir() else None
+        if denoiser_config is None:
+            raise ModelNotFound(f"--config {config!r} is not a diffusers directory "
+                                "(no readable unet/config.json or transformer/config.json)")
+        if family_of_config(denoiser_config) != family:
+            raise ModelNotFound(f"--config {config!r} is for {label(family_of_config(denoiser_config))}, "
                                 f"but {path!r} is an {label(family)} checkpoint")
         return family
     from huggingface_hub import try_to_load_from_cache
@@ -305,12 +341,14 @@ def dtype_argument(dtype) -> dict:
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
-def _pipeline_class(xl: bool):
+def _pipeline_class(family: str):
     """(pipeline class, its load options): no safety checker on SD 1.x/2.x, no watermark on SDXL."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if xl:
+    if family == "sdxl":
         return StableDiffusionXLPipeline, dict(add_watermarker=False)
+    if family == "flux":
+        return FluxPipeline, {}
     return StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False)
 
 
@@ -319,7 +357,7 @@ def _load_single_file(path: str, config: str | None, dtype: "torch.dtype"):
 
     family = check_single_file_config(path, config)
     config = None if config is None else str(Path(config).expanduser())
-    cls, kwargs = _pipeline_class(family == "sdxl")
+    cls, kwargs = _pipeline_class(family)
     try:
         return cls.from_single_file(path, config=config, local_files_only=True, **dtype_argument(dtype), **kwargs)
     except Exception as e:
@@ -331,13 +369,13 @@ def _load_single_file(path: str, config: str | None, dtype: "torch.dtype"):
 def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                   config: str | None = None):
     """A StableDiffusionPipeline or StableDiffusionXLPipeline with a DDIM scheduler, no safety
-    checker or watermark, frozen and in eval mode. `model` is a diffusers directory, a hub id,
+    checker or watermark, or a FluxPipeline with its own flow-matching scheduler; frozen and in eval mode. `model` is a diffusers directory, a hub id,
     or a single-file checkpoint; `config` (a diffusers directory) supplies a single file's configs."""
     import torch
     from diffusers import DDIMScheduler
 
     from persres.conditioning import text_encoders
-    from persres.families import PIPELINES, XL_PIPELINE
+    from persres.families import FAMILIES, PIPELINES, denoiser
 
     if model == TOY:
         model = str(TOY_DIR)
@@ -357,8 +395,8 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
             class_name = pipeline_class_name(model)
             if class_name not in PIPELINES:
                 raise ModelNotFound(f"model {model!r} is a {class_name or 'pipeline of no declared class'}; "
-                                    f"persres runs {' and '.join(PIPELINES)} models (SD 1.x, SD 2.x, SDXL)")
-            cls, kwargs = _pipeline_class(class_name == XL_PIPELINE)
+                                    f"persres runs {', '.join(PIPELINES)} models (SD 1.x, SD 2.x, SDXL, FLUX.1)")
+            cls, kwargs = _pipeline_class(next(k for k, f in FAMILIES.items() if f.pipeline == class_name))
             pipe = cls.from_pretrained(model, local_files_only=local.is_dir(), **dtype_argument(load_dtype), **kwargs)
     except ModelNotFound:
         raise
@@ -367,15 +405,16 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
             f"model {model!r} is not on disk and could not be fetched ({type(e).__name__}); "
             "download it once with network access, or pass --model /path/to/a/diffusers/directory"
         ) from None
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if getattr(pipe, "unet", None) is not None:  # FLUX keeps its flow-matching Euler scheduler
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    for part in (pipe.unet, pipe.vae, *text_encoders(pipe)):
+    for part in (denoiser(pipe), pipe.vae, *text_encoders(pipe)):
         part.requires_grad_(False)
         part.eval()
     if dtype != load_dtype:
-        source = fingerprint(pipe.unet)
+        source = fingerprint(denoiser(pipe))
         pipe = pipe.to(dtype=dtype)
-        pipe.unet.persres_source_fingerprint = source  # what `fingerprint` answers for this UNet
+        denoiser(pipe).persres_source_fingerprint = source  # what `fingerprint` answers for this denoiser
     return pipe.to(device)
 
 
@@ -391,15 +430,16 @@ class Fingerprint:
 def fingerprint(unet) -> Fingerprint:
     """What packs record and are checked against: the model's architecture and its proj_out
     weights, the same whether it was loaded in fp32, fp16 or (by load_pipeline) bf16."""
-    from persres.residuals import base_layer_of, block_channels, transformer_blocks
+    from persres.residuals import base_layer_of, block_channels, block_in_channels, transformer_blocks
 
     source = getattr(unet, "persres_source_fingerprint", None)  # set by load_pipeline on a UNet it cast
     if isinstance(source, Fingerprint):
         return source
 
     blocks = transformer_blocks(unet)
-    channels = block_channels(unet)
-    arch = [(name, channels[name], type(base_layer_of(b.proj_out)).__name__) for name, b in sorted(blocks.items())]
+    channels, ins = block_channels(unet), block_in_channels(unet)
+    arch = [(name, channels[name], type(base_layer_of(b.proj_out)).__name__) + ((ins[name],) if name in ins else ())
+            for name, b in sorted(blocks.items())]
     arch_hash = hashlib.sha256(json.dumps(arch).encode()).hexdigest()
     weights = {}
     for name, b in blocks.items():
@@ -421,6 +461,9 @@ def weights_digest(proj_out: dict[str, torch.Tensor]) -> str:
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 UNET_INDEX = UNET_WEIGHTS + ".index.json"  # a sharded UNet: {"weight_map": {key: shard file}}
+FLUX_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+FLUX_INDEX = FLUX_WEIGHTS + ".index.json"
+FLUX_BLOCK_RE = re.compile(r"single_transformer_blocks\.\d+")
 
 
 def _unet_file(model: str, name: str) -> Path | None:
@@ -441,19 +484,24 @@ def _proj_out_tensors(model: str) -> dict[str, torch.Tensor] | None:
     None where the weights are not safetensors on disk (a single file, .bin weights, not cached)."""
     from safetensors import safe_open
 
-    index = _unet_file(model, UNET_INDEX)
+    flux = _unet_file(model, FLUX_INDEX) is not None or _unet_file(model, FLUX_WEIGHTS) is not None
+    index = _unet_file(model, FLUX_INDEX if flux else UNET_INDEX)
     if index is not None:
         weight_map = json.loads(index.read_text())["weight_map"]
         files = {key: index.parent / shard for key, shard in weight_map.items()}
     else:
-        single = _unet_file(model, UNET_WEIGHTS)
+        single = _unet_file(model, FLUX_WEIGHTS if flux else UNET_WEIGHTS)
         if single is None:
             return None
         with safe_open(str(single), "pt") as f:
             files = {key: single for key in f.keys()}
-    # a transformer block is a module with both proj_out and transformer_blocks (residuals.transformer_blocks)
+    # the blocks `residuals.transformer_blocks` finds: FLUX's single-stream blocks, or a UNet's
+    # modules with both proj_out and transformer_blocks
     blocks = {k.removesuffix(".proj_out.weight") for k in files if k.endswith(".proj_out.weight")}
-    blocks = {b for b in blocks if any(k.startswith(f"{b}.transformer_blocks.") for k in files)}
+    if flux:
+        blocks = {b for b in blocks if FLUX_BLOCK_RE.fullmatch(b)}
+    else:
+        blocks = {b for b in blocks if any(k.startswith(f"{b}.transformer_blocks.") for k in files)}
     by_file: dict[Path, list[str]] = {}
     for block in blocks:
         by_file.setdefault(files[f"{block}.proj_out.weight"], []).append(block)
@@ -468,12 +516,14 @@ def base_weights(model: str, model_config: str | None = None, pipe=None) -> str:
     """`Fingerprint.weights` of the model at `model` as it is now (what a pack trained on it records):
     from `pipe` if given, else read from the UNet's safetensors, else by loading the pipeline on the CPU.
     What tells packs trained on other weights at the same path from packs trained on these."""
+    from persres.families import denoiser
+
     if pipe is not None:
-        return fingerprint(pipe.unet).weights
+        return fingerprint(denoiser(pipe)).weights
     try:
         tensors = None if is_single_file(model) else _proj_out_tensors(model)
     except Exception:  # a damaged file or index: the pipeline load below reports it in one line
         tensors = None
     if tensors is None:
-        return fingerprint(load_pipeline(model, config=model_config).unet).weights
+        return fingerprint(denoiser(load_pipeline(model, config=model_config))).weights
     return weights_digest(tensors)

@@ -65,7 +65,8 @@ class PackMeta:
     architecture: str  # sha256 of the blocks, channels and proj_out kind
     weights: str  # sha256 of the base model's proj_out weights
     proj_out: str = "Conv2d"  # the base model's proj_out kind: Conv2d (SD 1.x) or Linear (SD 2.x/XL)
-    family: str = ""  # sd1, sd2 or sdxl; "" in packs older than the field (`families.family_of_meta` infers it)
+    family: str = ""  # sd1, sd2, sdxl or flux; "" in packs older than the field (`families.family_of_meta` infers it)
+    in_channels: dict[str, int] = field(default_factory=dict)  # block -> n where proj_out is m x n, n != m (FLUX.1)
     train_config: dict = field(default_factory=dict)
     image_hashes: list[str] = field(default_factory=list)
     created_at: str = ""
@@ -93,7 +94,7 @@ class PackMeta:
         for block, r in self.ranks.items():
             m = self.channels[block]
             shapes[f"{block}.up"] = (m, r)
-            shapes[f"{block}.down"] = (r, m)
+            shapes[f"{block}.down"] = (r, self.in_channels.get(block, m))
         return shapes
 
 
@@ -117,19 +118,21 @@ def validate_meta(meta: PackMeta) -> PackMeta:
         raise _bad("identifier", f"must be 1-32 lowercase letters, got {meta.identifier!r}")
     if clean_class_word(meta.class_word) is None:
         raise _bad("class_word", f"must be 1-{MAX_CLASS_WORD} printable characters, got {meta.class_word!r}")
-    for field in ("ranks", "channels"):
+    for field in ("ranks", "channels", "in_channels"):
         value = getattr(meta, field)
-        if not isinstance(value, dict) or not value:
+        if not isinstance(value, dict) or (not value and field != "in_channels"):
             raise _bad(field, "must be a non-empty object of block -> integer")
         for block, n in value.items():
             if not BLOCK_RE.fullmatch(block) or not _is_int(n) or not 1 <= n <= 1 << 16:
                 raise _bad(field, f"has a bad entry {block!r}: {n!r}")
     if set(meta.ranks) != set(meta.channels):
         raise _bad("ranks", "and channels name different blocks")
+    if not set(meta.in_channels) <= set(meta.ranks):
+        raise _bad("in_channels", "names a block the ranks do not")
     for block, r in meta.ranks.items():
         if r > meta.channels[block]:
             raise _bad("ranks", f"has rank {r} above the {meta.channels[block]} channels of {block!r}")
-    expected = parameter_count(meta.ranks, meta.channels)
+    expected = parameter_count(meta.ranks, meta.channels, meta.in_channels)
     if not _is_int(meta.parameter_count) or meta.parameter_count != expected:
         raise _bad("parameter_count", f"is {meta.parameter_count!r}; the ranks and channels give {expected}")
     for field in ("base_model", "architecture", "weights", "created_at"):
@@ -137,8 +140,8 @@ def validate_meta(meta: PackMeta) -> PackMeta:
             raise _bad(field, "must be a string")
     if meta.proj_out not in ("Conv2d", "Linear"):
         raise _bad("proj_out", f"must be Conv2d or Linear, got {meta.proj_out!r}")
-    if meta.family not in ("", "sd1", "sd2", "sdxl"):
-        raise _bad("family", f"must be sd1, sd2 or sdxl, got {meta.family!r}")
+    if meta.family not in ("", "sd1", "sd2", "sdxl", "flux"):
+        raise _bad("family", f"must be sd1, sd2, sdxl or flux, got {meta.family!r}")
     if not isinstance(meta.train_config, dict):
         raise _bad("train_config", "must be an object")
     if not isinstance(meta.image_hashes, list) or not all(isinstance(h, str) for h in meta.image_hashes):

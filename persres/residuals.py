@@ -1,8 +1,9 @@
-"""Personalized residuals on the UNet's transformer output projections (Ham et al., Sec. 3.2).
+"""Personalized residuals on the denoiser's transformer output projections (Ham et al., Sec. 3.2).
 
-For transformer block i with output projection W_i (m_i x m_i; a 1x1 Conv2d in SD v1.x, a
-Linear in SD 2.x/XL) a concept learns Delta W_i = A_i B_i, A_i in R^{m_i x r_i},
-B_i in R^{r_i x m_i}. `ResidualProjOut` replaces `proj_out` in place (the module keeps the
+For transformer block i with output projection W_i (m_i x n_i; a square 1x1 Conv2d in SD v1.x,
+a square Linear in SD 2.x/XL, a Linear from attention and MLP features, n_i = 5 m_i, in each
+FLUX.1 single-stream block) a concept learns Delta W_i = A_i B_i, A_i in R^{m_i x r_i},
+B_i in R^{r_i x n_i}. `ResidualProjOut` replaces `proj_out` in place (the module keeps the
 original as `base_layer`, like peft's LoraLayer) and holds one factor pair per concept:
 
     f(x) = W x + sum_k M_k * (A_k B_k x)         M_k = 1 without LAG, a region mask with LAG
@@ -43,30 +44,37 @@ def rank_for(channels: int, rank_ratio: float = 0.05, rank: int | None = None) -
     return max(1, min(channels, round(rank_ratio * channels)))
 
 
-def channels_of(layer: nn.Module) -> int:
+def shape_of(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) features of a proj_out: a 1x1 Conv2d must be square, a Linear may not be."""
     if isinstance(layer, nn.Conv2d):
         if layer.kernel_size != (1, 1) or layer.in_channels != layer.out_channels:
             raise InputError(f"proj_out must be a square 1x1 Conv2d, got {layer}")
-        return layer.out_channels
+        return layer.out_channels, layer.in_channels
     if isinstance(layer, nn.Linear):
-        if layer.in_features != layer.out_features:
-            raise InputError(f"proj_out must be a square Linear, got {layer}")
-        return layer.out_features
+        return layer.out_features, layer.in_features
     raise InputError(f"unsupported proj_out layer {type(layer).__name__}")
 
 
-class LowRankResidual(nn.Module):
-    """Delta W = up @ down, up: (m, r), down: (r, m). Kept in fp32 whatever the model's dtype."""
+def channels_of(layer: nn.Module) -> int:
+    """A proj_out's output channels m (what the rank rule reads)."""
+    return shape_of(layer)[0]
 
-    def __init__(self, channels: int, rank: int, init: "Init" = "zero", generator: torch.Generator | None = None):
+
+class LowRankResidual(nn.Module):
+    """Delta W = up @ down, up: (m, r), down: (r, n); n = m unless `in_channels` says otherwise.
+    Kept in fp32 whatever the model's dtype."""
+
+    def __init__(self, channels: int, rank: int, init: "Init" = "zero", generator: torch.Generator | None = None,
+                 in_channels: int | None = None):
         super().__init__()
-        down = torch.randn(rank, channels, generator=generator) / rank**0.5
+        n = in_channels or channels
+        down = torch.randn(rank, n, generator=generator) / rank**0.5
         up = torch.zeros(channels, rank) if init == "zero" else torch.randn(channels, rank, generator=generator) / channels**0.5
         self.up = nn.Parameter(up)  # A_i: (m, r)
-        self.down = nn.Parameter(down)  # B_i: (r, m)
+        self.down = nn.Parameter(down)  # B_i: (r, n)
 
     def delta_weight(self) -> torch.Tensor:
-        return self.up @ self.down  # (m, m)
+        return self.up @ self.down  # (m, n)
 
     def forward(self, x: torch.Tensor, conv: bool) -> torch.Tensor:
         down, up = self.down.to(x.dtype), self.up.to(x.dtype)
@@ -80,7 +88,7 @@ class ResidualProjOut(nn.Module):
 
     def __init__(self, base_layer: nn.Module, block: str):
         super().__init__()
-        self.channels = channels_of(base_layer)
+        self.channels, self.in_channels = shape_of(base_layer)  # m, n
         self.base_layer = base_layer
         self.block = block  # the Transformer2DModel's module name, e.g. "down_blocks.0.attentions.0"
         self.residuals = nn.ModuleDict()
@@ -118,7 +126,7 @@ class ResidualProjOut(nn.Module):
             self._original_weight = w.detach().clone()
         with torch.no_grad():
             delta = sum(self.strengths.get(n, 1.0) * self.residuals[n].delta_weight() for n in names)  # (m, m), fp32
-            merged = w.detach().float().view(self.channels, self.channels) + delta.to(w.device)
+            merged = w.detach().float().view(self.channels, self.in_channels) + delta.to(w.device)
             w.copy_(merged.view_as(w).to(w.dtype))
         self.merged.extend(names)
 
@@ -136,7 +144,7 @@ class ResidualProjOut(nn.Module):
             if name in self.merged or (self.active is not None and name not in self.active):
                 continue
             mask = None
-            if self.regions is not None:  # LAG: (B, 1, H, W) or (B, N, 1)
+            if self.regions is not None:  # LAG: (B, 1, H, W) or (B, N, 1); FLUX: (B, T + N, 1), 0 on the T text tokens
                 mask = self.regions.region(self.block, name, x)
                 if mask is None:
                     continue  # this residual acts nowhere now: not computed
@@ -173,7 +181,12 @@ def use_concepts(unet: nn.Module, names: Sequence[str], merged: bool, strengths:
 
 
 def transformer_blocks(unet: nn.Module) -> dict[str, nn.Module]:
-    """Every transformer block (a module with proj_in/proj_out around transformer_blocks), by name."""
+    """Every block whose proj_out carries residuals, by name: on a UNet each Transformer2DModel (a
+    module with proj_in/proj_out around transformer_blocks), on a FLUX.1 transformer each
+    single-stream block ("single_transformer_blocks.N", proj_out: attention + MLP -> dim)."""
+    singles = getattr(unet, "single_transformer_blocks", None)
+    if singles is not None:
+        return {f"single_transformer_blocks.{i}": block for i, block in enumerate(singles)}
     return {
         name: module
         for name, module in unet.named_modules()
@@ -223,7 +236,7 @@ def new_concept(
     gen = torch.Generator().manual_seed(seed)
     residuals = {}
     for block, layer in layers.items():
-        residual = LowRankResidual(layer.channels, ranks[block], init, gen)
+        residual = LowRankResidual(layer.channels, ranks[block], init, gen, layer.in_channels)
         layer.add(name, residual)
         residuals[block] = layer.residuals[name]
     return residuals
@@ -234,7 +247,7 @@ def load_concept(unet: nn.Module, name: str, tensors: Mapping[str, torch.Tensor]
     layers = inject(unet)
     for block, layer in layers.items():
         up, down = tensors[f"{block}.up"], tensors[f"{block}.down"]
-        residual = LowRankResidual(layer.channels, down.shape[0])
+        residual = LowRankResidual(layer.channels, down.shape[0], in_channels=layer.in_channels)
         with torch.no_grad():
             residual.up.copy_(up)
             residual.down.copy_(down)
@@ -266,7 +279,14 @@ def loaded_concepts(unet: nn.Module) -> list[str]:
 
 
 def block_channels(unet: nn.Module) -> dict[str, int]:
+    """Each block's proj_out output channels m."""
     return {name: channels_of(base_layer_of(b.proj_out)) for name, b in transformer_blocks(unet).items()}
+
+
+def block_in_channels(unet: nn.Module) -> dict[str, int]:
+    """Each block's proj_out input features n where they differ from m (FLUX.1's single blocks); {} on a UNet."""
+    shapes = {name: shape_of(base_layer_of(b.proj_out)) for name, b in transformer_blocks(unet).items()}
+    return {name: n for name, (m, n) in shapes.items() if n != m}
 
 
 def proj_out_kind(unet: nn.Module) -> str:

@@ -22,6 +22,7 @@ from persres import residuals
 from persres.conditioning import check_same_positions
 from persres.config import SampleConfig
 from persres.errors import GenerationError, InputError, PromptError
+from persres.families import denoiser, family_of
 from persres.kernels import Backend, attention_backend, resolve_backend
 from persres.lag import ConceptTokens, lag_regions
 from persres.sizes import native_side
@@ -34,6 +35,12 @@ class Generated:
     prompt: str  # expanded: identifiers in place of placeholders
     masks: dict[str, list[np.ndarray]] = field(default_factory=dict)  # concept -> per image (h, w) in [0, 1]
     paths: list[Path] = field(default_factory=list)  # the files written for this call, if any (`generation.write_images`)
+
+
+def region_tokenizer(pipe):
+    """The tokenizer whose positions the cross-attention sees: CLIP's on SD, T5's on FLUX.1
+    (its joint attention reads the T5 states; CLIP gives only the pooled vector)."""
+    return pipe.tokenizer_2 if family_of(pipe) == "flux" else pipe.tokenizer
 
 
 def concept_tokens(tokenizer, prompt: str, concepts: Sequence[BoundConcept]) -> list[ConceptTokens]:
@@ -63,8 +70,9 @@ def generate(
 
     `on_step(done, total)` is called after every denoising step (for a progress bar).
     """
-    tokens = concept_tokens(pipe.tokenizer, prompt, concepts)
-    if concepts and getattr(pipe, "tokenizer_2", None) is not None:  # SDXL: positions read off one tokenizer hold for both
+    family = family_of(pipe)
+    tokens = concept_tokens(region_tokenizer(pipe), prompt, concepts)
+    if concepts and family == "sdxl":  # SDXL: positions read off one tokenizer hold for both
         check_same_positions(pipe, prompt)
     limit = pipe.scheduler.config.get("num_train_timesteps", 1000)
     if config.steps > limit:
@@ -90,29 +98,44 @@ def generate(
 
 
 def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds, height, width, callback):
-    device = pipe.unet.device
+    model = denoiser(pipe)
+    flux = family_of(pipe) == "flux"
+    device = model.device
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     call = dict(
-        prompt=prompt, num_inference_steps=config.steps, guidance_scale=config.guidance, eta=config.eta,
+        prompt=prompt, num_inference_steps=config.steps, guidance_scale=config.guidance,
         num_images_per_prompt=len(seeds), generator=generators, height=height, width=width,
         output_type="np",  # (N, H, W, 3) in [0, 1]: checked finite before it becomes pixels
     )
+    # FLUX.1: guidance is an input of the (guidance-distilled) transformer, one evaluation per step;
+    # its Euler sampler has no eta
+    if flux:
+        from persres.flux.train import max_text_tokens
+
+        call["max_sequence_length"] = max_text_tokens(pipe)
+    else:
+        call["eta"] = config.eta
     if callback is not None:
         call["callback_on_step_end"] = callback
     names = [c.name for c in concepts]
     masks: dict[str, list[np.ndarray]] = {}
     session = None
     with ExitStack() as stack:
-        if residuals.layers_of(pipe.unet):  # loaded concepts the prompt does not name stay off
+        if residuals.layers_of(model):  # loaded concepts the prompt does not name stay off
             strengths = {c.name: c.strength for c in concepts}
-            stack.enter_context(residuals.use_concepts(pipe.unet, names, merged=not config.lag, strengths=strengths))
+            stack.enter_context(residuals.use_concepts(model, names, merged=not config.lag, strengths=strengths))
         if config.lag:
-            latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-            session = stack.enter_context(lag_regions(pipe.unet, tokens, cfg=config.guidance > 1, backend=backend,
+            if flux:
+                from persres.flux.lag import packed_grid
+
+                latent_hw = packed_grid(pipe, height, width)
+            else:
+                latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+            session = stack.enter_context(lag_regions(model, tokens, cfg=config.guidance > 1 and not flux, backend=backend,
                                                       latent_hw=latent_hw, keep_masks=config.save_masks,
                                                       multi=config.multi, steps=config.steps))
-        elif resolve_backend(backend) is not Backend.SDPA:  # diffusers' default already is SDPA
-            stack.enter_context(attention_backend(pipe.unet, backend))
+        elif resolve_backend(backend) is not Backend.SDPA and not flux:  # diffusers' default already is SDPA
+            stack.enter_context(attention_backend(model, backend))
         pixels = pipe(**call).images
     if not np.isfinite(pixels).all():  # NaN would be written as black with nothing said
         made_by = f"with concept(s) {', '.join(repr(n) for n in names)}: a residual is damaged or far too strong" if names \

@@ -1,7 +1,8 @@
 """Where each training setting comes from, and the digests that name packs by their settings.
 
-Precedence, one rule: the paper's defaults (`TrainConfig`), then the model's own recommended
-defaults (its persres_defaults.json, `ModelDefaults`), then what the user gave.
+Precedence, one rule: the paper's defaults (`TrainConfig`), then the model's recommended
+defaults (its family's, `families.Family.train_defaults`, then its own persres_defaults.json:
+`ModelDefaults`), then what the user gave.
 Torch-free: `persres train --help` and the registry commands read it without a model library.
 """
 
@@ -30,12 +31,23 @@ class ModelDefaults:
     class_candidates: list[str] | None  # the class words suggest-class ranks; None: the built-in nouns
 
 
+def family_defaults(model: str) -> dict:
+    """The training settings the model's family recommends over the paper's ({} for SD 1.x/2.x/XL;
+    FLUX.1's rank ratio), the family read from the model's files without loading it."""
+    from persres.families import FAMILIES
+    from persres.models import family_of_model
+
+    family = family_of_model(model)
+    return dict(FAMILIES[family].train_defaults) if family in FAMILIES else {}
+
+
 def read_defaults(model: str) -> ModelDefaults:
-    """A model directory's persres_defaults.json, checked: a model with its own small vocabulary
-    (the toy model) names its classes, as it recommends its training settings."""
+    """What a model recommends: its family's training defaults, then its directory's
+    persres_defaults.json, checked (a model with its own small vocabulary, the toy model, also
+    names its classes)."""
     path = Path(model) / DEFAULTS_FILE
     if not path.is_file():
-        return ModelDefaults({}, None)
+        return ModelDefaults(family_defaults(model), None)
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -46,7 +58,7 @@ def read_defaults(model: str) -> ModelDefaults:
     words = data.get("class_candidates")
     if words is not None and (not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words)):
         raise InputError(f"{path}: \"class_candidates\" must be a non-empty list of words")
-    return ModelDefaults(train, words)
+    return ModelDefaults({**family_defaults(model), **train}, words)
 
 
 def model_defaults(model: str) -> dict:

@@ -6,7 +6,8 @@ kept and a latent is sampled per step; horizontal flips and zoom-out views are e
 entries, a zoom-out view with a latent mask that keeps its loss on the image), and the
 prompt "a photo of a {identifier} {class}" is encoded a single time (on SDXL with its pooled
 embedding and size conditioning). Each step is then one UNet forward and backward, the floor
-of what a trainer must do.
+of what a trainer must do. FLUX.1 trains the same residuals by flow matching on its
+transformer (`persres.flux.train`); the loop, the references' views and the pack are shared.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from PIL import Image, ImageOps
 from persres import residuals
 from persres.config import TrainConfig
 from persres.errors import InputError
-from persres.conditioning import Conditioning, encode
+from persres.conditioning import Conditioning, encode, text_encoders
+from persres.families import denoiser, family_of
 from persres.images import center_square, to_tensor
 from persres.tokens import concept_positions, training_prompt
 
@@ -34,7 +36,7 @@ Progress = Callable[[int, float], None]  # (step, loss)
 
 @dataclass(frozen=True)
 class TrainResult:
-    tensors: dict[str, torch.Tensor]  # "{block}.up" (m, r) and "{block}.down" (r, m)
+    tensors: dict[str, torch.Tensor]  # "{block}.up" (m, r) and "{block}.down" (r, n)
     ranks: dict[str, int]
     parameter_count: int
     losses: list[float]
@@ -137,29 +139,80 @@ def default_resolution(pipe) -> int:
     return native_side(pipe)
 
 
-@torch.no_grad()
-def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: int, flip: bool, chunk: int = 4,
-                 scale_min: float = 1.0, seed: int = 0) -> CachedBatchSource:
-    device = pipe.unet.device
+def training_views(pipe, images: Sequence[Image.Image], resolution: int, flip: bool, scale_min: float = 1.0,
+                   seed: int = 0, cell: int | None = None) -> tuple[list[Image.Image], torch.Tensor | None]:
+    """The squares training draws from: the references, their mirror images if `flip`, and zoom-out
+    views if `scale_min` < 1, with the latent-cell mask (N, 1, h, w) of where each holds the image
+    (None without views). Views are placed on a grid of `cell` px (the VAE's scale factor; FLUX:
+    twice it, so a view covers whole packed patches)."""
+    device = denoiser(pipe).device
     squares = [center_square(im, resolution) for im in images]
     if flip:
         squares += [ImageOps.mirror(im) for im in squares]
-    mask = None
-    if scale_min < 1.0:
-        cell = pipe.vae_scale_factor
-        cells = resolution // cell
-        views = [v for i, im in enumerate(squares) for v in zoom_out_views(im, scale_min, cell, random.Random(seed * 1_000_003 + i))]
-        mask = torch.ones(len(squares) + len(views), 1, cells, cells, device=device)  # (N, 1, h, w)
-        for k, (_, (x0, y0, x1, y1)) in enumerate(views, start=len(squares)):
-            mask[k] = 0
-            mask[k, :, y0:y1, x0:x1] = 1
-        squares += [im for im, _ in views]
-    mean, std = _encode_squares(pipe, squares, chunk)
+    if scale_min >= 1.0:
+        return squares, None
+    cell = cell or pipe.vae_scale_factor
+    views = [v for i, im in enumerate(squares) for v in zoom_out_views(im, scale_min, cell, random.Random(seed * 1_000_003 + i))]
+    per_cell = cell // pipe.vae_scale_factor  # latent cells per grid cell
+    cells = resolution // pipe.vae_scale_factor
+    mask = torch.ones(len(squares) + len(views), 1, cells, cells, device=device)  # (N, 1, h, w)
+    for k, (_, (x0, y0, x1, y1)) in enumerate(views, start=len(squares)):
+        mask[k] = 0
+        mask[k, :, y0 * per_cell:y1 * per_cell, x0 * per_cell:x1 * per_cell] = 1
+    return squares + [im for im, _ in views], mask
+
+
+@torch.no_grad()
+def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: int, flip: bool, chunk: int = 4,
+                 scale_min: float = 1.0, seed: int = 0) -> CachedBatchSource:
+    squares, mask = training_views(pipe, images, resolution, flip, scale_min, seed)
+    mean, std = encode_squares(pipe, squares, chunk)
     condition = encode(pipe, prompt, (resolution, resolution))
     return CachedBatchSource(mean, std, condition, pipe.vae.config.scaling_factor, mask)
 
 
-def _encode_squares(pipe, squares: Sequence[Image.Image], chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def denoising_objective(unet, source: CachedBatchSource, batch_size: int, scheduler, snr_gamma: float | None):
+    """`loss(generator)`: one batch's denoising loss on a UNet (a closure over what is computed once)."""
+    prediction = prediction_of(scheduler)
+    alphas = scheduler.alphas_cumprod.to(unet.device)
+    num_t = scheduler.config.num_train_timesteps
+
+    def loss(generator: torch.Generator) -> torch.Tensor:
+        batch = source.sample(batch_size, generator)
+        noise = torch.randn(batch.latents.shape, generator=generator, device=generator.device)
+        t = torch.randint(0, num_t, (batch_size,), generator=generator, device=generator.device)
+        return denoising_loss(unet, batch, noise, t, alphas, prediction, snr_gamma)
+
+    return loss
+
+
+def objective_for(pipe, images, prompt: str, resolution: int, config: TrainConfig):
+    """The family's training objective over inputs encoded once: denoising (epsilon or v) on a UNet,
+    flow matching on FLUX.1."""
+    if family_of(pipe) != "flux":
+        source = cache_inputs(pipe, images, prompt, resolution, config.flip, chunk=config.batch_size,
+                              scale_min=config.scale_min, seed=config.seed)
+        return denoising_objective(pipe.unet, source, config.batch_size, pipe.scheduler, config.snr_gamma)
+    from persres.flux import train as flux
+
+    if config.snr_gamma is not None:
+        raise InputError("min-SNR weighting (--snr-gamma) is for epsilon and v-prediction models; FLUX.1 trains by flow matching")
+    with torch.no_grad():
+        squares, mask = training_views(pipe, images, resolution, config.flip, config.scale_min, config.seed,
+                                       cell=2 * pipe.vae_scale_factor)
+        source = flux.cache_inputs(pipe, squares, mask, prompt, chunk=config.batch_size)
+    return flux.flow_matching_objective(pipe, source, config.batch_size)
+
+
+def check_prompt(pipe, prompt: str, identifier: str, class_word: str) -> None:
+    """The identifier is in the training prompt, within every text encoder's limit (PromptError otherwise):
+    CLIP's, and on FLUX.1 also T5's, whose positions LAG reads."""
+    concept_positions(pipe.tokenizer, prompt, identifier, class_word)
+    if family_of(pipe) == "flux":
+        concept_positions(pipe.tokenizer_2, prompt, identifier, class_word)
+
+
+def encode_squares(pipe, squares: Sequence[Image.Image], chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's latent distribution (mean, std), each (N, 4, h, w) float32, of square images."""
     pixels = torch.stack([to_tensor(im) for im in squares]).to(pipe.vae.device, pipe.vae.dtype)  # (N, 3, H, W)
     dists = [pipe.vae.encode(part).latent_dist for part in pixels.split(chunk)]  # chunk: bounds the VAE's peak memory
@@ -169,7 +222,7 @@ def _encode_squares(pipe, squares: Sequence[Image.Image], chunk: int = 4) -> tup
 @torch.no_grad()
 def encode_references(pipe, images: Sequence[Image.Image], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Center squares of the references through the VAE: (mean, std), each (N, 4, h, w)."""
-    return _encode_squares(pipe, [center_square(im, resolution) for im in images])
+    return encode_squares(pipe, [center_square(im, resolution) for im in images])
 
 
 def train_residuals(
@@ -183,25 +236,22 @@ def train_residuals(
 ) -> TrainResult:
     """Learn one concept's residuals on a loaded pipeline; the pipeline is left as it was.
     `on_phase(text)` hears when encoding the references ends and the steps begin."""
-    unet = pipe.unet
-    noise_sched = pipe.scheduler
-    prediction = prediction_of(noise_sched)
+    unet = denoiser(pipe)  # the UNet, or FLUX.1's transformer
     prompt = training_prompt(identifier, class_word, config.prompt)
-    concept_positions(pipe.tokenizer, prompt, identifier, class_word)  # identifier fits, or PromptError
+    check_prompt(pipe, prompt, identifier, class_word)
     resolution = config.resolution or default_resolution(pipe)
     device = unet.device
     gen = torch.Generator(device=device).manual_seed(config.seed)
     if on_phase is not None:
         on_phase("encoding the references and the prompt, once")
-    source = cache_inputs(pipe, images, prompt, resolution, config.flip, chunk=config.batch_size,
-                          scale_min=config.scale_min, seed=config.seed)
+    step_loss = objective_for(pipe, images, prompt, resolution, config)
     if on_phase is not None:
         on_phase("training")
 
     ranks = residuals.ranks_for(unet, config.rank_ratio, config.rank)
     # Only the factors learn: a pipeline handed in unfrozen would otherwise back-propagate into
     # every base weight. Restored on the way out, so the pipeline is left as it was.
-    base_params = [p for part in (unet, pipe.vae, pipe.text_encoder) for p in part.parameters()]
+    base_params = [p for part in (unet, pipe.vae, *text_encoders(pipe)) for p in part.parameters()]
     trainable = [p.requires_grad for p in base_params]
     for p in base_params:
         p.requires_grad_(False)
@@ -212,8 +262,6 @@ def train_residuals(
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # = Adam; the paper names no optimizer
     schedule = get_scheduler(config.lr_schedule, opt, num_warmup_steps=0, num_training_steps=config.steps)  # a LambdaLR
-    alphas = noise_sched.alphas_cumprod.to(device)
-    num_t = noise_sched.config.num_train_timesteps
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     losses: list[float] = []
@@ -223,10 +271,7 @@ def train_residuals(
     try:
         with residuals.use_concepts(unet, [slot], merged=False):
             for step in range(config.steps):
-                batch = source.sample(config.batch_size, gen)
-                noise = torch.randn(batch.latents.shape, generator=gen, device=device)
-                t = torch.randint(0, num_t, (config.batch_size,), generator=gen, device=device)
-                loss = denoising_loss(unet, batch, noise, t, alphas, prediction, config.snr_gamma)
+                loss = step_loss(gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -242,5 +287,5 @@ def train_residuals(
         if config.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
     seconds = time.perf_counter() - t0
-    channels = residuals.block_channels(unet)
-    return TrainResult(tensors, ranks, residuals.parameter_count(ranks, channels), losses, seconds, prompt, resolution)
+    count = residuals.parameter_count(ranks, residuals.block_channels(unet), residuals.block_in_channels(unet))
+    return TrainResult(tensors, ranks, count, losses, seconds, prompt, resolution)

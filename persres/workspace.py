@@ -134,10 +134,11 @@ class Workspace:
     @property
     def fingerprint(self):
         """`models.Fingerprint` of the loaded pipeline's base weights (computed once per load)."""
+        from persres.families import denoiser
         from persres.models import fingerprint
 
         if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.pipeline().unet)
+            self._fingerprint = fingerprint(denoiser(self.pipeline()))
         return self._fingerprint
 
     def base_weights(self) -> str:
@@ -202,7 +203,7 @@ class Workspace:
             result = train_residuals(pipe, [r.image for r in references], ident, class_word, config, progress, on_phase=phase)
             train_config = {**config.to_dict(), "prompt_template": config.prompt, "resolution": result.resolution, "prompt": result.prompt,
                             **{k: v for k, v in {"sources": sources, **class_info}.items() if v},
-                            "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
+                            "prediction_type": prediction_type(pipe),
                             "config_digest": config_digest(config, self.model)}  # train-many: same config, same model -> done
             meta = self.pack_meta(name, ident, class_word, result.ranks, train_config, [r.sha256 for r in references],
                                   losses=result.losses, seconds=result.seconds)
@@ -233,18 +234,20 @@ class Workspace:
     def pack_meta(self, name: str, identifier: str, class_word: str, ranks: dict[str, int], train_config: dict,
                   image_hashes: Sequence[str] = (), losses: Sequence[float] = (), seconds: float | None = None) -> PackMeta:
         """What a pack of this model says about itself: the one place a new pack's metadata is made."""
-        from persres.families import family_of
+        from persres.families import denoiser, family_of
         from persres.packs import sha256_file
-        from persres.residuals import block_channels, proj_out_kind
+        from persres.residuals import block_channels, block_in_channels, proj_out_kind
 
         pipe, fp = self.pipeline(), self.fingerprint
-        channels = block_channels(pipe.unet)
+        model = denoiser(pipe)
+        channels, in_channels = block_channels(model), block_in_channels(model)
         if is_single_file(self.model):
             train_config = {**train_config, "checkpoint_sha256": sha256_file(Path(self.model))}
         return PackMeta(
             name=name, identifier=identifier, class_word=class_word, ranks=dict(ranks), channels=channels,
-            parameter_count=parameter_count(ranks, channels), base_model=self.model, architecture=fp.architecture,
-            weights=fp.weights, proj_out=proj_out_kind(pipe.unet), family=family_of(pipe), train_config=train_config,
+            parameter_count=parameter_count(ranks, channels, in_channels), base_model=self.model, architecture=fp.architecture,
+            weights=fp.weights, proj_out=proj_out_kind(model), family=family_of(pipe), in_channels=in_channels,
+            train_config=train_config,
             image_hashes=list(image_hashes), created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             loss_start=losses[0] if losses else None, loss_end=losses[-1] if losses else None, seconds=seconds,
         )
@@ -268,9 +271,10 @@ class Workspace:
         A persres pack keeps its own class word and identifier: `class_word` / `identifier` are
         refused for it. A foreign file needs a name and a class word (given, or in its persres.*
         metadata); its identifier is the one given, the one in its metadata, or a fresh one."""
+        from persres.families import denoiser
         from persres.interop.lora import read_foreign
         from persres.packs import CONFIG_KEY, check_regular_file, file_metadata
-        from persres.residuals import block_channels
+        from persres.residuals import block_channels, block_in_channels
         from persres.tokens import check_class_word, is_single_token
 
         self.registry.require_writable()
@@ -295,7 +299,8 @@ class Workspace:
         pipe = self.pipeline()
         if identifier is not None and not is_single_token(pipe.tokenizer, identifier):
             raise InputError(f"the identifier {identifier!r} is not one token of this model's tokenizer; pick another with --identifier")
-        lora = read_foreign(path, block_channels(pipe.unet), proj_out_only)
+        model = denoiser(pipe)
+        lora = read_foreign(path, block_channels(model), proj_out_only, block_in_channels(model))
         tensors, ranks = {}, {}
         for block, (up, down) in lora.factors.items():
             tensors[f"{block}.up"], tensors[f"{block}.down"] = up, down
@@ -345,6 +350,16 @@ class Workspace:
         if out_dir is not None:
             result.paths = write_images(result, prompt, bound, config, self.model, Path(out_dir), sheet=sheet, overwrite=overwrite)
         return result
+
+
+def prediction_type(pipe) -> str:
+    """What the denoiser was trained to predict, as packs record it: epsilon, v_prediction, or
+    flow_matching (FLUX.1's velocity)."""
+    from persres.families import family_of
+
+    if family_of(pipe) == "flux":
+        return "flow_matching"
+    return pipe.scheduler.config.get("prediction_type", "epsilon")
 
 
 def default_model(registry: Registry) -> tuple[str, str | None]:

@@ -5,7 +5,8 @@
     lora_unet_{block}_proj_out.alpha             ()              = alpha
 
 with '_' for '.' in the block's name. Loaders scale by alpha / r; persres writes alpha = r
-(scale 1, Delta W = A B exactly). SD 1.x / 2.x files name blocks the diffusers way
+(scale 1, Delta W = A B exactly). FLUX.1's single-stream block N is sd-scripts'
+`lora_unet_single_blocks_N_linear2` (BFL's name for proj_out; down (r, n), up (m, r)). SD 1.x / 2.x files name blocks the diffusers way
 (`down_blocks_1_attentions_0`); SDXL files name them the original (SGM) way, as sd-scripts
 writes and ComfyUI's key map reads them: down_blocks.i.attentions.j is input_blocks.(1 +
 i(L+1) + j).1, mid_block.attentions.0 is middle_block.1, up_blocks.i.attentions.j is
@@ -42,8 +43,14 @@ def sgm_name(block: str, depth: int) -> str:
     return f"output_blocks.{level * (depth + 1) + j}.1"
 
 
+FLUX_SINGLE = "single_transformer_blocks."
+
+
 def key_of(block: str, depth: int | None = None) -> str:
-    """The file key of a block's proj_out: SGM-named when `depth` is given (SDXL), else diffusers-named."""
+    """The file key of a block's proj_out: BFL-named on FLUX.1, SGM-named when `depth` is given (SDXL),
+    else diffusers-named."""
+    if block.startswith(FLUX_SINGLE):
+        return f"{PREFIX}single_blocks_{block.removeprefix(FLUX_SINGLE)}_linear2"
     name = block if depth is None else sgm_name(block, depth)
     return PREFIX + f"{name}.proj_out".replace(".", "_")
 
@@ -52,7 +59,7 @@ def write(tensors, meta: PackMeta, conv: bool) -> dict[str, torch.Tensor]:
     depth = levels_depth(meta.ranks) if family_of_meta(meta) == "sdxl" else None
     out = {}
     for block in meta.ranks:
-        up, down = tensors[f"{block}.up"], tensors[f"{block}.down"]  # (m, r), (r, m)
+        up, down = tensors[f"{block}.up"], tensors[f"{block}.down"]  # (m, r), (r, n)
         if conv:
             up, down = up[:, :, None, None], down[:, :, None, None]
         key = key_of(block, depth)

@@ -24,12 +24,15 @@ class DroppedTargetsWarning(UserWarning):
 
 @dataclass(frozen=True)
 class ForeignLora:
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # block -> (A (m, r), B (r, m)), scale folded into A
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # block -> (A (m, r), B (r, n)), scale folded into A
     metadata: dict[str, str]
     fmt: str
 
 
-def read_foreign(path: Path, channels: dict[str, int], proj_out_only: bool = False) -> ForeignLora:
+def read_foreign(path: Path, channels: dict[str, int], proj_out_only: bool = False,
+                 in_channels: dict[str, int] | None = None) -> ForeignLora:
+    """The file's proj_out factors for a model whose blocks have `channels` (m) and, where they
+    differ, `in_channels` (n: FLUX.1's single-stream blocks)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -62,11 +65,12 @@ def read_foreign(path: Path, channels: dict[str, int], proj_out_only: bool = Fal
                         f"(e.g. {others[0]}); persres would have to drop them: pass --proj-out-only to do so")
     if others:
         warnings.warn(f"dropped {len(others)} non-proj_out targets of {path.name} (e.g. {others[0]})", DroppedTargetsWarning, stacklevel=2)
-    factors = {block: _factors(path, block, *found[block], channels[block]) for block in blocks}
+    ins = in_channels or {}
+    factors = {block: _factors(path, block, *found[block], channels[block], ins.get(block, channels[block])) for block in blocks}
     return ForeignLora(factors, metadata, fmt)
 
 
-def _factors(path: Path, block: str, up, down, alpha, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors(path: Path, block: str, up, down, alpha, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     where = f"{str(path)!r}, {block}"
     if up is None or down is None:
         raise PackError(f"{where}: one of the two LoRA factors is missing")
@@ -78,11 +82,12 @@ def _factors(path: Path, block: str, up, down, alpha, m: int) -> tuple[torch.Ten
     if up is None or down is None or up.ndim != 2 or down.ndim != 2:
         raise PackError(f"{where}: factors must be matrices or 1x1 convolutions")
     r = down.shape[0]
-    if up.shape == (m, r) and down.shape == (r, m) and r > m:
+    if up.shape == (m, r) and down.shape == (r, n) and r > m:
         raise PackError(f"{where}: rank {r} exceeds the layer's {m} channels (a low-rank residual has at most {m})")
-    if up.shape != (m, r) or down.shape != (r, m):
-        raise PackError(f"{where}: factor shapes {tuple(up.shape)} and {tuple(down.shape)} do not fit {m} channels "
-                        f"at one rank (expected ({m}, r) and (r, {m}))")
+    if up.shape != (m, r) or down.shape != (r, n):
+        size = f"{m} channels" if n == m else f"{n} -> {m} features"
+        raise PackError(f"{where}: factor shapes {tuple(up.shape)} and {tuple(down.shape)} do not fit {size} "
+                        f"at one rank (expected ({m}, r) and (r, {n}))")
     if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
         raise PackError(f"{where}: factors hold non-finite values")
     scale = 1.0

@@ -18,6 +18,9 @@ from persres.packs import PackMeta
 
 IMPL_DIFFUSERS = "diffusers"
 IMPL_STABILITY = "https://github.com/Stability-AI/generative-models"  # what sd-scripts writes for SDXL LoRAs
+IMPL_BFL = "https://github.com/black-forest-labs/flux"  # and for FLUX.1 LoRAs
+IMPLEMENTATIONS = {"sdxl": IMPL_STABILITY, "flux": IMPL_BFL}
+PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "flow_matching": "flow"}  # the pack's -> modelspec's
 
 
 def for_export(meta: PackMeta, fmt: str) -> dict[str, str]:
@@ -53,14 +56,14 @@ def for_export(meta: PackMeta, fmt: str) -> dict[str, str]:
         # SAI model spec
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{modelspec}/lora",
-        "modelspec.implementation": IMPL_STABILITY if family == "sdxl" else IMPL_DIFFUSERS,
+        "modelspec.implementation": IMPLEMENTATIONS.get(family, IMPL_DIFFUSERS),
         "modelspec.title": meta.name,
         "modelspec.description": f"persres concept '{meta.name}' ({meta.class_word}); write '{trigger}' in the prompt",
         "modelspec.date": date,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.trigger_phrase": trigger,
         "modelspec.usage_hint": f"Use '{trigger}' in the prompt",
-        "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": PREDICTIONS.get(prediction, "epsilon"),
         # persres
         "persres.name": meta.name,
         "persres.identifier": meta.identifier,

@@ -1,8 +1,9 @@
 """The diffusers / peft LoRA layout (`pipe.load_lora_weights(file)`):
 
-    unet.{block}.proj_out.lora_A.weight  (R, m[, 1, 1])  = B, zero-padded to rank R
+    unet.{block}.proj_out.lora_A.weight  (R, n[, 1, 1])  = B, zero-padded to rank R
     unet.{block}.proj_out.lora_B.weight  (m, R[, 1, 1])  = A, zero-padded to rank R
 
+("transformer." on FLUX.1, whose blocks are `single_transformer_blocks.N`.)
 persres pads every block to the pack's largest rank R (zero rows and columns: the product
 A B is unchanged) and writes `lora_adapter_metadata` with r = lora_alpha = R. One rank for
 every module means scale alpha / r = 1 on every diffusers version, whether it reads the
@@ -20,33 +21,39 @@ import json
 import torch
 
 from persres.errors import PackError
+from persres.families import family_of_meta
 from persres.packs import PackMeta
 
-PREFIXES = ("unet.", "base_model.model.", "")
+PREFIXES = ("unet.", "transformer.", "base_model.model.", "")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
 
+def prefix_of(meta: PackMeta) -> str:
+    """The denoiser's name in diffusers' LoRA files: "transformer" on FLUX.1, "unet" otherwise."""
+    return "transformer" if family_of_meta(meta) == "flux" else "unet"
+
+
 def write(tensors, meta: PackMeta, conv: bool) -> dict[str, torch.Tensor]:
-    rank = max(meta.ranks.values())
+    rank, prefix = max(meta.ranks.values()), prefix_of(meta)
     out = {}
     for block, r in meta.ranks.items():
-        up, down = tensors[f"{block}.up"], tensors[f"{block}.down"]  # (m, r), (r, m)
+        up, down = tensors[f"{block}.up"], tensors[f"{block}.down"]  # (m, r), (r, n)
         up = torch.cat([up, up.new_zeros(up.shape[0], rank - r)], dim=1)  # (m, R)
-        down = torch.cat([down, down.new_zeros(rank - r, down.shape[1])], dim=0)  # (R, m)
+        down = torch.cat([down, down.new_zeros(rank - r, down.shape[1])], dim=0)  # (R, n)
         if conv:
             up, down = up[:, :, None, None], down[:, :, None, None]
-        out[f"unet.{block}.proj_out.lora_A.weight"] = down.contiguous()
-        out[f"unet.{block}.proj_out.lora_B.weight"] = up.contiguous()
+        out[f"{prefix}.{block}.proj_out.lora_A.weight"] = down.contiguous()
+        out[f"{prefix}.{block}.proj_out.lora_B.weight"] = up.contiguous()
     return out
 
 
 def adapter_metadata(meta: PackMeta) -> str:
-    """The JSON diffusers writes under `lora_adapter_metadata` (LoraConfig fields, "unet." prefixed)."""
+    """The JSON diffusers writes under `lora_adapter_metadata` (LoraConfig fields, prefixed by the denoiser's name)."""
     rank = max(meta.ranks.values())
     config = {"r": rank, "lora_alpha": rank, "rank_pattern": {}, "alpha_pattern": {},
               "target_modules": sorted(f"{b}.proj_out" for b in meta.ranks), "lora_dropout": 0.0,
               "init_lora_weights": True, "use_dora": False, "lora_bias": False}
-    return json.dumps({f"unet.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
+    return json.dumps({f"{prefix_of(meta)}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
 
 
 def is_peft(keys) -> bool:
@@ -85,7 +92,7 @@ def read(tensors: dict[str, torch.Tensor], blocks: list[str], metadata: dict[str
         except json.JSONDecodeError:
             loaded = None
         if isinstance(loaded, dict):
-            config = {k.removeprefix("unet."): v for k, v in loaded.items()}
+            config = {k.removeprefix("unet.").removeprefix("transformer."): v for k, v in loaded.items()}
     modules: dict[str, dict] = {}
     alphas: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():

@@ -93,6 +93,13 @@ def m004_family(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE concepts SET family = 'sd1' WHERE proj_out = 'Conv2d'")
 
 
+@migration
+def m005_in_channels(db: sqlite_utils.Database) -> None:
+    """Each block's proj_out input features where they differ from its output channels (FLUX.1's
+    single-stream blocks: attention + MLP -> dim), as JSON; '{}' for every UNet pack."""
+    db.execute("ALTER TABLE concepts ADD COLUMN in_channels TEXT NOT NULL DEFAULT '{}'")
+
+
 def has_table(conn: sqlite3.Connection, name: str) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone() is not None
 

@@ -1,0 +1,79 @@
+"""LAG on FLUX.1's joint attention: each single-stream block's concept maps, in its own forward.
+
+A single-stream block attends over [T text tokens, N image tokens] at once. A concept's map is
+the image queries' attention to the concept's T5 token columns, summed over those tokens and
+averaged over heads, read off the fused kernel's log-sum-exp (`persres.kernels.attention`:
+never an (T+N) x (T+N) matrix). The block's proj_out then runs after its attention, so the
+mask it needs is ready without another transformer evaluation:
+
+    f(x) = W x + M * (Delta W x)   on image positions,   W x   on text positions
+
+(`persres.lag.LagSession.region` pads the T text positions with zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+
+from persres.kernels.attention import Backend, attention, resolve_backend
+from persres.kernels.processor import MapSink
+
+
+class JointAttnProcessor:
+    """A FLUX single-stream block's attention (diffusers' `FluxAttnProcessor` for a block without
+    `encoder_hidden_states`), through a persres backend, handing its image queries' token maps to `sink`."""
+
+    def __init__(self, backend: Backend | str | None, sink: MapSink, block: str, image_tokens: int):
+        self.backend = resolve_backend(backend)
+        self.sink = sink
+        self.block = block
+        self.image_tokens = image_tokens  # N: the last N positions of the joint sequence
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise NotImplementedError("persres's FLUX LAG runs on single-stream blocks without an attention mask")
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # (B, T+N, heads, d)
+        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, heads, T+N, d)
+        out, maps = attention(q, k, v, token_sets=self.sink.token_sets, backend=self.backend)
+        self.sink.record(self.block, maps[..., -self.image_tokens:])  # (B, K, N): image queries only
+        return out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, T+N, heads * d)
+
+
+def processor_factory(backend, session, layers, image_tokens: int):
+    """`attention_processors`' `make` on a FLUX transformer: the joint processor on every block
+    whose proj_out carries residuals, diffusers' own processor everywhere else."""
+
+    def make(name: str, old):
+        block = name.removesuffix(".attn.processor")
+        if block in layers:
+            return JointAttnProcessor(backend, session, block, image_tokens)
+        return old
+
+    return make
+
+
+def packed_grid(pipe, height: int, width: int) -> tuple[int, int]:
+    """The image-token grid of a FLUX call: latents are packed in 2x2 patches."""
+    cell = pipe.vae_scale_factor * 2
+    return height // cell, width // cell
+
+
+def joint_maps_reference(attn, hidden_states, image_rotary_emb, token_sets, image_tokens: int) -> torch.Tensor:
+    """The same maps from the full softmax of the joint attention (tests: what the kernel path must equal).
+    hidden_states: (B, T+N, C) -> (B, K, N)"""
+    query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1)))
+    key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1)))
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    q, k = query.transpose(1, 2).float(), key.transpose(1, 2).float()  # (B, heads, T+N, d)
+    probs = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)  # (B, heads, T+N, T+N)
+    maps = torch.stack([probs[..., list(cols)].sum(-1) for cols in token_sets], dim=1).mean(2)  # (B, K, T+N)
+    return maps[..., -image_tokens:]
