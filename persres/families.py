@@ -31,6 +31,7 @@ class Family:
     modelspec: str  # SAI model spec architecture (LoRAs append "/lora")
     resolution: int  # native training resolution, for exported metadata
     train_defaults: tuple[tuple[str, object], ...] = ()  # training settings the family recommends over the paper's
+    guidance: float | None = None  # the family's sampling guidance where the paper's 6.0 does not fit
 
 
 FAMILIES = {f.key: f for f in (
@@ -43,8 +44,9 @@ FAMILIES = {f.key: f for f in (
     # The paper's budget, not its ratio: r = 0.05 m gives 108 M parameters on FLUX.1-dev (0.91% of
     # its transformer); r = m / 128 = 24 gives 16.8 M, 0.141% of it, as the paper's 1,239,040 are
     # 0.144% of SD v1.4's UNet (tests/test_flux.py counts both on the real configs).
+    # FLUX.1-dev is guidance-distilled: guidance is an input of the transformer, 3.5 its pipeline's default
     Family("flux", "FLUX.1", "FluxPipeline", "black-forest-labs/FLUX.1-dev", "flux1", "flux-1-dev", 1024,
-           (("rank_ratio", FLUX_RANK_RATIO),)),
+           (("rank_ratio", FLUX_RANK_RATIO),), guidance=3.5),
 )}
 SD2_V_MODELSPEC = "stable-diffusion-v2-768-v"  # SD 2.x with v-prediction
 LABELS = {k: f.label for k, f in FAMILIES.items()}

@@ -359,11 +359,25 @@ def _load_single_file(path: str, config: str | None, dtype: "torch.dtype"):
     config = None if config is None else str(Path(config).expanduser())
     cls, kwargs = _pipeline_class(family)
     try:
+        if family == "flux":
+            return _load_flux_single_file(path, config, dtype)
         return cls.from_single_file(path, config=config, local_files_only=True, **dtype_argument(dtype), **kwargs)
     except Exception as e:
         source = f"the configs of {config!r}" if config is not None else f"the cached configs of {FAMILIES[family].config_repo}"
         raise ModelNotFound(f"model {path!r} ({label(family)}) did not load with {source} "
                             f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+
+
+def _load_flux_single_file(path: str, config: str | None, dtype: "torch.dtype"):
+    """A FLUX.1 single file is its transformer in Black Forest Labs' layout (flux1-dev.safetensors, what
+    ComfyUI loads as a diffusion model): diffusers converts it, the rest of the pipeline (VAE, CLIP,
+    T5, scheduler) comes from the configs directory or the cached FLUX.1-dev repo."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    source = config or FAMILIES["flux"].config_repo
+    transformer = FluxTransformer2DModel.from_single_file(path, config=source, subfolder="transformer", local_files_only=True,
+                                                          **dtype_argument(dtype))
+    return FluxPipeline.from_pretrained(source, transformer=transformer, local_files_only=True, **dtype_argument(dtype))
 
 
 def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,

@@ -82,6 +82,21 @@ class Workspace:
 
         return unet_config_of(self.model) or (unet_config_of(self.model_config) if self.model_config else None)
 
+    @cached_property
+    def family(self) -> str | None:
+        """The model's family read from its files without loading (None where they cannot be read)."""
+        from persres.models import family_of_model
+
+        return family_of_model(self.model, self.model_config)
+
+    @property
+    def guidance(self) -> float:
+        """The sampling guidance this model's family uses by default: the paper's 6.0, FLUX.1's 3.5."""
+        from persres.families import FAMILIES
+
+        family = FAMILIES.get(self.family or "")
+        return family.guidance if family is not None and family.guidance is not None else SampleConfig.guidance
+
     def first_toy_use(self) -> bool:
         """True once per registry: the toy model is in use only because nothing else was named."""
         if not self.toy_is_silent_default or self.registry is None or self.registry.setting(TOY_NOTICE_KEY) is not None:

@@ -19,8 +19,9 @@ def gen(
     concept: Annotated[list[str], typer.Option("--concept", "-c", metavar="NAME[:STRENGTH]",
                                                help="A registered concept, NAME or NAME:STRENGTH (residual scale 0-2, default 1); repeatable.")] = [],
     lag: Annotated[bool, typer.Option("--lag/--no-lag", help="Localized attention-guided sampling.")] = False,
-    steps: Annotated[int, typer.Option(help="DDIM steps [paper: 50].", metavar="INTEGER")] = 50,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale [paper: 6.0].", metavar="FLOAT")] = 6.0,
+    steps: Annotated[int, typer.Option(help="Sampling steps (DDIM; FLUX.1: its Euler sampler) [paper: 50].", metavar="INTEGER")] = 50,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale [default: the paper's 6.0; FLUX.1: 3.5, its own].",
+                                                      metavar="FLOAT")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.", metavar="INTEGER")] = 0,
     n: Annotated[int, typer.Option("-n", help="Number of images.", metavar="INTEGER")] = 1,
     height: Annotated[Optional[int], typer.Option(help="Image height [default: the model's].", metavar="PIXELS")] = None,
@@ -42,8 +43,11 @@ def gen(
 
     if save_masks and not lag:
         raise InputError("--save-masks shows LAG regions: add --lag")
-    config = SampleConfig(steps=steps, guidance=guidance, lag=lag, seed=seed, num_images=n, height=height, width=width, save_masks=save_masks)
+    config = SampleConfig(steps=steps, guidance=SampleConfig.guidance if guidance is None else guidance, lag=lag, seed=seed,
+                          num_images=n, height=height, width=width, save_masks=save_masks)
     ws = workspace(model, model_config, device, precision)
+    if guidance is None:  # the model family's own (FLUX.1: 3.5)
+        config = config.replace(guidance=ws.guidance)
     from persres.generation import bind_prompt
 
     bind_prompt(prompt, concept, ws.registry)  # a prompt error before any loading
