@@ -212,6 +212,22 @@ def test_migrations_apply_once(persres_home):
     assert [r["name"] for r in reg.db["_migrations"].rows] == [name for name, _ in MIGRATIONS]
 
 
+def test_a_registry_from_before_in_channels_keeps_its_packs(persres_home):
+    """A registry whose rows were written before m005: the column arrives with '{}' and every concept
+    reads and loads as it did."""
+    reg = Registry()
+    meta = make_meta()
+    reg.add(make_tensors(meta), meta)
+    reg.conn.execute("DELETE FROM _migrations WHERE name = 'm005_in_channels'")
+    reg.conn.execute("ALTER TABLE concepts DROP COLUMN in_channels")
+    reg.conn.close()
+    again = Registry()
+    [record] = again.list()
+    assert record.meta.in_channels == {} and record.meta == again.get("a").meta
+    tensors, loaded = again.load("a")
+    assert loaded.parameter_count == meta.parameter_count and set(tensors) == set(make_tensors(meta))
+
+
 def test_settings():
     reg = Registry()
     assert reg.setting("default_model") is None

@@ -64,16 +64,3 @@ def packed_grid(pipe, height: int, width: int) -> tuple[int, int]:
     cell = pipe.vae_scale_factor * 2
     return height // cell, width // cell
 
-
-def joint_maps_reference(attn, hidden_states, image_rotary_emb, token_sets, image_tokens: int) -> torch.Tensor:
-    """The same maps from the full softmax of the joint attention (tests: what the kernel path must equal).
-    hidden_states: (B, T+N, C) -> (B, K, N)"""
-    query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1)))
-    key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1)))
-    if image_rotary_emb is not None:
-        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-    q, k = query.transpose(1, 2).float(), key.transpose(1, 2).float()  # (B, heads, T+N, d)
-    probs = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)  # (B, heads, T+N, T+N)
-    maps = torch.stack([probs[..., list(cols)].sum(-1) for cols in token_sets], dim=1).mean(2)  # (B, K, T+N)
-    return maps[..., -image_tokens:]

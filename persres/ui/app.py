@@ -79,7 +79,7 @@ def build(session: Session) -> gr.Blocks:
             with gr.Row():
                 lag = gr.Checkbox(value=True, label="LAG")
                 gen_steps = gr.Number(value=50, label="steps", precision=0, elem_id="gen-steps")
-                guidance = gr.Number(value=6.0, label="guidance")
+                guidance = gr.Number(value=session.workspace.guidance, label="guidance")
                 seed = gr.Number(value=0, label="seed", precision=0)
                 count = gr.Number(value=2, label="count", precision=0, elem_id="gen-count")
                 size = gr.Textbox(value="", label="size WxH (empty: the model's)")
