@@ -147,6 +147,28 @@ def test_the_objective_is_rectified_flow_on_the_packed_latents(flux_pipe, concep
     torch.testing.assert_close(loss, ((seen["pred"] - (noise - x0)) ** 2).mean())
 
 
+def test_gradient_checkpointing_recomputes_the_blocks_and_learns_the_same_factors(flux_pipe, concept_dir):
+    """What fits FLUX.1-dev training on one GPU (docs/benchmarks.md): each block's forward runs again in
+    the backward, and the factors come out the same."""
+    from persres.images import read_folder
+    from persres.train import train_residuals
+
+    images = [r.image for r in read_folder(concept_dir)]
+    block = flux_pipe.transformer.single_transformer_blocks[0]
+    runs = {}
+    for checkpointing in (False, True):
+        calls = []
+        hook = block.register_forward_pre_hook(lambda *a: calls.append(1))
+        try:
+            result = train_residuals(flux_pipe, images, "sks", "circle",
+                                     TrainConfig(steps=3, resolution=SIZE, gradient_checkpointing=checkpointing))
+        finally:
+            hook.remove()
+        runs[checkpointing] = result.tensors, len(calls)
+    assert runs[False][1] == 3 and runs[True][1] == 6
+    assert all(torch.allclose(runs[False][0][k], runs[True][0][k], atol=1e-6) for k in runs[False][0])
+
+
 def test_training_sigmas_are_the_pipelines_own_shifted_sigmas(flux_pipe):
     """σ drawn for training goes through the same shift the pipeline applies to its sampling sigmas."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
