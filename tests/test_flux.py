@@ -458,3 +458,19 @@ def test_a_flux_single_file_that_does_not_convert_is_one_line(tiny_flux, concept
     errors = [line for line in result.output.splitlines() if line.startswith("error")]
     assert result.exit_code == 1 and len(errors) == 1 and "(FLUX.1) did not load" in errors[0], result.output
     assert "Traceback" not in result.output
+
+
+def test_a_black_forest_labs_single_file_loads_with_its_config_as_the_directory_does(tmp_path):
+    """flux1-dev.safetensors' layout through `FluxTransformer2DModel.from_single_file` and --config: the same
+    weights, the same fingerprint (packs trained on either fit both), the family read from the file."""
+    from persres.flux.tiny import build_wide_flux_pipeline, save_original_layout
+    from persres.models import family_of_model, fingerprint, load_pipeline
+
+    folder = build_wide_flux_pipeline(tmp_path / "wide-flux")
+    from_dir = load_pipeline(str(folder), dtype=torch.bfloat16)
+    single = save_original_layout(from_dir.transformer, tmp_path / "flux1-wide.safetensors")
+    from_file = load_pipeline(str(single), dtype=torch.bfloat16, config=str(folder))
+    assert type(from_file).__name__ == "FluxPipeline" and family_of_model(str(single)) == "flux"
+    ours, theirs = from_dir.transformer.state_dict(), from_file.transformer.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert fingerprint(from_file.transformer) == fingerprint(from_dir.transformer)
