@@ -50,7 +50,6 @@ FAMILIES = {f.key: f for f in (
 )}
 SD2_V_MODELSPEC = "stable-diffusion-v2-768-v"  # SD 2.x with v-prediction
 LABELS = {k: f.label for k, f in FAMILIES.items()}
-XL_PIPELINE = FAMILIES["sdxl"].pipeline
 PIPELINES = tuple(dict.fromkeys(f.pipeline for f in FAMILIES.values()))
 
 
@@ -71,12 +70,6 @@ def denoiser(pipe):
 
 def family_of(pipe) -> str:
     return family_of_config(denoiser(pipe).config)
-
-
-def family_of_pipeline_class(name: str) -> str | None:
-    """The family a model_index.json's pipeline class names, where only one family uses it (FLUX.1)."""
-    found = [f.key for f in FAMILIES.values() if f.pipeline == name]
-    return found[0] if len(found) == 1 else None
 
 
 def family_of_meta(meta) -> str:

@@ -410,7 +410,7 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
             if class_name not in PIPELINES:
                 raise ModelNotFound(f"model {model!r} is a {class_name or 'pipeline of no declared class'}; "
                                     f"persres runs {', '.join(PIPELINES)} models (SD 1.x, SD 2.x, SDXL, FLUX.1)")
-            cls, kwargs = _pipeline_class(next(k for k, f in FAMILIES.items() if f.pipeline == class_name))
+            cls, kwargs = _pipeline_class(next(k for k, f in FAMILIES.items() if f.pipeline == class_name))  # sd1/sd2 share one
             pipe = cls.from_pretrained(model, local_files_only=local.is_dir(), **dtype_argument(load_dtype), **kwargs)
     except ModelNotFound:
         raise

@@ -474,3 +474,22 @@ def test_a_black_forest_labs_single_file_loads_with_its_config_as_the_directory_
     ours, theirs = from_dir.transformer.state_dict(), from_file.transformer.state_dict()
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert fingerprint(from_file.transformer) == fingerprint(from_dir.transformer)
+
+
+def test_base_weights_are_read_from_the_transformers_files_without_loading(tiny_flux, tmp_path, monkeypatch):
+    """What tells packs of other weights at the same path apart: read from transformer/*.safetensors
+    (one file or shards) and equal to the loaded transformer's fingerprint."""
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    import persres.models as models
+    from persres.models import base_weights, fingerprint, load_pipeline
+
+    expected = fingerprint(load_pipeline(str(tiny_flux)).transformer).weights
+    sharded = shutil.copytree(tiny_flux, tmp_path / "sharded", ignore=shutil.ignore_patterns("transformer"))
+    FluxTransformer2DModel.from_pretrained(str(tiny_flux), subfolder="transformer").save_pretrained(
+        sharded / "transformer", max_shard_size="20KB")
+    assert (sharded / models.FLUX_INDEX).is_file()
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("read from the files, not loaded"))
+    assert base_weights(str(tiny_flux)) == base_weights(str(sharded)) == expected
