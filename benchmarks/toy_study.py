@@ -10,7 +10,7 @@ lr, each against the shipped model's defaults, on identity and change-background
 source) on every tuning pair, with the default training. `colors`: what moves the Lab color
 fidelity (median ΔE76 to the references' colors, share within ΔE 20, shape) and, in pairs with
 LAG, which concept's colors each object is nearer to: the min-SNR weighting, steps, lr, and LAG's
-delay and coverage. One process, one pipeline; each
+delay, coverage, region tokens, map source and conflict rule. One process, one pipeline; each
 training variant keeps its packs in its own registry under --out. Writes study.json and
 prints one markdown table.
 """
@@ -63,6 +63,11 @@ COLOR_VARIANTS = {
     "LAG delay 0.3": {"lag": {"delay": 0.3}},
     "LAG coverage 0.3": {"lag": {"coverage": 0.3}},
     "LAG coverage 0.7": {"lag": {"coverage": 0.7}},
+    "LAG delay 0.1": {"lag": {"delay": 0.1}},
+    "LAG delay 0.5": {"lag": {"delay": 0.5}},
+    "LAG class-word regions": {"lag": {"tokens": "class"}},
+    "LAG block maps": {"lag": {"maps": "block"}},
+    "LAG raw conflict": {"lag": {"conflict": "raw"}},
 }
 
 
