@@ -3,6 +3,8 @@
 SD 1.x/2.x: one CLIP text encoder's hidden states. SDXL: both encoders' joint hidden states,
 the pooled embedding and the size/crop conditioning (`added_cond_kwargs`), with a check that
 both tokenizers place the prompt's tokens alike (a concept's maps are read by position).
+FLUX.1: T5 states and CLIP's pooled vector (`persres.flux.train.encode`), T5 padded to
+`max_text_tokens`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ def text_encoders(pipe) -> list:
 
 def tokenizers(pipe) -> list:
     return [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+
+
+def max_text_tokens(pipe) -> int:
+    """FLUX.1's T5 sequence length: its tokenizer's limit, at most FLUX.1-dev's 512 (what the
+    pipeline pads to, so token positions are the same in training and sampling)."""
+    return min(512, pipe.tokenizer_2.model_max_length)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ heads, binarized at their median (M_i), and the block's output projection become
     f_i(x) = W_i x + M_i * (Delta W_i x)
 
 The maps come from the cross-attention of the same UNet evaluation (attn2 of block i runs
-before its proj_out), so LAG adds no model evaluation. Several concepts: each has its own
+before its proj_out), so LAG adds no model evaluation. On FLUX.1 they come from each
+single-stream block's joint attention (`persres.kernels.joint`), and the residual acts on the
+image tokens only: the text positions get M = 0. Several concepts: each has its own
 mask; where several masks are on, the concept with the highest max-normalized attention
 wins, so regions never overlap. Which tokens, what fraction of pixels and which maps
 define several concepts' regions is set by `MultiLagConfig` (measured on the toy world);
@@ -218,12 +220,14 @@ def lag_regions(
         # diffusers' default processor already is SDPA: keep it for self-attention then
         return old if resolve_backend(backend) is Backend.SDPA else KernelAttnProcessor(backend)
 
-    if hasattr(unet, "single_transformer_blocks"):  # FLUX.1: joint attention, `latent_hw` is the packed token grid
-        from persres.flux.lag import processor_factory
+    if hasattr(unet, "single_transformer_blocks"):  # FLUX.1: joint attention; `latent_hw` is the packed token grid
+        from persres.kernels.joint import JointAttnProcessor
 
-        if latent_hw is None:
-            raise ValueError("LAG on FLUX needs the image-token grid (latent_hw)")
-        make = processor_factory(backend, session, layers, latent_hw[0] * latent_hw[1])
+        image_tokens = latent_hw[0] * latent_hw[1]
+
+        def make(name: str, old):  # the joint processor where a proj_out carries residuals, diffusers' own elsewhere
+            block = name.removesuffix(".attn.processor")
+            return JointAttnProcessor(backend, session, block, image_tokens) if block in layers else old
 
     with attention_processors(unet, make):
         for layer in layers.values():

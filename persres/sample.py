@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from persres import residuals
-from persres.conditioning import check_same_positions
+from persres.conditioning import check_same_positions, max_text_tokens
 from persres.config import SampleConfig
 from persres.errors import GenerationError, InputError, PromptError
 from persres.families import denoiser, family_of
@@ -110,8 +110,6 @@ def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds
     # FLUX.1: guidance is an input of the (guidance-distilled) transformer, one evaluation per step;
     # its Euler sampler has no eta
     if flux:
-        from persres.flux.train import max_text_tokens
-
         call["max_sequence_length"] = max_text_tokens(pipe)
     else:
         call["eta"] = config.eta
@@ -125,12 +123,8 @@ def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds
             strengths = {c.name: c.strength for c in concepts}
             stack.enter_context(residuals.use_concepts(model, names, merged=not config.lag, strengths=strengths))
         if config.lag:
-            if flux:
-                from persres.flux.lag import packed_grid
-
-                latent_hw = packed_grid(pipe, height, width)
-            else:
-                latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+            cell = pipe.vae_scale_factor * (2 if flux else 1)  # FLUX packs latents in 2x2 patches: one token each
+            latent_hw = (height // cell, width // cell)
             session = stack.enter_context(lag_regions(model, tokens, cfg=config.guidance > 1 and not flux, backend=backend,
                                                       latent_hw=latent_hw, keep_masks=config.save_masks,
                                                       multi=config.multi, steps=config.steps))

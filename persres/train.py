@@ -200,7 +200,7 @@ def objective_for(pipe, images, prompt: str, resolution: int, config: TrainConfi
     with torch.no_grad():
         squares, mask = training_views(pipe, images, resolution, config.flip, config.scale_min, config.seed,
                                        cell=2 * pipe.vae_scale_factor)
-        source = flux.cache_inputs(pipe, squares, mask, prompt, chunk=config.batch_size)
+        source = flux.cache_inputs(pipe, *encode_squares(pipe, squares, config.batch_size), mask, prompt)
     return flux.flow_matching_objective(pipe, source, config.batch_size)
 
 

@@ -123,11 +123,11 @@ def test_the_objective_is_rectified_flow_on_the_packed_latents(flux_pipe, concep
     at timestep σ with the guidance input, loss = mean((prediction - (ε - x0))²)."""
     from persres.flux import train as flux
     from persres.images import read_folder
-    from persres.train import training_views
+    from persres.train import encode_squares, training_views
 
     images = [r.image for r in read_folder(concept_dir)]
     squares, mask = training_views(flux_pipe, images, SIZE, flip=True)
-    source = flux.cache_inputs(flux_pipe, squares, mask, "a photo of a sks circle")
+    source = flux.cache_inputs(flux_pipe, *encode_squares(flux_pipe, squares), mask, "a photo of a sks circle")
     loss_of = flux.flow_matching_objective(flux_pipe, source, batch_size=3)
     seen = {}
     model = flux_pipe.transformer

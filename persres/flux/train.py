@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from persres.conditioning import max_text_tokens
 from persres.errors import InputError
 
 TRAIN_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, the value FLUX.1-dev LoRA trainers pass
@@ -32,11 +33,6 @@ class FluxCondition:
     prompt_embeds: torch.Tensor  # (1, T, D) T5 states
     pooled: torch.Tensor  # (1, P) CLIP's pooled vector
     text_ids: torch.Tensor  # (T, 3) position ids of the text tokens (zeros)
-
-
-def max_text_tokens(pipe) -> int:
-    """FLUX's T5 sequence length: its tokenizer's limit, at most FLUX.1-dev's 512."""
-    return min(512, pipe.tokenizer_2.model_max_length)
 
 
 @torch.no_grad()
@@ -107,15 +103,13 @@ class FlowSource:
         return pack(pipe, latents), None if self.mask is None else self.mask[idx]
 
 
-def cache_inputs(pipe, squares, mask: torch.Tensor | None, prompt: str, chunk: int = 4) -> FlowSource:
-    """`squares` (references, flips, zoom-out views) through the VAE once, the prompt through both encoders once."""
-    from persres.train import encode_squares
-
-    h, w = (s // pipe.vae_scale_factor for s in squares[0].size[::-1])
+def cache_inputs(pipe, mean: torch.Tensor, std: torch.Tensor, mask: torch.Tensor | None, prompt: str) -> FlowSource:
+    """The references' latent distribution (mean, std: (N, C, h, w), encoded once by the caller) with
+    its loss mask, and the prompt through both encoders once."""
+    h, w = mean.shape[-2:]
     if h % 2 or w % 2:
         raise InputError(f"FLUX packs latents in 2x2 patches: the training resolution must be a multiple of "
                          f"{2 * pipe.vae_scale_factor} px")
-    mean, std = encode_squares(pipe, squares, chunk)
     vae = pipe.vae.config
     return FlowSource(mean, std, encode(pipe, prompt), vae.get("shift_factor") or 0.0, vae.scaling_factor,
                       None if mask is None else pack_mask(mask))

@@ -1,19 +1,15 @@
-"""LAG on FLUX.1's joint attention: each single-stream block's concept maps, in its own forward.
+"""The attention of a FLUX.1 single-stream block through a persres kernel, with token maps.
 
-A single-stream block attends over [T text tokens, N image tokens] at once. A concept's map is
-the image queries' attention to the concept's T5 token columns, summed over those tokens and
-averaged over heads, read off the fused kernel's log-sum-exp (`persres.kernels.attention`:
-never an (T+N) x (T+N) matrix). The block's proj_out then runs after its attention, so the
-mask it needs is ready without another transformer evaluation:
-
-    f(x) = W x + M * (Delta W x)   on image positions,   W x   on text positions
-
-(`persres.lag.LagSession.region` pads the T text positions with zeros).
+A single-stream block attends over the joint sequence [T text tokens, N image tokens]. A
+concept's map is the image queries' attention to the concept's T5 token columns, summed over
+those tokens and averaged over heads, read off the fused kernel's log-sum-exp
+(`persres.kernels.attention`: never a (T+N) x (T+N) matrix). The block's proj_out runs after
+its attention, so LAG's mask is ready in the same transformer evaluation
+(`persres.lag.lag_regions` installs this processor on FLUX).
 """
 
 from __future__ import annotations
 
-import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from persres.kernels.attention import Backend, attention, resolve_backend
@@ -44,23 +40,3 @@ class JointAttnProcessor:
         out, maps = attention(q, k, v, token_sets=self.sink.token_sets, backend=self.backend)
         self.sink.record(self.block, maps[..., -self.image_tokens:])  # (B, K, N): image queries only
         return out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, T+N, heads * d)
-
-
-def processor_factory(backend, session, layers, image_tokens: int):
-    """`attention_processors`' `make` on a FLUX transformer: the joint processor on every block
-    whose proj_out carries residuals, diffusers' own processor everywhere else."""
-
-    def make(name: str, old):
-        block = name.removesuffix(".attn.processor")
-        if block in layers:
-            return JointAttnProcessor(backend, session, block, image_tokens)
-        return old
-
-    return make
-
-
-def packed_grid(pipe, height: int, width: int) -> tuple[int, int]:
-    """The image-token grid of a FLUX call: latents are packed in 2x2 patches."""
-    cell = pipe.vae_scale_factor * 2
-    return height // cell, width // cell
-
