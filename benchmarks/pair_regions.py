@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lag", nargs="*", default=[], metavar="KEY=VALUE", help="several-concept region choices over MultiLagConfig's defaults")
     args = ap.parse_args(argv)
 
-    from toy_study import setting  # benchmarks/ is on the path when this runs as a script
+    from benchmarks.toy_study import setting
     from persres.api import train_config_for
     from persres.workspace import Workspace
     from persres.config import MultiLagConfig, SampleConfig

@@ -53,7 +53,7 @@ def strength_suffix(strength: float) -> str:
 
 
 def run(args) -> None:
-    from toy_study import setting  # benchmarks/ is on the path when this runs as a script
+    from benchmarks.toy_study import setting
     from persres import residuals
     from persres.api import train_config_for
     from persres.workspace import Workspace
@@ -94,7 +94,7 @@ def run(args) -> None:
 
 def pairs(args) -> None:
     from persres import residuals
-    from toy_study import setting
+    from benchmarks.toy_study import setting
     from persres.config import MultiLagConfig, SampleConfig, TrainConfig
     from persres.models import load_pipeline, resolve_model
     from persres.registry import Registry
