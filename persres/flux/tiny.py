@@ -1,10 +1,12 @@
 """A tiny FLUX.1 pipeline built in code (tests, offline demos), and FLUX.1-dev's transformer config.
 
-`build_tiny_flux_pipeline(path)` saves a random-weights `FluxPipeline` (two-block transformer,
-tiny CLIP and T5 encoders, a two-level VAE) with `save_pretrained`, so it loads through the
-same `from_pretrained` path as black-forest-labs/FLUX.1-dev. Its T5 vocabulary holds the toy
-world's words but no identifiers: an identifier that is one CLIP token is several T5 tokens,
-as a rare word is under the real T5 tokenizer.
+`build_tiny_flux_pipeline(path)` saves a random-weights `FluxPipeline` (one double- and two
+single-stream blocks, tiny CLIP and T5 encoders, a two-level VAE) with `save_pretrained`, so it
+loads through the same `from_pretrained` path as black-forest-labs/FLUX.1-dev. Its T5
+vocabulary holds the toy world's words but no identifiers: an identifier that is one CLIP token
+is several T5 tokens, as a rare word is under the real T5 tokenizer (a T5 tokenizer made from a
+list of pieces, offline, needs transformers 5). `build_wide_flux_pipeline` and
+`save_original_layout` make a Black Forest Labs-layout single file for the single-file path.
 """
 
 from __future__ import annotations
