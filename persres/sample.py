@@ -128,7 +128,9 @@ def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds
             session = stack.enter_context(lag_regions(model, tokens, cfg=config.guidance > 1 and not flux, backend=backend,
                                                       latent_hw=latent_hw, keep_masks=config.save_masks,
                                                       multi=config.multi, steps=config.steps))
-        elif resolve_backend(backend) is not Backend.SDPA and not flux:  # diffusers' default already is SDPA
+        elif flux and backend not in (None, "auto", "sdpa", Backend.SDPA):
+            raise InputError(f"--backend {backend} runs FLUX.1's attention with --lag only; without it FLUX uses diffusers' own")
+        elif not flux and resolve_backend(backend) is not Backend.SDPA:  # diffusers' default already is SDPA
             stack.enter_context(attention_backend(model, backend))
         pixels = pipe(**call).images
     if not np.isfinite(pixels).all():  # NaN would be written as black with nothing said

@@ -243,8 +243,8 @@ def delta_of(layer, name: str, x: torch.Tensor) -> torch.Tensor:
     return x.double() @ (factors.up.detach().double() @ factors.down.detach().double()).T  # (B, T+N, m)
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.6])
-def test_lag_on_joint_attention_is_the_paper_rule_recomputed_independently(flux_pipe, strength):
+@pytest.mark.parametrize("strength,backend", [(1.0, None), (0.6, "reference")])
+def test_lag_on_joint_attention_is_the_paper_rule_recomputed_independently(flux_pipe, strength, backend):
     """Every single-stream block, every step: proj_out gives W x + s * M ⊙ ΔW x on the image tokens and
     W x on the text tokens, M the median-binarized map recomputed here; one transformer call a step."""
     model = transformer_of(flux_pipe)
@@ -271,7 +271,7 @@ def test_lag_on_joint_attention_is_the_paper_rule_recomputed_independently(flux_
             checked.append(name)
         hooks.append(layer.register_forward_hook(check))
     try:
-        result = generate(flux_pipe, prompt, [concept], SampleConfig(steps=3, lag=True, height=SIZE, width=SIZE))
+        result = generate(flux_pipe, prompt, [concept], SampleConfig(steps=3, lag=True, height=SIZE, width=SIZE), backend=backend)
     finally:
         for h in hooks:
             h.remove()
@@ -493,3 +493,9 @@ def test_base_weights_are_read_from_the_transformers_files_without_loading(tiny_
     assert (sharded / models.FLUX_INDEX).is_file()
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("read from the files, not loaded"))
     assert base_weights(str(tiny_flux)) == base_weights(str(sharded)) == expected
+
+
+def test_an_attention_backend_without_lag_is_refused_on_flux_not_ignored(flux_pipe):
+    with pytest.raises(InputError, match="--lag"):
+        generate(flux_pipe, "a red circle", [], SampleConfig(steps=1, height=SIZE, width=SIZE), backend="reference")
+    assert generate(flux_pipe, "a red circle", [], SampleConfig(steps=1, height=SIZE, width=SIZE), backend="auto").images
