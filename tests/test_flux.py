@@ -499,3 +499,31 @@ def test_an_attention_backend_without_lag_is_refused_on_flux_not_ignored(flux_pi
     with pytest.raises(InputError, match="--lag"):
         generate(flux_pipe, "a red circle", [], SampleConfig(steps=1, height=SIZE, width=SIZE), backend="reference")
     assert generate(flux_pipe, "a red circle", [], SampleConfig(steps=1, height=SIZE, width=SIZE), backend="auto").images
+
+
+def test_the_web_app_trains_and_generates_on_flux(tiny_flux, concept_dir, tmp_path, monkeypatch):
+    """`persres ui` on a FLUX model at its API: train (the family's rank ratio in the form), generate with
+    LAG and its region overlay, and a class suggestion refused with the one line that asks for the class."""
+    import socket
+
+    import gradio_client
+
+    from persres.ui.app import serve
+    from persres.workspace import Workspace
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ws = Workspace(str(tiny_flux), precision="fp32")
+    app, url = serve(ws, tmp_path / "out", port=port, block=False)
+    try:
+        client = gradio_client.Client(url, verbose=False)
+        images = [gradio_client.handle_file(str(p)) for p in sorted(concept_dir.iterdir())]
+        said = client.predict(images, "", "fx", "circle", 3, 1e-3, FLUX_RANK_RATIO, api_name="/train")
+        assert said.startswith("trained fx") and ws.registry.get("fx").meta.family == "flux"
+        gallery, regions = client.predict("a V* circle", ["fx"], True, 2, 3.5, 3, 1, f"{SIZE}x{SIZE}", ["fx"], api_name="/generate")
+        assert len(gallery) == 2 and "fx:" in regions  # the image and its region overlay
+        with pytest.raises(Exception, match="FLUX.1 give the class word"):
+            client.predict(images, "", api_name="/suggest")
+    finally:
+        app.close()
