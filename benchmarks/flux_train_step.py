@@ -54,7 +54,8 @@ def images(n, resolution):
 
 def floor_times(pipe, args) -> list[float]:
     from persres import residuals
-    from persres.flux.train import encode, image_ids
+    from persres.conditioning import encode
+    from persres.flux.train import image_ids
 
     model = pipe.transformer
     factors = residuals.new_concept(model, "floor", residuals.ranks_for(model, args.rank_ratio))
@@ -65,8 +66,8 @@ def floor_times(pipe, args) -> list[float]:
     tokens, channels = (h // 2) ** 2, model.config.in_channels
     latents = torch.randn(args.batch, tokens, channels)  # (B, L, 4C): packed
     noise = torch.randn_like(latents)
-    cond = encode(pipe, "a photo of a sks dog")
-    embeds, pooled = cond.prompt_embeds.expand(args.batch, -1, -1), cond.pooled.expand(args.batch, -1)
+    embeds, added = encode(pipe, "a photo of a sks dog", (args.resolution, args.resolution)).expand(args.batch)
+    pooled, text_ids = added["pooled_projections"], torch.zeros(embeds.shape[1], 3)
     ids, sigma, guidance = image_ids(pipe, h, h, "cpu"), torch.rand(args.batch), torch.full((args.batch,), 3.5)
 
     def step():
@@ -74,7 +75,7 @@ def floor_times(pipe, args) -> list[float]:
             p.grad = None
         noisy = (1 - sigma.view(-1, 1, 1)) * latents + sigma.view(-1, 1, 1) * noise
         pred = model(hidden_states=noisy, timestep=sigma, guidance=guidance, pooled_projections=pooled,
-                     encoder_hidden_states=embeds, txt_ids=cond.text_ids, img_ids=ids, return_dict=False)[0]
+                     encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
         F.mse_loss(pred, noise - latents).backward()
 
     with residuals.use_concepts(model, ["floor"], merged=False):

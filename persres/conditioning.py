@@ -3,7 +3,7 @@
 SD 1.x/2.x: one CLIP text encoder's hidden states. SDXL: both encoders' joint hidden states,
 the pooled embedding and the size/crop conditioning (`added_cond_kwargs`), with a check that
 both tokenizers place the prompt's tokens alike (a concept's maps are read by position).
-FLUX.1: T5 states and CLIP's pooled vector (`persres.flux.train.encode`), T5 padded to
+FLUX.1: the T5 states (what its joint attention reads) and CLIP's pooled vector, T5 padded to
 `max_text_tokens`.
 """
 
@@ -35,8 +35,8 @@ def max_text_tokens(pipe) -> int:
 class Conditioning:
     """A prompt's conditioning for the UNet, computed once."""
 
-    embedding: torch.Tensor  # (1, tokens, D)
-    added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds (1, P), time_ids (1, 6)
+    embedding: torch.Tensor  # (1, tokens, D); FLUX.1: the T5 states
+    added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds (1, P), time_ids (1, 6); FLUX.1: pooled_projections (1, P)
 
     def expand(self, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         added = None if self.added is None else {k: v.expand(batch, *v.shape[1:]) for k, v in self.added.items()}
@@ -55,6 +55,11 @@ def check_same_positions(pipe, prompt: str) -> None:
 @torch.no_grad()
 def encode(pipe, prompt: str, resolution: tuple[int, int]) -> Conditioning:
     """The conditioning sampling uses for `prompt` (the pipeline's own encoders), without guidance."""
+    if family_of(pipe) == "flux":
+        model = pipe.transformer
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=model.device, num_images_per_prompt=1,
+                                               max_sequence_length=max_text_tokens(pipe))
+        return Conditioning(embeds.to(model.dtype), {"pooled_projections": pooled.to(model.dtype)})
     device = pipe.unet.device
     if family_of(pipe) != "sdxl":
         tok = pipe.tokenizer

@@ -47,9 +47,9 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class Batch:
-    latents: torch.Tensor  # (B, 4, h, w), scaled
+    latents: torch.Tensor  # (B, 4, h, w), normalized as the pipeline's VAE expects
     embedding: torch.Tensor  # (B, tokens, D)
-    added: dict[str, torch.Tensor] | None  # SDXL's added_cond_kwargs, batched
+    added: dict[str, torch.Tensor] | None  # SDXL's added_cond_kwargs, FLUX.1's pooled vector, batched
     mask: torch.Tensor | None  # (B, 1, h, w) where the loss counts; None: everywhere
 
 
@@ -62,6 +62,7 @@ class CachedBatchSource:
     condition: Conditioning
     scaling_factor: float
     mask: torch.Tensor | None = None  # (N, 1, h, w) where the loss counts; None: everywhere
+    shift_factor: float = 0.0  # subtracted before scaling: FLUX.1's VAE (SD pipelines only scale)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         if self.mask is None:
@@ -71,7 +72,7 @@ class CachedBatchSource:
             weights = torch.where(full, 1.0 / full.sum(), 1.0 / (~full).sum().clamp_min(1)).to(generator.device)
             idx = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
         eps = torch.randn(self.mean[idx].shape, generator=generator, device=generator.device)
-        latents = (self.mean[idx] + self.std[idx] * eps) * self.scaling_factor  # (B, 4, h, w)
+        latents = (self.mean[idx] + self.std[idx] * eps - self.shift_factor) * self.scaling_factor  # (B, 4, h, w)
         embedding, added = self.condition.expand(batch_size)
         return Batch(latents, embedding, added, None if self.mask is None else self.mask[idx])
 
@@ -165,10 +166,13 @@ def training_views(pipe, images: Sequence[Image.Image], resolution: int, flip: b
 @torch.no_grad()
 def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: int, flip: bool, chunk: int = 4,
                  scale_min: float = 1.0, seed: int = 0) -> CachedBatchSource:
-    squares, mask = training_views(pipe, images, resolution, flip, scale_min, seed)
+    flux = family_of(pipe) == "flux"
+    squares, mask = training_views(pipe, images, resolution, flip, scale_min, seed,
+                                   cell=pipe.vae_scale_factor * (2 if flux else 1))  # FLUX: views on whole 2x2 patches
     mean, std = encode_squares(pipe, squares, chunk)
     condition = encode(pipe, prompt, (resolution, resolution))
-    return CachedBatchSource(mean, std, condition, pipe.vae.config.scaling_factor, mask)
+    shift = (pipe.vae.config.get("shift_factor") or 0.0) if flux else 0.0
+    return CachedBatchSource(mean, std, condition, pipe.vae.config.scaling_factor, mask, shift)
 
 
 def denoising_objective(unet, source: CachedBatchSource, batch_size: int, scheduler, snr_gamma: float | None):
@@ -189,19 +193,16 @@ def denoising_objective(unet, source: CachedBatchSource, batch_size: int, schedu
 def objective_for(pipe, images, prompt: str, resolution: int, config: TrainConfig):
     """The family's training objective over inputs encoded once: denoising (epsilon or v) on a UNet,
     flow matching on FLUX.1."""
-    if family_of(pipe) != "flux":
-        source = cache_inputs(pipe, images, prompt, resolution, config.flip, chunk=config.batch_size,
-                              scale_min=config.scale_min, seed=config.seed)
-        return denoising_objective(pipe.unet, source, config.batch_size, pipe.scheduler, config.snr_gamma)
-    from persres.flux import train as flux
-
-    if config.snr_gamma is not None:
+    flux = family_of(pipe) == "flux"
+    if flux and config.snr_gamma is not None:
         raise InputError("min-SNR weighting (--snr-gamma) is for epsilon and v-prediction models; FLUX.1 trains by flow matching")
-    with torch.no_grad():
-        squares, mask = training_views(pipe, images, resolution, config.flip, config.scale_min, config.seed,
-                                       cell=2 * pipe.vae_scale_factor)
-        source = flux.cache_inputs(pipe, *encode_squares(pipe, squares, config.batch_size), mask, prompt)
-    return flux.flow_matching_objective(pipe, source, config.batch_size)
+    source = cache_inputs(pipe, images, prompt, resolution, config.flip, chunk=config.batch_size,
+                          scale_min=config.scale_min, seed=config.seed)
+    if flux:
+        from persres.flux.train import flow_matching_objective
+
+        return flow_matching_objective(pipe, source, config.batch_size)
+    return denoising_objective(pipe.unet, source, config.batch_size, pipe.scheduler, config.snr_gamma)
 
 
 def check_prompt(pipe, prompt: str, identifier: str, class_word: str) -> None:

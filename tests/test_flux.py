@@ -13,7 +13,7 @@ from persres.errors import IncompatiblePack, InputError, PromptError
 from persres.families import FLUX_RANK_RATIO, family_of
 from persres.flux.tiny import FLUX_DEV_TRANSFORMER_CONFIG, build_tiny_flux_pipeline
 from persres.sample import concept_tokens, generate, region_tokenizer
-from persres.testing import SD14_UNET_CONFIG
+from persres.testing import SD14_UNET_CONFIG, concept_shares
 from persres.tokens import BoundConcept
 
 SIZE = 32  # px: an 8 x 8 grid of packed image tokens on the tiny model
@@ -123,11 +123,10 @@ def test_the_objective_is_rectified_flow_on_the_packed_latents(flux_pipe, concep
     at timestep σ with the guidance input, loss = mean((prediction - (ε - x0))²)."""
     from persres.flux import train as flux
     from persres.images import read_folder
-    from persres.train import encode_squares, training_views
+    from persres.train import cache_inputs
 
     images = [r.image for r in read_folder(concept_dir)]
-    squares, mask = training_views(flux_pipe, images, SIZE, flip=True)
-    source = flux.cache_inputs(flux_pipe, *encode_squares(flux_pipe, squares), mask, "a photo of a sks circle")
+    source = cache_inputs(flux_pipe, images, "a photo of a sks circle", SIZE, flip=True)
     loss_of = flux.flow_matching_objective(flux_pipe, source, batch_size=3)
     seen = {}
     model = flux_pipe.transformer
@@ -137,7 +136,7 @@ def test_the_objective_is_rectified_flow_on_the_packed_latents(flux_pipe, concep
     finally:
         hook.remove()
     again = torch.Generator().manual_seed(7)
-    x0, _ = source.sample(flux_pipe, 3, again)  # the same draws, in the same order
+    x0 = flux.pack(flux_pipe, source.sample(3, again).latents)  # the same draws, in the same order
     noise = torch.randn(x0.shape, generator=again)
     sigma = seen["timestep"].view(-1, 1, 1)
     assert x0.shape == (3, (SIZE // flux_pipe.vae_scale_factor // 2) ** 2, 4 * flux_pipe.vae.config.latent_channels)
@@ -296,12 +295,9 @@ def test_two_concepts_act_in_disjoint_regions_of_the_image_tokens_only(flux_pipe
         text = x.shape[1] - image_tokens
         assert added[:, :text].abs().max() < 1e-5  # never on the text tokens
         deltas = torch.stack([delta_of(module, n, x) for n in names])[:, :, text:]  # (K, B, N, m)
-        img = added[:, text:]
-        candidates = torch.stack([img.abs().amax(-1)] + [(img - d).abs().amax(-1) for d in deltas])  # (1 + K, B, N)
-        assert (candidates.amin(dim=0) < 1e-4).all()  # each token: nothing, or exactly one concept's ΔW x
-        best = candidates.argmin(dim=0)
-        for k, name in enumerate(names, start=1):
-            share = (best == k).float().mean().item()
+        shares, error = concept_shares(added[:, text:], deltas, channel_dim=-1)
+        assert error < 1e-4  # each image token: nothing, or exactly one concept's ΔW x
+        for name, share in zip(names, shares):
             assert share <= 0.5 + 1.0 / image_tokens
             acted[name] = max(acted[name], share)
         seen.append(1)
