@@ -59,11 +59,12 @@ def check_magnitude(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta) -> N
 
 def apply_pack(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta, model: str | None = None, fp: Fingerprint | None = None) -> None:
     """Load a pack's residuals onto a diffusers pipeline you already hold (checked for fit and size)."""
-    check_fit(meta, fp or fingerprint(denoiser(pipe)), model or pipe.config.get("_name_or_path", "this model"), family_of(pipe))
+    net = denoiser(pipe)
+    check_fit(meta, fp or fingerprint(net), model or pipe.config.get("_name_or_path", "this model"), family_of(pipe))
     check_magnitude(pipe, tensors, meta)
-    if meta.name in residuals.loaded_concepts(denoiser(pipe)):
-        residuals.unload_concept(denoiser(pipe), meta.name)
-    residuals.load_concept(denoiser(pipe), meta.name, tensors)
+    if meta.name in residuals.loaded_concepts(net):
+        residuals.unload_concept(net, meta.name)
+    residuals.load_concept(net, meta.name, tensors)
 
 
 def apply_concepts(pipe, registry, names, model: str | None = None, fp: Fingerprint | None = None) -> list:

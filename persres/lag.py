@@ -214,12 +214,6 @@ def lag_regions(
     session = LagSession(concepts, cfg, latent_hw, keep_masks, multi, steps)
     layers = layers_of(unet)
 
-    def make(name: str, old):
-        if name.endswith("attn2.processor") and block_of(name) in layers:
-            return KernelAttnProcessor(backend, session, block_of(name))
-        # diffusers' default processor already is SDPA: keep it for self-attention then
-        return old if resolve_backend(backend) is Backend.SDPA else KernelAttnProcessor(backend)
-
     if hasattr(unet, "single_transformer_blocks"):  # FLUX.1: joint attention; `latent_hw` is the packed token grid
         from persres.kernels.joint import JointAttnProcessor
 
@@ -228,6 +222,12 @@ def lag_regions(
         def make(name: str, old):  # the joint processor where a proj_out carries residuals, diffusers' own elsewhere
             block = name.removesuffix(".attn.processor")
             return JointAttnProcessor(backend, session, block, image_tokens) if block in layers else old
+    else:
+        def make(name: str, old):
+            if name.endswith("attn2.processor") and block_of(name) in layers:
+                return KernelAttnProcessor(backend, session, block_of(name))
+            # diffusers' default processor already is SDPA: keep it for self-attention then
+            return old if resolve_backend(backend) is Backend.SDPA else KernelAttnProcessor(backend)
 
     with attention_processors(unet, make):
         for layer in layers.values():

@@ -196,7 +196,7 @@ def denoiser_config_of(model: str) -> dict | None:
     return config if config is not None and "num_single_layers" in config else None
 
 
-def family_of_model(model: str, model_config: str | None = None) -> str | None:
+def family_of_model(model: str) -> str | None:
     """A model's family read from its files without loading it (a single file's from its tensor
     names); None where they cannot be read here."""
     from persres.families import family_of_config

@@ -87,7 +87,7 @@ class Workspace:
         """The model's family read from its files without loading (None where they cannot be read)."""
         from persres.models import family_of_model
 
-        return family_of_model(self.model, self.model_config)
+        return family_of_model(self.model)
 
     @property
     def guidance(self) -> float:
