@@ -345,6 +345,16 @@ def build_mini_cc101(root: str | Path) -> Path:
 
 
 @torch.no_grad()
+def concept_shares(added: torch.Tensor, deltas: torch.Tensor, channel_dim: int) -> tuple[list[float], float]:
+    """What explains a layer's added output at each position: nothing, or exactly one concept's
+    ΔW x (`deltas`: (K, *added.shape)), judged by the largest channel difference. Returns each
+    concept's share of the positions and the worst position's difference from its explanation
+    (~0 where regions are disjoint and residuals exact)."""
+    candidates = torch.stack([added.abs().amax(channel_dim)] + [(added - d).abs().amax(channel_dim) for d in deltas])  # (1 + K, ...)
+    best = candidates.argmin(dim=0)  # 0: nothing, k: concept k
+    return [(best == k).float().mean().item() for k in range(1, len(deltas) + 1)], candidates.amin(dim=0).max().item()
+
+
 def fixed_noise_loss(pipe, images, prompt: str, resolution: int, seed: int = 123, batches: int = 8) -> float:
     """The training objective (`train.denoising_loss`) on `images` with seeded latents, noise and
     timesteps, so that two calls (before and after training) compare like for like."""

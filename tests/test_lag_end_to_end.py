@@ -12,6 +12,7 @@ import torch
 from persres import residuals
 from persres.config import SampleConfig
 from persres.sample import concept_tokens, generate
+from persres.testing import concept_shares
 from persres.tokens import BoundConcept
 
 
@@ -108,13 +109,10 @@ def test_three_concepts_each_act_only_in_their_own_disjoint_region(pipe):
         x = args[0]
         added = output.double() - module.base_layer(x).double()  # (B, C, H, W)
         deltas = torch.stack([delta_of(module, n, x) for n in names])  # (K, B, C, H, W)
-        per_pixel = lambda t: t.abs().amax(dim=-3)  # noqa: E731  (largest channel difference)
-        candidates = torch.stack([per_pixel(added)] + [per_pixel(added - d) for d in deltas])  # (1 + K, B, H, W)
-        best = candidates.argmin(dim=0)  # 0: nothing, k: concept k
-        assert (candidates.amin(dim=0) < 1e-4).all()  # every pixel is one of: nothing, or exactly one concept's delta
-        n = best[0].numel()
-        for k, name in enumerate(names, start=1):
-            share = (best == k).float().mean().item()
+        shares, error = concept_shares(added, deltas, channel_dim=-3)
+        assert error < 1e-4  # every pixel is one of: nothing, or exactly one concept's delta
+        n = x.shape[-2] * x.shape[-1]
+        for name, share in zip(names, shares):
             assert share <= 0.5 + 1.0 / n
             acted[name] = max(acted[name], share)
         seen.append(1)
