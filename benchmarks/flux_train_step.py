@@ -28,7 +28,7 @@ from benchmarks.common import machine, median, sync, timed
 def small_flux_pipeline(width: int, single: int, double: int):
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from persres.flux.tiny import tiny_flux_components
+    from persres.testing.flux import tiny_flux_components
 
     parts = tiny_flux_components()
     head = 32
@@ -55,7 +55,7 @@ def images(n, resolution):
 def floor_times(pipe, args) -> list[float]:
     from persres import residuals
     from persres.conditioning import encode
-    from persres.flux.train import image_ids
+    from persres.families.flux import image_ids
 
     model = pipe.transformer
     factors = residuals.new_concept(model, "floor", residuals.ranks_for(model, args.rank_ratio))

@@ -92,7 +92,7 @@ class NPass:
 
         # the base evaluation runs the concepts at strength 0: the base model's output, and LAG's regions kept
         with residuals.use_concepts(pipe.unet, names, merged=False, strengths={c: 0.0 for c in names}), \
-                lag_regions(pipe.unet, tokens, cfg=True, latent_hw=tuple(latents.shape[-2:]), keep_masks=True,
+                lag_regions(pipe.unet, tokens, guided=True, latent_hw=tuple(latents.shape[-2:]), keep_masks=True,
                             multi=multi or MultiLagConfig(), steps=steps) as session:
             for i, t in enumerate(scheduler.timesteps):
                 x = scheduler.scale_model_input(torch.cat([latents] * 2), t)

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     from benchmarks.multi_concept_cost import NPass
-    from persres.api import train_config_for
+    from persres.settings import train_config_for
     from persres.config import SampleConfig
     from persres.models import load_pipeline, resolve_model
     from persres.registry import Registry

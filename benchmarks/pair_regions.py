@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from benchmarks.toy_study import setting
-    from persres.api import train_config_for
+    from persres.settings import train_config_for
     from persres.workspace import Workspace
     from persres.config import MultiLagConfig, SampleConfig
     from persres.models import load_pipeline, resolve_model

@@ -63,7 +63,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from persres.api import train_config_for
+    from persres.settings import train_config_for
     from persres.images import read_folder
     from persres.models import load_pipeline, resolve_model
     from persres.suggest import SuggestConfig, screen, suggest_class

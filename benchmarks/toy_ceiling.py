@@ -71,7 +71,7 @@ def fine_tune_unet(pipe, images, prompt: str, config, lr: float, only: str | Non
 
 
 def run(args) -> None:
-    from persres.api import train_config_for
+    from persres.settings import train_config_for
     from persres.config import SampleConfig
     from persres.images import read_folder
     from persres.models import load_pipeline, resolve_model

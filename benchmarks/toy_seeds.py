@@ -55,7 +55,7 @@ def strength_suffix(strength: float) -> str:
 def run(args) -> None:
     from benchmarks.toy_study import setting
     from persres import residuals
-    from persres.api import train_config_for
+    from persres.settings import train_config_for
     from persres.workspace import Workspace
     from persres.config import SampleConfig
     from persres.models import load_pipeline, resolve_model

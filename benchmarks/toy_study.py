@@ -129,7 +129,7 @@ def main(argv=None) -> None:
                     help="training settings every variant starts from instead of the model's defaults (e.g. rank_ratio=0.2)")
     args = ap.parse_args(argv)
 
-    from persres.api import train_config_for
+    from persres.settings import train_config_for
     from persres.workspace import Workspace
     from persres.config import MultiLagConfig, SampleConfig
     from persres.models import load_pipeline, resolve_model

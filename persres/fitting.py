@@ -13,7 +13,7 @@ import torch
 
 from persres import residuals
 from persres.errors import IncompatiblePack
-from persres.families import denoiser, family_of, family_of_meta, label
+from persres import families
 from persres.models import Fingerprint, fingerprint
 from persres.packs import PackMeta
 
@@ -22,14 +22,15 @@ class OtherCheckpointWarning(UserWarning):
     """A pack trained on another checkpoint of the same architecture (SD 1.4 vs 1.5, say)."""
 
 
-def check_fit(meta: PackMeta, fp: Fingerprint, model: str, family: str | None = None) -> None:
+def check_fit(meta: PackMeta, fp: Fingerprint, model: str, family: families.Family | None = None) -> None:
     """Refuse a pack of another architecture (naming both families); warn for another checkpoint of the same one."""
     if meta.architecture != fp.architecture:
-        ours, theirs = family_of_meta(meta), family or "another architecture"
-        kind = f"an {label(ours)} pack" if ours == theirs or family is None else f"an {label(ours)} pack, not {label(theirs)}"
+        ours = families.of_meta(meta)
+        theirs = family.label if family is not None else "another architecture"
+        kind = f"an {ours.label} pack" if ours is family or family is None else f"an {ours.label} pack, not {theirs}"
         raise IncompatiblePack(
             f"pack {meta.name!r} is {kind}: it was trained on {meta.base_model!r} (architecture {meta.architecture[:12]}), "
-            f"which does not fit {model!r} ({label(theirs)}, architecture {fp.architecture[:12]})"
+            f"which does not fit {model!r} ({theirs}, architecture {fp.architecture[:12]})"
         )
     if meta.weights != fp.weights:
         warnings.warn(
@@ -47,7 +48,7 @@ MAX_RESIDUAL_RATIO = 50.0
 
 def check_magnitude(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta) -> None:
     """Refuse a pack whose ΔW = A B is far beyond its block's base weight (naming both sizes)."""
-    blocks = residuals.transformer_blocks(denoiser(pipe))
+    blocks = residuals.transformer_blocks(families.denoiser(pipe))
     for block in meta.ranks:
         up, down = tensors[f"{block}.up"].double(), tensors[f"{block}.down"].double()
         delta = torch.sqrt(((up.T @ up) * (down @ down.T)).sum().clamp_min(0))  # ||A B||_F without forming the m x m product
@@ -59,8 +60,9 @@ def check_magnitude(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta) -> N
 
 def apply_pack(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta, model: str | None = None, fp: Fingerprint | None = None) -> None:
     """Load a pack's residuals onto a diffusers pipeline you already hold (checked for fit and size)."""
-    net = denoiser(pipe)
-    check_fit(meta, fp or fingerprint(net), model or pipe.config.get("_name_or_path", "this model"), family_of(pipe))
+    family = families.of(pipe)
+    net = family.denoiser(pipe)
+    check_fit(meta, fp or fingerprint(net), model or pipe.config.get("_name_or_path", "this model"), family)
     check_magnitude(pipe, tensors, meta)
     if meta.name in residuals.loaded_concepts(net):
         residuals.unload_concept(net, meta.name)
@@ -73,7 +75,7 @@ def apply_concepts(pipe, registry, names, model: str | None = None, fp: Fingerpr
 
     from persres.tokens import BoundConcept
 
-    fp = fp or fingerprint(denoiser(pipe))  # once for all packs
+    fp = fp or fingerprint(families.denoiser(pipe))  # once for all packs
     bound = []
     for name in names:
         tensors, meta = registry.load(name)

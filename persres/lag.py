@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from persres.config import MultiLagConfig, RegionTokens
-from persres.kernels import Backend, KernelAttnProcessor, attention_processors, block_of, resolve_backend
+from persres.kernels import Backend, attention_processors
 from persres.residuals import layers_of
 
 
@@ -91,7 +91,7 @@ class LagSession:
     maps on the first evaluation): no extra evaluation either way.
     """
 
-    def __init__(self, concepts: Sequence[ConceptTokens], cfg: bool, latent_hw: tuple[int, int] | None = None,
+    def __init__(self, concepts: Sequence[ConceptTokens], guided: bool, latent_hw: tuple[int, int] | None = None,
                  keep_masks: bool = False, multi: MultiLagConfig = MultiLagConfig(), steps: int | None = None):
         self.concepts = list(concepts)
         self.index = {c.name: i for i, c in enumerate(self.concepts)}
@@ -104,7 +104,7 @@ class LagSession:
         self.delayed = 0 if single or not steps else round(multi.delay * steps)
         self.evaluation = 0  # which UNet evaluation of the call is running (0-based)
         self._started = False
-        self.cfg = cfg
+        self.guided = guided  # the batch is [unconditional, conditional] (classifier-free guidance)
         self.latent_hw = latent_hw
         self.keep_masks = keep_masks
         self._maps: dict[str, torch.Tensor] = {}  # block -> (B, K, N), pending for its proj_out
@@ -116,7 +116,7 @@ class LagSession:
         self.mask_counts = 0
 
     def record(self, block: str, maps: torch.Tensor) -> None:
-        if self.cfg:  # (2B, K, N): [uncond, cond] -> the cond half's maps for both halves
+        if self.guided:  # (2B, K, N): [uncond, cond] -> the cond half's maps for both halves
             cond = maps[maps.shape[0] // 2 :]
             maps = torch.cat([cond, cond])
         if block in self._maps:  # several transformer layers in one block (SDXL): sum them
@@ -202,33 +202,23 @@ def lag_regions(
     unet,
     concepts: Sequence[ConceptTokens],
     *,
-    cfg: bool,
+    guided: bool,
+    family=None,
     backend: Backend | str | None = None,
     latent_hw: tuple[int, int] | None = None,
     keep_masks: bool = False,
     multi: MultiLagConfig = MultiLagConfig(),
     steps: int | None = None,
 ):
-    """Inside the block, every residual acts only in its concept's region (one UNet or FLUX
-    transformer pass per step)."""
-    session = LagSession(concepts, cfg, latent_hw, keep_masks, multi, steps)
+    """Inside the block, every residual acts only in its concept's region (one denoiser pass per step).
+    `guided`: the batch is [unconditional, conditional]; `family`: the denoiser's (detected from
+    its config when not given), whose attention processors hand the maps over."""
+    from persres import families
+
+    session = LagSession(concepts, guided, latent_hw, keep_masks, multi, steps)
     layers = layers_of(unet)
-
-    if hasattr(unet, "single_transformer_blocks"):  # FLUX.1: joint attention; `latent_hw` is the packed token grid
-        from persres.kernels.joint import JointAttnProcessor
-
-        image_tokens = latent_hw[0] * latent_hw[1]
-
-        def make(name: str, old):  # the joint processor where a proj_out carries residuals, diffusers' own elsewhere
-            block = name.removesuffix(".attn.processor")
-            return JointAttnProcessor(backend, session, block, image_tokens) if block in layers else old
-    else:
-        def make(name: str, old):
-            if name.endswith("attn2.processor") and block_of(name) in layers:
-                return KernelAttnProcessor(backend, session, block_of(name))
-            # diffusers' default processor already is SDPA: keep it for self-attention then
-            return old if resolve_backend(backend) is Backend.SDPA else KernelAttnProcessor(backend)
-
+    family = family or families.of_config(unet.config)
+    make = family.lag_processors(unet, session, backend, layers, latent_hw)
     with attention_processors(unet, make):
         for layer in layers.values():
             layer.unmerge()

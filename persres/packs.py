@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from persres.errors import PackError
+from persres.families import FAMILIES
 from persres.names import IDENTIFIER_RE, MAX_CLASS_WORD, NAME_RE, clean_class_word, parameter_count
 
 if TYPE_CHECKING:  # packs are indexed (registry rows, metadata) without torch; tensors need it
@@ -65,7 +66,7 @@ class PackMeta:
     architecture: str  # sha256 of the blocks, channels and proj_out kind
     weights: str  # sha256 of the base model's proj_out weights
     proj_out: str = "Conv2d"  # the base model's proj_out kind: Conv2d (SD 1.x) or Linear (SD 2.x/XL)
-    family: str = ""  # sd1, sd2, sdxl or flux; "" in packs older than the field (`families.family_of_meta` infers it)
+    family: str = ""  # the model family's key (`persres.families`); "" in packs older than the field (`families.of_meta` infers it)
     in_channels: dict[str, int] = field(default_factory=dict)  # block -> n where proj_out is m x n, n != m (FLUX.1)
     train_config: dict = field(default_factory=dict)
     image_hashes: list[str] = field(default_factory=list)
@@ -96,6 +97,47 @@ class PackMeta:
             shapes[f"{block}.up"] = (m, r)
             shapes[f"{block}.down"] = (r, self.in_channels.get(block, m))
         return shapes
+
+
+def training_record(config, prompt: str, resolution: int, prediction_type: str, config_digest: str, *,
+                    sources: dict[str, str] | None = None, class_info: dict | None = None) -> dict:
+    """`PackMeta.train_config` of a trained pack: every `TrainConfig` field, then how it was applied
+    (prompt template and prompt, resolution, where each setting came from, how the class word was
+    chosen, what the denoiser predicts, the digest train-many skips done rows by)."""
+    return {**config.to_dict(), "prompt_template": config.prompt, "resolution": resolution, "prompt": prompt,
+            **{k: v for k, v in {"sources": sources, **(class_info or {"class_source": "given"})}.items() if v},
+            "prediction_type": prediction_type, "config_digest": config_digest}
+
+
+def import_record(fmt: str, source_file: str) -> dict:
+    """`PackMeta.train_config` of a pack made from another tool's LoRA file."""
+    return {"imported_from": fmt, "source_file": source_file}
+
+
+def pack_meta_for(pipe, fingerprint, base_model: str, name: str, identifier: str, class_word: str, ranks: dict[str, int],
+                  train_config: dict, image_hashes=(), losses=(), seconds: float | None = None,
+                  checkpoint: Path | None = None) -> PackMeta:
+    """What a pack of the model `pipe` (loaded from `base_model`, `fingerprint` its `models.Fingerprint`)
+    says about itself: the one place a new pack's metadata is made. `checkpoint`: the single file
+    it was loaded from, whose hash the pack records too."""
+    import datetime as dt
+
+    from persres import families
+    from persres.residuals import block_channels, block_in_channels, proj_out_kind
+
+    family = families.of(pipe)
+    model = family.denoiser(pipe)
+    channels, in_channels = block_channels(model), block_in_channels(model)
+    if checkpoint is not None:
+        train_config = {**train_config, "checkpoint_sha256": sha256_file(checkpoint)}
+    return PackMeta(
+        name=name, identifier=identifier, class_word=class_word, ranks=dict(ranks), channels=channels,
+        parameter_count=parameter_count(ranks, channels, in_channels), base_model=base_model,
+        architecture=fingerprint.architecture, weights=fingerprint.weights, proj_out=proj_out_kind(model), family=family.key,
+        in_channels=in_channels, train_config=train_config, image_hashes=list(image_hashes),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        loss_start=losses[0] if losses else None, loss_end=losses[-1] if losses else None, seconds=seconds,
+    )
 
 
 def _bad(field: str, why: str) -> ValueError:
@@ -140,8 +182,8 @@ def validate_meta(meta: PackMeta) -> PackMeta:
             raise _bad(field, "must be a string")
     if meta.proj_out not in ("Conv2d", "Linear"):
         raise _bad("proj_out", f"must be Conv2d or Linear, got {meta.proj_out!r}")
-    if meta.family not in ("", "sd1", "sd2", "sdxl", "flux"):
-        raise _bad("family", f"must be sd1, sd2, sdxl or flux, got {meta.family!r}")
+    if meta.family != "" and meta.family not in FAMILIES:
+        raise _bad("family", f"must be one of {', '.join(FAMILIES)}, got {meta.family!r}")
     if not isinstance(meta.train_config, dict):
         raise _bad("train_config", "must be an object")
     if not isinstance(meta.image_hashes, list) or not all(isinstance(h, str) for h in meta.image_hashes):

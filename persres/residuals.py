@@ -181,17 +181,11 @@ def use_concepts(unet: nn.Module, names: Sequence[str], merged: bool, strengths:
 
 
 def transformer_blocks(unet: nn.Module) -> dict[str, nn.Module]:
-    """Every block whose proj_out carries residuals, by name: on a UNet each Transformer2DModel (a
-    module with proj_in/proj_out around transformer_blocks), on a FLUX.1 transformer each
-    single-stream block ("single_transformer_blocks.N", proj_out: attention + MLP -> dim)."""
-    singles = getattr(unet, "single_transformer_blocks", None)
-    if singles is not None:
-        return {f"single_transformer_blocks.{i}": block for i, block in enumerate(singles)}
-    return {
-        name: module
-        for name, module in unet.named_modules()
-        if hasattr(module, "transformer_blocks") and hasattr(module, "proj_out")
-    }
+    """Every block whose proj_out carries residuals, by name, as the denoiser's family says
+    (`persres.families`: a UNet's Transformer2DModels, a diffusion transformer's blocks)."""
+    from persres import families
+
+    return families.of_config(unet.config).blocks(unet)
 
 
 def inject(unet: nn.Module) -> dict[str, ResidualProjOut]:

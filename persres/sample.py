@@ -18,14 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from persres import residuals
-from persres.conditioning import check_same_positions, max_text_tokens
+from persres import families, residuals
 from persres.config import SampleConfig
 from persres.errors import GenerationError, InputError, PromptError
-from persres.families import denoiser, family_of
-from persres.kernels import Backend, attention_backend, resolve_backend
 from persres.lag import ConceptTokens, lag_regions
-from persres.sizes import native_side
 from persres.tokens import BoundConcept, concept_span
 
 @dataclass
@@ -35,12 +31,6 @@ class Generated:
     prompt: str  # expanded: identifiers in place of placeholders
     masks: dict[str, list[np.ndarray]] = field(default_factory=dict)  # concept -> per image (h, w) in [0, 1]
     paths: list[Path] = field(default_factory=list)  # the files written for this call, if any (`generation.write_images`)
-
-
-def region_tokenizer(pipe):
-    """The tokenizer whose positions the cross-attention sees: CLIP's on SD, T5's on FLUX.1
-    (its joint attention reads the T5 states; CLIP gives only the pooled vector)."""
-    return pipe.tokenizer_2 if family_of(pipe) == "flux" else pipe.tokenizer
 
 
 def concept_tokens(tokenizer, prompt: str, concepts: Sequence[BoundConcept]) -> list[ConceptTokens]:
@@ -70,15 +60,15 @@ def generate(
 
     `on_step(done, total)` is called after every denoising step (for a progress bar).
     """
-    family = family_of(pipe)
-    tokens = concept_tokens(region_tokenizer(pipe), prompt, concepts)
-    if concepts and family == "sdxl":  # SDXL: positions read off one tokenizer hold for both
-        check_same_positions(pipe, prompt)
+    family = families.of(pipe)
+    tokens = concept_tokens(family.region_tokenizer(pipe), prompt, concepts)
+    if concepts:  # positions are read off one tokenizer: they must hold for every encoder (SDXL's two)
+        family.check_concept_prompt(pipe, prompt)
     limit = pipe.scheduler.config.get("num_train_timesteps", 1000)
     if config.steps > limit:
         raise InputError(f"--steps must be <= {limit} (the scheduler's training timesteps), got {config.steps}")
-    height = config.height or native_side(pipe)
-    width = config.width or native_side(pipe)
+    height = config.height or family.native_side(pipe)
+    width = config.width or family.native_side(pipe)
     seeds = [config.seed + i for i in range(config.num_images)]
     images: list[Image.Image] = []
     masks: dict[str, list[np.ndarray]] = {}
@@ -98,8 +88,8 @@ def generate(
 
 
 def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds, height, width, callback):
-    model = denoiser(pipe)
-    flux = family_of(pipe) == "flux"
+    family = families.of(pipe)
+    model = family.denoiser(pipe)
     device = model.device
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     call = dict(
@@ -107,12 +97,7 @@ def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds
         num_images_per_prompt=len(seeds), generator=generators, height=height, width=width,
         output_type="np",  # (N, H, W, 3) in [0, 1]: checked finite before it becomes pixels
     )
-    # FLUX.1: guidance is an input of the (guidance-distilled) transformer, one evaluation per step;
-    # its Euler sampler has no eta
-    if flux:
-        call["max_sequence_length"] = max_text_tokens(pipe)
-    else:
-        call["eta"] = config.eta
+    call.update(family.sampling_arguments(pipe, config))
     if callback is not None:
         call["callback_on_step_end"] = callback
     names = [c.name for c in concepts]
@@ -123,15 +108,13 @@ def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds
             strengths = {c.name: c.strength for c in concepts}
             stack.enter_context(residuals.use_concepts(model, names, merged=not config.lag, strengths=strengths))
         if config.lag:
-            cell = pipe.vae_scale_factor * (2 if flux else 1)  # FLUX packs latents in 2x2 patches: one token each
+            cell = family.view_cell(pipe)  # pixels per position the denoiser sees
             latent_hw = (height // cell, width // cell)
-            session = stack.enter_context(lag_regions(model, tokens, cfg=config.guidance > 1 and not flux, backend=backend,
-                                                      latent_hw=latent_hw, keep_masks=config.save_masks,
+            session = stack.enter_context(lag_regions(model, tokens, family=family, guided=family.guidance_in_batch(config.guidance),
+                                                      backend=backend, latent_hw=latent_hw, keep_masks=config.save_masks,
                                                       multi=config.multi, steps=config.steps))
-        elif flux and backend not in (None, "auto", "sdpa", Backend.SDPA):
-            raise InputError(f"--backend {backend} runs FLUX.1's attention with --lag only; without it FLUX uses diffusers' own")
-        elif not flux and resolve_backend(backend) is not Backend.SDPA:  # diffusers' default already is SDPA
-            stack.enter_context(attention_backend(model, backend))
+        else:
+            stack.enter_context(family.plain_attention(model, backend))
         pixels = pipe(**call).images
     if not np.isfinite(pixels).all():  # NaN would be written as black with nothing said
         made_by = f"with concept(s) {', '.join(repr(n) for n in names)}: a residual is damaged or far too strong" if names \

@@ -32,13 +32,12 @@ class ModelDefaults:
 
 
 def family_defaults(model: str) -> dict:
-    """The training settings the model's family recommends over the paper's ({} for SD 1.x/2.x/XL;
-    FLUX.1's rank ratio), the family read from the model's files without loading it."""
-    from persres.families import FAMILIES
+    """The training settings the model's family recommends over the paper's (`Family.train_defaults`),
+    the family read from the model's files without loading it."""
     from persres.models import family_of_model
 
     family = family_of_model(model)
-    return dict(FAMILIES[family].train_defaults) if family in FAMILIES else {}
+    return dict(family.train_defaults) if family is not None else {}
 
 
 def read_defaults(model: str) -> ModelDefaults:
@@ -79,6 +78,11 @@ def train_config_from(recommended: dict, overrides: dict) -> TrainConfig:
     except PersresError as e:
         raise InputError(f"the model's {DEFAULTS_FILE} has a bad training default: {e}") from None
     return TrainConfig(**{**recommended, **given})
+
+
+def train_config_for(model: str, overrides: dict) -> TrainConfig:
+    """Paper defaults, then the model's own recommended defaults, then what the user gave."""
+    return train_config_from(read_defaults(model).train, overrides)
 
 
 def settings_sources(recommended: dict, overrides: dict) -> dict[str, str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+from persres import families
 from persres.errors import InputError
 
 WARN_RATIO = 2.0
@@ -35,9 +36,8 @@ class SizeWarning(UserWarning):
 
 
 def native_side(pipe) -> int:
-    if getattr(pipe, "transformer", None) is not None:  # FLUX: the pipeline's default (1024 px on FLUX.1)
-        return pipe.default_sample_size * pipe.vae_scale_factor
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """The side the model was trained at, in pixels (its family's rule)."""
+    return families.of(pipe).native_side(pipe)
 
 
 def unet_width(config) -> float:
@@ -48,12 +48,14 @@ def unet_width(config) -> float:
 
 
 def needed_bytes(pipe, height: int, width: int, samples: int, training: bool) -> int:
-    """~ the activation bytes of one UNet pass (with its backward when `training`) over `samples` latents;
-    0 on FLUX, whose activations these constants are not measured on (no memory refusal there)."""
-    import torch
+    """~ the activation bytes of one denoiser pass (with its backward when `training`) over `samples`
+    latents, by its family's estimate (0 where none is fitted: no memory refusal there)."""
+    return families.of(pipe).needed_bytes(pipe, height, width, samples, training)
 
-    if getattr(pipe, "unet", None) is None:
-        return 0
+
+def unet_bytes(pipe, height: int, width: int, samples: int, training: bool) -> int:
+    """The UNet estimate of the module doc."""
+    import torch
 
     latent_pixels = (height // pipe.vae_scale_factor) * (width // pipe.vae_scale_factor)
     per_unit = TRAIN_BYTES if training else GEN_BYTES

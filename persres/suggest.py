@@ -144,10 +144,9 @@ def plan_rounds(candidates: int, budget: int) -> list[tuple[int, int]]:
 
 def suggest(pipe, images: Sequence[Image.Image], entries: Sequence[str], config: SuggestConfig = SuggestConfig()) -> Suggestion:
     """Screen `entries` with the model's tokenizer, then rank what is left; the left-out ones ride along."""
-    from persres.families import family_of
+    from persres import families
 
-    if family_of(pipe) == "flux":
-        raise InputError("class-word suggestion runs on SD 1.x, 2.x and SDXL models; on FLUX.1 give the class word (--class WORD)")
+    families.of(pipe).check_suggestion()
     kept, rejected = screen(pipe.tokenizer, entries)
     suggestion = suggest_class(pipe, images, kept, config)
     suggestion.rejected = rejected

@@ -6,8 +6,9 @@ kept and a latent is sampled per step; horizontal flips and zoom-out views are e
 entries, a zoom-out view with a latent mask that keeps its loss on the image), and the
 prompt "a photo of a {identifier} {class}" is encoded a single time (on SDXL with its pooled
 embedding and size conditioning). Each step is then one UNet forward and backward, the floor
-of what a trainer must do. FLUX.1 trains the same residuals by flow matching on its
-transformer (`persres.flux.train`); the loop, the references' views and the pack are shared.
+of what a trainer must do. Each model family supplies its objective (`persres.families`:
+denoising on a UNet, flow matching on a diffusion transformer); the loop, the references'
+views and the pack are shared.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ import numpy as np
 from diffusers.optimization import get_scheduler
 from PIL import Image, ImageOps
 
-from persres import residuals
+from persres import families, residuals
 from persres.config import TrainConfig
 from persres.errors import InputError
 from persres.conditioning import Conditioning, encode, text_encoders
-from persres.families import denoiser, family_of
 from persres.images import center_square, to_tensor
-from persres.tokens import concept_positions, training_prompt
+from persres.tokens import training_prompt
 
 Progress = Callable[[int, float], None]  # (step, loss)
 
@@ -62,7 +62,7 @@ class CachedBatchSource:
     condition: Conditioning
     scaling_factor: float
     mask: torch.Tensor | None = None  # (N, 1, h, w) where the loss counts; None: everywhere
-    shift_factor: float = 0.0  # subtracted before scaling: FLUX.1's VAE (SD pipelines only scale)
+    shift_factor: float = 0.0  # subtracted before scaling (`Family.latent_shift`; SD pipelines only scale)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         if self.mask is None:
@@ -135,18 +135,16 @@ def denoising_loss(unet, batch: Batch, noise: torch.Tensor, t: torch.Tensor, alp
 
 
 def default_resolution(pipe) -> int:
-    from persres.sizes import native_side
-
-    return native_side(pipe)
+    return families.of(pipe).native_side(pipe)
 
 
 def training_views(pipe, images: Sequence[Image.Image], resolution: int, flip: bool, scale_min: float = 1.0,
                    seed: int = 0, cell: int | None = None) -> tuple[list[Image.Image], torch.Tensor | None]:
     """The squares training draws from: the references, their mirror images if `flip`, and zoom-out
     views if `scale_min` < 1, with the latent-cell mask (N, 1, h, w) of where each holds the image
-    (None without views). Views are placed on a grid of `cell` px (the VAE's scale factor; FLUX:
-    twice it, so a view covers whole packed patches)."""
-    device = denoiser(pipe).device
+    (None without views). Views are placed on a grid of `cell` px (the VAE's scale factor, or the
+    family's `view_cell`: twice it where latents are packed in 2x2 patches)."""
+    device = families.denoiser(pipe).device
     squares = [center_square(im, resolution) for im in images]
     if flip:
         squares += [ImageOps.mirror(im) for im in squares]
@@ -166,13 +164,11 @@ def training_views(pipe, images: Sequence[Image.Image], resolution: int, flip: b
 @torch.no_grad()
 def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: int, flip: bool, chunk: int = 4,
                  scale_min: float = 1.0, seed: int = 0) -> CachedBatchSource:
-    flux = family_of(pipe) == "flux"
-    squares, mask = training_views(pipe, images, resolution, flip, scale_min, seed,
-                                   cell=pipe.vae_scale_factor * (2 if flux else 1))  # FLUX: views on whole 2x2 patches
+    family = families.of(pipe)
+    squares, mask = training_views(pipe, images, resolution, flip, scale_min, seed, cell=family.view_cell(pipe))
     mean, std = encode_squares(pipe, squares, chunk)
     condition = encode(pipe, prompt, (resolution, resolution))
-    shift = (pipe.vae.config.get("shift_factor") or 0.0) if flux else 0.0
-    return CachedBatchSource(mean, std, condition, pipe.vae.config.scaling_factor, mask, shift)
+    return CachedBatchSource(mean, std, condition, pipe.vae.config.scaling_factor, mask, family.latent_shift(pipe))
 
 
 def denoising_objective(unet, source: CachedBatchSource, batch_size: int, scheduler, snr_gamma: float | None):
@@ -191,26 +187,13 @@ def denoising_objective(unet, source: CachedBatchSource, batch_size: int, schedu
 
 
 def objective_for(pipe, images, prompt: str, resolution: int, config: TrainConfig):
-    """The family's training objective over inputs encoded once: denoising (epsilon or v) on a UNet,
-    flow matching on FLUX.1."""
-    flux = family_of(pipe) == "flux"
-    if flux and config.snr_gamma is not None:
-        raise InputError("min-SNR weighting (--snr-gamma) is for epsilon and v-prediction models; FLUX.1 trains by flow matching")
+    """The family's training objective over inputs encoded once (denoising on a UNet, flow matching
+    on a diffusion transformer)."""
+    family = families.of(pipe)
+    family.check_train_config(config)
     source = cache_inputs(pipe, images, prompt, resolution, config.flip, chunk=config.batch_size,
                           scale_min=config.scale_min, seed=config.seed)
-    if flux:
-        from persres.flux.train import flow_matching_objective
-
-        return flow_matching_objective(pipe, source, config.batch_size)
-    return denoising_objective(pipe.unet, source, config.batch_size, pipe.scheduler, config.snr_gamma)
-
-
-def check_prompt(pipe, prompt: str, identifier: str, class_word: str) -> None:
-    """The identifier is in the training prompt, within every text encoder's limit (PromptError otherwise):
-    CLIP's, and on FLUX.1 also T5's, whose positions LAG reads."""
-    concept_positions(pipe.tokenizer, prompt, identifier, class_word)
-    if family_of(pipe) == "flux":
-        concept_positions(pipe.tokenizer_2, prompt, identifier, class_word)
+    return family.objective(pipe, source, config)
 
 
 def encode_squares(pipe, squares: Sequence[Image.Image], chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,9 +220,10 @@ def train_residuals(
 ) -> TrainResult:
     """Learn one concept's residuals on a loaded pipeline; the pipeline is left as it was.
     `on_phase(text)` hears when encoding the references ends and the steps begin."""
-    unet = denoiser(pipe)  # the UNet, or FLUX.1's transformer
+    family = families.of(pipe)
+    unet = family.denoiser(pipe)  # a UNet or a diffusion transformer
     prompt = training_prompt(identifier, class_word, config.prompt)
-    check_prompt(pipe, prompt, identifier, class_word)
+    family.check_training_prompt(pipe, prompt, identifier, class_word)
     resolution = config.resolution or default_resolution(pipe)
     device = unet.device
     gen = torch.Generator(device=device).manual_seed(config.seed)

@@ -14,7 +14,6 @@ from. Everything below the workspace takes the model context from here and never
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 from persres.config import SampleConfig, TrainConfig
 from persres.errors import InputError
 from persres.models import check_model_value, check_single_file_config, is_default_toy, is_single_file, resolve_model
-from persres.names import check_identifier, parameter_count
+from persres.names import check_identifier
 from persres.packs import PackMeta
 from persres.registry import ConceptRecord, Registry
 from persres.settings import ModelDefaults, config_digest, read_defaults, settings_sources, train_config_from
@@ -83,19 +82,24 @@ class Workspace:
         return unet_config_of(self.model) or (unet_config_of(self.model_config) if self.model_config else None)
 
     @cached_property
-    def family(self) -> str | None:
-        """The model's family read from its files without loading (None where they cannot be read)."""
+    def family(self):
+        """The model's `families.Family`: the loaded pipeline's, else read from its files without
+        loading (None where they cannot be read)."""
+        from persres import families
         from persres.models import family_of_model
 
-        return family_of_model(self.model)
+        return families.of(self._pipe) if self._pipe is not None else family_of_model(self.model)
 
     @property
     def guidance(self) -> float:
-        """The sampling guidance this model's family uses by default: the paper's 6.0, FLUX.1's 3.5."""
-        from persres.families import FAMILIES
+        """The sampling guidance this model's family uses by default (the paper's 6.0 unless the family has its own)."""
+        return self.sample_config().guidance
 
-        family = FAMILIES.get(self.family or "")
-        return family.guidance if family is not None and family.guidance is not None else SampleConfig.guidance
+    def sample_config(self, **settings) -> SampleConfig:
+        """The family's sampling defaults (guidance, steps), then `settings` (None values skipped)."""
+        family = self.family
+        defaults = {} if family is None else {"guidance": family.guidance, "steps": family.steps}
+        return SampleConfig(**{**defaults, **{k: v for k, v in settings.items() if v is not None}})
 
     def first_toy_use(self) -> bool:
         """True once per registry: the toy model is in use only because nothing else was named."""
@@ -183,7 +187,9 @@ class Workspace:
         and, across machines, a `shard_dir` the pack is written to instead of the registry.
         A resolution far past the model's or beyond this machine's memory is refused unless
         `force_size` (`persres.sizes`)."""
+        from persres import families
         from persres.images import warn_if_small
+        from persres.packs import training_record
         from persres.tokens import check_class_word, is_single_token
 
         phase = on_phase or (lambda label: None)
@@ -202,7 +208,7 @@ class Workspace:
         resolution = config.resolution or default_resolution(pipe)
         check_size(pipe, resolution, resolution, config.batch_size, training=True, force=force_size, what="the training")
         warn_if_small(references, resolution)
-        class_info = {"class_source": "given"}
+        class_info = None
         if auto:
             phase("suggesting the class word")
             suggestion = self.suggest_class(references, seed=config.seed)
@@ -212,14 +218,12 @@ class Workspace:
                 on_suggested(suggestion)
 
         def fit(ident: str) -> bool:
-            return is_single_token(pipe.tokenizer, ident)
+            return is_single_token(families.of(pipe).identifier_tokenizer(pipe), ident)
 
         def run(ident: str) -> TrainOutcome:
             result = train_residuals(pipe, [r.image for r in references], ident, class_word, config, progress, on_phase=phase)
-            train_config = {**config.to_dict(), "prompt_template": config.prompt, "resolution": result.resolution, "prompt": result.prompt,
-                            **{k: v for k, v in {"sources": sources, **class_info}.items() if v},
-                            "prediction_type": prediction_type(pipe),
-                            "config_digest": config_digest(config, self.model)}  # train-many: same config, same model -> done
+            train_config = training_record(config, result.prompt, result.resolution, families.of(pipe).prediction_type(pipe),
+                                           config_digest(config, self.model), sources=sources, class_info=class_info)
             meta = self.pack_meta(name, ident, class_word, result.ranks, train_config, [r.sha256 for r in references],
                                   losses=result.losses, seconds=result.seconds)
             if shard_dir is not None:
@@ -248,24 +252,11 @@ class Workspace:
 
     def pack_meta(self, name: str, identifier: str, class_word: str, ranks: dict[str, int], train_config: dict,
                   image_hashes: Sequence[str] = (), losses: Sequence[float] = (), seconds: float | None = None) -> PackMeta:
-        """What a pack of this model says about itself: the one place a new pack's metadata is made."""
-        from persres.families import denoiser, family_of
-        from persres.packs import sha256_file
-        from persres.residuals import block_channels, block_in_channels, proj_out_kind
+        """What a pack of this model says about itself (`packs.pack_meta_for`)."""
+        from persres.packs import pack_meta_for
 
-        pipe, fp = self.pipeline(), self.fingerprint
-        model = denoiser(pipe)
-        channels, in_channels = block_channels(model), block_in_channels(model)
-        if is_single_file(self.model):
-            train_config = {**train_config, "checkpoint_sha256": sha256_file(Path(self.model))}
-        return PackMeta(
-            name=name, identifier=identifier, class_word=class_word, ranks=dict(ranks), channels=channels,
-            parameter_count=parameter_count(ranks, channels, in_channels), base_model=self.model, architecture=fp.architecture,
-            weights=fp.weights, proj_out=proj_out_kind(model), family=family_of(pipe), in_channels=in_channels,
-            train_config=train_config,
-            image_hashes=list(image_hashes), created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            loss_start=losses[0] if losses else None, loss_end=losses[-1] if losses else None, seconds=seconds,
-        )
+        return pack_meta_for(self.pipeline(), self.fingerprint, self.model, name, identifier, class_word, ranks, train_config,
+                             image_hashes, losses, seconds, checkpoint=Path(self.model) if is_single_file(self.model) else None)
 
     def suggest_class(self, images, candidates: str | Sequence[str] | None = None, config=None, seed: int | None = None):
         """Rank candidate class words for reference images (a folder, "toy:NAME", or loaded references)."""
@@ -286,10 +277,9 @@ class Workspace:
         A persres pack keeps its own class word and identifier: `class_word` / `identifier` are
         refused for it. A foreign file needs a name and a class word (given, or in its persres.*
         metadata); its identifier is the one given, the one in its metadata, or a fresh one."""
-        from persres.families import denoiser
-        from persres.interop.lora import read_foreign
-        from persres.packs import CONFIG_KEY, check_regular_file, file_metadata
-        from persres.residuals import block_channels, block_in_channels
+        from persres import families
+        from persres.interop.lora import foreign_pack_tensors
+        from persres.packs import CONFIG_KEY, check_regular_file, file_metadata, import_record
         from persres.tokens import check_class_word, is_single_token
 
         self.registry.require_writable()
@@ -312,18 +302,14 @@ class Workspace:
         if identifier is not None:
             check_identifier(identifier)
         pipe = self.pipeline()
-        if identifier is not None and not is_single_token(pipe.tokenizer, identifier):
+        tokenizer = families.of(pipe).identifier_tokenizer(pipe)
+        if identifier is not None and not is_single_token(tokenizer, identifier):
             raise InputError(f"the identifier {identifier!r} is not one token of this model's tokenizer; pick another with --identifier")
-        model = denoiser(pipe)
-        lora = read_foreign(path, block_channels(model), proj_out_only, block_in_channels(model))
-        tensors, ranks = {}, {}
-        for block, (up, down) in lora.factors.items():
-            tensors[f"{block}.up"], tensors[f"{block}.down"] = up, down
-            ranks[block] = up.shape[1]
-        train_config = {"imported_from": lora.fmt, "source_file": path.name}
+        tensors, ranks, fmt = foreign_pack_tensors(path, pipe, proj_out_only)
+        train_config = import_record(fmt, path.name)
         if identifier is not None:
             return self.registry.add(tensors, self.pack_meta(name, identifier, class_word, ranks, train_config), allow_shared_identifier=True)
-        with self.registry.reservation(name, fits=lambda ident: is_single_token(pipe.tokenizer, ident)) as fresh:
+        with self.registry.reservation(name, fits=lambda ident: is_single_token(tokenizer, ident)) as fresh:
             return self.registry.add(tensors, self.pack_meta(name, fresh, class_word, ranks, train_config))
 
     def export(self, name: str, output: str | Path, fmt: str = "persres", force: bool = False) -> Path:
@@ -346,11 +332,12 @@ class Workspace:
         the concepts (with their strengths) and LAG, never over an existing file unless `overwrite`,
         and listed in the result's `paths`. A size far past the model's or beyond this machine's
         memory is refused unless `force_size` (`persres.sizes`)."""
+        from persres import families
         from persres.generation import bind_prompt, write_images
         from persres.sample import SAMPLE_BATCH, generate
-        from persres.sizes import check_size, native_side
+        from persres.sizes import check_size
 
-        config = (config or SampleConfig()).replace(**settings) if settings else (config or SampleConfig())
+        config = (config or self.sample_config()).replace(**{k: v for k, v in settings.items() if v is not None})
         if out_dir is not None:
             from persres.images import check_writable_dir
 
@@ -358,23 +345,14 @@ class Workspace:
         expanded, bound = bind_prompt(prompt, concepts, self.registry)
         pipe = self.pipeline()
         per_pass = min(config.num_images, SAMPLE_BATCH) * (2 if config.guidance > 1 else 1)  # CFG: two halves
-        check_size(pipe, config.height or native_side(pipe), config.width or native_side(pipe), per_pass, training=False,
+        side = families.of(pipe).native_side(pipe)
+        check_size(pipe, config.height or side, config.width or side, per_pass, training=False,
                    force=force_size)
         self.apply_concepts([c.name for c in bound])
         result = generate(pipe, expanded, bound, config, backend, on_step=on_step)
         if out_dir is not None:
             result.paths = write_images(result, prompt, bound, config, self.model, Path(out_dir), sheet=sheet, overwrite=overwrite)
         return result
-
-
-def prediction_type(pipe) -> str:
-    """What the denoiser was trained to predict, as packs record it: epsilon, v_prediction, or
-    flow_matching (FLUX.1's velocity)."""
-    from persres.families import family_of
-
-    if family_of(pipe) == "flux":
-        return "flow_matching"
-    return pipe.scheduler.config.get("prediction_type", "epsilon")
 
 
 def default_model(registry: Registry) -> tuple[str, str | None]:

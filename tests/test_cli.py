@@ -184,7 +184,7 @@ def test_error_model_not_available_offline(concept_dir, tmp_path):
 
 
 def test_ctrl_c_during_training_leaves_the_registry_as_it_was(trained, concept_dir, monkeypatch):
-    from persres import api
+    from persres.workspace import Workspace
 
     before = [(r.name, r.sha256) for r in Registry().list()]
 
@@ -193,7 +193,7 @@ def test_ctrl_c_during_training_leaves_the_registry_as_it_was(trained, concept_d
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        api.train_concept(concept_dir, "b", "circle", model=str(trained), overrides={"steps": 5}, progress=interrupt)
+        Workspace(str(trained)).train(concept_dir, "b", "circle", overrides={"steps": 5}, progress=interrupt)
     assert [(r.name, r.sha256) for r in Registry().list()] == before
     assert sorted(p.name for p in Registry().packs_dir.iterdir()) == ["mydog.safetensors"]
 

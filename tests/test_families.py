@@ -8,7 +8,7 @@ import torch
 
 from persres import residuals
 from persres.config import SampleConfig, TrainConfig
-from persres.families import family_of, family_of_config
+from persres import families
 from persres.lag import ConceptTokens, lag_regions, median_mask
 from persres.testing import SD14_UNET_CONFIG, SD21_UNET_CONFIG, SDXL_UNET_CONFIG, build_tiny_xl_pipeline
 
@@ -39,7 +39,7 @@ def meta_unet(config):
 ])
 def test_residual_parameter_count_per_family(config, family, blocks, ranks, kind, count):
     unet = meta_unet(config)
-    assert family_of_config(unet.config) == family
+    assert families.of_config(unet.config).key == family
     r = residuals.ranks_for(unet)
     assert len(r) == blocks and sorted(set(r.values())) == ranks
     assert all(isinstance(residuals.base_layer_of(b.proj_out), kind) for b in residuals.transformer_blocks(unet).values())
@@ -57,9 +57,9 @@ def test_sdxl_blocks_hold_several_layers_and_one_proj_out():
 def test_tiny_models_are_recognized(xl_pipe, pipe, tiny_linear_model):
     from persres.models import load_pipeline
 
-    assert type(xl_pipe).__name__ == "StableDiffusionXLPipeline" and family_of(xl_pipe) == "sdxl"
-    assert family_of(pipe) == "sd1"
-    assert family_of(load_pipeline(str(tiny_linear_model))) == "sd2"
+    assert type(xl_pipe).__name__ == "StableDiffusionXLPipeline" and families.of(xl_pipe).key == "sdxl"
+    assert families.of(pipe).key == "sd1"
+    assert families.of(load_pipeline(str(tiny_linear_model))).key == "sd2"
     assert not any(p.requires_grad for p in xl_pipe.text_encoder_2.parameters())
 
 
@@ -98,7 +98,7 @@ def test_sdxl_lag_sums_the_maps_of_every_layer_in_a_block(xl_pipe):
     assert set(layers.values()) == {2}
     recorded: dict[str, list[torch.Tensor]] = {}
     regions: dict[str, torch.Tensor] = {}
-    with residuals.use_concepts(unet, ["a"], merged=False), lag_regions(unet, [ConceptTokens("a", (2, 3))], cfg=False) as session:
+    with residuals.use_concepts(unet, ["a"], merged=False), lag_regions(unet, [ConceptTokens("a", (2, 3))], guided=False) as session:
         record, region = session.record, session.region
         session.record = lambda block, maps: (recorded.setdefault(block, []).append(maps.clone()), record(block, maps))
         session.region = lambda block, concept, x: regions.setdefault(block, region(block, concept, x))
@@ -167,7 +167,6 @@ def test_cli_trains_on_sdxl_records_the_family_and_refuses_the_pack_on_sd1(tiny_
 
 
 def test_packs_from_before_the_family_field_get_it_inferred():
-    from persres.families import family_of_meta
     from persres.packs import PackMeta
 
     def meta(proj_out, channels):
@@ -175,9 +174,9 @@ def test_packs_from_before_the_family_field_get_it_inferred():
                         parameter_count=2 * sum(channels.values()), base_model="m", architecture="x", weights="y",
                         proj_out=proj_out)
 
-    assert family_of_meta(meta("Conv2d", {"b0": 320})) == "sd1"
-    assert family_of_meta(meta("Linear", {f"b{i}": 640 if i < 5 else 1280 for i in range(11)})) == "sdxl"
-    assert family_of_meta(meta("Linear", {f"b{i}": 320 for i in range(16)})) == "sd2"
+    assert families.of_meta(meta("Conv2d", {"b0": 320})).key == "sd1"
+    assert families.of_meta(meta("Linear", {f"b{i}": 640 if i < 5 else 1280 for i in range(11)})).key == "sdxl"
+    assert families.of_meta(meta("Linear", {f"b{i}": 320 for i in range(16)})).key == "sd2"
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
@@ -185,12 +184,12 @@ def test_sdxl_exports_load_in_diffusers_at_scale_one_and_import_back(fmt, tiny_x
     pytest.importorskip("peft")
     from safetensors import safe_open
 
-    from persres.api import import_concept, train_concept
+    from persres.workspace import Workspace
     from persres.interop import write_lora
     from persres.models import load_pipeline
     from persres.registry import Registry
 
-    train_concept(concept_dir, "xl", "circle", model=str(tiny_xl_model), config=TrainConfig(steps=2, lr=1e-2, init="random"))
+    Workspace(str(tiny_xl_model)).train(concept_dir, "xl", "circle", config=TrainConfig(steps=2, lr=1e-2, init="random"))
     tensors, meta = Registry().load("xl")
     path = write_lora(tmp_path / f"{fmt}.safetensors", fmt, tensors, meta)
     with safe_open(str(path), framework="pt") as f:
@@ -210,7 +209,7 @@ def test_sdxl_exports_load_in_diffusers_at_scale_one_and_import_back(fmt, tiny_x
         layer = named[f"{block}.proj_out"]
         got = getattr(layer, "base_layer", layer).weight.detach()
         torch.testing.assert_close(got, expected[block], rtol=0, atol=1e-6, msg=block)
-    record = import_concept(path, "back", model=str(tiny_xl_model))
+    record = Workspace(str(tiny_xl_model)).import_concept(path, "back")
     assert record.meta.family == "sdxl"
     back, _ = Registry().load("back")
     for key in tensors:
@@ -273,7 +272,7 @@ def test_single_file_mistakes_get_one_line(single_file, tiny_xl_model, concept_d
     not_sd = tmp_path / "lora.safetensors"
     save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, str(not_sd))
     cases = {
-        "not a Stable Diffusion or FLUX.1 checkpoint": ("train", concept_dir, "--name", "a", "--class", "circle", "--model", not_sd),
+        "not a checkpoint of SD 1.x, SD 2.x, SDXL or FLUX.1": ("train", concept_dir, "--name", "a", "--class", "circle", "--model", not_sd),
         "is for SDXL, but": ("train", concept_dir, "--name", "a", "--class", "circle", "--model", single_file, "--config", tiny_xl_model),
         "--config is for single-file": ("config", "model", tiny_xl_model, "--config", tiny_xl_model),
         "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5": (
@@ -291,7 +290,7 @@ def test_v_prediction_models_train_on_v_and_export_as_v(tiny_linear_model, conce
 
     from safetensors import safe_open
 
-    from persres.api import train_concept
+    from persres.workspace import Workspace
     from persres.interop import write_lora
     from persres.registry import Registry
 
@@ -299,7 +298,7 @@ def test_v_prediction_models_train_on_v_and_export_as_v(tiny_linear_model, conce
     shutil.copytree(tiny_linear_model, model)
     sched = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
     (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched | {"prediction_type": "v_prediction"}))
-    outcome = train_concept(concept_dir, "v", "circle", model=str(model), config=TrainConfig(steps=40, lr=1e-2))
+    outcome = Workspace(str(model)).train(concept_dir, "v", "circle", config=TrainConfig(steps=40, lr=1e-2))
     assert sum(outcome.losses[-10:]) < sum(outcome.losses[:10])
     tensors, meta = Registry().load("v")
     assert meta.family == "sd2" and meta.train_config["prediction_type"] == "v_prediction"

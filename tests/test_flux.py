@@ -1,6 +1,6 @@
 """FLUX.1: residuals on the single-stream blocks' proj_out, flow-matching training, LAG on joint
 attention and FLUX LoRA files, on a tiny FLUX pipeline built in code and loaded from disk the
-way black-forest-labs/FLUX.1-dev is (`persres.flux.tiny`)."""
+way black-forest-labs/FLUX.1-dev is (`persres.testing.flux`)."""
 
 import numpy as np
 import pytest
@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 from persres import residuals
 from persres.config import SampleConfig, TrainConfig
 from persres.errors import IncompatiblePack, InputError, PromptError
-from persres.families import FLUX_RANK_RATIO, family_of
-from persres.flux.tiny import FLUX_DEV_TRANSFORMER_CONFIG, build_tiny_flux_pipeline
-from persres.sample import concept_tokens, generate, region_tokenizer
+from persres import families
+from persres.families import FLUX_RANK_RATIO
+from persres.testing.flux import FLUX_DEV_TRANSFORMER_CONFIG, build_tiny_flux_pipeline
+from persres.sample import concept_tokens, generate
 from persres.testing import SD14_UNET_CONFIG, concept_shares
 from persres.tokens import BoundConcept
 
@@ -50,7 +51,7 @@ def test_flux_dev_residuals_keep_the_papers_share_of_the_model():
     with torch.device("meta"):
         flux = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER_CONFIG)
         sd = UNet2DConditionModel(**SD14_UNET_CONFIG)
-    assert family_of(type("P", (), {"transformer": flux})()) == "flux"
+    assert families.of(type("P", (), {"transformer": flux})()).key == "flux"
     ranks = residuals.ranks_for(flux, FLUX_RANK_RATIO)
     channels, ins = residuals.block_channels(flux), residuals.block_in_channels(flux)
     assert len(ranks) == 38 and set(ranks.values()) == {24}
@@ -69,7 +70,7 @@ def test_the_family_is_read_from_the_files_and_its_defaults_apply(tiny_flux):
     from persres.models import family_of_model
     from persres.workspace import Workspace
 
-    assert family_of_model(str(tiny_flux)) == "flux"
+    assert family_of_model(str(tiny_flux)).key == "flux"
     ws = Workspace(str(tiny_flux))
     assert ws.train_config().rank_ratio == FLUX_RANK_RATIO
     assert ws.settings_sources()["rank_ratio"] == "model default"
@@ -121,7 +122,7 @@ def test_training_lowers_the_flow_matching_loss_on_the_same_draws(flux_pipe, con
 def test_the_objective_is_rectified_flow_on_the_packed_latents(flux_pipe, concept_dir):
     """What the transformer is given and asked for, recomputed from the same draws: x_σ = (1 - σ) x0 + σ ε
     at timestep σ with the guidance input, loss = mean((prediction - (ε - x0))²)."""
-    from persres.flux import train as flux
+    from persres.families import flux
     from persres.images import read_folder
     from persres.train import cache_inputs
 
@@ -172,7 +173,7 @@ def test_training_sigmas_are_the_pipelines_own_shifted_sigmas(flux_pipe):
     """σ drawn for training goes through the same shift the pipeline applies to its sampling sigmas."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    from persres.flux.train import image_shift, shifted_sigmas
+    from persres.families.flux import image_shift, shifted_sigmas
 
     scheduler = flux_pipe.scheduler
     tokens = (SIZE // flux_pipe.vae_scale_factor // 2) ** 2
@@ -199,7 +200,7 @@ def test_identifier_positions_are_read_under_t5_where_it_is_several_tokens(flux_
     assert len(clip("sks", add_special_tokens=False).input_ids) == 1
     pieces = t5("sks", add_special_tokens=False).input_ids
     assert len(pieces) > 1  # one CLIP token, several T5 tokens
-    [tokens] = concept_tokens(region_tokenizer(flux_pipe), prompt, [BoundConcept("a", "sks", "circle")])
+    [tokens] = concept_tokens(families.of(flux_pipe).region_tokenizer(flux_pipe), prompt, [BoundConcept("a", "sks", "circle")])
     ids = t5(prompt).input_ids
     identifier = [p for p in tokens.positions if p not in tokens.class_positions]
     assert [ids[p] for p in identifier] == pieces
@@ -250,7 +251,7 @@ def test_lag_on_joint_attention_is_the_paper_rule_recomputed_independently(flux_
     add_random_concept(model, "a")
     concept = BoundConcept("a", "sks", "circle", strength)
     prompt = "a sks circle on a red background"
-    [tokens] = concept_tokens(region_tokenizer(flux_pipe), prompt, [concept])
+    [tokens] = concept_tokens(families.of(flux_pipe).region_tokenizer(flux_pipe), prompt, [concept])
     image_tokens = (SIZE // flux_pipe.vae_scale_factor // 2) ** 2
     maps, checked, calls = {}, [], []
     hooks = [model.register_forward_pre_hook(lambda *a: calls.append(1))]
@@ -459,14 +460,14 @@ def test_a_flux_single_file_that_does_not_convert_is_one_line(tiny_flux, concept
 def test_a_black_forest_labs_single_file_loads_with_its_config_as_the_directory_does(tmp_path):
     """flux1-dev.safetensors' layout through `FluxTransformer2DModel.from_single_file` and --config: the same
     weights, the same fingerprint (packs trained on either fit both), the family read from the file."""
-    from persres.flux.tiny import build_wide_flux_pipeline, save_original_layout
+    from persres.testing.flux import build_wide_flux_pipeline, save_original_layout
     from persres.models import family_of_model, fingerprint, load_pipeline
 
     folder = build_wide_flux_pipeline(tmp_path / "wide-flux")
     from_dir = load_pipeline(str(folder), dtype=torch.bfloat16)
     single = save_original_layout(from_dir.transformer, tmp_path / "flux1-wide.safetensors")
     from_file = load_pipeline(str(single), dtype=torch.bfloat16, config=str(folder))
-    assert type(from_file).__name__ == "FluxPipeline" and family_of_model(str(single)) == "flux"
+    assert type(from_file).__name__ == "FluxPipeline" and family_of_model(str(single)).key == "flux"
     ours, theirs = from_dir.transformer.state_dict(), from_file.transformer.state_dict()
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert fingerprint(from_file.transformer) == fingerprint(from_dir.transformer)

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from persres import residuals
-from persres.api import apply_concepts, import_concept, train_concept
+from persres.workspace import Workspace
 from persres.config import SampleConfig, TrainConfig
 from persres.errors import PackError
 from persres.interop import write_lora
@@ -28,7 +28,7 @@ FLOOR_DIR = Path(__file__).resolve().parents[1] / ".ci-cache" / "diffusers-floor
 
 @pytest.fixture
 def pack(tiny_model, concept_dir):
-    train_concept(concept_dir, "mine", "circle", model=str(tiny_model), config=TrainConfig(steps=3, lr=1e-2, init="random"))
+    Workspace(str(tiny_model)).train(concept_dir, "mine", "circle", config=TrainConfig(steps=3, lr=1e-2, init="random"))
     return Registry().load("mine")
 
 
@@ -130,7 +130,7 @@ def test_export_metadata_for_uis(pack, tmp_path):
 
 
 def test_linear_packs_say_sd_v2(tiny_linear_model, concept_dir, tmp_path):
-    train_concept(concept_dir, "lin", "circle", model=str(tiny_linear_model), config=TrainConfig(steps=1))
+    Workspace(str(tiny_linear_model)).train(concept_dir, "lin", "circle", config=TrainConfig(steps=1))
     tensors, meta = Registry().load("lin")
     with safe_open(str(write_lora(tmp_path / "k.safetensors", "kohya", tensors, meta)), framework="pt") as f:
         md = f.metadata()
@@ -145,13 +145,13 @@ def pixels(pipe, concept):
 def test_export_then_import_gives_the_same_pixels(fmt, pack, tiny_model, tmp_path):
     tensors, meta = pack
     path = write_lora(tmp_path / f"{fmt}.safetensors", fmt, tensors, meta)
-    record = import_concept(path, "back", model=str(tiny_model))  # class and identifier from the file's metadata
+    record = Workspace(str(tiny_model)).import_concept(path, "back")  # class and identifier from the file's metadata
     assert record.meta.identifier == meta.identifier and record.meta.class_word == "circle"
     back, _ = Registry().load("back")
     for key in tensors:
         assert torch.equal(back[key], tensors[key]), key
     pipe = load_pipeline(str(tiny_model))
-    original, again = apply_concepts(pipe, ["mine", "back"])
+    original, again = Workspace(pipe=pipe).apply_concepts(["mine", "back"])
     assert pixels(pipe, original) == pixels(pipe, again)
 
 
@@ -173,14 +173,14 @@ def peft_lora_file(tiny_model, tmp_path, alpha_factor=2, targets=("proj_out",)) 
 
 def test_a_peft_lora_imports_with_its_alpha_folded_in(tiny_model, tmp_path):
     path, with_adapter = peft_lora_file(tiny_model, tmp_path)
-    record = import_concept(path, "peft", "circle", model=str(tiny_model))
+    record = Workspace(str(tiny_model)).import_concept(path, "peft", "circle")
     assert set(record.meta.ranks.values()) == {2}
     g = torch.Generator().manual_seed(0)
     sample, emb = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 32, 32, generator=g)
     with torch.no_grad():
         expected = with_adapter.unet(sample, 10, encoder_hidden_states=emb).sample
     ours = load_pipeline(str(tiny_model))
-    apply_concepts(ours, ["peft"])
+    Workspace(pipe=ours).apply_concepts(["peft"])
     with torch.no_grad(), residuals.use_concepts(ours.unet, ["peft"], merged=True):
         got = ours.unet(sample, 10, encoder_hidden_states=emb).sample
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
@@ -190,10 +190,10 @@ def test_a_lora_with_other_targets_is_refused_unless_told(tiny_model, tmp_path):
     path, _ = peft_lora_file(tiny_model, tmp_path, targets=("proj_out", "to_q"))
     before = Registry().names()
     with pytest.raises(PackError, match="--proj-out-only"):
-        import_concept(path, "both", "circle", model=str(tiny_model))
+        Workspace(str(tiny_model)).import_concept(path, "both", "circle")
     assert Registry().names() == before
     with pytest.warns(UserWarning, match="dropped"):
-        record = import_concept(path, "both", "circle", model=str(tiny_model), proj_out_only=True)
+        record = Workspace(str(tiny_model)).import_concept(path, "both", "circle", proj_out_only=True)
     assert record.name == "both"
 
 

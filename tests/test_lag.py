@@ -53,7 +53,7 @@ def test_single_concept_region_is_its_median_mask():
 
 
 def test_cfg_uses_the_conditional_half_for_both_halves():
-    session = LagSession([ConceptTokens("a", (1,))], cfg=True)
+    session = LagSession([ConceptTokens("a", (1,))], guided=True)
     uncond, cond = torch.rand(1, 1, 16), torch.rand(1, 1, 16)
     session.record("blk", torch.cat([uncond, cond]))
     x = torch.zeros(2, 4, 4, 4)
@@ -123,7 +123,7 @@ def test_lag_regions_record_maps_in_every_transformer_block(pipe):
     tokens = [ConceptTokens("a", (2, 3))]
     blocks = set(residuals.layers_of(pipe.unet))
     seen = set()
-    with lag_regions(pipe.unet, tokens, cfg=False) as session:
+    with lag_regions(pipe.unet, tokens, guided=False) as session:
         original = session.record
         session.record = lambda block, maps: (seen.add(block), original(block, maps))
         out(pipe.unet)
@@ -188,19 +188,19 @@ def test_multi_concept_options_leave_a_single_concept_on_the_paper_rule():
 
     multi = MultiLagConfig(tokens="class", coverage=0.25, maps="aggregate", delay=0.5)
     one = [ConceptTokens("a", (1, 2), (2,))]
-    paper = drive(LagSession(one, cfg=False, latent_hw=(4, 4)), 3)
-    tuned = drive(LagSession(one, cfg=False, latent_hw=(4, 4), multi=multi, steps=3), 3)
+    paper = drive(LagSession(one, guided=False, latent_hw=(4, 4)), 3)
+    tuned = drive(LagSession(one, guided=False, latent_hw=(4, 4), multi=multi, steps=3), 3)
     for p, t in zip(paper, tuned):
         for block in p:
             assert torch.equal(p[block], t[block])
-    assert LagSession(one, cfg=False, multi=multi).token_sets == [(1, 2)]
+    assert LagSession(one, guided=False, multi=multi).token_sets == [(1, 2)]
 
 
 def test_multi_concept_tokens_coverage_and_delay():
     from persres.config import MultiLagConfig
 
     two = [ConceptTokens("a", (1, 2), (2,)), ConceptTokens("b", (4, 5), (5,))]
-    session = LagSession(two, cfg=False, latent_hw=(4, 4), multi=MultiLagConfig(tokens="class", coverage=0.25, delay=0.4), steps=5,
+    session = LagSession(two, guided=False, latent_hw=(4, 4), multi=MultiLagConfig(tokens="class", coverage=0.25, delay=0.4), steps=5,
                          keep_masks=True)
     assert session.token_sets == [(2,), (5,)]
     passes = drive(session, 5)
@@ -220,7 +220,7 @@ def test_aggregate_maps_come_from_the_previous_pass_of_every_block():
     from persres.config import MultiLagConfig
 
     two = [ConceptTokens("a", (1,)), ConceptTokens("b", (2,))]
-    session = LagSession(two, cfg=False, latent_hw=(4, 4), multi=MultiLagConfig(maps="aggregate"))
+    session = LagSession(two, guided=False, latent_hw=(4, 4), multi=MultiLagConfig(maps="aggregate"))
     first = torch.zeros(1, 2, 16)
     first[0, 0, :8], first[0, 1, 8:] = 1.0, 1.0  # a: top half, b: bottom half
     x = torch.zeros(1, 4, 4, 4)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from persres import residuals
-from persres.api import apply_concepts, train_concept
+from persres.workspace import Workspace
 from persres.config import SampleConfig, TrainConfig
 from persres.errors import IncompatiblePack, ModelNotFound
 from persres.interop import write_lora as write_foreign
@@ -57,32 +57,32 @@ def test_a_model_loaded_in_bf16_has_the_fingerprint_of_its_weights_on_disk(tiny_
     assert bf16.unet.dtype == torch.bfloat16
     assert fingerprint(bf16.unet) == fingerprint(fp32.unet)
     assert fingerprint(bf16.unet).weights == base_weights(str(tiny_model))
-    outcome = train_concept(concept_dir, "bf", "circle", model=str(tiny_model), config=TrainConfig(steps=1, precision="bf16"))
+    outcome = Workspace(str(tiny_model)).train(concept_dir, "bf", "circle", config=TrainConfig(steps=1, precision="bf16"))
     assert outcome.record.meta.weights == base_weights(str(tiny_model))
 
 
 @pytest.fixture
 def trained_pack(tiny_model, concept_dir):
-    return train_concept(concept_dir, "mydog", "circle", model=str(tiny_model), config=TrainConfig(steps=3, lr=1e-2, init="random"))
+    return Workspace(str(tiny_model)).train(concept_dir, "mydog", "circle", config=TrainConfig(steps=3, lr=1e-2, init="random"))
 
 
 def test_pack_of_another_architecture_is_refused(trained_pack, tiny_linear_model):
     pipe = load_pipeline(str(tiny_linear_model))
     with pytest.raises(IncompatiblePack, match="does not fit"):
-        apply_concepts(pipe, ["mydog"], model=str(tiny_linear_model))
+        Workspace(str(tiny_linear_model), pipe=pipe).apply_concepts(["mydog"])
     assert not residuals.loaded_concepts(pipe.unet)
 
 
 def test_pack_of_another_checkpoint_loads_with_a_warning(trained_pack, tiny_other_checkpoint):
     pipe = load_pipeline(str(tiny_other_checkpoint))
     with pytest.warns(OtherCheckpointWarning, match="another checkpoint"):
-        apply_concepts(pipe, ["mydog"])
+        Workspace(pipe=pipe).apply_concepts(["mydog"])
     assert residuals.loaded_concepts(pipe.unet) == ["mydog"]
 
 
 def test_apply_to_a_pipeline_you_already_hold(trained_pack, pipe):
     base = generate(pipe, "a sks circle", [], SampleConfig(steps=2)).images[0]
-    concepts = apply_concepts(pipe, ["mydog"])
+    concepts = Workspace(pipe=pipe).apply_concepts(["mydog"])
     personal = generate(pipe, "a sks circle", concepts, SampleConfig(steps=2)).images[0]
     assert list(base.getdata()) != list(personal.getdata())
     residuals.remove(pipe.unet)
@@ -91,7 +91,7 @@ def test_apply_to_a_pipeline_you_already_hold(trained_pack, pipe):
 
 
 def test_model_defaults_file(tmp_path, tiny_model):
-    from persres.api import train_config_for
+    from persres.settings import train_config_for
 
     assert model_defaults(str(tiny_model)) == {}
     (tmp_path / "persres_defaults.json").write_text('{"train": {"lr": 0.01, "steps": 400}}')
@@ -106,7 +106,7 @@ def test_exported_lora_loads_in_diffusers_and_matches_the_merged_model(fmt, trai
     path = write_foreign(tmp_path / f"{fmt}.safetensors", fmt, tensors, meta)
 
     ours = load_pipeline(str(tiny_model))
-    apply_concepts(ours, ["mydog"])
+    Workspace(pipe=ours).apply_concepts(["mydog"])
     theirs = load_pipeline(str(tiny_model))
     theirs.load_lora_weights(str(path), adapter_name="mydog")
 
@@ -124,8 +124,7 @@ def test_exported_lora_loads_in_diffusers_and_matches_the_merged_model(fmt, trai
 def test_bf16_training_on_the_cpu(tiny_model, concept_dir):
     import math
 
-    outcome = train_concept(concept_dir, "b16", "circle", model=str(tiny_model),
-                            config=TrainConfig(steps=3, precision="bf16", device="cpu"))
+    outcome = Workspace(str(tiny_model)).train(concept_dir, "b16", "circle", config=TrainConfig(steps=3, precision="bf16", device="cpu"))
     assert all(math.isfinite(x) for x in outcome.losses)
     tensors, _ = Registry().load("b16")
     assert all(t.dtype == torch.float32 for t in tensors.values())
@@ -268,7 +267,7 @@ def test_train_many_does_not_take_a_pack_of_the_old_weights_at_the_same_path_as_
 def test_benchmark_packs_are_retrained_when_the_weights_at_the_path_change(tiny_model, tiny_other_checkpoint, tmp_path):
     import shutil
 
-    from persres.api import config_digest
+    from persres.settings import config_digest
     from persres.toy.bench import prepare_concepts
 
     model = str(shutil.copytree(tiny_model, tmp_path / "model"))
@@ -290,7 +289,7 @@ def test_a_setting_added_later_leaves_older_pack_names_alone_at_its_default():
     import hashlib
     import json
 
-    from persres.api import config_digest
+    from persres.settings import config_digest
 
     config = TrainConfig(steps=7)
     before_it_existed = {k: v for k, v in config.to_dict().items() if k not in ("lr_schedule", "snr_gamma")}  # what older persres hashed

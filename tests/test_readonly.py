@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from persres.api import train_concept
+from persres.workspace import Workspace
 
 
 def read_only(home, *args: str) -> subprocess.CompletedProcess:
@@ -36,7 +36,7 @@ def can_mount(tmp_path) -> bool:
 def home(tmp_path, tiny_model, concept_dir, persres_home):
     if not can_mount(tmp_path):
         pytest.skip("needs unshare --mount and a read-only bind mount (root in a mount namespace)")
-    train_concept(concept_dir, "one", "circle", model=str(tiny_model), overrides={"steps": 1})
+    Workspace(str(tiny_model)).train(concept_dir, "one", "circle", overrides={"steps": 1})
     return persres_home
 
 

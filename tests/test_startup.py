@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from persres.api import train_concept
+from persres.workspace import Workspace
 
 PROBE = """
 import json, sys
@@ -35,7 +35,7 @@ def loaded_by(args: list[str]) -> dict:
 
 @pytest.fixture
 def registered(tiny_model, concept_dir):
-    train_concept(concept_dir, "one", "circle", model=str(tiny_model), overrides={"steps": 1})
+    Workspace(str(tiny_model)).train(concept_dir, "one", "circle", overrides={"steps": 1})
 
 
 @pytest.mark.parametrize("args", [["list"], ["list", "--json"], ["show", "one"], ["show", "one", "--json"], ["doctor"],

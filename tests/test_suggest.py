@@ -105,7 +105,7 @@ def test_a_model_can_name_its_own_class_candidates(tiny_model, concept_dir, tmp_
     import json
     import shutil
 
-    from persres.api import suggest_class_for
+    from persres.workspace import Workspace
     from persres.errors import InputError
     from persres.registry import Registry
     from persres.suggest import SuggestConfig
@@ -115,10 +115,10 @@ def test_a_model_can_name_its_own_class_candidates(tiny_model, concept_dir, tmp_
     (model / "persres_defaults.json").write_text(json.dumps({"train": {}, "class_candidates": ["circle", "square"]}))
     registry = Registry(tmp_path / "home")
     config = SuggestConfig(budget=40)
-    got = suggest_class_for(concept_dir, model=str(model), registry=registry, config=config)
+    got = Workspace(str(model), registry=registry).suggest_class(concept_dir, None, config)
     assert {c for c, _, _ in got.ranking} == {"circle", "square"}
-    given = suggest_class_for(concept_dir, model=str(model), registry=registry, candidates="vase,cup", config=config)
+    given = Workspace(str(model), registry=registry).suggest_class(concept_dir, "vase,cup", config)
     assert {c for c, _, _ in given.ranking} == {"vase", "cup"}
     (model / "persres_defaults.json").write_text(json.dumps({"train": {}, "class_candidates": "circle"}))
     with pytest.raises(InputError, match="class_candidates"):
-        suggest_class_for(concept_dir, model=str(model), registry=registry, config=config)
+        Workspace(str(model), registry=registry).suggest_class(concept_dir, None, config)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from persres.api import train_config_for
+from persres.settings import train_config_for
 from persres.cli import app
 from persres.config import TrainConfig
 from persres.models import TOY_DIR, load_pipeline
@@ -52,7 +52,7 @@ def test_packaged_model_is_sd_v1_structured_and_small():
 
 def test_short_training_on_a_shipped_concept_lowers_the_loss():
     from persres import residuals
-    from persres.api import train_config_for
+    from persres.settings import train_config_for
     from persres.images import read_folder
     from persres.testing import fixed_noise_loss
     from persres.tokens import training_prompt

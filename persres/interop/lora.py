@@ -29,10 +29,10 @@ class ForeignLora:
     fmt: str
 
 
-def read_foreign(path: Path, channels: dict[str, int], proj_out_only: bool = False,
+def read_foreign(path: Path, family, channels: dict[str, int], proj_out_only: bool = False,
                  in_channels: dict[str, int] | None = None) -> ForeignLora:
-    """The file's proj_out factors for a model whose blocks have `channels` (m) and, where they
-    differ, `in_channels` (n: FLUX.1's single-stream blocks)."""
+    """The file's proj_out factors for a model of `family` whose blocks have `channels` (m) and,
+    where they differ, `in_channels` (n)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -48,7 +48,7 @@ def read_foreign(path: Path, channels: dict[str, int], proj_out_only: bool = Fal
         raise PackError(f"{str(path)!r} is not a readable safetensors file ({' '.join(str(e).split())[:160]})") from None
     blocks = sorted(channels)
     if kohya.is_kohya(tensors):
-        fmt, (found, others) = "kohya", kohya.read(tensors, blocks)
+        fmt, (found, others) = "kohya", kohya.read(tensors, blocks, family)
     elif peft.is_peft(tensors):
         fmt, (found, others) = "diffusers", peft.read(tensors, blocks, metadata)
     else:
@@ -101,3 +101,18 @@ def _factors(path: Path, block: str, up, down, alpha, m: int, n: int) -> tuple[t
         keep[0] = True
     up, down = up[:, keep], down[keep]
     return (up * scale if scale != 1.0 else up).contiguous(), down.contiguous()
+
+
+def foreign_pack_tensors(path: Path, pipe, proj_out_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, int], str]:
+    """(pack tensors "{block}.up"/"{block}.down", ranks, format) of a foreign LoRA file for a loaded pipeline."""
+    from persres import families
+    from persres.residuals import block_channels, block_in_channels
+
+    family = families.of(pipe)
+    model = family.denoiser(pipe)
+    lora = read_foreign(path, family, block_channels(model), proj_out_only, block_in_channels(model))
+    tensors, ranks = {}, {}
+    for block, (up, down) in lora.factors.items():
+        tensors[f"{block}.up"], tensors[f"{block}.down"] = up, down
+        ranks[block] = up.shape[1]
+    return tensors, ranks, lora.fmt

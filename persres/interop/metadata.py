@@ -13,22 +13,18 @@ import collections
 import datetime as dt
 import json
 
-from persres.families import FAMILIES, SD2_V_MODELSPEC, family_of_meta
+from persres import families
 from persres.packs import PackMeta
 
-IMPL_DIFFUSERS = "diffusers"
-IMPL_STABILITY = "https://github.com/Stability-AI/generative-models"  # what sd-scripts writes for SDXL LoRAs
-IMPL_BFL = "https://github.com/black-forest-labs/flux"  # and for FLUX.1 LoRAs
-IMPLEMENTATIONS = {"sdxl": IMPL_STABILITY, "flux": IMPL_BFL}
 PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "flow_matching": "flow"}  # the pack's -> modelspec's
 
 
 def for_export(meta: PackMeta, fmt: str) -> dict[str, str]:
-    family = family_of_meta(meta)
+    family = families.of_meta(meta)
     config = meta.train_config
     prediction = config.get("prediction_type", "epsilon")
-    modelspec = SD2_V_MODELSPEC if family == "sd2" and prediction == "v_prediction" else FAMILIES[family].modelspec
-    resolution = int(config.get("resolution") or FAMILIES[family].resolution)
+    modelspec = family.export_modelspec(prediction)
+    resolution = int(config.get("resolution") or family.resolution)
     trigger = f"{meta.identifier} {meta.class_word}"
     ranks = collections.Counter(meta.ranks.values())
     dim = ranks.most_common(1)[0][0] if fmt == "kohya" else max(meta.ranks.values())
@@ -39,8 +35,8 @@ def for_export(meta: PackMeta, fmt: str) -> dict[str, str]:
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(dim),  # alpha = rank in every module: scale 1
         "ss_network_args": json.dumps({"module_dims": "per block, alpha = dim", "ranks": sorted(set(meta.ranks.values()))}),
-        "ss_base_model_version": FAMILIES[family].kohya_version,
-        "ss_v2": str(family == "sd2"),
+        "ss_base_model_version": family.kohya_version,
+        "ss_v2": str(family.kohya_v2),
         "ss_training_comment": f"persres personalized residuals (proj_out of every transformer block, ranks "
                                f"{'/'.join(map(str, sorted(ranks)))}); trigger: {trigger}",
         "ss_tag_frequency": json.dumps({meta.name: {trigger: max(len(meta.image_hashes), 1)}}),
@@ -56,7 +52,7 @@ def for_export(meta: PackMeta, fmt: str) -> dict[str, str]:
         # SAI model spec
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{modelspec}/lora",
-        "modelspec.implementation": IMPLEMENTATIONS.get(family, IMPL_DIFFUSERS),
+        "modelspec.implementation": family.implementation,
         "modelspec.title": meta.name,
         "modelspec.description": f"persres concept '{meta.name}' ({meta.class_word}); write '{trigger}' in the prompt",
         "modelspec.date": date,
@@ -69,7 +65,7 @@ def for_export(meta: PackMeta, fmt: str) -> dict[str, str]:
         "persres.identifier": meta.identifier,
         "persres.class_word": meta.class_word,
         "persres.ranks": json.dumps(meta.ranks, sort_keys=True),
-        "persres.family": family,
+        "persres.family": family.key,
         **({"lora_adapter_metadata": _peft_metadata(meta)} if fmt == "diffusers" else {}),
     }
 

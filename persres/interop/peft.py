@@ -3,7 +3,7 @@
     unet.{block}.proj_out.lora_A.weight  (R, n[, 1, 1])  = B, zero-padded to rank R
     unet.{block}.proj_out.lora_B.weight  (m, R[, 1, 1])  = A, zero-padded to rank R
 
-("transformer." on FLUX.1, whose blocks are `single_transformer_blocks.N`.)
+(prefixed by the denoiser's name: "unet." or "transformer.", `Family.denoiser_folder`.)
 persres pads every block to the pack's largest rank R (zero rows and columns: the product
 A B is unchanged) and writes `lora_adapter_metadata` with r = lora_alpha = R. One rank for
 every module means scale alpha / r = 1 on every diffusers version, whether it reads the
@@ -21,7 +21,7 @@ import json
 import torch
 
 from persres.errors import PackError
-from persres.families import family_of_meta
+from persres import families
 from persres.packs import PackMeta
 
 PREFIXES = ("unet.", "transformer.", "base_model.model.", "")
@@ -29,8 +29,8 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
 
 def prefix_of(meta: PackMeta) -> str:
-    """The denoiser's name in diffusers' LoRA files: "transformer" on FLUX.1, "unet" otherwise."""
-    return "transformer" if family_of_meta(meta) == "flux" else "unet"
+    """The denoiser's name in diffusers' LoRA files ("unet" or "transformer")."""
+    return families.of_meta(meta).denoiser_folder
 
 
 def write(tensors, meta: PackMeta, conv: bool) -> dict[str, torch.Tensor]:

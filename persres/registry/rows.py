@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from persres.families import family_of_meta
+from persres import families
 from persres.packs import PackMeta
 from persres.tokens import BoundConcept
 
@@ -18,7 +18,7 @@ ROW_FIELDS = ("path", "sha256", "shared_identifier")  # and what the registry kn
 def row_of(meta: PackMeta) -> dict:
     """A concepts row's PackMeta columns (JSON for the structured fields, the family always named)."""
     values = {f: getattr(meta, f) for f in META_FIELDS}
-    return {**{f: json.dumps(v) if f in JSON_FIELDS else v for f, v in values.items()}, "family": family_of_meta(meta)}
+    return {**{f: json.dumps(v) if f in JSON_FIELDS else v for f, v in values.items()}, "family": families.of_meta(meta).key}
 
 
 def meta_of(row: dict) -> PackMeta:

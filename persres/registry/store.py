@@ -25,7 +25,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from persres.families import family_of_meta
+from persres import families
 from persres.atomic import atomic_path
 from persres.errors import ConceptNotFound, DuplicateConcept, RegistryError
 from persres.packs import PackMeta, read_pack, validate_meta, write_pack_temp
@@ -382,7 +382,7 @@ class Registry(Repairs):
 
     def _record(self, row: dict) -> ConceptRecord:
         meta = validate_meta(meta_of(row))
-        meta = replace(meta, family=family_of_meta(meta))  # rows from before the family was recorded
+        meta = replace(meta, family=families.of_meta(meta).key)  # rows from before the family was recorded
         if not isinstance(row["path"], str) or not isinstance(row["sha256"], str):
             raise ValueError("path or sha256 is not text")
         return ConceptRecord(meta, self._pack_path(row["path"]), row["sha256"], bool(row.get("shared_identifier", 0)))

@@ -1,0 +1,161 @@
+"""`Family`: what every model-family adapter answers (see `persres.families`).
+
+The fields are data a family states (names, defaults, where diffusers keeps its configs);
+the methods are what differs in behaviour. Methods import torch and diffusers when called,
+so the registry can name a family without a model library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    key: str  # what packs and the registry record
+    label: str  # what messages say
+    pipeline: str  # the diffusers pipeline class in model_index.json
+    config_repo: str  # where diffusers' from_single_file reads this family's configs
+    kohya_version: str  # sd-scripts' ss_base_model_version
+    modelspec: str  # SAI model spec architecture (LoRAs append "/lora")
+    resolution: int  # native training resolution, for exported metadata
+    guidance: float = 6.0  # sampling guidance (paper, Sec. 4: 6.0)
+    steps: int = 50  # sampling steps (paper, Sec. 4: 50)
+    train_defaults: dict = field(default_factory=dict)  # training settings the family recommends over the paper's
+    denoiser_folder: str = "unet"  # the denoiser's subfolder in a diffusers directory, and its prefix in diffusers LoRA files
+    implementation: str = "diffusers"  # modelspec.implementation of exported LoRAs
+    suggests_class: bool = True  # whether class-word suggestion (the UNet's denoising error) runs on it
+    kohya_v2: bool = False  # sd-scripts' ss_v2
+    v_modelspec: str | None = None  # the model spec architecture of its v-prediction models, where it has its own
+
+    def __repr__(self) -> str:
+        return f"<family {self.key}>"
+
+    # --- detection (no torch) ---------------------------------------------------------
+    def matches_config(self, denoiser_config) -> bool:
+        raise NotImplementedError
+
+    def matches_checkpoint(self, keys: list[str]) -> bool:
+        """An original-layout single file of this family, by its tensor names."""
+        raise NotImplementedError
+
+    def matches_legacy_pack(self, meta) -> bool:
+        """A pack written before packs recorded their family (only SD 1.x/2.x/XL packs are that old)."""
+        return False
+
+    def denoiser_config_of(self, read_json) -> dict | None:
+        """This family's denoiser config from `read_json(relative path)` of a model directory, if it is one."""
+        config = read_json(f"{self.denoiser_folder}/config.json")
+        return config if config is not None and self.matches_config(config) else None
+
+    # --- loading ----------------------------------------------------------------------
+    def pipeline_class(self):
+        """(diffusers pipeline class, its from_pretrained options)."""
+        raise NotImplementedError
+
+    def load_single_file(self, path: str, config: str | None, dtype_kwargs: dict):
+        cls, kwargs = self.pipeline_class()
+        return cls.from_single_file(path, config=config, local_files_only=True, **dtype_kwargs, **kwargs)
+
+    def prepare(self, pipe) -> None:
+        """Set up a freshly loaded pipeline the way persres samples it (scheduler, ...)."""
+
+    def denoiser(self, pipe):
+        return getattr(pipe, self.denoiser_folder)
+
+    def blocks(self, model) -> dict:
+        """{name: block} of every block whose output projection carries a residual."""
+        raise NotImplementedError
+
+    def block_names_in(self, keys) -> set[str]:
+        """The residual-carrying blocks named by a denoiser state dict's keys (read without loading)."""
+        raise NotImplementedError
+
+    # --- text -------------------------------------------------------------------------
+    def encode(self, pipe, prompt: str, resolution: tuple[int, int]):
+        """The prompt's `persres.conditioning.Conditioning` (the pipeline's own encoders), no guidance."""
+        raise NotImplementedError
+
+    def region_tokenizer(self, pipe):
+        """The tokenizer whose positions the denoiser's attention maps are read by."""
+        return pipe.tokenizer
+
+    def identifier_tokenizer(self, pipe):
+        """The tokenizer in which a concept's identifier must be one token."""
+        return pipe.tokenizer
+
+    def check_training_prompt(self, pipe, prompt: str, identifier: str, class_word: str) -> None:
+        """PromptError unless the concept's tokens are inside every encoder's limit."""
+        from persres.tokens import concept_positions
+
+        concept_positions(pipe.tokenizer, prompt, identifier, class_word)
+
+    def check_concept_prompt(self, pipe, prompt: str) -> None:
+        """PromptError for a prompt whose concept positions cannot be read (SDXL's two tokenizers)."""
+
+    # --- training ---------------------------------------------------------------------
+    def view_cell(self, pipe) -> int:
+        """Pixels per latent position the denoiser sees (zoom-out views are placed on this grid)."""
+        return pipe.vae_scale_factor
+
+    def latent_shift(self, pipe) -> float:
+        """Subtracted from VAE latents before scaling."""
+        return 0.0
+
+    def check_train_config(self, config) -> None:
+        """InputError for a training setting this family cannot use."""
+
+    def objective(self, pipe, source, config):
+        """`loss(generator)`: one batch's training loss over a `persres.train.CachedBatchSource`."""
+        raise NotImplementedError
+
+    def prediction_type(self, pipe) -> str:
+        """What the denoiser predicts, as packs record it."""
+        return pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    # --- sampling ---------------------------------------------------------------------
+    def native_side(self, pipe) -> int:
+        raise NotImplementedError
+
+    def sampling_arguments(self, pipe, config) -> dict:
+        """The pipeline call's family-specific arguments."""
+        return {}
+
+    def guidance_in_batch(self, guidance: float) -> bool:
+        """Whether the denoiser's batch is [unconditional, conditional] (classifier-free guidance)."""
+        return guidance > 1
+
+    def lag_processors(self, model, session, backend, layers, latent_hw):
+        """`make(processor name, old processor)` for `kernels.attention_processors`: token maps for `session`."""
+        raise NotImplementedError
+
+    def plain_attention(self, model, backend):
+        """A context manager that runs the denoiser's attention on `backend` without LAG."""
+        raise NotImplementedError
+
+    # --- memory, class words, files ---------------------------------------------------
+    def needed_bytes(self, pipe, height: int, width: int, samples: int, training: bool) -> int:
+        """~ activation bytes of one denoiser pass; 0 where no estimate is fitted (no refusal)."""
+        return 0
+
+    def check_suggestion(self) -> None:
+        from persres.errors import InputError
+
+        if not self.suggests_class:
+            raise InputError(f"class-word suggestion runs on SD 1.x, 2.x and SDXL models; on {self.label} give the class "
+                             f"word (--class WORD)")
+
+    def kohya_key(self, block: str, blocks) -> str:
+        """A block's proj_out in kohya / sd-scripts files (`blocks`: all of the pack's)."""
+        raise NotImplementedError
+
+    def kohya_keys(self, block: str, blocks) -> set[str]:
+        """Every name a kohya file may give a block's proj_out (what import accepts)."""
+        return {self.kohya_key(block, blocks)}
+
+    def export_modelspec(self, prediction: str) -> str:
+        return self.v_modelspec if prediction == "v_prediction" and self.v_modelspec else self.modelspec
+
+    def single_file_config_dir(self, config: str | None) -> str:
+        return str(Path(config).expanduser()) if config is not None else self.config_repo

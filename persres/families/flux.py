@@ -1,0 +1,229 @@
+"""FLUX.1: `FluxPipeline`, a diffusion transformer (`FluxTransformer2DModel`) trained by flow matching.
+
+- residuals: ΔW = A·B on each single-stream block's `proj_out` (attention + MLP features -> the
+  residual stream: 15360 -> 3072 on FLUX.1-dev), the direct analogue of the paper's layer.
+- rank: the paper's *budget*, not its ratio: r = 0.05 m gives 108 M parameters on FLUX.1-dev
+  (0.91% of its transformer); r = m / 128 = 24 gives 16.8 M, 0.141% of it, as the paper's
+  1,239,040 are 0.144% of SD v1.4's UNet (tests/test_flux.py counts both on the real configs).
+- text: the T5 states (what its joint attention reads; LAG's positions come from T5's
+  tokenizer) and CLIP's pooled vector, T5 padded to `max_text_tokens`.
+- LAG on joint attention (`persres.kernels.joint`): a concept's map is the image queries'
+  attention to its T5 tokens, from the fused kernel's log-sum-exp; the residual acts on the
+  image tokens only. Guidance is an input of the (guidance-distilled) transformer, so the
+  batch has no unconditional half.
+- training: flow matching, as the pipeline samples. The references' latents are normalized as
+  FLUX's VAE expects ((z - shift) * scale) and packed in 2x2 patches as `FluxPipeline` packs
+  them. Each step draws σ ~ U(0, 1), shifts it as the pipeline's own scheduler shifts its
+  sigmas for this image size (`FlowMatchEulerDiscreteScheduler.time_shift` with μ from the
+  image's token count, or its static shift), and trains the velocity on
+
+      x_σ = (1 - σ) x0 + σ ε,      target v = ε - x0,
+
+  at timestep σ with the guidance input the pipeline passes (3.5, its default). One
+  transformer forward and backward per step, as on the UNet.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from persres.families.base import Family
+
+FLUX_RANK_RATIO = 1 / 128  # r = m / 128: the paper's share of the model's parameters (see the module doc)
+TRAIN_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, the value FLUX.1-dev LoRA trainers pass
+SINGLE_BLOCKS = "single_transformer_blocks"
+BLOCK_RE = re.compile(SINGLE_BLOCKS + r"\.\d+")
+CHECKPOINT_KEY = "single_blocks.0.linear2.weight"  # Black Forest Labs' layout, with or without "model.diffusion_model."
+
+
+@dataclass(frozen=True, eq=False)
+class Flux1(Family):
+    def matches_config(self, config) -> bool:
+        return config.get("num_single_layers") is not None
+
+    def matches_checkpoint(self, keys: list[str]) -> bool:
+        return any(k.endswith(CHECKPOINT_KEY) for k in keys)
+
+    # --- loading ----------------------------------------------------------------------
+    def pipeline_class(self):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline, {}
+
+    def load_single_file(self, path: str, config: str | None, dtype_kwargs: dict):
+        """A FLUX.1 single file is its transformer in Black Forest Labs' layout (flux1-dev.safetensors,
+        what ComfyUI loads as a diffusion model): diffusers converts it; the rest of the pipeline
+        (VAE, CLIP, T5, scheduler) comes from the configs directory or the cached FLUX.1-dev repo."""
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        source = config or self.config_repo
+        transformer = FluxTransformer2DModel.from_single_file(path, config=source, subfolder="transformer", local_files_only=True,
+                                                              **dtype_kwargs)
+        return FluxPipeline.from_pretrained(source, transformer=transformer, local_files_only=True, **dtype_kwargs)
+
+    def blocks(self, model) -> dict:
+        return {f"{SINGLE_BLOCKS}.{i}": block for i, block in enumerate(getattr(model, SINGLE_BLOCKS))}
+
+    def block_names_in(self, keys) -> set[str]:
+        return {b for b in (k.removesuffix(".proj_out.weight") for k in keys if k.endswith(".proj_out.weight")) if BLOCK_RE.fullmatch(b)}
+
+    # --- text -------------------------------------------------------------------------
+    def encode(self, pipe, prompt: str, resolution: tuple[int, int]):
+        from persres.conditioning import Conditioning
+
+        model = pipe.transformer
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=model.device, num_images_per_prompt=1,
+                                               max_sequence_length=max_text_tokens(pipe))
+        return Conditioning(embeds.to(model.dtype), {"pooled_projections": pooled.to(model.dtype)})
+
+    def region_tokenizer(self, pipe):  # the joint attention reads the T5 states; CLIP gives only the pooled vector
+        return pipe.tokenizer_2
+
+    def check_training_prompt(self, pipe, prompt: str, identifier: str, class_word: str) -> None:
+        from persres.tokens import concept_positions
+
+        super().check_training_prompt(pipe, prompt, identifier, class_word)
+        concept_positions(pipe.tokenizer_2, prompt, identifier, class_word)
+
+    # --- training ---------------------------------------------------------------------
+    def view_cell(self, pipe) -> int:  # latents are packed in 2x2 patches: views cover whole patches
+        return pipe.vae_scale_factor * 2
+
+    def latent_shift(self, pipe) -> float:
+        return pipe.vae.config.get("shift_factor") or 0.0
+
+    def check_train_config(self, config) -> None:
+        from persres.errors import InputError
+
+        if config.snr_gamma is not None:
+            raise InputError("min-SNR weighting (--snr-gamma) is for epsilon and v-prediction models; FLUX.1 trains by flow matching")
+
+    def objective(self, pipe, source, config):
+        return flow_matching_objective(pipe, source, config.batch_size)
+
+    def prediction_type(self, pipe) -> str:
+        return "flow_matching"
+
+    # --- sampling ---------------------------------------------------------------------
+    def native_side(self, pipe) -> int:  # the pipeline's default (1024 px on FLUX.1)
+        return pipe.default_sample_size * pipe.vae_scale_factor
+
+    def sampling_arguments(self, pipe, config) -> dict:  # its Euler sampler has no eta
+        return {"max_sequence_length": max_text_tokens(pipe)}
+
+    def guidance_in_batch(self, guidance: float) -> bool:
+        return False
+
+    def lag_processors(self, model, session, backend, layers, latent_hw):
+        from persres.kernels.joint import JointAttnProcessor
+
+        image_tokens = latent_hw[0] * latent_hw[1]  # `latent_hw` is the packed token grid
+
+        def make(name: str, old):  # the joint processor where a proj_out carries residuals, diffusers' own elsewhere
+            block = name.removesuffix(".attn.processor")
+            return JointAttnProcessor(backend, session, block, image_tokens) if block in layers else old
+
+        return make
+
+    @contextmanager
+    def plain_attention(self, model, backend):
+        from persres.errors import InputError
+        from persres.kernels import Backend
+
+        if backend not in (None, "auto", "sdpa", Backend.SDPA):
+            raise InputError(f"--backend {backend} runs FLUX.1's attention with --lag only; without it FLUX uses diffusers' own")
+        yield
+
+    def kohya_key(self, block: str, blocks) -> str:  # sd-scripts' name: BFL's single_blocks.N.linear2
+        return f"lora_unet_single_blocks_{block.removeprefix(SINGLE_BLOCKS + '.')}_linear2"
+
+
+FLUX1 = Flux1("flux", "FLUX.1", "FluxPipeline", "black-forest-labs/FLUX.1-dev", "flux1", "flux-1-dev", 1024,
+              guidance=3.5, train_defaults={"rank_ratio": FLUX_RANK_RATIO}, denoiser_folder="transformer",
+              implementation="https://github.com/black-forest-labs/flux", suggests_class=False)
+
+
+def max_text_tokens(pipe) -> int:
+    """The T5 sequence length: its tokenizer's limit, at most FLUX.1-dev's 512 (what the pipeline
+    pads to, so token positions are the same in training and sampling)."""
+    return min(512, pipe.tokenizer_2.model_max_length)
+
+
+# --- flow-matching training ---------------------------------------------------------------
+def pack(pipe, latents):
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): the pipeline's 2x2 patches, row by row."""
+    b, c, h, w = latents.shape
+    return pipe._pack_latents(latents, b, c, h, w)
+
+
+def pack_mask(mask):
+    """(N, 1, h, w) latent-cell mask -> (N, h/2 * w/2, 1): a patch counts where all its cells do."""
+    import torch.nn.functional as F
+
+    return (F.avg_pool2d(mask, 2) == 1).float().flatten(1).unsqueeze(-1)
+
+
+def image_ids(pipe, h: int, w: int, device):
+    """(h/2 * w/2, 3) position ids of the packed image tokens, as the pipeline makes them."""
+    import torch
+
+    return pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, torch.float32)
+
+
+def image_shift(scheduler, tokens: int) -> float | None:
+    """μ of the scheduler's resolution-dependent shift for `tokens` image tokens (the pipeline's
+    `calculate_shift`), or None where the scheduler shifts by a fixed amount."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    c = scheduler.config
+    if not c.get("use_dynamic_shifting", False):
+        return None
+    return calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                           c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+
+
+def shifted_sigmas(scheduler, u, mu: float | None):
+    """σ from uniform draws `u`, shifted as the scheduler shifts its sampling sigmas."""
+    if mu is not None:
+        return scheduler.time_shift(mu, 1.0, u)
+    shift = scheduler.config.get("shift", 1.0)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_matching_objective(pipe, source, batch_size: int):
+    """`loss(generator)`: one batch's flow-matching loss over `source` (a `persres.train.CachedBatchSource`
+    of this pipeline: everything computed once)."""
+    import torch
+
+    from persres.errors import InputError
+
+    transformer, scheduler = pipe.transformer, pipe.scheduler
+    device, dtype = transformer.device, transformer.dtype
+    h, w = source.mean.shape[-2:]
+    if h % 2 or w % 2:
+        raise InputError(f"FLUX packs latents in 2x2 patches: the training resolution must be a multiple of "
+                         f"{2 * pipe.vae_scale_factor} px")
+    ids = image_ids(pipe, h, w, device)
+    text_ids = torch.zeros(source.condition.embedding.shape[1], 3, device=device)  # (T, 3): text tokens sit at 0, as the pipeline's
+    mu = image_shift(scheduler, (h // 2) * (w // 2))
+    guidance = torch.full((batch_size,), TRAIN_GUIDANCE, device=device) if transformer.config.guidance_embeds else None
+
+    def loss(generator):
+        batch = source.sample(batch_size, generator)
+        x0 = pack(pipe, batch.latents)  # (B, L, 4C)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        u = torch.rand((batch_size,), generator=generator, device=device)
+        sigma = shifted_sigmas(scheduler, u, mu).view(-1, 1, 1)  # (B, 1, 1)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        pred = transformer(hidden_states=noisy.to(dtype), timestep=sigma.flatten().to(dtype), guidance=guidance,
+                           pooled_projections=batch.added["pooled_projections"], encoder_hidden_states=batch.embedding,
+                           txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
+        err = (pred.float() - (noise - x0)) ** 2  # (B, L, 4C)
+        if batch.mask is None:
+            return err.mean()
+        mask = pack_mask(batch.mask)  # (B, L, 1)
+        return (err * mask).sum() / (mask.sum() * err.shape[-1])
+
+    return loss

@@ -1,0 +1,147 @@
+"""SD 1.x and SD 2.x: `StableDiffusionPipeline`, a UNet with cross-attention, one CLIP text encoder.
+
+- residuals: every `Transformer2DModel`'s proj_out (a 1x1 Conv2d on SD 1.x, a Linear on 2.x),
+  the paper's layer (Ham et al., Sec. 3.2).
+- training: the DDPM denoising loss (epsilon or v-prediction) at uniform timesteps.
+- LAG: each block's cross-attention (attn2) through a persres kernel that returns the concept
+  tokens' maps; under classifier-free guidance the batch is [unconditional, conditional].
+- sampling: DDIM, 50 steps, guidance 6.0 (the paper's, Sec. 4).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from persres.families.base import Family
+
+
+@dataclass(frozen=True, eq=False)
+class StableDiffusion(Family):
+    """The UNet families' behaviour; SD 1.x and 2.x differ only in what they are told apart by."""
+
+    linear_proj: bool = False  # SD 2.x: Linear proj_out (use_linear_projection)
+    checkpoint_prefix: str = "model.diffusion_model."  # the tensor names that mark an original checkpoint
+
+    def matches_config(self, config) -> bool:
+        return is_unet_config(config) and bool(config.get("use_linear_projection")) == self.linear_proj \
+            and config.get("addition_embed_type") != "text_time"
+
+    def matches_checkpoint(self, keys: list[str]) -> bool:
+        return any(k.startswith(self.checkpoint_prefix) for k in keys)
+
+    def matches_legacy_pack(self, meta) -> bool:
+        return (meta.proj_out == "Linear") == self.linear_proj
+
+    # --- loading ----------------------------------------------------------------------
+    def pipeline_class(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline, dict(safety_checker=None, requires_safety_checker=False)
+
+    def prepare(self, pipe) -> None:
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+
+    def blocks(self, model) -> dict:
+        return {name: module for name, module in model.named_modules()
+                if hasattr(module, "transformer_blocks") and hasattr(module, "proj_out")}
+
+    def block_names_in(self, keys) -> set[str]:
+        keys = list(keys)
+        blocks = {k.removesuffix(".proj_out.weight") for k in keys if k.endswith(".proj_out.weight")}
+        return {b for b in blocks if any(k.startswith(f"{b}.transformer_blocks.") for k in keys)}
+
+    # --- text -------------------------------------------------------------------------
+    def encode(self, pipe, prompt: str, resolution: tuple[int, int]):
+        from persres.conditioning import Conditioning
+
+        unet, tok = pipe.unet, pipe.tokenizer
+        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return Conditioning(pipe.text_encoder(ids.to(unet.device))[0].to(unet.dtype))
+
+    # --- training ---------------------------------------------------------------------
+    def objective(self, pipe, source, config):
+        from persres.train import denoising_objective
+
+        return denoising_objective(pipe.unet, source, config.batch_size, pipe.scheduler, config.snr_gamma)
+
+    # --- sampling ---------------------------------------------------------------------
+    def native_side(self, pipe) -> int:
+        return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def sampling_arguments(self, pipe, config) -> dict:
+        return {"eta": config.eta}
+
+    def lag_processors(self, model, session, backend, layers, latent_hw):
+        from persres.kernels import Backend, KernelAttnProcessor, block_of, resolve_backend
+
+        def make(name: str, old):
+            if name.endswith("attn2.processor") and block_of(name) in layers:
+                return KernelAttnProcessor(backend, session, block_of(name))
+            # diffusers' default processor already is SDPA: keep it for self-attention then
+            return old if resolve_backend(backend) is Backend.SDPA else KernelAttnProcessor(backend)
+
+        return make
+
+    @contextmanager
+    def plain_attention(self, model, backend):
+        from persres.kernels import Backend, attention_backend, resolve_backend
+
+        if resolve_backend(backend) is Backend.SDPA:  # diffusers' default already is SDPA
+            yield
+            return
+        with attention_backend(model, backend):
+            yield
+
+    def kohya_key(self, block: str, blocks) -> str:
+        return kohya_name(block)
+
+    def kohya_keys(self, block: str, blocks) -> set[str]:
+        return {kohya_name(block), kohya_name(sgm_name(block, levels_depth(blocks)))}
+
+    def needed_bytes(self, pipe, height: int, width: int, samples: int, training: bool) -> int:
+        from persres.sizes import unet_bytes
+
+        return unet_bytes(pipe, height, width, samples, training)
+
+
+def is_unet_config(config) -> bool:
+    return "block_out_channels" in config and "layers_per_block" in config
+
+
+def kohya_name(block: str) -> str:
+    """sd-scripts' name of a block's proj_out ('.' -> '_')."""
+    return "lora_unet_" + f"{block}.proj_out".replace(".", "_")
+
+
+def levels_depth(blocks) -> int:
+    """L, the resnets per down level, from the blocks' names (up levels hold L + 1)."""
+    down = [int(b.split(".")[3]) for b in blocks if b.startswith("down_blocks.")]
+    if down:
+        return max(down) + 1
+    up = [int(b.split(".")[3]) for b in blocks if b.startswith("up_blocks.")]
+    return max(up) if up else 1
+
+
+def sgm_name(block: str, depth: int) -> str:
+    """A diffusers transformer block's name in the original (SGM) UNet, e.g. 'input_blocks.4.1':
+    down_blocks.i.attentions.j is input_blocks.(1 + i(L+1) + j).1, mid_block.attentions.0 is
+    middle_block.1, up_blocks.i.attentions.j is output_blocks.(i(L+1) + j).1, for L resnets per
+    down level (SDXL's kohya files name blocks so; SD 1.x/2.x files the diffusers way)."""
+    parts = block.split(".")
+    if parts[0] == "mid_block":
+        return "middle_block.1"
+    level, j = int(parts[1]), int(parts[3])
+    if parts[0] == "down_blocks":
+        return f"input_blocks.{1 + level * (depth + 1) + j}.1"
+    return f"output_blocks.{level * (depth + 1) + j}.1"
+
+
+
+SD1 = StableDiffusion("sd1", "SD 1.x", "StableDiffusionPipeline", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd_v1",
+                      "stable-diffusion-v1", 512)
+SD2 = StableDiffusion("sd2", "SD 2.x", "StableDiffusionPipeline", "stabilityai/stable-diffusion-2-1", "sd_v2",
+                      "stable-diffusion-v2-512", 512, kohya_v2=True, v_modelspec="stable-diffusion-v2-768-v", linear_proj=True,
+                      checkpoint_prefix="cond_stage_model.model.")
