@@ -36,7 +36,7 @@ def parts_of(image, k: int) -> tuple[np.ndarray, list[np.ndarray | None]]:
 def score(image, concepts) -> dict:
     """All present, and per object (left to right) identity and own − other (mean over the others):
     the reference colour histogram's overlap with the object's pixels (0 for an object not drawn)."""
-    from persres.toy.bench import color_histogram, count_objects
+    from persres.toy.scoring import color_histogram, count_objects
 
     k = len(concepts)
     img, parts = parts_of(image, k)
@@ -53,7 +53,7 @@ def score(image, concepts) -> dict:
 def prompt_of(concepts) -> tuple[str, list]:
     """"a V1 x and a V2 y [and a V3 z] on a BG background" (BG far from every concept's colors), expanded."""
     from persres.tokens import expand_prompt
-    from persres.toy.bench import pair_background
+    from persres.toy.scoring import pair_background
 
     pixels = [c.ref_pixels for c in concepts]
     background = pair_background(np.concatenate(pixels[:-1]), pixels[-1])

@@ -29,7 +29,8 @@ TUNING_SETS = ("tuning", "tuning_2")
 
 def leave_one_out(pipe, images) -> list[float]:
     """Each reference's VAE round trip scored against the histogram of the others'."""
-    from persres.toy.bench import identity, reference_histogram, vae_round_trip
+    from persres.toy.bench import reference_histogram, vae_round_trip
+    from persres.toy.scoring import identity
 
     rec = vae_round_trip(pipe, images)
     return [identity(rec[i], reference_histogram(pipe, images[:i] + images[i + 1:])) for i in range(len(images))]
@@ -78,7 +79,8 @@ def run(args) -> None:
     from persres.sample import generate
     from persres.tokens import identifier_candidates, is_single_token
     from persres.toy import world
-    from persres.toy.bench import CONCEPTS_DIR, concept_set_of, prompts_for, reference_histogram, score_image
+    from persres.toy.bench import CONCEPTS_DIR, concept_set_of, prompts_for, reference_histogram
+    from persres.toy.scoring import score_image
 
     model = resolve_model(args.model)
     pipe = load_pipeline(model)

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     from persres.images import read_folder
     from persres.models import load_pipeline
     from persres.toy import CONCEPTS_DIR, world
-    from persres.toy.bench import color_fidelity, object_pixels, reference_lab, vae_round_trip
+    from persres.toy.bench import object_pixels, vae_round_trip
+    from persres.toy.scoring import color_fidelity, reference_lab
 
     pipe = load_pipeline(args.model or "toy")
     concepts, sets = {}, {}

@@ -26,7 +26,8 @@ def round_trip_delta_e(vae, sets: tuple[str, ...]) -> dict[str, float]:
     """Per set: the mean over concepts of the median object ΔE76 of the references' round trip."""
     from persres.images import read_folder, to_pil
     from persres.toy import CONCEPTS_DIR, world
-    from persres.toy.bench import color_fidelity, object_pixels, reference_lab
+    from persres.toy.bench import object_pixels
+    from persres.toy.scoring import color_fidelity, reference_lab
     from persres.toy.vae import to_tensor
 
     out = {}

@@ -43,5 +43,13 @@ class RegistryError(PersresError):
     """A registry home or database that cannot be used: unreadable, newer schema, read-only."""
 
 
+class SizeError(InputError):
+    """A size the model or this machine cannot do (`persres.sizes`)."""
+
+
+class Cancelled(PersresError):
+    """A training stopped on request (the web app's Cancel); nothing was registered."""
+
+
 class GenerationError(PersresError):
     """Sampling produced something that must not be written (non-finite pixels)."""

@@ -31,6 +31,7 @@ class Generated:
     prompt: str  # expanded: identifiers in place of placeholders
     masks: dict[str, list[np.ndarray]] = field(default_factory=dict)  # concept -> per image (h, w) in [0, 1]
     paths: list[Path] = field(default_factory=list)  # the files written for this call, if any (`generation.write_images`)
+    image_paths: list[Path] = field(default_factory=list)  # of those, the images themselves (one per seed)
 
 
 def concept_tokens(tokenizer, prompt: str, concepts: Sequence[BoundConcept]) -> list[ConceptTokens]:

@@ -60,6 +60,16 @@ def read_defaults(model: str) -> ModelDefaults:
     return ModelDefaults({**family_defaults(model), **train}, words)
 
 
+def toy_defaults() -> dict:
+    """The training defaults of the built-in toy model ({} in an install without it)."""
+    from persres.models import TOY_DIR
+
+    try:
+        return read_defaults(str(TOY_DIR)).train
+    except Exception:  # an install without the toy model: help still renders
+        return {}
+
+
 def model_defaults(model: str) -> dict:
     """The training defaults a model directory recommends (persres_defaults.json), or {}."""
     return read_defaults(model).train

@@ -19,16 +19,12 @@ from __future__ import annotations
 import os
 
 from persres import families
-from persres.errors import InputError
+from persres.errors import SizeError
 
 WARN_RATIO = 2.0
 LIMIT_RATIO = 4.0
 TRAIN_BYTES = 160
 GEN_BYTES = 45
-
-
-class SizeError(InputError):
-    """A size the model or this machine cannot do."""
 
 
 class SizeWarning(UserWarning):

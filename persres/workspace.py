@@ -178,7 +178,8 @@ class Workspace:
     def train(self, images: str | Path, name: str, class_word: str | None = "auto", *, config: TrainConfig | None = None,
               overrides: dict | None = None, progress=None, on_suggested=None, on_phase: Callable[[str], None] | None = None,
               sources: dict[str, str] | None = None, identifier: str | None = None, shard_dir: Path | None = None,
-              force_size: bool = False, **settings) -> TrainOutcome:
+              force_size: bool = False, on_settings: Callable[[str], None] | None = None, on_download=None,
+              **settings) -> TrainOutcome:
         """Train a concept from a folder of images (or "toy:NAME", or read `references`) and register its pack; nothing
         is registered on failure. `class_word` None or "auto": the base model suggests it first.
         `settings` (steps=100, lr=1e-3, ...) join `overrides`: TrainConfig fields over the model's defaults.
@@ -186,7 +187,8 @@ class Workspace:
         train-many's rows come here too, with the `identifier` planned for them (no reservation)
         and, across machines, a `shard_dir` the pack is written to instead of the registry.
         A resolution far past the model's or beyond this machine's memory is refused unless
-        `force_size` (`persres.sizes`)."""
+        `force_size` (`persres.sizes`). `on_settings(line)` hears the settings line (every training
+        setting, its value and where it came from) once the inputs are checked, before the model loads."""
         from persres import families
         from persres.images import warn_if_small
         from persres.packs import training_record
@@ -198,10 +200,16 @@ class Workspace:
             self.registry.check_new_name(name)
         auto = class_word is None or class_word == "auto"
         class_word = None if auto else check_class_word(class_word)
+        given = {**(overrides or {}), **settings}
+        if config is None:  # from the settings given: where each came from is known (and recorded in the pack)
+            config, sources = self.train_config(given), sources or self.settings_sources(given)
         references = self.references(images)
-        config = config or self.train_config({**(overrides or {}), **settings})
+        if on_settings is not None:
+            from persres.settings import effective_settings
+
+            on_settings(effective_settings(config, sources or self.settings_sources(given), self.unet_config))
         phase("loading the model")
-        pipe = self.pipeline(config.device, config.precision)
+        pipe = self.pipeline(config.device, config.precision, on_download=on_download)
         from persres.sizes import check_size
         from persres.train import default_resolution, train_residuals
 
@@ -324,10 +332,11 @@ class Workspace:
 
     def generate(self, prompt: str, concepts: Sequence[str] = (), config: SampleConfig | None = None, *, out_dir: str | Path | None = None,
                  backend: str | None = None, sheet: bool = False, on_step=None, overwrite: bool = False,
-                 force_size: bool = False, **settings):
+                 force_size: bool = False, on_download=None, **settings):
         """Sample a prompt with zero, one or several concepts (`-c` values: "NAME" or "NAME:STRENGTH").
 
-        `settings` replace fields of `config` (lag=True, steps=25, seed=3, num_images=4, ...).
+        `settings` replace fields of `config` (lag=True, steps=25, seed=3, num_images=4, ...; None: the
+        default), whose defaults are the model family's (`sample_config`).
         With `out_dir`, PNGs that say how they were made are written there, named after the prompt,
         the concepts (with their strengths) and LAG, never over an existing file unless `overwrite`,
         and listed in the result's `paths`. A size far past the model's or beyond this machine's
@@ -342,8 +351,8 @@ class Workspace:
             from persres.images import check_writable_dir
 
             check_writable_dir(Path(out_dir))
-        expanded, bound = bind_prompt(prompt, concepts, self.registry)
-        pipe = self.pipeline()
+        expanded, bound = bind_prompt(prompt, concepts, self.registry)  # a prompt error before any loading
+        pipe = self.pipeline(on_download=on_download)
         per_pass = min(config.num_images, SAMPLE_BATCH) * (2 if config.guidance > 1 else 1)  # CFG: two halves
         side = families.of(pipe).native_side(pipe)
         check_size(pipe, config.height or side, config.width or side, per_pass, training=False,

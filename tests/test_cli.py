@@ -88,7 +88,7 @@ def test_train_list_show_gen_export_import_rm(trained, tmp_path, second_concept_
 def test_first_use_of_the_default_toy_model_says_so_once(monkeypatch, tiny_model):
     from persres import models
 
-    monkeypatch.setattr(models, "TOY_DIR", tiny_model)
+    monkeypatch.setattr(models.names, "TOY_DIR", tiny_model)
     first = run("gen", "a red circle", "--steps", "1", "--out", tiny_model.parent / "o")
     assert first.exit_code == 0, first.output
     assert "toy model" in first.stderr
@@ -431,7 +431,7 @@ def test_a_model_to_download_shows_its_progress_before_training_starts(tiny_mode
     import persres.models
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the hub is "reachable": the download is the fake one
-    monkeypatch.setattr(persres.models, "hub_unreachable", lambda endpoint: None)
+    monkeypatch.setattr(persres.models.hub, "hub_unreachable", lambda endpoint: None)
     monkeypatch.setattr(diffusers.DiffusionPipeline, "download", classmethod(lambda cls, name, **kw: fake_download(name, **kw)))
     monkeypatch.setattr(persres.train, "train_residuals", train)
     result = run("train", concept_dir, "--name", "hub", "--class", "circle", "--model", "someorg/some-model", "--steps", "1")

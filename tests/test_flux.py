@@ -488,7 +488,7 @@ def test_base_weights_are_read_from_the_transformers_files_without_loading(tiny_
     FluxTransformer2DModel.from_pretrained(str(tiny_flux), subfolder="transformer").save_pretrained(
         sharded / "transformer", max_shard_size="20KB")
     assert (sharded / models.FLUX_INDEX).is_file()
-    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("read from the files, not loaded"))
+    monkeypatch.setattr(models.load, "load_pipeline", lambda *a, **k: pytest.fail("read from the files, not loaded"))
     assert base_weights(str(tiny_flux)) == base_weights(str(sharded)) == expected
 
 

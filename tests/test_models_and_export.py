@@ -147,7 +147,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_and_still_runs(monkeypatch
 
     for native, expected in ((True, 0), (False, 1)):
         models._warn_emulated_bf16.cache_clear()
-        monkeypatch.setattr(models, "cpu_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(models.precision, "cpu_native_bf16", lambda native=native: native)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(3):  # a command asks more than once
@@ -155,7 +155,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_and_still_runs(monkeypatch
         slow = [w for w in caught if issubclass(w.category, models.SlowPrecisionWarning)]
         assert len(slow) == expected, native
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):  # auto: bf16 only where native
-        monkeypatch.setattr(models, "cpu_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(models.precision, "cpu_native_bf16", lambda native=native: native)
         assert models.pick_dtype("auto", torch.device("cpu")) is expected
     from persres.errors import InputError
 
@@ -173,14 +173,14 @@ def test_auto_precision_on_a_native_bf16_cpu_weighs_the_unets_size(monkeypatch, 
     cpu = torch.device("cpu")
     toy = models.unet_config_of("toy")
     assert toy is not None and toy["block_out_channels"] == json.loads((models.TOY_DIR / "unet" / "config.json").read_text())["block_out_channels"]
-    monkeypatch.setattr(models, "cpu_native_bf16", lambda: True)
+    monkeypatch.setattr(models.precision, "cpu_native_bf16", lambda: True)
     dtype, why = models.choose_dtype("auto", cpu, toy)
     assert dtype is torch.float32 and "bf16 is slower than fp32 on this CPU for a UNet this small (width 312 <" in why
     assert models.choose_dtype("auto", cpu, models.unet_config_of(str(tiny_model)))[0] is torch.float32
     assert models.choose_dtype("auto", cpu, SD14_UNET_CONFIG) == (torch.bfloat16, "native on this CPU, and faster than fp32 for a UNet this large")
     assert models.choose_dtype("auto", cpu, None)[0] is torch.bfloat16  # unknown before loading: a Stable Diffusion
     assert models.choose_dtype("bf16", cpu, toy) == (torch.bfloat16, "asked for")  # an explicit choice stands
-    monkeypatch.setattr(models, "cpu_native_bf16", lambda: False)
+    monkeypatch.setattr(models.precision, "cpu_native_bf16", lambda: False)
     assert models.choose_dtype("auto", cpu, SD14_UNET_CONFIG) == (torch.float32, "this CPU has no native bf16")
     # configs read without loading: none for a folder without a UNet config, a damaged one, a single file
     (tmp_path / "bare").mkdir()
@@ -194,7 +194,7 @@ def test_workspace_loads_the_toy_model_in_the_precision_auto_chose(monkeypatch):
     from persres import models
     from persres.workspace import Workspace
 
-    monkeypatch.setattr(models, "cpu_native_bf16", lambda: True)
+    monkeypatch.setattr(models.precision, "cpu_native_bf16", lambda: True)
     assert Workspace("toy", open_registry=False).pipeline().unet.dtype is torch.float32
     assert Workspace("toy", open_registry=False, precision="bf16").pipeline().unet.dtype is torch.bfloat16
 
@@ -210,7 +210,7 @@ def test_base_weights_reads_the_fingerprint_without_building_the_pipeline(tiny_m
 
     expected = {m: fingerprint(load_pipeline(str(m)).unet).weights for m in (tiny_model, tiny_linear_model, tiny_other_checkpoint)}
     assert expected[tiny_model] != expected[tiny_other_checkpoint]
-    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("read from the file, not loaded"))
+    monkeypatch.setattr(models.load, "load_pipeline", lambda *a, **k: pytest.fail("read from the file, not loaded"))
     for m, weights in expected.items():
         assert base_weights(str(m)) == weights
     monkeypatch.undo()
@@ -228,7 +228,7 @@ def test_base_weights_reads_the_fingerprint_without_building_the_pipeline(tiny_m
     (cache / "models--someone--tiny-sd" / "refs").mkdir()
     (cache / "models--someone--tiny-sd" / "refs" / "main").write_text("abc123")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("read from the cache, not loaded"))
+    monkeypatch.setattr(models.load, "load_pipeline", lambda *a, **k: pytest.fail("read from the cache, not loaded"))
     assert base_weights("someone/tiny-sd") == expected[tiny_other_checkpoint]
 
 

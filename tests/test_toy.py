@@ -155,7 +155,7 @@ def test_bench_toy_strength_scales_the_residuals_it_samples_with(tiny_model, tmp
 def test_identity_score_prefers_the_concept():
     import numpy as np
 
-    from persres.toy.bench import color_histogram, identity
+    from persres.toy.scoring import color_histogram, identity
 
     rng = random.Random(3)
     refs = [world.render(world.novel_scene(rng, "checker_circle", "white")) for _ in range(3)]
@@ -167,7 +167,8 @@ def test_identity_score_prefers_the_concept():
 
 
 def _bench_concept(name: str, backgrounds=("white", "blue", "green")):
-    from persres.toy.bench import BenchConcept, color_histogram, object_pixels
+    from persres.toy.bench import BenchConcept, object_pixels
+    from persres.toy.scoring import color_histogram
 
     rng = random.Random(7)
     refs = [world.render(world.novel_scene(rng, name, bg)) for bg in backgrounds]
@@ -176,7 +177,7 @@ def _bench_concept(name: str, backgrounds=("white", "blue", "green")):
 
 
 def test_color_fidelity_is_zero_on_the_concept_and_far_on_palette_colors():
-    from persres.toy.bench import color_fidelity, shape_match
+    from persres.toy.scoring import color_fidelity, shape_match
 
     concept = _bench_concept("teal_coral_triangle")
     same = world.render(world.novel_scene(random.Random(1), "teal_coral_triangle", "purple"))
@@ -189,7 +190,7 @@ def test_color_fidelity_is_zero_on_the_concept_and_far_on_palette_colors():
 
 
 def test_several_concepts_are_scored_side_by_side_by_their_own_colors():
-    from persres.toy.bench import score_group
+    from persres.toy.scoring import score_group
 
     names = ["salmon_spotted_heart", "chevron_star", "olive_concentric_square"]
     concepts = [_bench_concept(n) for n in names]
@@ -205,12 +206,13 @@ def test_several_concepts_are_scored_side_by_side_by_their_own_colors():
 
 
 def test_bench_counts_objects_and_picks_a_pair_background_away_from_the_concepts():
-    from persres.toy.bench import count_objects, pair_background
+    from persres.toy.scoring import count_objects, pair_background
 
     one = world.render(world.Scene("white", (world.Obj("circle", "red", 16, 16, 18),)))
     two = world.render(world.Scene("white", (world.Obj("circle", "red", 8, 16, 10), world.Obj("star", "blue", 24, 16, 12))))
     assert (count_objects(one), count_objects(two), count_objects(world.render(world.Scene("white", ())))) == (1, 2, 0)
-    from persres.toy.bench import ToyPrompt, score_image
+    from persres.toy.bench import ToyPrompt
+    from persres.toy.scoring import score_image
 
     asked = ToyPrompt("background", "a V* circle on a white background", background="white")
     none = world.render(world.Scene("white", ()))

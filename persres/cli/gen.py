@@ -19,8 +19,9 @@ def gen(
     concept: Annotated[list[str], typer.Option("--concept", "-c", metavar="NAME[:STRENGTH]",
                                                help="A registered concept, NAME or NAME:STRENGTH (residual scale 0-2, default 1); repeatable.")] = [],
     lag: Annotated[bool, typer.Option("--lag/--no-lag", help="Localized attention-guided sampling.")] = False,
-    steps: Annotated[int, typer.Option(help="Sampling steps (DDIM; FLUX.1: its Euler sampler) [paper: 50].", metavar="INTEGER")] = 50,
-    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale [default: the paper's 6.0; FLUX.1: 3.5, its own].",
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps, with the model's own sampler [default: the model family's; "
+                                                     "the paper's 50].", metavar="INTEGER")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale [default: the model family's; the paper's 6.0].",
                                                       metavar="FLOAT")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.", metavar="INTEGER")] = 0,
     n: Annotated[int, typer.Option("-n", help="Number of images.", metavar="INTEGER")] = 1,
@@ -38,24 +39,17 @@ def gen(
     backend: Annotated[str, typer.Option(help="Attention backend: auto, sdpa, xformers or reference.", metavar="BACKEND")] = "auto",
 ):
     """Generate images with zero, one or several concepts, with or without LAG."""
-    from persres.config import SampleConfig
     from persres.errors import InputError
 
     if save_masks and not lag:
         raise InputError("--save-masks shows LAG regions: add --lag")
-    config = SampleConfig(steps=steps, guidance=SampleConfig.guidance if guidance is None else guidance, lag=lag, seed=seed,
-                          num_images=n, height=height, width=width, save_masks=save_masks)
     ws = workspace(model, model_config, device, precision)
-    if guidance is None:  # the model family's own (FLUX.1: 3.5)
-        config = config.replace(guidance=ws.guidance)
-    from persres.generation import bind_prompt
-
-    bind_prompt(prompt, concept, ws.registry)  # a prompt error before any loading
-    ws.pipeline(on_download=say_download)
+    config = ws.sample_config(steps=steps, guidance=guidance, lag=lag, seed=seed, num_images=n, height=height, width=width,
+                              save_masks=save_masks)  # unset steps and guidance: the model family's
     with bar("generating", "steps") as progress:
-        task = progress.add_task("gen", total=n * steps)
+        task = progress.add_task("gen", total=n * config.steps)
         result = ws.generate(prompt, concept, config, out_dir=out_dir, backend=backend, sheet=sheet, overwrite=overwrite, force_size=force_size,
-                             on_step=lambda done, total: progress.update(task, completed=done))
+                             on_download=say_download, on_step=lambda done, total: progress.update(task, completed=done))
     for p in result.paths:
         out.print(str(p), markup=False, highlight=False)
 

@@ -10,17 +10,9 @@ import typer
 from persres.cli.root import Command, opt, ConfigOption, DeviceOption, JsonOption, ModelOption, PrecisionOption, app, command, err, out, say_download, workspace
 from persres.cli.progress import bar
 
-def _toy_defaults() -> dict:
-    from persres.models import TOY_DIR
-    from persres.settings import read_defaults
+from persres.settings import toy_defaults
 
-    try:
-        return read_defaults(str(TOY_DIR)).train
-    except Exception:  # an install without the toy model: help still renders
-        return {}
-
-
-TOY_DEFAULTS = _toy_defaults()  # what the built-in toy model recommends (its persres_defaults.json)
+TOY_DEFAULTS = toy_defaults()  # what the built-in toy model recommends, shown in the help
 
 
 def _default(field: str, paper) -> str:
@@ -68,23 +60,20 @@ def train(
 
     Settings not given come from the model's own persres_defaults.json where it has one (the
     built-in toy model does: shown beside each default), else from the paper."""
-    from persres.settings import effective_settings
-
     ws = workspace(model, model_config)
-    ws.registry.check_new_name(name)
     overrides = dict(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, snr_gamma=snr_gamma, rank_ratio=rank_ratio, rank=rank,
                      resolution=resolution, seed=seed, init=init, flip=flip, scale_min=scale_min, prompt=prompt,
                      device=device if device != "auto" else None, precision=precision if precision != "auto" else None,
                      gradient_checkpointing=gradient_checkpointing)
-    config = ws.train_config(overrides)
-    sources = ws.settings_sources(overrides)
-    out.print(f"settings: {effective_settings(config, sources, ws.unet_config)}", markup=False, highlight=False)
-    references = ws.references(images_dir)  # a bad folder is one line before any loading
-    with err.status(f"loading {ws.model}"):  # a download shows its own progress first, then the training bar
-        ws.pipeline(config.device, config.precision, on_download=say_download)
     with bar(f"{name}:", "steps", "loss {task.fields[loss]}", "{task.fields[phase]}") as progress:
-        task = progress.add_task("train", total=config.steps, loss="...", phase="")
-        outcome = ws.train(references, name, class_word, config=config, sources=sources, on_suggested=_say_suggested, force_size=force_size,
+        task = progress.add_task("train", total=None, loss="...", phase="")
+
+        def settings_line(line: str) -> None:  # the inputs are checked: the settings, then the steps to come
+            out.print(f"settings: {line}", markup=False, highlight=False)
+            progress.update(task, total=ws.train_config(overrides).steps)
+
+        outcome = ws.train(images_dir, name, class_word, overrides=overrides, on_suggested=_say_suggested, force_size=force_size,
+                           on_settings=settings_line, on_download=say_download,
                            on_phase=lambda text: (progress.update(task, phase=text), progress.refresh()),  # each phase drawn
                            progress=lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.4f}"))
     rec = outcome.record

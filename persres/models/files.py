@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from persres import families
 from persres.errors import ModelNotFound
-from persres.models.names import HUB_ID_RE, TOY, TOY_DIR, is_single_file
+from persres.models import names
+from persres.models.names import HUB_ID_RE, TOY, is_single_file
 
 if TYPE_CHECKING:
     import torch
@@ -19,7 +20,7 @@ def _model_json(model: str, name: str) -> dict | None:
     """A JSON file of a diffusers directory (the toy model's included) or of a hub model already in
     the local cache, read without loading or downloading anything; None where it is not there."""
     if model == TOY:
-        model = str(TOY_DIR)
+        model = str(names.TOY_DIR)
     local = Path(model).expanduser()
     if local.is_dir():
         path = local / name

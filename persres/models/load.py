@@ -9,7 +9,8 @@ from persres import families
 from persres.errors import ModelNotFound
 from persres.models.files import check_single_file_config, pipeline_class_name
 from persres.models.fingerprint import fingerprint
-from persres.models.names import TOY, TOY_DIR, is_single_file
+from persres.models import names
+from persres.models.names import TOY, is_single_file
 
 if TYPE_CHECKING:
     import torch
@@ -45,9 +46,9 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
     from persres.conditioning import text_encoders
 
     if model == TOY:
-        model = str(TOY_DIR)
+        model = str(names.TOY_DIR)
     local = Path(model)
-    if model == str(TOY_DIR) and not local.is_dir():
+    if model == str(names.TOY_DIR) and not local.is_dir():
         raise ModelNotFound("the toy model is not built in this install; run `python -m persres.toy.build` or pass --model")
     # bf16 keeps too few bits to fingerprint the weights it holds (fp16 rounding of fp32 and of
     # bf16 values differ): such a pipeline is loaded in fp32, fingerprinted, then cast

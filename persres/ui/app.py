@@ -13,10 +13,10 @@ from pathlib import Path
 import gradio as gr
 
 from persres.errors import InputError
+from persres.interop import FORMATS
 from persres.ui import actions
 from persres.ui.actions import Session
 
-FORMATS = ["persres", "diffusers", "kohya"]
 MAX_UPLOAD = "50mb"
 
 
@@ -40,7 +40,7 @@ def build(session: Session) -> gr.Blocks:
             refresh = gr.Button("Refresh")
             with gr.Row():
                 chosen = gr.Dropdown(label="concept", choices=actions.names(session), allow_custom_value=True)
-                fmt = gr.Dropdown(FORMATS, value="persres", label="export format")
+                fmt = gr.Dropdown(list(FORMATS), value=FORMATS[0], label="export format")
             with gr.Row():
                 show_btn, export_btn, doctor_btn = gr.Button("Show metadata"), gr.Button("Export"), gr.Button("Doctor")
             confirm = gr.Checkbox(label="yes, remove the chosen concept")
@@ -78,8 +78,8 @@ def build(session: Session) -> gr.Blocks:
                 insert = gr.Dropdown(label="insert <name> into the prompt", choices=actions.names(session))
             with gr.Row():
                 lag = gr.Checkbox(value=True, label="LAG")
-                gen_steps = gr.Number(value=50, label="steps", precision=0, elem_id="gen-steps")
-                guidance = gr.Number(value=session.workspace.guidance, label="guidance")
+                gen_steps = gr.Number(value=defaults["gen_steps"], label="steps", precision=0, elem_id="gen-steps")
+                guidance = gr.Number(value=defaults["guidance"], label="guidance")
                 seed = gr.Number(value=0, label="seed", precision=0)
                 count = gr.Number(value=2, label="count", precision=0, elem_id="gen-count")
                 size = gr.Textbox(value="", label="size WxH (empty: the model's)")
