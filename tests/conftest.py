@@ -44,6 +44,20 @@ def tiny_other_checkpoint(tmp_path_factory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-seed1", seed=1)
 
 
+@pytest.fixture(scope="session")
+def tiny_xl_model(tmp_path_factory) -> Path:
+    from persres.testing import build_tiny_xl_pipeline
+
+    return build_tiny_xl_pipeline(tmp_path_factory.mktemp("tiny-xl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    from persres.testing.flux import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
 @pytest.fixture
 def pipe(tiny_model):
     from persres.models import load_pipeline

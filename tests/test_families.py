@@ -13,11 +13,6 @@ from persres.lag import ConceptTokens, lag_regions, median_mask
 from persres.testing import SD14_UNET_CONFIG, SD21_UNET_CONFIG, SDXL_UNET_CONFIG, build_tiny_xl_pipeline
 
 
-@pytest.fixture(scope="session")
-def tiny_xl_model(tmp_path_factory):
-    return build_tiny_xl_pipeline(tmp_path_factory.mktemp("tiny-xl"))
-
-
 @pytest.fixture
 def xl_pipe(tiny_xl_model):
     from persres.models import load_pipeline

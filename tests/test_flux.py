@@ -20,11 +20,6 @@ from persres.tokens import BoundConcept
 SIZE = 32  # px: an 8 x 8 grid of packed image tokens on the tiny model
 
 
-@pytest.fixture(scope="session")
-def tiny_flux(tmp_path_factory):
-    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux")
-
-
 @pytest.fixture
 def flux_pipe(tiny_flux):
     from persres.models import load_pipeline
