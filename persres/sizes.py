@@ -20,11 +20,10 @@ import os
 
 from persres import families
 from persres.errors import SizeError
+from persres.families.sd import GEN_BYTES, TRAIN_BYTES, unet_width  # noqa: F401  (the UNet estimate, named here)
 
 WARN_RATIO = 2.0
 LIMIT_RATIO = 4.0
-TRAIN_BYTES = 160
-GEN_BYTES = 45
 
 
 class SizeWarning(UserWarning):
@@ -36,27 +35,10 @@ def native_side(pipe) -> int:
     return families.of(pipe).native_side(pipe)
 
 
-def unet_width(config) -> float:
-    channels = list(config["block_out_channels"])
-    layers = config["layers_per_block"]
-    layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
-    return sum(c * (2 * n + 1) / 4**level for level, (c, n) in enumerate(zip(channels, layers)))
-
-
 def needed_bytes(pipe, height: int, width: int, samples: int, training: bool) -> int:
     """~ the activation bytes of one denoiser pass (with its backward when `training`) over `samples`
     latents, by its family's estimate (0 where none is fitted: no memory refusal there)."""
     return families.of(pipe).needed_bytes(pipe, height, width, samples, training)
-
-
-def unet_bytes(pipe, height: int, width: int, samples: int, training: bool) -> int:
-    """The UNet estimate of the module doc."""
-    import torch
-
-    latent_pixels = (height // pipe.vae_scale_factor) * (width // pipe.vae_scale_factor)
-    per_unit = TRAIN_BYTES if training else GEN_BYTES
-    scale = pipe.unet.dtype.itemsize / torch.float32.itemsize
-    return int(latent_pixels * samples * unet_width(pipe.unet.config) * per_unit * scale)
 
 
 def available_bytes(device) -> int | None:

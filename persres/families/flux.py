@@ -29,7 +29,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from persres.families.base import Family
+from persres.families.base import Conditioning, Family
 
 FLUX_RANK_RATIO = 1 / 128  # r = m / 128: the paper's share of the model's parameters (see the module doc)
 TRAIN_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, the value FLUX.1-dev LoRA trainers pass
@@ -71,8 +71,6 @@ class Flux1(Family):
 
     # --- text -------------------------------------------------------------------------
     def encode(self, pipe, prompt: str, resolution: tuple[int, int]):
-        from persres.conditioning import Conditioning
-
         model = pipe.transformer
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=model.device, num_images_per_prompt=1,
                                                max_sequence_length=max_text_tokens(pipe))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from persres.families.base import Family
+from persres.families.base import Conditioning, Family
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,15 +55,13 @@ class StableDiffusion(Family):
 
     # --- text -------------------------------------------------------------------------
     def encode(self, pipe, prompt: str, resolution: tuple[int, int]):
-        from persres.conditioning import Conditioning
-
         unet, tok = pipe.unet, pipe.tokenizer
         ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
         return Conditioning(pipe.text_encoder(ids.to(unet.device))[0].to(unet.dtype))
 
     # --- training ---------------------------------------------------------------------
     def objective(self, pipe, source, config):
-        from persres.train import denoising_objective
+        from persres.families.denoising import denoising_objective
 
         return denoising_objective(pipe.unet, source, config.batch_size, pipe.scheduler, config.snr_gamma)
 
@@ -102,9 +100,31 @@ class StableDiffusion(Family):
         return {kohya_name(block), kohya_name(sgm_name(block, levels_depth(blocks)))}
 
     def needed_bytes(self, pipe, height: int, width: int, samples: int, training: bool) -> int:
-        from persres.sizes import unet_bytes
-
         return unet_bytes(pipe, height, width, samples, training)
+
+
+# The UNet memory estimate (`persres.sizes` says how it is used): activations grow with the latent
+# pixels times the UNet's width, at these bytes per latent pixel and width unit in fp32, fitted to
+# peak RSS of the toy model's UNet at 64-256 px (`python -m benchmarks.size_memory`).
+TRAIN_BYTES = 160  # training: every activation kept for the backward pass
+GEN_BYTES = 45  # sampling, per image and CFG half
+
+
+def unet_width(config) -> float:
+    channels = list(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
+    return sum(c * (2 * n + 1) / 4**level for level, (c, n) in enumerate(zip(channels, layers)))
+
+
+def unet_bytes(pipe, height: int, width: int, samples: int, training: bool) -> int:
+    """~ activation bytes of one UNet pass (with its backward when `training`) over `samples` latents."""
+    import torch
+
+    latent_pixels = (height // pipe.vae_scale_factor) * (width // pipe.vae_scale_factor)
+    per_unit = TRAIN_BYTES if training else GEN_BYTES
+    scale = pipe.unet.dtype.itemsize / torch.float32.itemsize
+    return int(latent_pixels * samples * unet_width(pipe.unet.config) * per_unit * scale)
 
 
 def is_unet_config(config) -> bool:

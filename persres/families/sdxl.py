@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from persres.families.base import Conditioning
 from persres.families.sd import StableDiffusion, is_unet_config, kohya_name, levels_depth, sgm_name
 
 TEXT_TIME = "text_time"  # the UNet config's addition_embed_type on SDXL
@@ -43,8 +44,6 @@ class StableDiffusionXL(StableDiffusion):
 
     def encode(self, pipe, prompt: str, resolution: tuple[int, int]):
         import torch
-
-        from persres.conditioning import Conditioning
 
         self.check_concept_prompt(pipe, prompt)
         unet = pipe.unet

@@ -11,12 +11,12 @@ Torch is imported inside the functions that need it: naming and resolving a mode
 registry commands do) does not load it.
 """
 
-from persres.models.files import (check_single_file_config, denoiser_config_of, family_of_model, pipeline_class_name,
-                                  single_file_family, unet_config_of)
-from persres.models.fingerprint import Fingerprint, base_weights, fingerprint, weights_digest
+from persres.models.files import (check_model_value, check_single_file_config, denoiser_config_of, family_of_model,
+                                  pipeline_class_name, single_file_family, unet_config_of)
+from persres.models.fingerprint import Fingerprint, fingerprint, weights_digest
 from persres.models.hub import hub_unreachable, local_snapshot
-from persres.models.load import dtype_argument, load_pipeline
-from persres.models.names import HUB_ID_RE, TOY, TOY_DIR, check_model_value, is_default_toy, is_single_file, resolve_model
+from persres.models.load import base_weights, dtype_argument, load_pipeline
+from persres.models.names import HUB_ID_RE, TOY, TOY_DIR, is_default_toy, is_single_file, resolve_model
 from persres.models.precision import (BF16_MIN_UNET_WIDTH, SlowPrecisionWarning, choose_dtype, cpu_native_bf16, pick_device,
                                       pick_dtype)
 

@@ -179,3 +179,25 @@ def proj_out_tensors(model: str) -> dict[str, torch.Tensor] | None:
         with safe_open(str(path), "pt") as f:
             tensors |= {block: f.get_tensor(f"{block}.proj_out.weight") for block in in_file}
     return tensors
+
+
+def check_model_value(value: str) -> str:
+    """What `--model` and `config model` accept: 'toy', a diffusers directory, a single-file
+    checkpoint (.safetensors / .ckpt), or an org/name hub id."""
+    if not isinstance(value, str) or not value.strip():
+        raise ModelNotFound("the model must be 'toy', a diffusers directory or a hub id (org/name), got an empty value")
+    if value == TOY:
+        return value
+    local = Path(value).expanduser()
+    if is_single_file(value):
+        single_file_family(str(local))  # a checkpoint of a family persres runs, or ModelNotFound
+        return str(local.resolve())
+    if local.exists() or value.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise ModelNotFound(f"model {value!r} is not a diffusers directory (no such folder)")
+        if not (local / "model_index.json").is_file():
+            raise ModelNotFound(f"model {value!r} is a folder without model_index.json, not a diffusers pipeline")
+        return str(local.resolve())
+    if not HUB_ID_RE.fullmatch(value):
+        raise ModelNotFound(f"model {value!r} is neither a local diffusers directory nor a hub id of the form org/name")
+    return value

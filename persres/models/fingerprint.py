@@ -51,23 +51,3 @@ def weights_digest(proj_out: dict[str, torch.Tensor]) -> str:
     for name in sorted(proj_out):
         h.update(proj_out[name].detach().to(torch.float16).cpu().numpy().tobytes())
     return h.hexdigest()
-
-
-def base_weights(model: str, model_config: str | None = None, pipe=None) -> str:
-    """`Fingerprint.weights` of the model at `model` as it is now (what a pack trained on it records):
-    from `pipe` if given, else read from the UNet's safetensors, else by loading the pipeline on the CPU.
-    What tells packs trained on other weights at the same path from packs trained on these."""
-    from persres import families
-    from persres.models.files import proj_out_tensors
-    from persres.models.load import load_pipeline
-    from persres.models.names import is_single_file
-
-    if pipe is not None:
-        return fingerprint(families.denoiser(pipe)).weights
-    try:
-        tensors = None if is_single_file(model) else proj_out_tensors(model)
-    except Exception:  # a damaged file or index: the pipeline load below reports it in one line
-        tensors = None
-    if tensors is None:
-        return fingerprint(families.denoiser(load_pipeline(model, config=model_config))).weights
-    return weights_digest(tensors)

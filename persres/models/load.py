@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from persres import families
 from persres.errors import ModelNotFound
 from persres.models.files import check_single_file_config, pipeline_class_name
-from persres.models.fingerprint import fingerprint
+from persres.models.fingerprint import fingerprint, weights_digest
 from persres.models import names
 from persres.models.names import TOY, is_single_file
 
@@ -86,3 +86,20 @@ def load_pipeline(model: str, device: torch.device | str = "cpu", dtype: torch.d
         pipe = pipe.to(dtype=dtype)
         model.persres_source_fingerprint = source  # what `fingerprint` answers for this denoiser
     return pipe.to(device)
+
+
+def base_weights(model: str, model_config: str | None = None, pipe=None) -> str:
+    """`Fingerprint.weights` of the model at `model` as it is now (what a pack trained on it records):
+    from `pipe` if given, else read from the UNet's safetensors, else by loading the pipeline on the CPU.
+    What tells packs trained on other weights at the same path from packs trained on these."""
+    from persres.models.files import proj_out_tensors
+
+    if pipe is not None:
+        return fingerprint(families.denoiser(pipe)).weights
+    try:
+        tensors = None if is_single_file(model) else proj_out_tensors(model)
+    except Exception:  # a damaged file or index: the pipeline load below reports it in one line
+        tensors = None
+    if tensors is None:
+        return fingerprint(families.denoiser(load_pipeline(model, config=model_config))).weights
+    return weights_digest(tensors)

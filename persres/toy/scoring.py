@@ -5,15 +5,10 @@ runs the bench over these)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import numpy as np
 from PIL import Image
 
 from persres.toy import checker, color, world
-
-if TYPE_CHECKING:
-    from persres.toy.bench import BenchConcept, ToyPrompt
 
 BINS = 4  # per channel: 64 color bins
 MIN_OBJECT_PIXELS = 8  # a component smaller than this is noise, not an object
@@ -90,7 +85,7 @@ def pair_background(*concept_pixels: np.ndarray) -> str:
     return max(world.COLORS, key=margin)
 
 
-def score_image(image: Image.Image, prompt: ToyPrompt, ref_hist: np.ndarray, concept: BenchConcept | None = None) -> dict:
+def score_image(image: Image.Image, prompt, ref_hist: np.ndarray, concept=None) -> dict:
     reading = checker.read(image, prompt.objects)
     row = {"identity": identity(image, ref_hist, prompt.objects),
            "drawn": float(count_objects(image) == prompt.objects)}  # a residual that dissolves its object scores 0
@@ -110,7 +105,7 @@ def side_suffix(i: int) -> str:
     return "" if i == 0 else f"_{i + 1}"
 
 
-def score_group(image: Image.Image, concepts: Sequence[BenchConcept]) -> dict:
+def score_group(image: Image.Image, concepts: Sequence) -> dict:
     """Several concepts side by side, left to right: all present, and per side (suffix "", "_2",
     "_3") its identity, own minus the other concepts' best, its ΔE to its own concept's colors,
     whether it is nearer its own colors than any other concept's, and its shape."""
