@@ -146,7 +146,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_and_still_runs(monkeypatch
     from persres import models
 
     for native, expected in ((True, 0), (False, 1)):
-        models._warn_emulated_bf16.cache_clear()
+        models.precision._warn_emulated_bf16.cache_clear()
         monkeypatch.setattr(models.precision, "cpu_native_bf16", lambda native=native: native)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -218,7 +218,7 @@ def test_base_weights_reads_the_fingerprint_without_building_the_pipeline(tiny_m
     for name, options in {"sharded": dict(max_shard_size="20KB"), "bin": dict(safe_serialization=False)}.items():
         copy = shutil.copytree(tiny_model, tmp_path / name, ignore=shutil.ignore_patterns("unet"))
         unet.save_pretrained(copy / "unet", **options)
-        assert (copy / models.UNET_INDEX).is_file() == (name == "sharded")
+        assert (copy / "unet" / models.files.INDEX).is_file() == (name == "sharded")
         assert base_weights(str(copy)) == expected[tiny_model], name  # the .bin one by loading the pipeline
     # a hub id: read from the hub cache's snapshot, without building the pipeline
     import huggingface_hub.constants

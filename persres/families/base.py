@@ -27,7 +27,7 @@ class Conditioning:
         return self.embedding.expand(batch, -1, -1), added
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Family:
     key: str  # what packs and the registry record
     label: str  # what messages say

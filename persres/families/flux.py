@@ -38,7 +38,7 @@ BLOCK_RE = re.compile(SINGLE_BLOCKS + r"\.\d+")
 CHECKPOINT_KEY = "single_blocks.0.linear2.weight"  # Black Forest Labs' layout, with or without "model.diffusion_model."
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Flux1(Family):
     def matches_config(self, config) -> bool:
         return config.get("num_single_layers") is not None

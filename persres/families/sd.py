@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from persres.families.base import Conditioning, Family
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class StableDiffusion(Family):
     """The UNet families' behaviour; SD 1.x and 2.x differ only in what they are told apart by."""
 

@@ -17,7 +17,7 @@ from persres.families.sd import StableDiffusion, is_unet_config, kohya_name, lev
 TEXT_TIME = "text_time"  # the UNet config's addition_embed_type on SDXL
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class StableDiffusionXL(StableDiffusion):
     def matches_config(self, config) -> bool:
         return is_unet_config(config) and config.get("addition_embed_type") == TEXT_TIME
