@@ -1,9 +1,8 @@
 """A prompt's conditioning for the denoiser, computed once by its family's own encoders.
 
-`Conditioning` holds what the denoiser reads: the text states (CLIP's on SD 1.x/2.x, both
-encoders' joint states on SDXL, T5's on FLUX.1) and the family's added inputs (SDXL's pooled
-embedding and size conditioning, FLUX.1's pooled vector). How each family fills it is its
-adapter's `encode` (`persres.families`).
+`Conditioning` (defined with the family adapters) holds what the denoiser reads: the text
+states and the family's added inputs (pooled embeddings, size conditioning). How each family
+fills it is its adapter's `encode` (`persres.families`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A pack records the architecture and weights fingerprint of the model it was trained on
 (`models.Fingerprint`): another architecture is refused, naming both families; another
-checkpoint of the same architecture (SD 1.4 vs 1.5, say) loads with a warning.
+checkpoint of the same architecture (two fine-tunes of one base model, say) loads with a warning.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from persres.packs import PackMeta
 
 
 class OtherCheckpointWarning(UserWarning):
-    """A pack trained on another checkpoint of the same architecture (SD 1.4 vs 1.5, say)."""
+    """A pack trained on another checkpoint of the same architecture (two fine-tunes of one base model, say)."""
 
 
 def check_fit(meta: PackMeta, fp: Fingerprint, model: str, family: families.Family | None = None) -> None:

@@ -7,7 +7,7 @@ heads, binarized at their median (M_i), and the block's output projection become
     f_i(x) = W_i x + M_i * (Delta W_i x)
 
 The maps come from the cross-attention of the same UNet evaluation (attn2 of block i runs
-before its proj_out), so LAG adds no model evaluation. On FLUX.1 they come from each
+before its proj_out), so LAG adds no model evaluation. On a diffusion transformer they come from each
 single-stream block's joint attention (`persres.kernels.joint`), and the residual acts on the
 image tokens only: the text positions get M = 0. Several concepts: each has its own
 mask; where several masks are on, the concept with the highest max-normalized attention
@@ -119,7 +119,7 @@ class LagSession:
         if self.guided:  # (2B, K, N): [uncond, cond] -> the cond half's maps for both halves
             cond = maps[maps.shape[0] // 2 :]
             maps = torch.cat([cond, cond])
-        if block in self._maps:  # several transformer layers in one block (SDXL): sum them
+        if block in self._maps:  # several transformer layers in one block: sum them
             maps = self._maps[block] + maps
         self._maps[block] = maps
         self._regions.pop(block, None)
@@ -161,7 +161,7 @@ class LagSession:
         mask = regions[:, self.index[concept]]  # (B, N)
         if x.ndim == 4:  # conv proj_out: x (B, C, H, W)
             return mask.view(x.shape[0], 1, x.shape[2], x.shape[3])
-        text = x.shape[1] - mask.shape[1]  # FLUX's joint sequence [T text, N image]: no residual on text
+        text = x.shape[1] - mask.shape[1]  # a joint sequence [T text, N image]: no residual on text
         if text:
             mask = F.pad(mask, (text, 0))  # (B, T+N)
         return mask.unsqueeze(-1)  # linear proj_out: x (B, N, C) or (B, T+N, C)

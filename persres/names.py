@@ -44,6 +44,6 @@ def clean_class_word(class_word) -> str | None:
 def parameter_count(ranks: Mapping[str, int], channels: Mapping[str, int],
                     in_channels: Mapping[str, int] | None = None) -> int:
     """Parameters of the residuals: A_i (m_i x r_i) and B_i (r_i x n_i) for every block; n_i = m_i
-    unless `in_channels` names the block (FLUX.1's single-stream blocks)."""
+    unless `in_channels` names the block (a single-stream block's)."""
     ins = in_channels or {}
     return sum((channels[b] + ins.get(b, channels[b])) * r for b, r in ranks.items())

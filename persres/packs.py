@@ -65,9 +65,9 @@ class PackMeta:
     base_model: str
     architecture: str  # sha256 of the blocks, channels and proj_out kind
     weights: str  # sha256 of the base model's proj_out weights
-    proj_out: str = "Conv2d"  # the base model's proj_out kind: Conv2d (SD 1.x) or Linear (SD 2.x/XL)
+    proj_out: str = "Conv2d"  # the base model's proj_out kind: Conv2d or Linear
     family: str = ""  # the model family's key (`persres.families`); "" in packs older than the field (`families.of_meta` infers it)
-    in_channels: dict[str, int] = field(default_factory=dict)  # block -> n where proj_out is m x n, n != m (FLUX.1)
+    in_channels: dict[str, int] = field(default_factory=dict)  # block -> n where proj_out is m x n, n != m
     train_config: dict = field(default_factory=dict)
     image_hashes: list[str] = field(default_factory=list)
     created_at: str = ""

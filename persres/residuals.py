@@ -1,8 +1,8 @@
 """Personalized residuals on the denoiser's transformer output projections (Ham et al., Sec. 3.2).
 
-For transformer block i with output projection W_i (m_i x n_i; a square 1x1 Conv2d in SD v1.x,
-a square Linear in SD 2.x/XL, a Linear from attention and MLP features, n_i = 5 m_i, in each
-FLUX.1 single-stream block) a concept learns Delta W_i = A_i B_i, A_i in R^{m_i x r_i},
+For transformer block i with output projection W_i (m_i x n_i: a square 1x1 Conv2d or Linear
+on a UNet, a Linear from attention and MLP features, n_i = 5 m_i, in a diffusion transformer's
+single-stream block; `persres.families` says which blocks) a concept learns Delta W_i = A_i B_i, A_i in R^{m_i x r_i},
 B_i in R^{r_i x n_i}. `ResidualProjOut` replaces `proj_out` in place (the module keeps the
 original as `base_layer`, like peft's LoraLayer) and holds one factor pair per concept:
 
@@ -144,7 +144,7 @@ class ResidualProjOut(nn.Module):
             if name in self.merged or (self.active is not None and name not in self.active):
                 continue
             mask = None
-            if self.regions is not None:  # LAG: (B, 1, H, W) or (B, N, 1); FLUX: (B, T + N, 1), 0 on the T text tokens
+            if self.regions is not None:  # LAG: (B, 1, H, W) or (B, N, 1); joint attention: (B, T + N, 1), 0 on the T text tokens
                 mask = self.regions.region(self.block, name, x)
                 if mask is None:
                     continue  # this residual acts nowhere now: not computed
@@ -278,7 +278,7 @@ def block_channels(unet: nn.Module) -> dict[str, int]:
 
 
 def block_in_channels(unet: nn.Module) -> dict[str, int]:
-    """Each block's proj_out input features n where they differ from m (FLUX.1's single blocks); {} on a UNet."""
+    """Each block's proj_out input features n where they differ from m (a single-stream block's); {} on a UNet."""
     shapes = {name: shape_of(base_layer_of(b.proj_out)) for name, b in transformer_blocks(unet).items()}
     return {name: n for name, (m, n) in shapes.items() if n != m}
 

@@ -63,7 +63,7 @@ def generate(
     """
     family = families.of(pipe)
     tokens = concept_tokens(family.region_tokenizer(pipe), prompt, concepts)
-    if concepts:  # positions are read off one tokenizer: they must hold for every encoder (SDXL's two)
+    if concepts:  # positions are read off one tokenizer: they must hold for every encoder
         family.check_concept_prompt(pipe, prompt)
     limit = pipe.scheduler.config.get("num_train_timesteps", 1000)
     if config.steps > limit:

@@ -4,8 +4,8 @@ Only the residual factors require grad. Everything frozen is computed once: the 
 images are encoded by the VAE a single time (the latent distribution's mean and std are
 kept and a latent is sampled per step; horizontal flips and zoom-out views are extra cached
 entries, a zoom-out view with a latent mask that keeps its loss on the image), and the
-prompt "a photo of a {identifier} {class}" is encoded a single time (on SDXL with its pooled
-embedding and size conditioning). Each step is then one UNet forward and backward, the floor
+prompt "a photo of a {identifier} {class}" is encoded a single time (with the family's added
+inputs, `Conditioning`). Each step is then one denoiser forward and backward, the floor
 of what a trainer must do. Each model family supplies its objective (`persres.families`:
 denoising on a UNet, flow matching on a diffusion transformer); the loop, the references'
 views and the pack are shared.
@@ -50,7 +50,7 @@ class TrainResult:
 class Batch:
     latents: torch.Tensor  # (B, 4, h, w), normalized as the pipeline's VAE expects
     embedding: torch.Tensor  # (B, tokens, D)
-    added: dict[str, torch.Tensor] | None  # SDXL's added_cond_kwargs, FLUX.1's pooled vector, batched
+    added: dict[str, torch.Tensor] | None  # the family's added inputs (`Conditioning.added`), batched
     mask: torch.Tensor | None  # (B, 1, h, w) where the loss counts; None: everywhere
 
 

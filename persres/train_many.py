@@ -168,9 +168,12 @@ def _run(row: Row, planned: Planned, spaces: Spaces, shards, cluster, log) -> Ro
     try:
         ws = spaces.get(planned.model)
         spaces.loading(ws)
-        if shards is not None:
+        outcome = ws.train(row.images, row.name, row.class_word, config=planned.config, identifier=value, register=shards is None)
+        if shards is not None:  # another machine's process: the pack goes to its shard, rank 0 registers it
+            from persres.packs import write_pack
+
             shards.mkdir(parents=True, exist_ok=True)
-        outcome = ws.train(row.images, row.name, row.class_word, config=planned.config, identifier=value, shard_dir=shards)
+            write_pack(shards / f"{row.name}.safetensors", outcome.tensors, outcome.meta)
     except PersresError as e:
         return RowResult(row.name, "failed", time.perf_counter() - t0, message=str(e), rank=cluster.rank, index=row.index)
     except OSError as e:

@@ -35,11 +35,12 @@ TOY_NOTICE_KEY = "toy_notice_shown"
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    record: ConceptRecord | None  # None when the pack went to a shard folder instead of the registry
+    record: ConceptRecord | None  # None when the pack was not registered (`train(register=False)`)
     losses: list[float]
     seconds: float
     model: str
     meta: PackMeta | None = None
+    tensors: dict | None = None  # the pack's tensors, when it was not registered
 
 
 class Workspace:
@@ -177,15 +178,16 @@ class Workspace:
 
     def train(self, images: str | Path, name: str, class_word: str | None = "auto", *, config: TrainConfig | None = None,
               overrides: dict | None = None, progress=None, on_suggested=None, on_phase: Callable[[str], None] | None = None,
-              sources: dict[str, str] | None = None, identifier: str | None = None, shard_dir: Path | None = None,
+              sources: dict[str, str] | None = None, identifier: str | None = None, register: bool = True,
               force_size: bool = False, on_settings: Callable[[str], None] | None = None, on_download=None,
               **settings) -> TrainOutcome:
         """Train a concept from a folder of images (or "toy:NAME", or read `references`) and register its pack; nothing
         is registered on failure. `class_word` None or "auto": the base model suggests it first.
         `settings` (steps=100, lr=1e-3, ...) join `overrides`: TrainConfig fields over the model's defaults.
 
-        train-many's rows come here too, with the `identifier` planned for them (no reservation)
-        and, across machines, a `shard_dir` the pack is written to instead of the registry.
+        `identifier`: the one to train with (planned ahead, as train-many plans its rows) instead of a
+        fresh one; `register=False` (with an `identifier`): the pack is returned in the outcome, not
+        registered (train-many's other processes write it to their shard).
         A resolution far past the model's or beyond this machine's memory is refused unless
         `force_size` (`persres.sizes`). `on_settings(line)` hears the settings line (every training
         setting, its value and where it came from) once the inputs are checked, before the model loads."""
@@ -195,7 +197,9 @@ class Workspace:
         from persres.tokens import check_class_word, is_single_token
 
         phase = on_phase or (lambda label: None)
-        if shard_dir is None:
+        if not register and identifier is None:
+            raise InputError("a pack that is not registered needs its identifier planned (identifier=...)")
+        if register:
             self.registry.require_writable()
             self.registry.check_new_name(name)
         auto = class_word is None or class_word == "auto"
@@ -234,13 +238,10 @@ class Workspace:
                                            config_digest(config, self.model), sources=sources, class_info=class_info)
             meta = self.pack_meta(name, ident, class_word, result.ranks, train_config, [r.sha256 for r in references],
                                   losses=result.losses, seconds=result.seconds)
-            if shard_dir is not None:
-                from persres.packs import write_pack
-
-                write_pack(Path(shard_dir) / f"{name}.safetensors", result.tensors, meta)
-                return TrainOutcome(None, result.losses, result.seconds, self.model, meta)
+            if not register:
+                return TrainOutcome(None, result.losses, result.seconds, self.model, meta, result.tensors)
             record = self.registry.add(result.tensors, meta)
-            self._keep_references(name, references)
+            self.registry.keep_reference_sheet(name, [r.image for r in references])
             return TrainOutcome(record, result.losses, result.seconds, self.model, meta)
 
         if identifier is not None:
@@ -249,14 +250,6 @@ class Workspace:
             return run(identifier)
         with self.registry.reservation(name, fits=fit) as fresh:
             return run(fresh)
-
-    def _keep_references(self, name: str, references) -> None:
-        """A contact sheet of the references beside the registry, for galleries (`persres ui`)."""
-        from persres.atomic import atomic_path
-        from persres.images import contact_sheet
-
-        with atomic_path(self.registry.reference_sheet(name)) as tmp:
-            contact_sheet([[r.image for r in references]], min_side=96).save(tmp, format="PNG")
 
     def pack_meta(self, name: str, identifier: str, class_word: str, ranks: dict[str, int], train_config: dict,
                   image_hashes: Sequence[str] = (), losses: Sequence[float] = (), seconds: float | None = None) -> PackMeta:

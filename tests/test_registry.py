@@ -314,3 +314,25 @@ def test_doctor_rebuild_restores_every_concept_from_its_packs(persres_home, loss
     assert after["d"][0] == before["d"][0]
     assert (loss == "garbage") == any(p.name.startswith("registry.db.broken-") for p in persres_home.iterdir())
     assert CliRunner().invoke(app, ["doctor"]).exit_code == 0
+
+
+def test_doctor_rebuild_reads_packs_in_place_by_their_header_alone(persres_home, monkeypatch):
+    import persres.packs
+    from persres.registry.rebuild import rebuild
+
+    reg = Registry()
+    for k, (name, identifier) in enumerate([("a", "sks"), ("b", "zwx")]):
+        meta = make_meta(name, identifier)
+        reg.add(make_tensors(meta, seed=k), meta)
+    before = {r.name: (r.meta.identifier, r.sha256) for r in reg.list()}
+    reg.db.conn.close()
+    for extra in ("", "-wal", "-shm"):
+        Path(f"{persres_home / 'registry.db'}{extra}").unlink(missing_ok=True)
+
+    def no_tensors(path, *args, **kwargs):
+        raise AssertionError(f"{path}: tensors read where the header would do")
+
+    monkeypatch.setattr(persres.packs, "read_pack", no_tensors)
+    report = rebuild(persres_home)
+    assert len(report.restored) == 2 and not report.refused
+    assert {r.name: (r.meta.identifier, r.sha256) for r in Registry().list()} == before

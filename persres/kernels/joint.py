@@ -1,11 +1,11 @@
-"""The attention of a FLUX.1 single-stream block through a persres kernel, with token maps.
+"""The attention of a single-stream joint-attention block through a persres kernel, with token maps.
 
 A single-stream block attends over the joint sequence [T text tokens, N image tokens]. A
 concept's map is the image queries' attention to the concept's T5 token columns, summed over
 those tokens and averaged over heads, read off the fused kernel's log-sum-exp
 (`persres.kernels.attention`: never a (T+N) x (T+N) matrix). The block's proj_out runs after
 its attention, so LAG's mask is ready in the same transformer evaluation
-(`persres.lag.lag_regions` installs this processor on FLUX).
+(the family adapter of such a transformer installs this processor for `persres.lag.lag_regions`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from persres.kernels.processor import MapSink
 
 
 class JointAttnProcessor:
-    """A FLUX single-stream block's attention (diffusers' `FluxAttnProcessor` for a block without
+    """A single-stream block's joint attention (diffusers' `FluxAttnProcessor` for a block without
     `encoder_hidden_states`), through a persres backend, handing its image queries' token maps to `sink`."""
 
     def __init__(self, backend: Backend | str | None, sink: MapSink, block: str, image_tokens: int):
@@ -28,7 +28,7 @@ class JointAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None:
-            raise NotImplementedError("persres's FLUX LAG runs on single-stream blocks without an attention mask")
+            raise NotImplementedError("persres's LAG on joint attention runs on single-stream blocks without an attention mask")
         query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # (B, T+N, heads, d)
         key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
         value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))

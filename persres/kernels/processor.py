@@ -63,7 +63,7 @@ class KernelAttnProcessor:
             key = attn.norm_k(key)
 
         dtype = query.dtype
-        if getattr(attn, "upcast_attention", False):  # SD 2.x sets it: fp16 scores overflow otherwise
+        if getattr(attn, "upcast_attention", False):  # some UNets set it: fp16 scores overflow otherwise
             query, key, value = query.float(), key.float(), value.float()
         wants_maps = self.sink is not None and is_cross and attention_mask is None
         if attention_mask is not None:  # masks are rare in SD; the plain SDPA path handles them

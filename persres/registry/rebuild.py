@@ -1,9 +1,11 @@
 """`persres doctor --rebuild`: a new registry.db from the packs themselves.
 
 Packs describe themselves (`persres.packs`), so a lost or garbage database loses nothing
-that matters: every pack in packs/ (and in orphans/) is verified against its content hash and
-registered again under its own name and identifier, the pack files in packs/ left byte for
-byte as they are (so their sha256 is unchanged). The old database is kept aside, never
+that matters: every pack in packs/ (and in orphans/) is registered again under its own name and
+identifier. A pack already in place (packs/NAME.safetensors) is read by its header alone and
+left byte for byte as it is (so its sha256 is unchanged; its content hash is checked whenever
+it is loaded); any other is read whole, verified against its content hash and written into
+packs/. The old database is kept aside, never
 deleted; what could not be restored is reported with the reason.
 """
 
@@ -25,7 +27,7 @@ class Rebuilt:
 
 
 def rebuild(home: Path) -> Rebuilt:
-    from persres.packs import read_pack, sha256_file
+    from persres.packs import read_meta, read_pack, sha256_file
     from persres.registry.store import Registry
 
     home = Path(home).expanduser().absolute()
@@ -43,7 +45,7 @@ def rebuild(home: Path) -> Rebuilt:
     candidates += sorted(registry.orphans_dir.glob("*.safetensors")) if registry.orphans_dir.is_dir() else []
     for path in candidates:
         try:
-            tensors, meta = read_pack(path)
+            meta = read_meta(path)  # the header alone
         except PersresError as e:
             report.refused.append(f"{path}: {e}")
             continue
@@ -56,7 +58,8 @@ def rebuild(home: Path) -> Rebuilt:
                     shared = registry.identifier_taken(meta.identifier)
                     registry._insert(meta, path, sha256_file(path), shared)
                 record = registry.get(meta.name)
-            else:  # an orphan, or a pack under another name: written into packs/ under its own
+            else:  # an orphan, or a pack under another name: verified whole, written into packs/ under its own
+                tensors, meta = read_pack(path)
                 record = registry.add(tensors, meta, allow_shared_identifier=True)
         except PersresError as e:
             report.refused.append(f"{path}: {e}")
