@@ -190,3 +190,11 @@ def contact_sheet(rows: list[list[Image.Image]], min_side: int = 128, gap: int =
             sheet.paste(im.convert("RGB").resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST),
                         (c * (tw + gap), r * (th + gap)))
     return sheet
+
+
+def write_reference_sheet(path: Path, images) -> None:
+    """A contact sheet of a concept's reference images (what galleries show: `persres ui`), written whole or not at all."""
+    from persres.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        contact_sheet([list(images)], min_side=96).save(tmp, format="PNG")

@@ -192,7 +192,7 @@ class Workspace:
         `force_size` (`persres.sizes`). `on_settings(line)` hears the settings line (every training
         setting, its value and where it came from) once the inputs are checked, before the model loads."""
         from persres import families
-        from persres.images import warn_if_small
+        from persres.images import warn_if_small, write_reference_sheet
         from persres.packs import training_record
         from persres.tokens import check_class_word, is_single_token
 
@@ -241,7 +241,7 @@ class Workspace:
             if not register:
                 return TrainOutcome(None, result.losses, result.seconds, self.model, meta, result.tensors)
             record = self.registry.add(result.tensors, meta)
-            self.registry.keep_reference_sheet(name, [r.image for r in references])
+            write_reference_sheet(self.registry.reference_sheet(name), [r.image for r in references])
             return TrainOutcome(record, result.losses, result.seconds, self.model, meta)
 
         if identifier is not None:

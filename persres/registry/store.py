@@ -349,15 +349,6 @@ class Registry(Repairs):
     def reference_sheet(self, name: str) -> Path:
         """Where the contact sheet of `name`'s reference images is kept (it may not exist: imports have none)."""
         return self.references_dir / f"{name}.png"
-
-    def keep_reference_sheet(self, name: str, images) -> None:
-        """A contact sheet of `name`'s reference images beside the registry, for galleries (`persres ui`)."""
-        from persres.atomic import atomic_path
-        from persres.images import contact_sheet
-
-        with atomic_path(self.reference_sheet(name)) as tmp:
-            contact_sheet([list(images)], min_side=96).save(tmp, format="PNG")
-
     def export_pack(self, name: str, out: Path, force: bool = False) -> Path:
         record = self.get(name)
         check_export_target(out, self, force)
