@@ -117,8 +117,10 @@ def doctor(
         from persres.registry.rebuild import rebuild as rebuild_registry
 
         report = rebuild_registry(persres_home())
-        for line in (*(f"kept aside: {p}" for p in report.kept_aside), *(f"restored {r}" for r in report.restored),
-                     *(f"refused {r}" for r in report.refused)):
+        if report.resumed:
+            out.print("finishing a rebuild that was interrupted", markup=False)
+        for line in (*(f"kept aside: {p}" for p in report.kept_aside), *(f"carried over {c}" for c in report.carried),
+                     *(f"restored {r}" for r in report.restored), *(f"refused {r}" for r in report.refused)):
             out.print(line, markup=False, highlight=False)
         out.print(f"{len(report.restored)} concepts restored, {len(report.refused)} files refused", markup=False)
         raise typer.Exit(1 if report.refused else 0)

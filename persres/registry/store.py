@@ -21,7 +21,6 @@ import os
 import shutil
 import socket
 import sqlite3
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,36 +31,19 @@ from persres.packs import PackMeta, read_pack, validate_meta, write_pack_temp
 from persres.registry.rows import META_FIELDS, ROW_FIELDS, ConceptRecord, DamagedRecord, meta_of, row_of  # noqa: F401
 from persres.registry.migrations import (MIGRATIONS, applied_migrations, has_table, migrate, pending_migrations, sqlite_utils_database,
                                          unknown_migrations)
+from persres.registry.lock import held, read_marker
+from persres.registry.sqlite import BUSY_TIMEOUT_S, _busy, _identity, _switch_to_wal, read_only_uri
 from persres.registry.paths import _fault, _move_no_replace, check_export_target, persres_home  # noqa: F401  (re-exported)
 from persres.registry.repair import Repairs, _holder_alive, _now
 from persres.names import check_concept_name
 from persres.tokens import identifier_candidates
 
-BUSY_TIMEOUT_S = 60.0
-def _busy(e: sqlite3.OperationalError) -> bool:
-    """Whether SQLite refused because another connection holds the lock."""
-    return "locked" in str(e) or "busy" in str(e)
-
-
-def _switch_to_wal(conn: sqlite3.Connection) -> None:
-    """PRAGMA journal_mode = WAL, retried while another connection is switching the same new file:
-    SQLite answers that clash with SQLITE_BUSY at once, without calling the busy handler (two
-    processes opening a fresh registry together failed about 1 time in 8)."""
-    deadline = time.monotonic() + BUSY_TIMEOUT_S
-    pause = 0.005
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as e:
-            if not _busy(e) or time.monotonic() > deadline:
-                raise
-        time.sleep(pause)
-        pause = min(pause * 2, 0.25)
+REBUILDING = ("the registry is being rebuilt by `persres doctor --rebuild` in another process (waited {:.0f}s); "
+              "try again when it has finished")
 
 
 class Registry(Repairs):
-    def __init__(self, home: Path | None = None, sweep: bool = True):
+    def __init__(self, home: Path | None = None, sweep: bool = True, rebuild: bool = False):
         # absolute: rows record their pack's path, which must not depend on the working directory
         self.home = (Path(home) if home is not None else persres_home()).expanduser().absolute()
         self.packs_dir = self.home / "packs"
@@ -69,6 +51,7 @@ class Registry(Repairs):
         self.references_dir = self.home / "references"  # NAME.png: a contact sheet of a trained concept's references
         self.db_path = self.home / "registry.db"
         self.notes: list[str] = []  # what opening the registry repaired (orphans moved aside)
+        self.rebuild = rebuild  # opened by `doctor --rebuild` itself, under its exclusive lock
         self._open()
         if sweep and self.writable:
             self.notes += self.sweep()
@@ -85,18 +68,33 @@ class Registry(Repairs):
         if self.db_path.exists() and not self.db_path.is_file():
             raise RegistryError(f"registry {str(self.db_path)!r} is not a file: `persres doctor --rebuild` makes a new one from its packs")
         self.writable = os.access(home, os.W_OK) and (not self.db_path.exists() or os.access(self.db_path, os.W_OK))
+        with self._repair_lock():
+            if read_marker(home) is not None and not self.rebuild:
+                raise RegistryError(f"an interrupted `persres doctor --rebuild` left the registry {str(self.db_path)!r} incomplete; "
+                                    "nothing was changed: run `persres doctor --rebuild` to finish it")
+            self._connect()
+
+    def _repair_lock(self):
+        """The repair lock, shared (`persres.registry.lock`): not while a rebuild runs elsewhere."""
+        if not self.writable or self.rebuild:
+            return contextlib.nullcontext()
+        return held(self.home, exclusive=False, timeout=BUSY_TIMEOUT_S, what=REBUILDING.format(BUSY_TIMEOUT_S))
+
+    def _connect(self) -> None:
+        home = self.home
         hint = "`persres doctor --rebuild` makes a new one from its packs (the old file is kept aside)"
         try:
             if not self.writable and not self.db_path.exists():
                 raise RegistryError(f"registry home {str(home)!r} is not writable by this user and holds no registry yet: "
                                     "point PERSRES_HOME at a folder you can write")
-            uri = self.db_path.resolve().as_uri() if self.writable else self._read_only_uri()
+            uri = self.db_path.resolve().as_uri() if self.writable else read_only_uri(self.db_path)
             conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             if self.writable:
                 _switch_to_wal(conn)
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             self.conn = conn
+            self._identity = _identity(self.db_path)
             applied = applied_migrations(conn)
             newer = unknown_migrations(applied)
             if newer:
@@ -120,22 +118,6 @@ class Registry(Repairs):
         except sqlite3.DatabaseError as e:
             raise RegistryError(f"registry {str(self.db_path)!r} is damaged ({e}): {hint}") from None
 
-    def _read_only_uri(self) -> str:
-        """How a registry this user cannot write is read. SQLite opens a WAL database read-only only
-        where it can create the `-shm` index: so straight from the file as immutable when no
-        write-ahead log is pending, else from a private copy of the database and its log."""
-        wal = Path(f"{self.db_path}-wal")
-        if not wal.exists() or wal.stat().st_size == 0:
-            return f"{self.db_path.resolve().as_uri()}?immutable=1"
-        import atexit
-        import tempfile
-
-        copy = Path(tempfile.mkdtemp(prefix="persres-readonly-"))
-        atexit.register(shutil.rmtree, copy, True)
-        for suffix in ("", "-wal"):
-            shutil.copyfile(f"{self.db_path}{suffix}", copy / f"registry.db{suffix}")
-        return f"{(copy / 'registry.db').as_uri()}?mode=rw"
-
     @functools.cached_property
     def db(self):
         """The connection as a `sqlite_utils.Database`, for migrations (reads and writes use `conn`)."""
@@ -151,17 +133,28 @@ class Registry(Repairs):
     @contextlib.contextmanager
     def transaction(self):
         """BEGIN IMMEDIATE ... COMMIT: the write lock is taken up front, so writers queue, never interleave."""
-        conn = self.conn
-        if conn.in_transaction:  # nested: part of the outer transaction
+        if self.conn.in_transaction:  # nested: part of the outer transaction
             yield
             return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._repair_lock():
+            if _identity(self.db_path) != self._identity:  # rebuilt since this process opened it: the new one
+                self.conn.close()
+                self.__dict__.pop("db", None)
+                self._connect()
+            conn = self.conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                if _busy(e):
+                    raise RegistryError(f"registry {str(self.db_path)!r} stayed locked by another process for "
+                                        f"{BUSY_TIMEOUT_S:.0f}s; try again when it has finished") from None
+                raise
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def require_writable(self) -> None:
         """Call before work whose result must be registered (a training, an import): probes a real write."""
@@ -333,17 +326,19 @@ class Registry(Repairs):
         return self.add(tensors, meta, allow_shared_identifier=True)
 
     def remove(self, name: str) -> Path:
-        """Delete the row, then its pack file; returns the pack's path. Works on damaged rows too."""
+        """Delete the row (committed first), then its pack file; returns the pack's path. Works on damaged
+        rows too. Killed between the two, the file is left without a row: the next start moves it to orphans/."""
         self.require_writable()
         with self.transaction():
             row = self.conn.execute("SELECT path FROM concepts WHERE name = ?", [name]).fetchone()
             if row is None:
                 raise ConceptNotFound(f"unknown concept {name!r} (known: {', '.join(self.names()) or 'none registered'})")
             self.conn.execute("DELETE FROM concepts WHERE name = ?", [name])
-            path = self._pack_path(str(row[0]))
-            if path.suffix == ".safetensors" and path.is_file():  # never anything but a pack file of packs/
-                path.unlink()
-            self.reference_sheet(name).unlink(missing_ok=True)
+        _fault("removed-row")
+        path = self._pack_path(str(row[0]))
+        if path.suffix == ".safetensors" and path.is_file():  # never anything but a pack file of packs/
+            path.unlink()
+        self.reference_sheet(name).unlink(missing_ok=True)
         return path
 
     def reference_sheet(self, name: str) -> Path:
