@@ -279,7 +279,7 @@ class Workspace:
         refused for it. A foreign file needs a name and a class word (given, or in its persres.*
         metadata); its identifier is the one given, the one in its metadata, or a fresh one."""
         from persres import families
-        from persres.interop.lora import foreign_pack_tensors
+        from persres.interop.lora import foreign_pack_tensors, lora_format
         from persres.packs import CONFIG_KEY, check_regular_file, file_metadata, import_record
         from persres.tokens import check_class_word, is_single_token
 
@@ -292,6 +292,7 @@ class Workspace:
                 given = "--class" if class_word is not None else "--identifier"
                 raise InputError(f"{str(path)!r} is a persres pack, which keeps its own class word and identifier: drop {given}")
             return self.registry.import_pack(path, name)
+        lora_format(path)  # a file that is no LoRA persres can apply is told so before anything is asked of it
         name = name or metadata.get("persres.name")
         class_word = class_word or metadata.get("persres.class_word")
         if not name or not class_word:

@@ -280,7 +280,25 @@ def cases():
         out.append((f"import-tensor-{key}", lambda w, k=key, c=change: ["import", write_pack_with(w, k, tensor_change=c), "--name", "bad"],
                     TENSOR_PROBLEM[key]))
     out += [
-        ("import-lora-rank-above-channels", lambda w: ["import", _wide_lora(w), "--name", "wide", "--class", "circle"], "exceeds the layer's"),
+        ("import-lora-rank-0", lambda w: ["import", _kohya_changed(w, "rank0", rank0=True), "--name", "r0", "--class", "circle"], "rank 0"),
+        ("import-lora-empty-alpha", lambda w: ["import", _kohya_changed(w, "noalpha", alpha=torch.tensor([])), "--name", "ea",
+                                               "--class", "circle"], "alpha must be one number"),
+        ("import-lora-alpha-2x2", lambda w: ["import", _kohya_changed(w, "alpha22", alpha=torch.ones(2, 2)), "--name", "a22",
+                                             "--class", "circle"], "alpha must be one number"),
+        ("import-lora-int8", lambda w: ["import", _kohya_changed(w, "int8", dtype=torch.int8), "--name", "i8", "--class", "circle"],
+         "not floating point"),
+        ("import-lora-dora", lambda w: ["import", _kohya_changed(w, "dora", extra="dora_scale"), "--name", "do", "--class", "circle"],
+         "a DoRA file"),
+        ("import-lora-locon-mid", lambda w: ["import", _kohya_changed(w, "mid", extra="lora_mid.weight"), "--name", "mid",
+                                             "--class", "circle"], "lora_mid"),
+        ("import-lora-loha", lambda w: ["import", _kohya_changed(w, "loha", rename=("lora_down", "hada_w1_a")), "--name", "lh",
+                                        "--class", "circle"], "a LoHa"),
+        ("import-lora-lokr", lambda w: ["import", _kohya_changed(w, "lokr", rename=("lora_down", "lokr_w1")), "--name", "lk",
+                                        "--class", "circle"], "a LoKr"),
+        ("import-lora-mixed", lambda w: ["import", _kohya_changed(w, "mixed", extra="proj_out.lora_A.weight"), "--name", "mx",
+                                         "--class", "circle"], "mixes kohya"),
+        ("import-plain-safetensors-with-name", lambda w: ["import", _plain_safetensors(w), "--name", "pl", "--class", "circle"],
+         "holds no LoRA weights"),
         ("import-lora-alpha-text", lambda w: ["import", _peft_lora(w, {"lora_alpha": "strong"}), "--name", "al", "--class", "circle"],
          "lora_alpha for"),
         ("import-lora-alpha-pattern-text", lambda w: ["import", _peft_lora(w, {"alpha_pattern": {"proj_out": "x"}}), "--name", "ap",
@@ -337,17 +355,25 @@ def _lora_of_one(w: World, fmt: str) -> tuple[dict, dict]:
         return load_file(str(path)), dict(f.metadata() or {})
 
 
-def _wide_lora(w: World) -> Path:
-    """A kohya LoRA of the model's proj_out layers whose rank exceeds their channels."""
+def _kohya_changed(w: World, tag: str, *, rank0=False, alpha=None, dtype=None, extra: str | None = None,
+                   rename: tuple[str, str] | None = None) -> Path:
+    """The pack's kohya export with one thing changed in every module (or one extra key)."""
     tensors, metadata = _lora_of_one(w, "kohya")
-    g = torch.Generator().manual_seed(0)
     for key in [k for k in tensors if k.endswith("lora_down.weight")]:
-        down, up = tensors[key], tensors[key.replace("lora_down", "lora_up")]
-        m = down.shape[1]
-        tensors[key] = torch.randn(m + 1, *down.shape[1:], generator=g)
-        tensors[key.replace("lora_down", "lora_up")] = torch.randn(up.shape[0], m + 1, *up.shape[2:], generator=g)
-        tensors[key.replace("lora_down.weight", "alpha")] = torch.tensor(float(m + 1))
-    path = w.tmp / "wide.safetensors"
+        module = key.removesuffix(".lora_down.weight")
+        if rank0:
+            tensors[key] = tensors[key][:0]
+            tensors[f"{module}.lora_up.weight"] = tensors[f"{module}.lora_up.weight"][:, :0]
+        if alpha is not None:
+            tensors[f"{module}.alpha"] = alpha.clone()
+        if dtype is not None:
+            tensors[key] = tensors[key].to(dtype)
+        if rename is not None:
+            tensors[key.replace(*rename)] = tensors.pop(key)
+    if extra is not None:
+        first = next(k for k in tensors if k.endswith("lora_up.weight")).removesuffix(".lora_up.weight")
+        tensors[f"{first}.{extra}"] = torch.ones(1)
+    path = w.tmp / f"kohya-{tag}.safetensors"
     save_file(tensors, str(path), metadata={k: v for k, v in metadata.items() if not k.startswith("persres.")})
     return path
 

@@ -266,3 +266,49 @@ def test_import_identifier_names_a_foreign_lora_and_is_refused_for_a_persres_pac
         refused = CliRunner().invoke(app, ["import", str(exported), "--name", "again", option, value], env=env)
         assert refused.exit_code == 1 and f"drop {option}" in refused.stderr, refused.output
     assert not Registry().has("again")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_linear_model", "tiny_xl_model", "tiny_flux"])
+def test_every_family_re_imports_its_own_exports_in_every_format(fixture, request, concept_dir, tmp_path):
+    """Full-rank blocks of several widths: the diffusers export pads every block to the largest rank,
+    above the narrow blocks' width; each format's file re-imports to the same ΔW on every block."""
+    from persres.interop import FORMATS
+
+    ws = Workspace(str(request.getfixturevalue(fixture)))
+    ws.train(concept_dir, "mine", "circle", steps=1, rank=64, init="random", resolution=32)
+    tensors, meta = ws.registry.load("mine")
+    if fixture in ("tiny_model", "tiny_linear_model"):  # blocks of several widths: padding above the narrow ones
+        assert len(set(meta.ranks.values())) > 1
+    for fmt in FORMATS:
+        path = ws.export("mine", tmp_path / f"{fmt}.safetensors", fmt)
+        ws.import_concept(path, f"back-{fmt}")
+        back, back_meta = ws.registry.load(f"back-{fmt}")
+        assert back_meta.ranks == meta.ranks, fmt
+        for block in meta.ranks:
+            up, down = f"{block}.up", f"{block}.down"
+            assert torch.equal(back[up] @ back[down], tensors[up] @ tensors[down]), (fmt, block)
+
+
+def test_a_lora_of_rank_above_the_layer_width_imports_to_the_same_delta(pack, tiny_model, tmp_path):
+    tensors, meta = pack
+    file = load_file(str(write_lora(tmp_path / "k.safetensors", "kohya", tensors, meta)))
+    g = torch.Generator().manual_seed(0)
+    expected = {}
+    for key in [k for k in file if k.endswith("lora_down.weight")]:
+        module = key.removesuffix(".lora_down.weight")
+        m, n = file[f"{module}.lora_up.weight"].shape[0], file[key].shape[1]
+        up, down = torch.randn(m, m + 3, 1, 1, generator=g), torch.randn(m + 3, n, 1, 1, generator=g)  # rank m + 3 > m
+        file[f"{module}.lora_up.weight"], file[key], file[f"{module}.alpha"] = up, down, torch.tensor(float(m + 3))
+        expected[module] = up.flatten(1) @ down.flatten(1)
+    path = tmp_path / "wide.safetensors"
+    save_file(file, str(path))
+    Workspace(str(tiny_model)).import_concept(path, "wide", "circle")
+    back, back_meta = Registry().load("wide")
+    from persres import families
+    from persres.interop.kohya import PREFIX  # noqa: F401  (the names below are kohya's)
+
+    family = families.of_meta(back_meta)
+    for block, r in back_meta.ranks.items():
+        assert r == back_meta.channels[block]  # stored at the layer's width
+        delta = back[f"{block}.up"] @ back[f"{block}.down"]
+        assert torch.equal(delta, expected[family.kohya_key(block, back_meta.ranks)]), block

@@ -1,10 +1,14 @@
 """Any proj_out LoRA (kohya, diffusers/peft, a persres export) as a pack for a loaded model.
 
-Checks that the file targets the proj_out of this model's transformer blocks (and nothing
-else, unless told to drop the rest), that every pair of factors has the block's channels
-and one rank, that the values are finite and alpha is positive; folds alpha / r into A.
-Zero rank components (the padding of persres's diffusers exports) are trimmed, so an
-export and re-import gives back the original factors exactly.
+`lora_format` reads the file's header alone and names what it is: a kohya or a peft LoRA, or
+what persres cannot apply exactly, refused by name (LoHa, LoKr, DoRA magnitudes, LoCon's
+Tucker `lora_mid`, a file mixing kohya and peft keys, a file of no LoRA at all). Then
+`read_foreign` checks that the file targets the proj_out of this model's transformer blocks
+(and nothing else, unless told to drop the rest), that every pair of factors is floating point,
+has the block's channels and one rank above 0, that the values are finite and alpha is one
+positive number; folds alpha / r into A. Zero rank components (the padding of persres's
+diffusers exports) are trimmed, so an export and re-import gives back the original factors
+exactly; a rank still above the layer's width is legal and is stored exactly as (I, A B).
 """
 
 from __future__ import annotations
@@ -29,6 +33,41 @@ class ForeignLora:
     fmt: str
 
 
+# what persres cannot apply as W + A B exactly, by the key names that give each away
+UNSUPPORTED = (("hada_w1_a", "a LoHa (Hadamard product) file"), ("lokr_w1", "a LoKr (Kronecker product) file"),
+               ("dora_scale", "a DoRA file (magnitude vectors)"), ("lora_magnitude_vector", "a DoRA file (magnitude vectors)"),
+               ("lora_mid", "a LoCon file with Tucker-decomposed convolutions (lora_mid)"))
+
+
+def lora_format(path: Path) -> str:
+    """"kohya" or "diffusers" from the file's tensor names (the header alone); PackError naming what
+    the file is where persres cannot import it."""
+    from safetensors import safe_open
+
+    from persres.interop import kohya, peft
+    from persres.packs import check_regular_file
+
+    check_regular_file(path, "LoRA file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:
+        raise PackError(f"{str(path)!r} is not a readable safetensors file ({' '.join(str(e).split())[:160]})") from None
+    for marker, what in UNSUPPORTED:
+        found = next((k for k in keys if marker in k), None)
+        if found is not None:
+            raise PackError(f"{str(path)!r} is {what} (e.g. {found}), not a plain low-rank LoRA: persres imports "
+                            "LoRAs whose change is W + A B exactly")
+    is_kohya, is_peft = kohya.is_kohya(keys), peft.is_peft(keys)
+    if is_kohya and is_peft:
+        raise PackError(f"{str(path)!r} mixes kohya (lora_unet_*) and peft (lora_A/lora_B) keys: save it in one format")
+    if not is_kohya and not is_peft:
+        raise PackError(f"{str(path)!r} is not a persres pack and holds no LoRA weights persres knows (kohya lora_unet_* or "
+                        "peft lora_A/lora_B keys; "
+                        f"{len(keys)} tensors, e.g. {keys[0] if keys else 'none'})")
+    return "kohya" if is_kohya else "diffusers"
+
+
 def read_foreign(path: Path, family, channels: dict[str, int], proj_out_only: bool = False,
                  in_channels: dict[str, int] | None = None) -> ForeignLora:
     """The file's proj_out factors for a model of `family` whose blocks have `channels` (m) and,
@@ -37,9 +76,8 @@ def read_foreign(path: Path, family, channels: dict[str, int], proj_out_only: bo
     from safetensors.torch import load_file
 
     from persres.interop import kohya, peft
-    from persres.packs import check_regular_file
 
-    check_regular_file(path, "LoRA file")
+    fmt = lora_format(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -47,12 +85,7 @@ def read_foreign(path: Path, family, channels: dict[str, int], proj_out_only: bo
     except Exception as e:
         raise PackError(f"{str(path)!r} is not a readable safetensors file ({' '.join(str(e).split())[:160]})") from None
     blocks = sorted(channels)
-    if kohya.is_kohya(tensors):
-        fmt, (found, others) = "kohya", kohya.read(tensors, blocks, family)
-    elif peft.is_peft(tensors):
-        fmt, (found, others) = "diffusers", peft.read(tensors, blocks, metadata)
-    else:
-        raise PackError(f"{str(path)!r} holds no LoRA weights persres knows (kohya lora_unet_* or peft lora_A/lora_B keys)")
+    found, others = kohya.read(tensors, blocks, family) if fmt == "kohya" else peft.read(tensors, blocks, metadata)
     if not found:
         raise PackError(f"{str(path)!r} ({fmt}) targets no proj_out layer of this model ({len(others)} other targets, "
                         f"e.g. {others[0] if others else 'none'}): it was made for another architecture or other layers")
@@ -74,6 +107,10 @@ def _factors(path: Path, block: str, up, down, alpha, m: int, n: int) -> tuple[t
     where = f"{str(path)!r}, {block}"
     if up is None or down is None:
         raise PackError(f"{where}: one of the two LoRA factors is missing")
+    for factor, which in ((up, "up"), (down, "down")):
+        if not factor.is_floating_point():
+            raise PackError(f"{where}: the {which} factor is {str(factor.dtype).removeprefix('torch.')}, not floating point "
+                            "(a quantized LoRA): persres reads float factors only")
     up, down = up.float(), down.float()
     if up.ndim == 4:
         up = up.flatten(1) if up.shape[2:] == (1, 1) else None
@@ -82,8 +119,8 @@ def _factors(path: Path, block: str, up, down, alpha, m: int, n: int) -> tuple[t
     if up is None or down is None or up.ndim != 2 or down.ndim != 2:
         raise PackError(f"{where}: factors must be matrices or 1x1 convolutions")
     r = down.shape[0]
-    if up.shape == (m, r) and down.shape == (r, n) and r > m:
-        raise PackError(f"{where}: rank {r} exceeds the layer's {m} channels (a low-rank residual has at most {m})")
+    if r == 0 or up.shape[1] == 0:
+        raise PackError(f"{where}: rank 0 (factors {tuple(up.shape)} and {tuple(down.shape)}): no change to apply")
     if up.shape != (m, r) or down.shape != (r, n):
         size = f"{m} channels" if n == m else f"{n} -> {m} features"
         raise PackError(f"{where}: factor shapes {tuple(up.shape)} and {tuple(down.shape)} do not fit {size} "
@@ -92,6 +129,8 @@ def _factors(path: Path, block: str, up, down, alpha, m: int, n: int) -> tuple[t
         raise PackError(f"{where}: factors hold non-finite values")
     scale = 1.0
     if alpha is not None:
+        if torch.is_tensor(alpha) and alpha.numel() != 1:
+            raise PackError(f"{where}: alpha must be one number, got a tensor of shape {tuple(alpha.shape)}")
         a = float(alpha.float().reshape(-1)[0]) if torch.is_tensor(alpha) else float(alpha)
         if not a > 0 or a != a or a == float("inf"):
             raise PackError(f"{where}: alpha must be a positive finite number, got {a}")
@@ -100,7 +139,10 @@ def _factors(path: Path, block: str, up, down, alpha, m: int, n: int) -> tuple[t
     if not keep.any():
         keep[0] = True
     up, down = up[:, keep], down[keep]
-    return (up * scale if scale != 1.0 else up).contiguous(), down.contiguous()
+    up = up * scale if scale != 1.0 else up
+    if up.shape[1] > m:  # more components than the layer's width: the same W + A B at rank m, exactly
+        up, down = torch.eye(m), up @ down  # (m, m), (m, n)
+    return up.contiguous(), down.contiguous()
 
 
 def foreign_pack_tensors(path: Path, pipe, proj_out_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, int], str]:

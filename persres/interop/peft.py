@@ -76,6 +76,8 @@ def _alpha_for(module: str, rank: int, config: dict | None, alphas: dict[str, to
 
 
 def _number(value, module: str, where: str) -> float:
+    if torch.is_tensor(value) and value.numel() != 1:
+        raise PackError(f"the LoRA's {where} for {module} must be one number, got a tensor of shape {tuple(value.shape)}")
     try:
         return float(value.float().reshape(-1)[0]) if torch.is_tensor(value) else float(value)
     except (TypeError, ValueError, IndexError, RuntimeError):
