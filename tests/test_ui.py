@@ -217,3 +217,40 @@ def test_files_outside_the_allowed_folders_are_not_served(served, tmp_path):
                 assert e.code in (403, 404), (route, e.code)
                 continue
             assert b"not for the page" not in body and b"SQLite" not in body, route
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--port", "99999"], "--port must be a whole number from 1 to 65535, got 99999"),
+    (["--port", "0"], "--port must be a whole number from 1 to 65535, got 0"),
+    (["--port", "-1"], "--port must be a whole number from 1 to 65535, got -1"),
+    (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' cannot be resolved"),
+    (["--host", "not a host!"], "--host 'not a host!' cannot be resolved"),
+    (["--port", "BUSY"], "is already in use on 127.0.0.1: choose another with --port"),
+    (["--out", "FILE"], "is a file, not a folder"),
+])
+def test_ui_options_are_refused_in_one_line_before_any_model(args, expected, tmp_path):
+    """The model named cannot be had at all: a check made after resolving or loading it would fail
+    with a model error instead of naming the option."""
+    from typer.testing import CliRunner
+
+    from persres.cli import app
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    (tmp_path / "file.txt").write_text("x")
+    args = [str(busy.getsockname()[1]) if a == "BUSY" else str(tmp_path / "file.txt") if a == "FILE" else a for a in args]
+    try:
+        result = CliRunner().invoke(app, ["ui", *args, "--model", "no-such-org/no-such-model"])
+    finally:
+        busy.close()
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_ipv6_loopback_is_loopback():
+    from persres.ui.address import check_exposure, is_loopback
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    assert is_loopback("::1") and check_exposure("::1", None) is None

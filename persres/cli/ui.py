@@ -23,12 +23,16 @@ def ui(
 ):
     """Serve the web app: browse, train and compose concepts, with each concept's region in view."""
     from persres.errors import InputError
+    from persres.images import check_writable_dir
+    from persres.ui.address import check_serving
 
+    check_serving(host, port, auth)  # port, host and exposure before any model is touched
+    if out_dir is not None:
+        check_writable_dir(out_dir)
     try:
-        from persres.ui.app import check_exposure, serve
+        from persres.ui.app import serve
     except ImportError:
         raise InputError("the web app needs Gradio: pip install 'persres[ui]'") from None
-    check_exposure(host, auth)  # before any model is touched
     ws = workspace(model, model_config)
     out = out_dir or ws.registry.home / "ui"
     err.print(f"persres ui on http://{host}:{port} (model {ws.model}); Ctrl-C stops it", markup=False)

@@ -6,15 +6,13 @@ and every tab and browser sees the same registry.
 from __future__ import annotations
 
 import inspect
-import ipaddress
-import socket
 from pathlib import Path
 
 import gradio as gr
 
-from persres.errors import InputError
 from persres.interop import FORMATS
 from persres.ui import actions
+from persres.ui.address import check_exposure, check_serving  # noqa: F401  (check_exposure: part of this module's API)
 from persres.ui.actions import Session
 
 MAX_UPLOAD = "50mb"
@@ -122,29 +120,9 @@ def build(session: Session) -> gr.Blocks:
     return app
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        return False
-
-
-def check_exposure(host: str, auth: str | None) -> tuple[str, str] | None:
-    """Loopback needs nothing; any other address needs --auth USER:PASS (the share tunnel is never opened)."""
-    credentials = None
-    if auth is not None:
-        user, sep, password = auth.partition(":")
-        if not sep or not user or not password:
-            raise InputError("--auth must be USER:PASS")
-        credentials = (user, password)
-    if not is_loopback(host) and credentials is None:
-        raise InputError(f"--host {host} would serve the app beyond this machine: add --auth USER:PASS (or keep the default 127.0.0.1)")
-    return credentials
-
-
 def serve(workspace, out_dir: Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, block: bool = True):
     """Launch the app; returns (app, url). Files served: the registry's reference sheets and the output folder only."""
-    credentials = check_exposure(host, auth)
+    credentials = check_serving(host, port, auth)
     session = Session(workspace, Path(out_dir).resolve())
     session.out_dir.mkdir(parents=True, exist_ok=True)
     app = build(session)
