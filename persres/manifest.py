@@ -38,10 +38,12 @@ class Row:
 def read_manifest(path: str | Path) -> list[Row]:
     """The manifest's rows; a file that is not a manifest at all is one InputError."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"manifest {str(path)!r} is a folder; give the .csv or .jsonl file in it (one concept per row)")
     if not path.is_file():
         raise InputError(f"manifest {str(path)!r} not found (a .csv or .jsonl file, one concept per row)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (what spreadsheets write as "CSV UTF-8") is not data
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read manifest {str(path)!r}: {type(e).__name__}") from None
     if path.suffix.lower() == ".csv":
@@ -100,6 +102,9 @@ def _row(index: int, line: int, data: dict, base: Path) -> Row:
     unknown = [k for k in data if k not in REQUIRED + OPTIONAL]
     if unknown:
         return bad(f"unknown field(s) {', '.join(map(str, unknown))}")
+    for key in (*REQUIRED, "model"):
+        if key in data and not isinstance(data[key], str):
+            return bad(f"{key} must be text, got {json.dumps(data[key])}")
     missing = [k for k in REQUIRED if not isinstance(data.get(k), str) or not data[k].strip()]
     if missing:
         return bad(f"missing {', '.join(missing)}")
@@ -108,10 +113,14 @@ def _row(index: int, line: int, data: dict, base: Path) -> Row:
         if key not in data:
             continue
         value = data[key]
+        wanted = "an integer" if kind is int else "a number"
         try:
-            overrides[key] = kind(value) if isinstance(value, str) else value
+            value = kind(value) if isinstance(value, str) else value
         except ValueError:
-            return bad(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            return bad(f"{key} must be {wanted}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int,) if kind is int else (int, float)):
+            return bad(f"{key} must be {wanted}, got {json.dumps(value)}")
+        overrides[key] = value
     images = data["images"]
     folder = images if images.startswith("toy:") else str((base / images).resolve())
     model = data.get("model")

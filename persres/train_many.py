@@ -137,8 +137,9 @@ def _plan(rows: list[Row], model: str | None, registry, spaces: Spaces) -> dict[
             identifier = registry.free_identifier(tokenizers[resolved], exclude=taken)
             taken.add(identifier)
             plan[row.index] = Planned("planned", identifier, resolved, config)
-        except PersresError as e:
-            plan[row.index] = Planned("failed", str(e), resolved)
+        except PersresError as e:  # each problem says which line of the manifest it is on
+            message = str(e) if str(e).startswith(f"line {row.line}:") else f"line {row.line}: {e}"
+            plan[row.index] = Planned("failed", message, resolved)
     return plan
 
 

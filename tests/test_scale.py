@@ -127,13 +127,17 @@ def test_train_many_reports_bad_rows_and_goes_on(manifest, tiny_model, tmp_path)
         json.dumps({"images": str(good_images), "name": "x", "class": "circle", "colour": "red"}),
         json.dumps({"images": str(good_images), "class": "circle"}),
     ]) + "\n")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.enable_progress_bar()  # as a fresh process has it
     result = CliRunner().invoke(app, ["train-many", str(bad), "--model", str(tiny_model), "--json"])
     assert result.exit_code == 1
+    assert "Loading pipeline components" not in result.stderr  # diffusers' per-component bars stay quiet
     got = {r["index"]: r for r in json.loads(result.stdout)}
     assert got[0]["status"] == "trained"
     assert "not a JSON object" in got[1]["message"]
     assert "on an earlier row" in got[2]["message"]
-    assert "--steps" in got[3]["message"]
+    assert "--steps" in got[3]["message"] and got[3]["message"].startswith("line 4: ")  # every row's problem names its line
     assert "unknown field" in got[4]["message"]
     assert "missing name" in got[5]["message"]
     for text, expected in (("images,name\n", "missing column(s) class"), ("images,name,class,color\n", "unknown column(s) color")):
@@ -230,3 +234,27 @@ def test_a_ragged_csv_row_is_named_as_such():
     records = _csv_records(text, Path("m.csv"))
     assert records[0][1] == {"images": "imgs/a", "name": "one", "class": "dog"}
     assert records[1] == (3, {"__bad__": "2 more value(s) than the header's 3 columns (a comma inside a value needs quotes)"})
+
+
+def test_a_manifest_with_a_bom_a_folder_and_wrong_json_types(tmp_path):
+    """What spreadsheets write ("CSV UTF-8" starts with a BOM) reads; a folder and JSON values of the
+    wrong type are each named for what they are."""
+    from persres.errors import InputError
+    from persres.manifest import read_manifest
+
+    (tmp_path / "m.csv").write_bytes("images,name,class\nimgs/a,one,dog\n".encode("utf-8-sig"))
+    [row] = read_manifest(tmp_path / "m.csv")
+    assert (row.name, row.class_word, row.problem) == ("one", "dog", None)
+    with pytest.raises(InputError, match="is a folder; give the .csv or .jsonl file in it"):
+        read_manifest(tmp_path)
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"images": "a", "name": 5, "class": "dog"},
+        {"images": "a", "name": "x", "class": ["dog"]},
+        {"images": "a", "name": "y", "class": "dog", "steps": "many"},
+        {"images": "a", "name": "z", "class": "dog", "steps": 2.5},
+        {"images": "a", "name": "w", "class": "dog", "lr": True},
+    ]) + "\n")
+    problems = [r.problem for r in read_manifest(tmp_path / "m.jsonl")]
+    assert problems == ["line 1: name must be text, got 5", 'line 2: class must be text, got ["dog"]',
+                        "line 3: steps must be an integer, got 'many'", "line 4: steps must be an integer, got 2.5",
+                        "line 5: lr must be a number, got true"]

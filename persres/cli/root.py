@@ -231,18 +231,22 @@ def workspace(model: Optional[str] = None, model_config: Optional[str] = None, d
     from persres.workspace import Workspace
 
     ws = Workspace(model, registry=reg if reg is not None else registry(), model_config=model_config, device=device, precision=precision)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()  # the per-component loading bars; a download keeps the hub's own
-    transformers_logging.disable_progress_bar()
-    from huggingface_hub.utils import enable_progress_bars
-
-    enable_progress_bars()
+    quiet_loading()
     if ws.first_toy_use():
         err.print("note: using persres's built-in toy model; pass --model, set PERSRES_MODEL or run "
                   "`persres config model PATH_OR_HUB_ID` to use real Stable Diffusion weights", markup=False)
     return ws
+
+
+def quiet_loading() -> None:
+    """No per-component loading bars from diffusers and transformers; a download keeps the hub's own."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    enable_progress_bars()
 
 
 def say_download(model: str) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from persres.cli.root import Command, ConfigOption, app, command, err, out, registry
+from persres.cli.root import Command, ConfigOption, app, command, err, out, quiet_loading, registry
 
 
 @app.command("train-many", cls=Command)
@@ -33,6 +33,7 @@ def train_many_command(
     from persres.workspace import Workspace
 
     rows = read_manifest(manifest)
+    quiet_loading()
     with cluster(device) as here:
         sharded = here.multi_node if shards is None else shards
         reg = registry() if here.main or not sharded else None  # across machines only rank 0 opens SQLite
