@@ -45,6 +45,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
         arr = np.asarray(im, dtype=np.float64)
         if im.mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
             arr = arr * 255.0
+        elif arr.size and np.nanmax(arr) > 65535:
+            arr = arr * (255.0 / 2147483647.0)  # 32-bit integer samples
         elif arr.size and np.nanmax(arr) > 255:
             arr = arr * (255.0 / 65535.0)  # 16-bit samples
         im = Image.fromarray(np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8), "L")
@@ -74,11 +76,13 @@ def read_folder(folder: str | Path) -> list[ReferenceImage]:
         raise InputError(f"cannot read the image folder {str(folder)!r}: {e.strerror or e}") from None
     if not entries:
         raise InputError(f"image folder {str(folder)!r} is empty")
-    images = []
+    images, denied = [], []
     for path in entries:
         try:
             mode = path.stat().st_mode
-        except OSError:
+        except OSError as e:
+            warnings.warn(f"skipping {path}: {e.strerror or e}", CorruptImageWarning, stacklevel=2)
+            denied.append(f"{path.name}: {e.strerror or e}")
             continue
         if stat.S_ISDIR(mode):
             continue
@@ -87,6 +91,11 @@ def read_folder(folder: str | Path) -> list[ReferenceImage]:
             continue
         try:
             data = path.read_bytes()
+        except OSError as e:
+            warnings.warn(f"skipping {path}: {e.strerror or e}", CorruptImageWarning, stacklevel=2)
+            denied.append(f"{path.name}: {e.strerror or e}")
+            continue
+        try:
             with Image.open(path) as im:
                 im.load()
                 rgb = to_rgb(im)
@@ -100,7 +109,8 @@ def read_folder(folder: str | Path) -> list[ReferenceImage]:
             continue
         images.append(ReferenceImage(path, rgb, hashlib.sha256(data).hexdigest()))
     if not images:
-        raise InputError(f"image folder {str(folder)!r} holds no readable image")
+        why = f" ({len(denied)} file(s) could not be read, e.g. {denied[0]})" if denied else ""
+        raise InputError(f"image folder {str(folder)!r} holds no readable image{why}")
     if len(images) < MIN_IMAGES:
         warnings.warn(f"only {len(images)} reference image(s) in {str(folder)!r}; the method is made for "
                       f"{MIN_IMAGES}-15 and may copy a single photo", FewImagesWarning, stacklevel=2)

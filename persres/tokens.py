@@ -220,9 +220,11 @@ class PromptWarning(UserWarning):
 
 
 def unbound_placeholders(prompt: str, bound: Sequence[BoundConcept]) -> list[str]:
-    """What in a prompt looks like a concept placeholder and binds to nothing: an unclosed `<name`
-    (the text goes to the model as it is), or `V1`, `V*` when no concept is given at all."""
+    """What in a prompt looks like a concept placeholder and binds to nothing: an unclosed `<name`,
+    a `<...>` that no concept can be named (`<../checker>`, `<my dog>`: the text goes to the model
+    as it is), or `V1`, `V*` when no concept is given at all."""
     found = [m.group(0) for m in UNCLOSED_RE.finditer(prompt)]
+    found += [m.group(0) for m in re.finditer(r"<[^<>]+>", prompt) if not PLACEHOLDER_RE.fullmatch(m.group(0))]
     if not bound:
         found += re.findall(r"\bV\d+\b", prompt)
     return found

@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 
 from persres.config import SampleConfig, TrainConfig
-from persres.errors import InputError
+from persres.errors import InputError, ModelNotFound
 from persres.models import check_model_value, check_single_file_config, is_default_toy, is_single_file, resolve_model
 from persres.names import check_identifier
 from persres.packs import PackMeta
@@ -57,6 +57,11 @@ class Workspace:
         configured = registry.setting(DEFAULT_MODEL_KEY) if registry is not None else None
         if model is not None:
             check_model_value(model)  # a bad --model is one line before any work
+        elif os.environ.get("PERSRES_MODEL"):
+            try:
+                check_model_value(os.environ["PERSRES_MODEL"])
+            except ModelNotFound as e:
+                raise ModelNotFound(f"$PERSRES_MODEL: {e}") from None
         self.model = resolve_model(model, configured)
         self.toy_is_silent_default = is_default_toy(model, configured)
         if model_config or os.environ.get("PERSRES_MODEL_CONFIG"):
@@ -390,6 +395,8 @@ def export_concept(registry: Registry, name: str, output: str | Path, fmt: str =
     from persres.interop import FORMATS, write_lora
     from persres.registry.store import check_export_target
 
+    if isinstance(output, str) and output.endswith(("/", os.sep)):  # Path() would drop what says it is a folder
+        raise InputError(f"{output!r} names a folder: give a file name, e.g. {output + name + '.safetensors'!r}")
     output = Path(output)
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")

@@ -12,13 +12,18 @@ import typer
 from persres.cli.root import Command, ConfigOption, JsonOption, ModelOption, app, command, config_app, out, registry, workspace
 
 
+MISSING = "pack file missing: run persres doctor"
+
+
 @app.command("list", cls=Command)
 @command
 def list_(as_json: JsonOption = False):
     """List registered concepts."""
     records, damaged = registry().scan()
+    missing = {r.name for r in records if not r.path.is_file()}  # a row whose pack file is gone: said, not hidden
     if as_json:
-        print(json.dumps([r.to_dict() for r in records] + [{"name": d.name, "damaged": d.problem} for d in damaged], indent=2))
+        print(json.dumps([r.to_dict() | ({"problem": MISSING} if r.name in missing else {}) for r in records]
+                         + [{"name": d.name, "damaged": d.problem} for d in damaged], indent=2))
         return
     if not records and not damaged:
         out.print("no concepts registered yet (persres train IMAGES_DIR --name NAME --class CLASS)", markup=False)
@@ -34,6 +39,7 @@ def list_(as_json: JsonOption = False):
     for r in records:
         m = r.meta
         loss = f"{m.loss_start:.3f} -> {m.loss_end:.3f}" if m.loss_start is not None else ""
+        loss = f"[red]{MISSING}[/]" if m.name in missing else loss
         ident = m.identifier + (" (shared)" if r.shared_identifier else "")
         table.add_row(m.name, m.class_word, ident, label(m.family), f"{m.parameter_count:,}", loss, *((m.base_model, m.created_at) if wide else ()))
     for d in damaged:
@@ -45,7 +51,8 @@ def list_(as_json: JsonOption = False):
 @command
 def show(name: Annotated[str, typer.Argument(metavar="NAME", help="A registered concept.")], as_json: JsonOption = False):
     """Show everything the registry knows about a concept."""
-    data = registry().get(name).to_dict()
+    record = registry().get(name)
+    data = record.to_dict() | ({} if record.path.is_file() else {"problem": MISSING})
     if as_json:
         print(json.dumps(data, indent=2))
         return
@@ -71,7 +78,7 @@ def rm(name: Annotated[str, typer.Argument(metavar="NAME", help="A registered co
 @command
 def export(
     name: Annotated[str, typer.Argument(metavar="NAME", help="A registered concept.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.", metavar="PATH")],
+    output: Annotated[str, typer.Option("--output", "-o", help="File to write.", metavar="PATH")],
     fmt: Annotated[str, typer.Option("--format", help="persres (re-importable), diffusers, or kohya (A1111, ComfyUI).", metavar="FORMAT")] = "persres",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ):
