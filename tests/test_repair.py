@@ -19,8 +19,10 @@ from test_registry import make_meta, make_tensors
 CONFIGURED = "/opt/models/my-sd"  # a setting to keep: the configured model
 
 
-def persres(*args, home: Path, fault: str | None = None) -> subprocess.Popen:
+def persres(*args, home: Path, fault: str | None = None, model: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "PERSRES_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    if model is not None:
+        env["PERSRES_MODEL"] = str(model)
     env.pop("PERSRES_FAULT", None)
     if fault:
         env["PERSRES_FAULT"] = fault
@@ -141,14 +143,15 @@ def test_an_import_killed_at_any_point_leaves_every_registered_concept(persres_h
     assert Registry(persres_home).setting("default_model") == CONFIGURED
 
 
-def test_rebuilds_and_writers_racing_lose_nothing(persres_home, tmp_path):
-    """Two rebuilds, an import, an rm and two listings started together: every concept not removed is
-    there afterwards, with its file, and the setting too."""
+def test_rebuilds_and_writers_racing_lose_nothing(persres_home, tmp_path, tiny_model, concept_dir):
+    """A training, two rebuilds, an import, an rm and two listings started together: every concept not
+    removed is there afterwards, with its file, and the setting too."""
     before = populate(persres_home, ("a", "b", "c", "d"))
     pack = Registry(persres_home).export_pack("a", tmp_path / "a.safetensors")
+    training = persres("train", concept_dir, "--name", "new", "--class", "circle", "--steps", "2", home=persres_home, model=tiny_model)
     procs = [persres("doctor", "--rebuild", home=persres_home), persres("import", pack, "--name", "copy", home=persres_home),
              persres("doctor", "--rebuild", home=persres_home), persres("rm", "d", home=persres_home),
-             persres("list", home=persres_home), persres("list", home=persres_home)]
+             persres("list", home=persres_home), persres("list", home=persres_home), training]
     results = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, results):
         assert p.returncode in (0, 1) and "Traceback" not in err, err
@@ -157,6 +160,7 @@ def test_rebuilds_and_writers_racing_lose_nothing(persres_home, tmp_path):
     assert {k: after[k] for k in "abc"} == {k: before[k] for k in "abc"}
     assert ("copy" in after) == (procs[1].returncode == 0)
     assert ("d" in after) == (procs[3].returncode != 0)
+    assert training.returncode == 0 and "new" in after, results[-1]
     assert Registry(persres_home).setting("default_model") == CONFIGURED
     files = sorted(p.name for p in (persres_home / "packs").iterdir())
     assert files == sorted(f"{n}.safetensors" for n in after)
