@@ -83,7 +83,10 @@ def parse_candidates(value: str | None) -> list[str]:
         return [line.split("#")[0].strip() for line in lines if not line.lstrip().startswith("#")]
     if "," not in value and ("/" in value or value.endswith(".txt")):
         raise InputError(f"candidates file {value!r} not found")
-    return [part.strip() for part in value.split(",")]
+    words = [part.strip() for part in value.split(",")]
+    if not any(words):
+        raise InputError(f"--candidates holds no word, got {value!r}: give a,b,c or a file with one word per line")
+    return words
 
 
 def screen(tokenizer, entries: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:

@@ -268,11 +268,11 @@ class Workspace:
         """Rank candidate class words for reference images (a folder, "toy:NAME", or loaded references)."""
         from persres.suggest import SuggestConfig, parse_candidates, suggest
 
-        references = self.references(images)
         if candidates is None:
             entries = self.defaults.class_candidates or parse_candidates(None)
         else:
             entries = parse_candidates(candidates) if isinstance(candidates, str) else list(candidates)
+        references = self.references(images)
         config = config or SuggestConfig(**({} if seed is None else {"seed": seed}))
         return suggest(self.pipeline(), [r.image for r in references], entries, config)
 
@@ -350,6 +350,10 @@ class Workspace:
             from persres.images import check_writable_dir
 
             check_writable_dir(Path(out_dir))
+        if backend is not None:
+            from persres.kernels import resolve_backend
+
+            resolve_backend(backend)  # an unknown or unavailable backend is one line before any loading
         expanded, bound = bind_prompt(prompt, concepts, self.registry)  # a prompt error before any loading
         pipe = self.pipeline(on_download=on_download)
         per_pass = min(config.num_images, SAMPLE_BATCH) * (2 if config.guidance > 1 else 1)  # CFG: two halves

@@ -91,7 +91,7 @@ def test_cli_suggest_class_and_train_without_a_class(tiny_model, concept_dir):
 def test_suggest_class_bad_input_is_one_line(tiny_model, concept_dir, tmp_path):
     for args, expected in (
         (("suggest-class", tmp_path / "nope", "--model", tiny_model), "does not exist"),
-        (("suggest-class", concept_dir, "--model", tiny_model, "--candidates", ",,"), "no usable candidate"),
+        (("suggest-class", concept_dir, "--model", tiny_model, "--candidates", ",,"), "--candidates holds no word"),
         (("suggest-class", concept_dir, "--model", tiny_model, "--candidates", "missing/list.txt"), "not found"),
         (("suggest-class", concept_dir, "--model", tiny_model, "--budget", "0"), "--budget"),
     ):

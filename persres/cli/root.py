@@ -43,10 +43,10 @@ class OneLineErrors(BoolHelp, TyperGroup):
             err.print("interrupted", markup=False)
             rv = 130
         except typer.TyperException as e:  # click's usage errors, as Typer vendors them
-            if type(e).__name__ == "NoArgsIsHelpError":  # a bare `persres` or `persres config`: help, not an error
-                e.show()
-                if getattr(e, "ctx", None) is not None and e.ctx.parent is None:
-                    print(GETTING_STARTED, file=sys.stderr)
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare `persres` or `persres config`: help on stdout, not an error
+                print(e.ctx.get_help())
+                if e.ctx.parent is None:
+                    print(GETTING_STARTED)
                 rv = 0
             else:
                 where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""

@@ -78,15 +78,22 @@ def eval_folder(
     keep_identifier: bool = False,
     strip: Iterable[str] = (),
 ) -> Scores:
+    return score(scorer, *read_inputs(samples, reference_dirs, prompts_json, keep_identifier, strip))
+
+
+def read_inputs(samples: Path, reference_dirs: list[Path], prompts_json: Path | None = None, keep_identifier: bool = False,
+                strip: Iterable[str] = ()) -> tuple[list[Image.Image], list[str], list[list[Image.Image]]]:
+    """(sample images, their prompts, each reference folder's images): every input read and checked."""
     files = sample_files(Path(samples))
     prompts = prompts_for(files, prompts_json, keep_identifier, strip)
     refs = [[r.image for r in read_folder(d)] for d in reference_dirs]
-    return score(scorer, load_images(files), prompts, refs)
+    return load_images(files), prompts, refs
 
 
 def score_folder(samples: Path, refs: list[Path], clip: str, dino: str, device: str = "auto", prompts: Path | None = None,
                  keep_identifier: bool = False, strip: Iterable[str] = ()) -> Scores:
-    """`persres eval`: load the scorers on `device` and score one folder of samples."""
+    """`persres eval`: read and check the inputs, then load the scorers on `device` and score one folder of samples."""
     from persres.models import pick_device
 
-    return eval_folder(samples, refs, Scorer(clip, dino, pick_device(device)), prompts, keep_identifier, strip)
+    inputs = read_inputs(samples, refs, prompts, keep_identifier, strip)  # a bad folder is one line before any scorer loads
+    return score(Scorer(clip, dino, pick_device(device)), *inputs)
