@@ -15,6 +15,18 @@ from persres.atomic import atomic_path
 from persres.errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+HEIF_SUFFIXES = {".heic", ".heif"}  # iPhone photos: read where pillow-heif is installed, else named in a warning
+HEIF_ADVICE = "HEIC/HEIF photos need `pip install pillow-heif` (or export them as JPEG)"
+
+
+def heif_readable() -> bool:
+    """Whether HEIC/HEIF files open here (pillow-heif installed; its opener registered once)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 class CorruptImageWarning(UserWarning):
@@ -76,7 +88,8 @@ def read_folder(folder: str | Path) -> list[ReferenceImage]:
         raise InputError(f"cannot read the image folder {str(folder)!r}: {e.strerror or e}") from None
     if not entries:
         raise InputError(f"image folder {str(folder)!r} is empty")
-    images, denied = [], []
+    images, denied, skipped = [], [], []
+    heif = any(p.suffix.lower() in HEIF_SUFFIXES for p in entries) and heif_readable()
     for path in entries:
         try:
             mode = path.stat().st_mode
@@ -88,12 +101,18 @@ def read_folder(folder: str | Path) -> list[ReferenceImage]:
             continue
         if not stat.S_ISREG(mode):  # a pipe or device would block or never end
             warnings.warn(f"skipping {path}: not a regular file", CorruptImageWarning, stacklevel=2)
+            skipped.append(path.name)
+            continue
+        if path.suffix.lower() in HEIF_SUFFIXES and not heif:
+            skipped.append(path.name)
+            denied.append(f"{path.name}: {HEIF_ADVICE}")
             continue
         try:
             data = path.read_bytes()
         except OSError as e:
             warnings.warn(f"skipping {path}: {e.strerror or e}", CorruptImageWarning, stacklevel=2)
             denied.append(f"{path.name}: {e.strerror or e}")
+            skipped.append(path.name)
             continue
         try:
             with Image.open(path) as im:
@@ -102,15 +121,22 @@ def read_folder(folder: str | Path) -> list[ReferenceImage]:
         except Image.DecompressionBombError:
             warnings.warn(f"skipping {path}: {_pixels(path)} is over the {Image.MAX_IMAGE_PIXELS * 2:,} pixels PIL opens "
                           "(its guard against decompression bombs); resize it first", CorruptImageWarning, stacklevel=2)
+            skipped.append(path.name)
             continue
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.suffix.lower() in IMAGE_SUFFIXES | HEIF_SUFFIXES:
                 warnings.warn(f"skipping unreadable image {path}", CorruptImageWarning, stacklevel=2)
+            skipped.append(path.name)
             continue
         images.append(ReferenceImage(path, rgb, hashlib.sha256(data).hexdigest()))
+    heic = [n for n in skipped if Path(n).suffix.lower() in HEIF_SUFFIXES]
     if not images:
         why = f" ({len(denied)} file(s) could not be read, e.g. {denied[0]})" if denied else ""
         raise InputError(f"image folder {str(folder)!r} holds no readable image{why}")
+    if skipped:  # every file left out is counted, whatever the reason
+        advice = f"; {len(heic)} are HEIC/HEIF: {HEIF_ADVICE}" if heic else ""
+        warnings.warn(f"skipped {len(skipped)} of {len(skipped) + len(images)} files in {str(folder)!r} "
+                      f"(e.g. {skipped[0]}){advice}", CorruptImageWarning, stacklevel=2)
     if len(images) < MIN_IMAGES:
         warnings.warn(f"only {len(images)} reference image(s) in {str(folder)!r}; the method is made for "
                       f"{MIN_IMAGES}-15 and may copy a single photo", FewImagesWarning, stacklevel=2)

@@ -79,3 +79,23 @@ def test_list_and_show_flag_a_concept_whose_pack_file_is_gone(persres_home):
     assert listed.exit_code == 0 and "pack file missing" in listed.stdout
     assert json.loads(runner.invoke(app, ["list", "--json"]).stdout)[0]["problem"].startswith("pack file missing")
     assert json.loads(runner.invoke(app, ["show", "a", "--json"]).stdout)["problem"].startswith("pack file missing")
+
+
+def test_heic_photos_are_named_and_skipped_files_counted(tmp_path, monkeypatch):
+    """Without pillow-heif a folder of iPhone photos says what to do; with it, they are read."""
+    import persres.images as images
+    from persres.errors import InputError
+    from persres.images import read_folder
+
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"IMG_{i}.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    monkeypatch.setattr(images, "heif_readable", lambda: False)
+    with pytest.raises(InputError, match="pip install pillow-heif"):
+        read_folder(folder)
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("x")
+    with pytest.warns(UserWarning, match=r"skipped 3 of 6 files .*2 are HEIC/HEIF: HEIC/HEIF photos need `pip install pillow-heif`"):
+        assert len(read_folder(folder)) == 3
