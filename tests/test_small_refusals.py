@@ -99,3 +99,27 @@ def test_heic_photos_are_named_and_skipped_files_counted(tmp_path, monkeypatch):
     (folder / "notes.txt").write_text("x")
     with pytest.warns(UserWarning, match=r"skipped 3 of 6 files .*2 are HEIC/HEIF: HEIC/HEIF photos need `pip install pillow-heif`"):
         assert len(read_folder(folder)) == 3
+
+
+@pytest.mark.parametrize("kind, expected", [("GatedRepoError", "is gated on the hub: accept its licence"),
+                                            ("RepositoryNotFoundError", "is not on the hub under that id"),
+                                            ("ConnectionError", "could not be fetched (ConnectionError)")])
+def test_a_failed_download_says_what_to_do(kind, expected, monkeypatch):
+    import diffusers
+    from huggingface_hub import constants
+
+    import persres.models
+    from persres.errors import ModelNotFound
+    from persres.models import local_snapshot
+
+    error = type(kind, (Exception,), {})("refused")
+
+    def download(cls, name, **kw):
+        raise error
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(persres.models.hub, "hub_unreachable", lambda endpoint: None)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "download", classmethod(download))
+    with pytest.raises(ModelNotFound) as raised:
+        local_snapshot("some-org/some-model")
+    assert expected in str(raised.value)

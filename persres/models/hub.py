@@ -34,7 +34,20 @@ def local_snapshot(model: str, on_download=None) -> str:
     try:
         return str(DiffusionPipeline.download(model))
     except Exception as e:
-        raise ModelNotFound(f"model {model!r} is not on disk and could not be fetched ({type(e).__name__}); {fix}") from None
+        raise ModelNotFound(why_not_fetched(model, e, fix)) from None
+
+
+def why_not_fetched(model: str, error: Exception, fix: str) -> str:
+    """The one line for a hub download that failed: a gated model needs its licence accepted and a
+    login, a model the hub does not know may be private or misspelt; anything else, `fix`."""
+    kinds = {type(k).__name__ for k in (error, error.__cause__, error.__context__) if k is not None}
+    if "GatedRepoError" in kinds:
+        return (f"model {model!r} is gated on the hub: accept its licence on its hub page, log in once with "
+                "`huggingface-cli login` (or set HF_TOKEN), then run again")
+    if "RepositoryNotFoundError" in kinds:
+        return (f"model {model!r} is not on the hub under that id (check the spelling; a private model needs "
+                "`huggingface-cli login` or HF_TOKEN)")
+    return f"model {model!r} is not on disk and could not be fetched ({type(error).__name__}); {fix}"
 
 
 def hub_unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
