@@ -14,6 +14,7 @@ import pytest
 
 from persres.registry import Registry
 from persres.registry.lock import held, read_marker
+from test_concurrency import consistent
 from test_registry import make_meta, make_tensors
 
 CONFIGURED = "/opt/models/my-sd"  # a setting to keep: the configured model
@@ -41,12 +42,8 @@ def populate(home: Path, names=("a", "b", "c")) -> dict:
 
 
 def holdings(home: Path) -> dict:
-    reg = Registry(home)
-    records, damaged = reg.scan()
-    assert damaged == []
-    for r in records:
-        reg.load(r.name)  # the file is there and matches its recorded hash
-    return {r.name: (r.meta.identifier, r.sha256) for r in records}
+    """{name: (identifier, sha256)} of a registry found consistent (every row has its intact pack, every pack its row)."""
+    return {r.name: (r.meta.identifier, r.sha256) for r in consistent(home).list()}
 
 
 def test_a_rebuild_of_a_healthy_registry_keeps_its_settings_and_says_what_it_kept(persres_home):
