@@ -87,14 +87,19 @@ class Workspace:
 
         return unet_config_of(self.model) or (unet_config_of(self.model_config) if self.model_config else None)
 
-    @cached_property
+    @property
     def family(self):
         """The model's `families.Family`: the loaded pipeline's, else read from its files without
-        loading (None where they cannot be read)."""
+        loading (None where they cannot be read yet: a hub id not downloaded)."""
         from persres import families
+
+        return families.of(self._pipe) if self._pipe is not None else self._family_from_files
+
+    @cached_property
+    def _family_from_files(self):
         from persres.models import family_of_model
 
-        return families.of(self._pipe) if self._pipe is not None else family_of_model(self.model)
+        return family_of_model(self.model)
 
     @property
     def guidance(self) -> float:
@@ -345,7 +350,8 @@ class Workspace:
         from persres.sample import SAMPLE_BATCH, generate
         from persres.sizes import check_size
 
-        config = (config or self.sample_config()).replace(**{k: v for k, v in settings.items() if v is not None})
+        given = {k: v for k, v in settings.items() if v is not None}
+        SampleConfig(**given)  # a bad value is one line before any loading (the family's defaults come after it)
         if out_dir is not None:
             from persres.images import check_writable_dir
 
@@ -356,6 +362,7 @@ class Workspace:
             resolve_backend(backend)  # an unknown or unavailable backend is one line before any loading
         expanded, bound = bind_prompt(prompt, concepts, self.registry)  # a prompt error before any loading
         pipe = self.pipeline(on_download=on_download)
+        config = (config or self.sample_config()).replace(**given)  # the family is known now, downloaded or not
         per_pass = min(config.num_images, SAMPLE_BATCH) * (2 if config.guidance > 1 else 1)  # CFG: two halves
         side = families.of(pipe).native_side(pipe)
         check_size(pipe, config.height or side, config.width or side, per_pass, training=False,

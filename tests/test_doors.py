@@ -55,3 +55,13 @@ def test_workspace_generate_samples_flux_at_its_own_guidance_unless_told(tiny_fl
     other = ws.generate(PROMPT, steps=1, height=SIDE, width=SIDE, guidance=6.0).images[0]
     assert np.array_equal(np.asarray(default), np.asarray(told))
     assert not np.array_equal(np.asarray(default), np.asarray(other))
+
+
+def test_the_family_defaults_apply_when_the_family_is_known_only_after_loading(tiny_flux, tmp_path):
+    """A hub id not yet downloaded has no family to read from files: the defaults come from the
+    pipeline once it is loaded, not from the paper's."""
+    ws = Workspace(str(tiny_flux))
+    ws.__dict__["_family_from_files"] = None  # as for a model whose files are not on this machine yet
+    assert ws.sample_config().guidance == 6.0  # nothing known yet
+    path = ws.generate(PROMPT, steps=1, height=SIDE, width=SIDE, out_dir=tmp_path).image_paths[0]
+    assert float(Image.open(path).text["guidance"]) == 3.5

@@ -44,12 +44,12 @@ def gen(
     if save_masks and not lag:
         raise InputError("--save-masks shows LAG regions: add --lag")
     ws = workspace(model, model_config, device, precision)
-    config = ws.sample_config(steps=steps, guidance=guidance, lag=lag, seed=seed, num_images=n, height=height, width=width,
-                              save_masks=save_masks)  # unset steps and guidance: the model family's
     with bar("generating", "steps") as progress:
-        task = progress.add_task("gen", total=n * config.steps)
-        result = ws.generate(prompt, concept, config, out_dir=out_dir, backend=backend, sheet=sheet, overwrite=overwrite, force_size=force_size,
-                             on_download=say_download, on_step=lambda done, total: progress.update(task, completed=done))
+        task = progress.add_task("gen", total=None)
+        result = ws.generate(prompt, concept, out_dir=out_dir, backend=backend, sheet=sheet, overwrite=overwrite, force_size=force_size,
+                             on_download=say_download, on_step=lambda done, total: progress.update(task, completed=done, total=total),
+                             steps=steps, guidance=guidance, lag=lag, seed=seed, num_images=n, height=height, width=width,
+                             save_masks=save_masks)  # unset steps and guidance: the model family's
     for p in result.paths:
         out.print(str(p), markup=False, highlight=False)
 

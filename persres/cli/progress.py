@@ -28,8 +28,10 @@ class LineProgress:
                                        "said_at": time.monotonic(), "tenth": 0}
         return len(self.tasks) - 1
 
-    def update(self, task: int, completed: float | None = None, advance: float = 0, **fields) -> None:
+    def update(self, task: int, completed: float | None = None, advance: float = 0, total: float | None = None, **fields) -> None:
         t = self.tasks[task]
+        if total is not None:
+            t["total"] = total
         t["fields"].update(fields)
         t["done"] = (t["done"] if completed is None else completed) + advance
         tenth = int(10 * t["done"] / t["total"]) if t["total"] else 0

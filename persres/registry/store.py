@@ -69,10 +69,14 @@ class Registry(Repairs):
             raise RegistryError(f"registry {str(self.db_path)!r} is not a file: `persres doctor --rebuild` makes a new one from its packs")
         self.writable = os.access(home, os.W_OK) and (not self.db_path.exists() or os.access(self.db_path, os.W_OK))
         with self._repair_lock():
-            if read_marker(home) is not None and not self.rebuild:
-                raise RegistryError(f"an interrupted `persres doctor --rebuild` left the registry {str(self.db_path)!r} incomplete; "
-                                    "nothing was changed: run `persres doctor --rebuild` to finish it")
+            self._refuse_an_interrupted_rebuild()
             self._connect()
+
+    def _refuse_an_interrupted_rebuild(self) -> None:
+        """Nothing is opened, swept or written while a killed rebuild's marker says the database is incomplete."""
+        if not self.rebuild and read_marker(self.home) is not None:
+            raise RegistryError(f"an interrupted `persres doctor --rebuild` left the registry {str(self.db_path)!r} incomplete; "
+                                "nothing was changed: run `persres doctor --rebuild` to finish it")
 
     def _repair_lock(self):
         """The repair lock, shared (`persres.registry.lock`): not while a rebuild runs elsewhere."""
@@ -137,6 +141,7 @@ class Registry(Repairs):
             yield
             return
         with self._repair_lock():
+            self._refuse_an_interrupted_rebuild()  # one may have been killed since this process opened the registry
             if _identity(self.db_path) != self._identity:  # rebuilt since this process opened it: the new one
                 self.conn.close()
                 self.__dict__.pop("db", None)
