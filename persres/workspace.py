@@ -101,11 +101,6 @@ class Workspace:
 
         return family_of_model(self.model)
 
-    @property
-    def guidance(self) -> float:
-        """The sampling guidance this model's family uses by default (the paper's 6.0 unless the family has its own)."""
-        return self.sample_config().guidance
-
     def sample_config(self, **settings) -> SampleConfig:
         """The family's sampling defaults (guidance, steps), then `settings` (None values skipped)."""
         family = self.family
@@ -326,6 +321,8 @@ class Workspace:
 
     def export(self, name: str, output: str | Path, fmt: str = "persres", force: bool = False) -> Path:
         """Write a concept as its pack (`persres`, re-importable) or as a `diffusers` / `kohya` LoRA file."""
+        from persres.interop import export_concept
+
         return export_concept(self.registry, name, output, fmt, force)
 
     def apply_concepts(self, names: Sequence[str]):
@@ -399,20 +396,3 @@ def set_default_model(registry: Registry, value: str | None, model_config: str |
         load_pipeline(checked, config=model_config)
     registry.set_setting(DEFAULT_MODEL_KEY, checked)
     registry.set_setting(DEFAULT_MODEL_CONFIG_KEY, str(Path(model_config).expanduser().resolve()) if model_config else None)
-
-
-def export_concept(registry: Registry, name: str, output: str | Path, fmt: str = "persres", force: bool = False) -> Path:
-    """`persres export`: the pack itself, or a LoRA file diffusers, A1111 or ComfyUI load (no model needed)."""
-    from persres.interop import FORMATS, write_lora
-    from persres.registry.store import check_export_target
-
-    if isinstance(output, str) and output.endswith(("/", os.sep)):  # Path() would drop what says it is a folder
-        raise InputError(f"{output!r} names a folder: give a file name, e.g. {output + name + '.safetensors'!r}")
-    output = Path(output)
-    if fmt not in FORMATS:
-        raise InputError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
-    if fmt == "persres":
-        return registry.export_pack(name, output, force=force)
-    tensors, meta = registry.load(name)
-    check_export_target(output, registry, force)
-    return write_lora(output, fmt, tensors, meta)

@@ -83,7 +83,7 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ):
     """Export a concept: its pack, or a LoRA file diffusers, A1111 or ComfyUI load."""
-    from persres.workspace import export_concept
+    from persres.interop import export_concept
 
     reg = registry()
     export_concept(reg, name, output, fmt, force)

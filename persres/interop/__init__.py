@@ -12,9 +12,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+from typing import TYPE_CHECKING
+
 from persres.atomic import atomic_path
 from persres.errors import InputError
 from persres.packs import PackMeta
+
+if TYPE_CHECKING:
+    from persres.registry import Registry
 
 FORMATS = ("persres", "diffusers", "kohya")
 
@@ -33,3 +39,19 @@ def write_lora(path: Path, fmt: str, tensors, meta: PackMeta) -> Path:
     with atomic_path(path) as tmp:
         save_file(converted, str(tmp), metadata=info)
     return path
+
+
+def export_concept(registry: Registry, name: str, output: str | Path, fmt: str = "persres", force: bool = False) -> Path:
+    """`persres export`: the pack itself, or a LoRA file diffusers, A1111 or ComfyUI load (no model needed)."""
+    from persres.registry.paths import check_export_target
+
+    if isinstance(output, str) and output.endswith(("/", os.sep)):  # Path() would drop what says it is a folder
+        raise InputError(f"{output!r} names a folder: give a file name, e.g. {output + name + '.safetensors'!r}")
+    output = Path(output)
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if fmt == "persres":
+        return registry.export_pack(name, output, force=force)
+    tensors, meta = registry.load(name)
+    check_export_target(output, registry, force)
+    return write_lora(output, fmt, tensors, meta)

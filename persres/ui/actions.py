@@ -96,7 +96,7 @@ def show(session: Session, name: str) -> dict:
 @one_line
 def export(session: Session, name: str, fmt: str) -> str:
     """The concept as a file to download (the pack, or a diffusers / kohya LoRA)."""
-    from persres.workspace import export_concept
+    from persres.interop import export_concept
 
     if not name:
         raise InputError("choose a concept first")
