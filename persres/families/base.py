@@ -8,7 +8,6 @@ so the registry can name a family without a model library.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -172,6 +171,3 @@ class Family:
 
     def export_modelspec(self, prediction: str) -> str:
         return self.v_modelspec if prediction == "v_prediction" and self.v_modelspec else self.modelspec
-
-    def single_file_config_dir(self, config: str | None) -> str:
-        return str(Path(config).expanduser()) if config is not None else self.config_repo
