@@ -297,7 +297,7 @@ class Workspace:
                 given = "--class" if class_word is not None else "--identifier"
                 raise InputError(f"{str(path)!r} is a persres pack, which keeps its own class word and identifier: drop {given}")
             return self.registry.import_pack(path, name)
-        lora_format(path)  # a file that is no LoRA persres can apply is told so before anything is asked of it
+        fmt = lora_format(path)  # a file that is no LoRA persres can apply is told so before anything is asked of it
         name = name or metadata.get("persres.name")
         class_word = class_word or metadata.get("persres.class_word")
         if not name or not class_word:
@@ -312,7 +312,7 @@ class Workspace:
         tokenizer = families.of(pipe).identifier_tokenizer(pipe)
         if identifier is not None and not is_single_token(tokenizer, identifier):
             raise InputError(f"the identifier {identifier!r} is not one token of this model's tokenizer; pick another with --identifier")
-        tensors, ranks, fmt = foreign_pack_tensors(path, pipe, proj_out_only)
+        tensors, ranks, fmt = foreign_pack_tensors(path, pipe, proj_out_only, fmt)
         train_config = import_record(fmt, path.name)
         if identifier is not None:
             return self.registry.add(tensors, self.pack_meta(name, identifier, class_word, ranks, train_config), allow_shared_identifier=True)

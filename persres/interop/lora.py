@@ -69,15 +69,15 @@ def lora_format(path: Path) -> str:
 
 
 def read_foreign(path: Path, family, channels: dict[str, int], proj_out_only: bool = False,
-                 in_channels: dict[str, int] | None = None) -> ForeignLora:
+                 in_channels: dict[str, int] | None = None, fmt: str | None = None) -> ForeignLora:
     """The file's proj_out factors for a model of `family` whose blocks have `channels` (m) and,
-    where they differ, `in_channels` (n)."""
+    where they differ, `in_channels` (n). `fmt`: what `lora_format` already said of the file."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from persres.interop import kohya, peft
 
-    fmt = lora_format(path)
+    fmt = fmt or lora_format(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -145,14 +145,15 @@ def _factors(path: Path, block: str, up, down, alpha, m: int, n: int) -> tuple[t
     return up.contiguous(), down.contiguous()
 
 
-def foreign_pack_tensors(path: Path, pipe, proj_out_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, int], str]:
+def foreign_pack_tensors(path: Path, pipe, proj_out_only: bool = False,
+                         fmt: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int], str]:
     """(pack tensors "{block}.up"/"{block}.down", ranks, format) of a foreign LoRA file for a loaded pipeline."""
     from persres import families
     from persres.residuals import block_channels, block_in_channels
 
     family = families.of(pipe)
     model = family.denoiser(pipe)
-    lora = read_foreign(path, family, block_channels(model), proj_out_only, block_in_channels(model))
+    lora = read_foreign(path, family, block_channels(model), proj_out_only, block_in_channels(model), fmt)
     tensors, ranks = {}, {}
     for block, (up, down) in lora.factors.items():
         tensors[f"{block}.up"], tensors[f"{block}.down"] = up, down
