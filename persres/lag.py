@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from persres.config import MultiLagConfig, RegionTokens
 from persres.kernels import Backend, attention_processors
-from persres.residuals import layers_of
+from persres.residuals import EVERYWHERE, all_layers, transformer_blocks
 
 
 @dataclass(frozen=True)
@@ -82,19 +82,27 @@ def regions_from_maps(maps: torch.Tensor, coverage: float = 0.5, conflict: str =
 
 
 class LagSession:
-    """Per-call state of LAG sampling: token sets in, per-block regions out.
+    """Per-call state of LAG sampling: token sets in, regions out.
 
-    The attn2 processors `record` maps; each proj_out wrapper asks `region` for its concept.
-    Created and torn down by `lag_regions`, never global. With several concepts and
-    `MultiLagConfig.maps == "aggregate"`, a block's regions come from the previous UNet
-    evaluation's maps of every block, averaged at the latent resolution (the block's own
-    maps on the first evaluation): no extra evaluation either way.
+    The attn2 processors `record` maps; each proj_out wrapper asks `region` for its concept, any
+    other wrapped layer `layer_region`. Created and torn down by `lag_regions`, never global.
+    With several concepts and `MultiLagConfig.maps == "aggregate"`, a block's regions come from
+    the previous UNet evaluation's maps of every block, averaged at the latent resolution (the
+    block's own maps on the first evaluation): no extra evaluation either way.
+
+    Other layers (a community LoRA's) take the freshest regions there are: their block's own maps
+    of this evaluation once its cross-attention has run, else the previous evaluation's maps of
+    every block averaged at the layer's resolution; on the first evaluation a layer with neither
+    does not act. Layers that read the prompt (`ResidualLayer.text`) change only the rows of the
+    concept's own tokens; layers without positions (time embeddings, modulation) do not act.
     """
 
     def __init__(self, concepts: Sequence[ConceptTokens], guided: bool, latent_hw: tuple[int, int] | None = None,
-                 keep_masks: bool = False, multi: MultiLagConfig = MultiLagConfig(), steps: int | None = None):
+                 keep_masks: bool = False, multi: MultiLagConfig = MultiLagConfig(), steps: int | None = None,
+                 everywhere: Sequence[str] = ()):
         self.concepts = list(concepts)
         self.index = {c.name: i for i, c in enumerate(self.concepts)}
+        self.everywhere = frozenset(everywhere)  # concepts that act at every position (styles)
         single = len(self.concepts) == 1  # the paper's rule, whatever `multi` says
         self.token_sets = [c.positions if single else c.region_tokens(multi.tokens) for c in self.concepts]
         self.coverage = 0.5 if single else multi.coverage
@@ -107,11 +115,11 @@ class LagSession:
         self.guided = guided  # the batch is [unconditional, conditional] (classifier-free guidance)
         self.latent_hw = latent_hw
         self.keep_masks = keep_masks
-        self._maps: dict[str, torch.Tensor] = {}  # block -> (B, K, N), pending for its proj_out
-        self._regions: dict[str, torch.Tensor] = {}  # block -> (B, K, N), this evaluation's
-        self._sum: torch.Tensor | None = None  # (B, K, H, W) this evaluation's maps, summed over blocks
-        self._sum_count = 0
-        self._previous: torch.Tensor | None = None  # (B, K, H, W) the previous evaluation's average
+        self._maps: dict[str, torch.Tensor] = {}  # block -> (B, K, N), this evaluation's, summed over its layers
+        self._hw: dict[str, tuple[int, int]] = {}  # block -> its grid (h, w)
+        self._regions: dict[str, torch.Tensor] = {}  # block -> (B, K, N), from its maps so far
+        self._previous: torch.Tensor | None = None  # (B, K, H, W) the previous evaluation's average over blocks
+        self._previous_regions: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> (B, K, h*w)
         self.mask_sums: dict[str, torch.Tensor] = {}  # concept -> (B, h, w) summed regions, if keep_masks
         self.mask_counts = 0
 
@@ -130,47 +138,102 @@ class LagSession:
         if not self._started:
             self._started = True
             return
+        self.end_evaluation()
         self.evaluation += 1
-        if self._sum is not None:
-            self._previous = self._sum / self._sum_count
-        self._sum, self._sum_count = None, 0
+
+    def end_evaluation(self) -> None:
+        """Keep this evaluation's masks and average its maps over blocks (in the order blocks ran)."""
+        total, count = None, 0
+        grids = {block: self._hw.get(block) or self._grid_of(maps.shape[-1]) for block, maps in self._maps.items()}
+        size = self.latent_hw or max(grids.values(), default=(1, 1), key=lambda hw: hw[0] * hw[1])
+        for block, maps in self._maps.items():
+            h, w = grids[block]
+            grid = F.interpolate(maps.float().view(*maps.shape[:2], h, w), size=size, mode="bilinear",
+                                 align_corners=False)  # (B, K, H, W)
+            total, count = (grid if total is None else total + grid), count + 1
+            if self.keep_masks and self.evaluation >= self.delayed:  # where residuals act, while they act
+                self._keep(self._block_regions(block, h, w), h, w)
+        if total is not None:
+            self._previous = total / count
         self._maps.clear()
         self._regions.clear()
+        self._previous_regions.clear()
 
-    def region(self, block: str, concept: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The concept's mask shaped to broadcast against proj_out's input `x`; None where its residual
-        does not act (no maps yet, a concept not in the prompt, the several-concept delay)."""
-        if concept not in self.index:
-            return None
+    def _block_regions(self, block: str, h: int, w: int) -> torch.Tensor:
         regions = self._regions.get(block)
         if regions is None:
-            maps = self._maps.pop(block, None)
-            if maps is None:
-                return None
-            maps = maps.float()  # (B, K, N)
-            h, w = self._grid(x, maps.shape[-1])
-            if self.aggregate:
-                self._accumulate(maps, h, w)
-            if self.evaluation < self.delayed:
-                return None  # the base model alone lays out these steps: no residual acts, none is computed
+            maps = self._maps[block].float()  # (B, K, N)
             if self.aggregate and self._previous is not None and self._previous.shape[:2] == maps.shape[:2]:
                 maps = F.interpolate(self._previous, size=(h, w), mode="area").flatten(2)  # (B, K, h*w)
             regions = self._regions[block] = regions_from_maps(maps, self.coverage, self.conflict)
-            if self.keep_masks:  # the saved masks show where residuals act, while they act
-                self._keep(regions, h, w)
-        mask = regions[:, self.index[concept]]  # (B, N)
-        if x.ndim == 4:  # conv proj_out: x (B, C, H, W)
+        return regions
+
+    def region(self, block: str, concept: str, x: torch.Tensor):
+        """A proj_out's mask for the concept, shaped to broadcast against its output `x`; `EVERYWHERE`
+        for a concept that acts everywhere; None where its residual does not act (no maps yet, a
+        concept not in the prompt, the several-concept delay)."""
+        if concept in self.everywhere:
+            return EVERYWHERE
+        if concept not in self.index or block not in self._maps:
+            return None
+        h, w = self._hw[block] = self._grid(x, self._maps[block].shape[-1])
+        if self.evaluation < self.delayed:
+            return None  # the base model alone lays out these steps: no residual acts, none is computed
+        return self._shaped(self._block_regions(block, h, w)[:, self.index[concept]], x)
+
+    def layer_region(self, layer, concept: str, x: torch.Tensor):
+        """Any other layer's mask for the concept, against its output `x` (see the class doc)."""
+        if concept in self.everywhere:
+            return EVERYWHERE
+        if concept not in self.index or self.evaluation < self.delayed:
+            return None
+        k = self.index[concept]
+        if layer.text:  # x: (B, T, C): the concept's own token rows, of the conditional half
+            if x.ndim != 3:
+                return None
+            mask = x.new_zeros(x.shape[0], x.shape[1])
+            rows = slice(x.shape[0] // 2, None) if self.guided else slice(None)
+            mask[rows, [p for p in self.concepts[k].positions if p < x.shape[1]]] = 1
+            return mask.unsqueeze(-1)
+        if x.ndim == 4:
+            h, w = x.shape[2], x.shape[3]
+        elif x.ndim == 3:
+            h, w = self._split(x.shape[1])
+        else:
+            return None  # no positions (time embeddings, modulation): its change cannot be kept to a region
+        if layer.block in self._maps and self._maps[layer.block].shape[-1] == h * w:
+            regions = self._block_regions(layer.block, h, w)  # its block's cross-attention has run
+        elif self._previous is not None:
+            regions = self._previous_regions.get((h, w))
+            if regions is None:
+                maps = F.interpolate(self._previous, size=(h, w), mode="area").flatten(2)  # (B, K, h*w)
+                regions = self._previous_regions[(h, w)] = regions_from_maps(maps, self.coverage, self.conflict)
+        else:
+            return None  # the first evaluation, before any map of this layer's resolution
+        return self._shaped(regions[:, k], x)
+
+    @staticmethod
+    def _shaped(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """mask (B, N) to broadcast against x: (B, 1, H, W), (B, N, 1), or (B, T + N, 1) with 0 on the T text tokens."""
+        if x.ndim == 4:
             return mask.view(x.shape[0], 1, x.shape[2], x.shape[3])
         text = x.shape[1] - mask.shape[1]  # a joint sequence [T text, N image]: no residual on text
         if text:
             mask = F.pad(mask, (text, 0))  # (B, T+N)
-        return mask.unsqueeze(-1)  # linear proj_out: x (B, N, C) or (B, T+N, C)
+        return mask.unsqueeze(-1)
 
-    def _accumulate(self, maps: torch.Tensor, h: int, w: int) -> None:
-        out_hw = self.latent_hw or (h, w)
-        grid = F.interpolate(maps.view(*maps.shape[:2], h, w), size=out_hw, mode="bilinear", align_corners=False)
-        self._sum = grid if self._sum is None else self._sum + grid  # (B, K, H, W)
-        self._sum_count += 1
+    def _split(self, length: int) -> tuple[int, int]:
+        """The image grid (h, w) inside a sequence of `length` positions (image tokens, or text then image)."""
+        if self.latent_hw is None:
+            side = int(math.isqrt(length))
+            return side, length // side
+        lh, lw = self.latent_hw
+        factor = 1
+        while True:
+            h, w = -(-lh // factor), -(-lw // factor)
+            if h * w <= length or (h == 1 and w == 1):
+                return h, w
+            factor *= 2
 
     def _keep(self, regions: torch.Tensor, h: int, w: int) -> None:
         out_hw = self.latent_hw or (h, w)
@@ -184,6 +247,9 @@ class LagSession:
     def _grid(self, x: torch.Tensor, n: int) -> tuple[int, int]:
         if x.ndim == 4:
             return x.shape[2], x.shape[3]
+        return self._grid_of(n)
+
+    def _grid_of(self, n: int) -> tuple[int, int]:
         if self.latent_hw is None:
             side = int(math.isqrt(n))
             return side, n // side
@@ -209,16 +275,17 @@ def lag_regions(
     keep_masks: bool = False,
     multi: MultiLagConfig = MultiLagConfig(),
     steps: int | None = None,
+    everywhere: Sequence[str] = (),
 ):
     """Inside the block, every residual acts only in its concept's region (one denoiser pass per step).
     `guided`: the batch is [unconditional, conditional]; `family`: the denoiser's (detected from
     its config when not given), whose attention processors hand the maps over."""
     from persres import families
 
-    session = LagSession(concepts, guided, latent_hw, keep_masks, multi, steps)
-    layers = layers_of(unet)
+    session = LagSession(concepts, guided, latent_hw, keep_masks, multi, steps, everywhere)
+    layers = all_layers(unet)
     family = family or families.of_config(unet.config)
-    make = family.lag_processors(unet, session, backend, layers, latent_hw)
+    make = family.lag_processors(unet, session, backend, transformer_blocks(unet), latent_hw)
     with attention_processors(unet, make):
         for layer in layers.values():
             layer.unmerge()
@@ -226,6 +293,7 @@ def lag_regions(
         hook = unet.register_forward_pre_hook(lambda module, args: session.begin_evaluation())  # told, not inferred
         try:
             yield session
+            session.end_evaluation()
         finally:
             hook.remove()
             for layer in layers.values():

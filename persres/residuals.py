@@ -30,11 +30,17 @@ if TYPE_CHECKING:
 
 
 
-class RegionSource(Protocol):
-    """What a proj_out wrapper asks during LAG sampling (see `persres.lag.LagSession`): the concept's
-    mask, or None where its residual acts nowhere (then the residual is not computed at all)."""
+EVERYWHERE = "everywhere"  # what a RegionSource answers for a concept that acts at every position (a style)
 
-    def region(self, block: str, concept: str, x: torch.Tensor) -> torch.Tensor | None: ...
+
+class RegionSource(Protocol):
+    """What a wrapper asks during LAG sampling (see `persres.lag.LagSession`): the concept's mask,
+    `EVERYWHERE`, or None where its change acts nowhere (then it is not computed at all).
+    `region` serves a block's proj_out (the paper's rule), `layer_region` any other layer."""
+
+    def region(self, block: str, concept: str, x: torch.Tensor): ...
+
+    def layer_region(self, layer: "ResidualLayer", concept: str, x: torch.Tensor): ...
 
 
 def rank_for(channels: int, rank_ratio: float = 0.05, rank: int | None = None) -> int:
@@ -55,42 +61,65 @@ def shape_of(layer: nn.Module) -> tuple[int, int]:
     raise InputError(f"unsupported proj_out layer {type(layer).__name__}")
 
 
+def layer_shape(layer: nn.Module) -> tuple[int, ...]:
+    """(out, in) of a Linear, (out, in, kh, kw) of a Conv2d: the shape of its Delta W."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.padding_mode == "zeros":
+        return layer.out_channels, layer.in_channels, *layer.kernel_size
+    raise InputError(f"a low-rank change applies to a Linear or an ungrouped Conv2d, not {layer}")
+
+
 def channels_of(layer: nn.Module) -> int:
     """A proj_out's output channels m (what the rank rule reads)."""
     return shape_of(layer)[0]
 
 
 class LowRankResidual(nn.Module):
-    """Delta W = up @ down, up: (m, r), down: (r, n); n = m unless `in_channels` says otherwise.
-    Kept in fp32 whatever the model's dtype."""
+    """Delta W = up @ down, up: (m, r), down: (r, n) or, on a k x k convolution, (r, n, kh, kw)
+    (a convolution with the layer's kernel, stride and padding, then a 1x1 one: LoCon's form);
+    n = m unless `in_channels` says otherwise. Kept in fp32 whatever the model's dtype."""
 
     def __init__(self, channels: int, rank: int, init: "Init" = "zero", generator: torch.Generator | None = None,
-                 in_channels: int | None = None):
+                 in_channels: int | None = None, kernel: tuple[int, int] | None = None):
         super().__init__()
         n = in_channels or channels
-        down = torch.randn(rank, n, generator=generator) / rank**0.5
+        down = torch.randn(rank, n, *(kernel or ()), generator=generator) / rank**0.5
         up = torch.zeros(channels, rank) if init == "zero" else torch.randn(channels, rank, generator=generator) / channels**0.5
         self.up = nn.Parameter(up)  # A_i: (m, r)
-        self.down = nn.Parameter(down)  # B_i: (r, n)
+        self.down = nn.Parameter(down)  # B_i: (r, n) or (r, n, kh, kw)
 
     def delta_weight(self) -> torch.Tensor:
-        return self.up @ self.down  # (m, n)
+        return self.up @ self.down.flatten(1)  # (m, n) or (m, n * kh * kw)
 
-    def forward(self, x: torch.Tensor, conv: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, conv: nn.Conv2d | None) -> torch.Tensor:
         down, up = self.down.to(x.dtype), self.up.to(x.dtype)
-        if conv:  # x: (B, m, H, W)
-            return F.conv2d(F.conv2d(x, down[:, :, None, None]), up[:, :, None, None])
-        return F.linear(F.linear(x, down), up)  # x: (B, HW, m)
+        if conv is not None:  # x: (B, n, H, W)
+            if down.ndim == 2:
+                down = down[:, :, None, None]
+            mid = F.conv2d(x, down, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+            return F.conv2d(mid, up[:, :, None, None])
+        return F.linear(F.linear(x, down), up)  # x: (..., n)
 
 
-class ResidualProjOut(nn.Module):
-    """A transformer block's proj_out with per-concept low-rank residuals."""
+class ResidualLayer(nn.Module):
+    """A Linear or Conv2d with per-concept low-rank changes (the module keeps the original as
+    `base_layer`, like peft's LoraLayer):
 
-    def __init__(self, base_layer: nn.Module, block: str):
+        f(x) = W x + sum_k s_k M_k * (A_k B_k x)
+
+    `block`: the residual-carrying block the layer sits in ("" outside any), whose regions LAG
+    reads; `text`: the layer reads the prompt's tokens, not image positions (cross-attention
+    keys and values, a joint block's text stream, a text encoder)."""
+
+    def __init__(self, base_layer: nn.Module, block: str = "", text: bool = False, path: str = ""):
         super().__init__()
-        self.channels, self.in_channels = shape_of(base_layer)  # m, n
+        self.shape = layer_shape(base_layer)  # (m, n[, kh, kw])
+        self.channels, self.in_channels = self.shape[0], self.shape[1]
         self.base_layer = base_layer
-        self.block = block  # the Transformer2DModel's module name, e.g. "down_blocks.0.attentions.0"
+        self.block = block
+        self.text = text
+        self.path = path  # the layer's module path inside its component
         self.residuals = nn.ModuleDict()
         self.merged: list[str] = []
         self.regions: RegionSource | None = None  # set only inside persres.lag.lag_regions()
@@ -108,7 +137,7 @@ class ResidualProjOut(nn.Module):
 
     def add(self, name: str, residual: LowRankResidual) -> None:
         if name in self.residuals:
-            raise InputError(f"concept {name!r} is already loaded on {self.block}")
+            raise InputError(f"concept {name!r} is already loaded on {self.block or self.path}")
         self.residuals[name] = residual.to(self.weight.device)
 
     def remove(self, name: str) -> None:
@@ -118,15 +147,15 @@ class ResidualProjOut(nn.Module):
 
     def merge(self, names: Iterable[str] | None = None) -> None:
         """Fold the named residuals (all by default) into the base weight."""
-        names = [n for n in (self.residuals if names is None else names) if n not in self.merged]
+        names = [n for n in (self.residuals if names is None else names) if n in self.residuals and n not in self.merged]
         if not names:
             return
         w = self.weight
         if self._original_weight is None:
             self._original_weight = w.detach().clone()
         with torch.no_grad():
-            delta = sum(self.strengths.get(n, 1.0) * self.residuals[n].delta_weight() for n in names)  # (m, m), fp32
-            merged = w.detach().float().view(self.channels, self.in_channels) + delta.to(w.device)
+            delta = sum(self.strengths.get(n, 1.0) * self.residuals[n].delta_weight() for n in names)  # (m, n[*kh*kw]), fp32
+            merged = w.detach().float().view(self.channels, -1) + delta.to(w.device)
             w.copy_(merged.view_as(w).to(w.dtype))
         self.merged.extend(names)
 
@@ -138,30 +167,45 @@ class ResidualProjOut(nn.Module):
         self._original_weight = None
         self.merged = []
 
+    def region(self, name: str, x: torch.Tensor):
+        return self.regions.layer_region(self, name, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         for name, residual in self.residuals.items():
             if name in self.merged or (self.active is not None and name not in self.active):
                 continue
             mask = None
-            if self.regions is not None:  # LAG: (B, 1, H, W) or (B, N, 1); joint attention: (B, T + N, 1), 0 on the T text tokens
-                mask = self.regions.region(self.block, name, x)
+            if self.regions is not None:  # LAG: (B, 1, H, W), (B, N, 1) or (B, T + N, 1); None: acts nowhere now
+                mask = self.region(name, out)
                 if mask is None:
                     continue  # this residual acts nowhere now: not computed
-            delta = residual(x, self.is_conv)
+            delta = residual(x, self.base_layer if self.is_conv else None)
             strength = self.strengths.get(name, 1.0)
             if strength != 1.0:
                 delta = delta * strength
-            out = out + (delta if mask is None else delta * mask.to(x.dtype))
+            out = out + (delta if mask is None or mask is EVERYWHERE else delta * mask.to(x.dtype))
         return out
+
+
+class ResidualProjOut(ResidualLayer):
+    """A transformer block's proj_out with per-concept residuals (the paper's layer): its LAG mask
+    comes from its own block's cross-attention of the same evaluation."""
+
+    def __init__(self, base_layer: nn.Module, block: str):
+        shape_of(base_layer)  # a square 1x1 Conv2d or a Linear
+        super().__init__(base_layer, block, path=f"{block}.proj_out")
+
+    def region(self, name: str, x: torch.Tensor):
+        return self.regions.region(self.block, name, x)
 
 
 @contextmanager
 def use_concepts(unet: nn.Module, names: Sequence[str], merged: bool, strengths: Mapping[str, float] | None = None):
     """Inside the block only `names` act, each scaled by its strength (1 where `strengths` has
     none); `merged=True` folds them into the weights (no extra cost)."""
-    layers = layers_of(unet)
-    missing = [n for n in names for layer in layers.values() if n not in layer.residuals]
+    layers = all_layers(unet)
+    missing = [n for n in names if not any(n in layer.residuals for layer in layers.values())]
     if missing:
         raise InputError(f"concept {missing[0]!r} is not loaded on this UNet")
     before = {block: (layer.active, list(layer.merged), layer.strengths) for block, layer in layers.items()}
@@ -178,6 +222,11 @@ def use_concepts(unet: nn.Module, names: Sequence[str], merged: bool, strengths:
             layer.unmerge()
             layer.active, was_merged, layer.strengths = before[block]
             layer.merge([n for n in was_merged if n in layer.residuals])
+
+
+def all_layers(model: nn.Module) -> dict[str, ResidualLayer]:
+    """Every wrapper in `model` (proj_out residuals and any other layer's), by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ResidualLayer)}
 
 
 def transformer_blocks(unet: nn.Module) -> dict[str, nn.Module]:
@@ -266,8 +315,9 @@ def unload_concept(unet: nn.Module, name: str) -> None:
 
 
 def loaded_concepts(unet: nn.Module) -> list[str]:
+    """Every concept on the model's proj_out residuals or any other wrapped layer."""
     names: list[str] = []
-    for layer in layers_of(unet).values():
+    for layer in all_layers(unet).values():
         names.extend(n for n in layer.residuals if n not in names)
     return names
 

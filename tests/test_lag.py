@@ -211,6 +211,7 @@ def test_multi_concept_tokens_coverage_and_delay():
             else:
                 assert 0 < regions.sum().item() <= 2 * 4  # each concept at most a quarter of the 16 pixels, disjoint
     assert session.evaluation == 4
+    session.end_evaluation()  # lag_regions tells the session when the last evaluation is over
     assert session.mask_counts == 3 * 2  # masks kept from the 3 passes with residuals (2 blocks each), not the delayed ones
     kept = sum(torch.cat([per[b] for b in per], dim=1).flatten(1).sum(1) for per in passes[2:]) / 16 / 6  # (K,) mean on
     assert torch.allclose(torch.stack([m.mean() for m in session.average_masks().values()]), kept)

@@ -87,6 +87,10 @@ class Family:
         """The residual-carrying blocks named by a denoiser state dict's keys (read without loading)."""
         raise NotImplementedError
 
+    def reads_text(self, path: str) -> bool:
+        """Whether a denoiser layer acts on the prompt's tokens rather than image positions."""
+        return False
+
     # --- text -------------------------------------------------------------------------
     def encode(self, pipe, prompt: str, resolution: tuple[int, int]):
         """The prompt's `persres.conditioning.Conditioning` (the pipeline's own encoders), no guidance."""

@@ -35,6 +35,7 @@ FLUX_RANK_RATIO = 1 / 128  # r = m / 128: the paper's share of the model's param
 TRAIN_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, the value FLUX.1-dev LoRA trainers pass
 SINGLE_BLOCKS = "single_transformer_blocks"
 BLOCK_RE = re.compile(SINGLE_BLOCKS + r"\.\d+")
+TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context.", "context_embedder")
 CHECKPOINT_KEY = "single_blocks.0.linear2.weight"  # Black Forest Labs' layout, with or without "model.diffusion_model."
 
 
@@ -68,6 +69,9 @@ class Flux1(Family):
 
     def block_names_in(self, keys) -> set[str]:
         return {b for b in (k.removesuffix(".proj_out.weight") for k in keys if k.endswith(".proj_out.weight")) if BLOCK_RE.fullmatch(b)}
+
+    def reads_text(self, path: str) -> bool:  # the double-stream blocks' text stream and the T5 projection
+        return any(part in path for part in TEXT_STREAM)
 
     # --- text -------------------------------------------------------------------------
     def encode(self, pipe, prompt: str, resolution: tuple[int, int]):

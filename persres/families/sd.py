@@ -53,6 +53,9 @@ class StableDiffusion(Family):
         blocks = {k.removesuffix(".proj_out.weight") for k in keys if k.endswith(".proj_out.weight")}
         return {b for b in blocks if any(k.startswith(f"{b}.transformer_blocks.") for k in keys)}
 
+    def reads_text(self, path: str) -> bool:  # cross-attention keys and values read the text encoder's states
+        return path.endswith((".attn2.to_k", ".attn2.to_v"))
+
     # --- text -------------------------------------------------------------------------
     def encode(self, pipe, prompt: str, resolution: tuple[int, int]):
         unet, tok = pipe.unet, pipe.tokenizer

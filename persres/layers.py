@@ -1,0 +1,141 @@
+"""Low-rank changes on any layer of a pipeline (a community LoRA's), beside the proj_out residuals.
+
+A layer is named as diffusers' LoRA files name it, "{component}.{module path}": component is the
+denoiser ("unet", "transformer") or a text encoder ("text_encoder", "text_encoder_2"). A pack
+records each layer's rank and Delta W shape (`PackMeta.layers`) and holds "{layer}.up" (m, r)
+and "{layer}.down" (r, n), or (r, n, kh, kw) on a k x k convolution. Loading replaces the module
+by a `residuals.ResidualLayer` that knows the residual-carrying block it sits in (whose regions
+LAG reads) and whether it reads the prompt's tokens rather than image positions
+(`Family.reads_text`); the wrapper is put back when the last concept on it unloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from persres import families
+from persres.errors import IncompatiblePack
+from persres.residuals import LowRankResidual, ResidualLayer, ResidualProjOut, layer_shape
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def components(pipe) -> dict[str, nn.Module]:
+    """The pipeline's modules a LoRA may change, by the name its files give them."""
+    family = families.of(pipe)
+    out = {family.denoiser_folder: family.denoiser(pipe)}
+    for name in TEXT_ENCODERS:
+        module = getattr(pipe, name, None)
+        if isinstance(module, nn.Module):
+            out[name] = module
+    return out
+
+
+def targets(pipe) -> dict[str, tuple[int, ...]]:
+    """Every layer a low-rank change can act on ("{component}.{path}" -> Delta W shape): each Linear
+    and ungrouped Conv2d, wrapped or not."""
+    out = {}
+    for component, module in components(pipe).items():
+        for path, layer in module.named_modules():
+            if isinstance(layer, ResidualLayer):
+                out[f"{component}.{path}"] = layer.shape
+            elif isinstance(layer, (nn.Linear, nn.Conv2d)) and not path.endswith("base_layer"):
+                try:
+                    out[f"{component}.{path}"] = layer_shape(layer)
+                except Exception:  # grouped or padded-mode convolutions: no W + A B form
+                    continue
+    return out
+
+
+def split(key: str) -> tuple[str, str]:
+    component, _, path = key.partition(".")
+    return component, path
+
+
+def kind(key: str) -> str:
+    """What a layer is, in the words `persres show` uses."""
+    component, path = split(key)
+    if component in TEXT_ENCODERS:
+        return "text encoder"
+    leaf = path.rsplit(".", 1)[-1]
+    rules = (("attn2.to_k", "cross-attention k/v"), ("attn2.to_v", "cross-attention k/v"), ("attn2.", "cross-attention q/out"),
+             ("attn1.", "self-attention"), ("add_", "joint attention (text)"), ("to_add_out", "joint attention (text)"),
+             ("ff_context.", "feed-forward (text)"), ("context_embedder", "text embedding"), ("attn.", "joint attention"),
+             ("ff.", "feed-forward"), ("proj_mlp", "feed-forward"), ("proj_in", "proj_in"), ("resnets.", "resnet"),
+             ("norm", "modulation"), ("proj_out", "proj_out"))
+    for marker, name in rules:
+        if marker in path or leaf == marker:
+            return name
+    return "other (embeddings, samplers)"
+
+
+def block_of(path: str, blocks) -> str:
+    """The residual-carrying block a denoiser layer sits in ("" outside every block)."""
+    found = [b for b in blocks if path.startswith(b + ".")]
+    return max(found, key=len) if found else ""
+
+
+def _wrap(pipe, key: str) -> ResidualLayer:
+    family = families.of(pipe)
+    component, path = split(key)
+    root = components(pipe).get(component)
+    if root is None:
+        raise IncompatiblePack(f"this pipeline has no {component}")
+    try:
+        layer = root.get_submodule(path)
+    except AttributeError:
+        raise IncompatiblePack(f"this model has no layer {key}") from None
+    if isinstance(layer, ResidualLayer):
+        return layer
+    parent_path, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    denoiser = component == family.denoiser_folder
+    block = block_of(path, family.blocks(root)) if denoiser else ""
+    wrapper = ResidualLayer(layer, block, text=not denoiser or family.reads_text(path), path=path)
+    setattr(parent, attr, wrapper)
+    return wrapper
+
+
+def load_layers(pipe, name: str, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, list[int]]) -> None:
+    """Put a concept's layers (`PackMeta.layers`: key -> [rank, *shape]) onto the pipeline."""
+    have = targets(pipe)
+    for key, (rank, *shape) in layers.items():
+        if tuple(have.get(key, ())) != tuple(shape):
+            found = f"its shape is {have[key]}" if key in have else "it has no such layer"
+            raise IncompatiblePack(f"concept {name!r} changes {key} of shape {tuple(shape)}, but {found} in this model")
+    for key, (rank, *shape) in layers.items():
+        wrapper = _wrap(pipe, key)
+        residual = LowRankResidual(shape[0], rank, in_channels=shape[1], kernel=tuple(shape[2:]) or None)
+        with torch.no_grad():
+            residual.up.copy_(tensors[f"{key}.up"])
+            residual.down.copy_(tensors[f"{key}.down"])
+        residual.requires_grad_(False)
+        wrapper.add(name, residual)
+
+
+def unload_layers(pipe, name: str) -> None:
+    """Take a concept off every layer it changes; a wrapper left with none is replaced by its layer."""
+    for component, root in components(pipe).items():
+        for path, wrapper in list(root.named_modules()):
+            if not isinstance(wrapper, ResidualLayer) or isinstance(wrapper, ResidualProjOut) or name not in wrapper.residuals:
+                continue
+            wrapper.remove(name)
+            if not wrapper.residuals:
+                wrapper.unmerge()
+                parent_path, _, attr = path.rpartition(".")
+                setattr(root.get_submodule(parent_path) if parent_path else root, attr, wrapper.base_layer)
+
+
+def text_encoder_layers(pipe) -> dict[str, ResidualLayer]:
+    """Wrapped text-encoder layers, by key."""
+    return {f"{c}.{p}": m for c, root in components(pipe).items() if c in TEXT_ENCODERS
+            for p, m in root.named_modules() if isinstance(m, ResidualLayer)}
+
+
+def delta_norm(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """||A B||_F without forming the product."""
+    up, down = up.double(), down.double().flatten(1)
+    return torch.sqrt(((up.T @ up) * (down @ down.T)).sum().clamp_min(0))
