@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from persres import residuals
+from persres import layers, residuals
 from persres.errors import IncompatiblePack
 from persres import families
 from persres.models import Fingerprint, fingerprint
@@ -47,14 +47,19 @@ MAX_RESIDUAL_RATIO = 50.0
 
 
 def check_magnitude(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta) -> None:
-    """Refuse a pack whose ΔW = A B is far beyond its block's base weight (naming both sizes)."""
+    """Refuse a pack whose ΔW = A B is far beyond its layer's base weight (naming both sizes)."""
     blocks = residuals.transformer_blocks(families.denoiser(pipe))
-    for block in meta.ranks:
-        up, down = tensors[f"{block}.up"].double(), tensors[f"{block}.down"].double()
-        delta = torch.sqrt(((up.T @ up) * (down @ down.T)).sum().clamp_min(0))  # ||A B||_F without forming the m x m product
-        base = residuals.base_layer_of(blocks[block].proj_out).weight.detach().double().norm()
+    roots = layers.components(pipe)
+    bases = {block: residuals.base_layer_of(blocks[block].proj_out) for block in meta.ranks}
+    for key in meta.layers:
+        component, path = layers.split(key)
+        module = roots[component].get_submodule(path)
+        bases[key] = module.base_layer if isinstance(module, residuals.ResidualLayer) else module
+    for where, base_layer in bases.items():
+        delta = layers.delta_norm(tensors[f"{where}.up"], tensors[f"{where}.down"])
+        base = base_layer.weight.detach().double().norm()
         if not torch.isfinite(delta) or delta > MAX_RESIDUAL_RATIO * base:
-            raise IncompatiblePack(f"pack {meta.name!r} is damaged: its residual on {block} has size {float(delta):.3g}, "
+            raise IncompatiblePack(f"pack {meta.name!r} is damaged: its residual on {where} has size {float(delta):.3g}, "
                                    f"{float(delta / base):.3g}x the base weight's {float(base):.3g} (at most {MAX_RESIDUAL_RATIO:g}x)")
 
 
@@ -63,10 +68,21 @@ def apply_pack(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta, model: st
     family = families.of(pipe)
     net = family.denoiser(pipe)
     check_fit(meta, fp or fingerprint(net), model or pipe.config.get("_name_or_path", "this model"), family)
+    if meta.layers:
+        missing = [k for k in meta.layers if k not in layers.targets(pipe)]
+        if missing:
+            raise IncompatiblePack(f"pack {meta.name!r} changes {missing[0]}, which this model does not have")
     check_magnitude(pipe, tensors, meta)
-    if meta.name in residuals.loaded_concepts(net):
-        residuals.unload_concept(net, meta.name)
-    residuals.load_concept(net, meta.name, tensors)
+    unload(pipe, meta.name)
+    if meta.ranks:
+        residuals.load_concept(net, meta.name, tensors)
+    layers.load_layers(pipe, meta.name, tensors, meta.layers)
+
+
+def unload(pipe, name: str) -> None:
+    """Take a concept off the pipeline: its proj_out residuals and every other layer it changes."""
+    residuals.unload_concept(families.denoiser(pipe), name)
+    layers.unload_layers(pipe, name)
 
 
 def apply_concepts(pipe, registry, names, model: str | None = None, fp: Fingerprint | None = None) -> list:
@@ -81,5 +97,5 @@ def apply_concepts(pipe, registry, names, model: str | None = None, fp: Fingerpr
         tensors, meta = registry.load(name)
         meta = dataclasses.replace(meta, name=name)
         apply_pack(pipe, tensors, meta, model, fp)
-        bound.append(BoundConcept(name, meta.identifier, meta.class_word))
+        bound.append(BoundConcept(name, meta.identifier, meta.class_word, everywhere=meta.everywhere))
     return bound

@@ -94,7 +94,10 @@ def _wrap(pipe, key: str) -> ResidualLayer:
     parent = root.get_submodule(parent_path) if parent_path else root
     denoiser = component == family.denoiser_folder
     block = block_of(path, family.blocks(root)) if denoiser else ""
-    wrapper = ResidualLayer(layer, block, text=not denoiser or family.reads_text(path), path=path)
+    if block and path == f"{block}.proj_out":  # the paper's layer: the same wrapper as persres's own residuals
+        wrapper = ResidualProjOut(layer, block)
+    else:
+        wrapper = ResidualLayer(layer, block, text=not denoiser or family.reads_text(path), path=path)
     setattr(parent, attr, wrapper)
     return wrapper
 
@@ -139,3 +142,82 @@ def delta_norm(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """||A B||_F without forming the product."""
     up, down = up.double(), down.double().flatten(1)
     return torch.sqrt(((up.T @ up) * (down @ down.T)).sum().clamp_min(0))
+
+
+class OwnTokenEncodings:
+    """Under LAG, a concept's text-encoder layers act on its own tokens only: each text encoder
+    whose states the denoiser reads at the region tokenizer's positions (`Family.sequence_encoders`;
+    not FLUX.1's CLIP, whose pooled vector alone is read: it stays the base model's) encodes the prompt once with no concept's layers on
+    and once per concept with only that concept's on, and keeps each concept's encoding at its own
+    token rows (every (B, T, C) output: last and hidden states; pooled vectors stay the base
+    model's). Rows of other prompts (the negative prompt) stay the base encoding. Text encoders run
+    once per generation, so this costs one text-encoder run per such concept, no denoiser pass."""
+
+    def __init__(self, pipe, concepts, prompt: str):
+        self.concepts = list(concepts)  # lag.ConceptTokens of the prompt's region concepts
+        self.prompt = prompt
+        self.pipe = pipe
+        self.handles = []
+
+    def __enter__(self):
+        for component, tokenizer_name in families.of(self.pipe).sequence_encoders:
+            encoder, tokenizer = getattr(self.pipe, component, None), getattr(self.pipe, tokenizer_name, None)
+            wrappers = [m for m in encoder.modules() if isinstance(m, ResidualLayer)] if isinstance(encoder, nn.Module) else []
+            if not wrappers or tokenizer is None:
+                continue
+            ids = tokenizer(self.prompt).input_ids  # the positions are the region tokenizer's (`Family.sequence_encoders`)
+            owners = [c for c in self.concepts if any(c.name in w.residuals for w in wrappers)]
+            if owners:
+                self.handles += self._hooks(encoder, wrappers, owners, ids)
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    @staticmethod
+    def _hooks(encoder, wrappers, owners, prompt_ids):
+        """A pre-hook turns every concept's layers off (the call itself is the base encoding); the hook
+        then encodes once per concept with its layers alone and splices its rows in."""
+        before: list = []
+
+        def only(names):
+            for w in wrappers:
+                w.active = names
+
+        def pre(module, args, kwargs):
+            before[:] = [w.active for w in wrappers]
+            only(())
+
+        def post(module, args, kwargs, base):
+            input_ids = args[0] if args else kwargs.get("input_ids")
+            try:
+                for c in owners:
+                    positions = [p for p in c.positions if p < input_ids.shape[1]]
+                    want = torch.tensor([prompt_ids[p] for p in positions], device=input_ids.device)
+                    rows = [b for b in range(input_ids.shape[0]) if torch.equal(input_ids[b, positions], want)]
+                    if rows and (not before[0] or c.name in before[0]):
+                        only((c.name,))
+                        _splice(base, module.forward(*args, **kwargs), rows, positions)
+            finally:
+                for w, active in zip(wrappers, before):
+                    w.active = active
+            return base
+
+        return [encoder.register_forward_pre_hook(pre, with_kwargs=True), encoder.register_forward_hook(post, with_kwargs=True)]
+
+
+def _splice(base, own, rows: list[int], positions: list[int]) -> None:
+    """Copy `own`'s (B, T, C) tensors into `base` at rows x positions, in place."""
+    index = torch.tensor(rows)[:, None], torch.tensor(positions)[None, :]
+
+    def each(a, b):
+        if torch.is_tensor(a) and a.ndim == 3 and a.shape == b.shape:
+            a[index] = b[index]
+        elif isinstance(a, (tuple, list)):
+            for x, y in zip(a, b):
+                each(x, y)
+
+    for key in (base.keys() if hasattr(base, "keys") else range(len(base))):
+        each(base[key], own[key])

@@ -1,6 +1,8 @@
 """Concept packs: safetensors files that describe themselves.
 
-Tensors: "{block}.up" (A_i, m x r) and "{block}.down" (B_i, r x m) per transformer block.
+Tensors: "{block}.up" (A_i, m x r) and "{block}.down" (B_i, r x m) per transformer block, and,
+for a LoRA of other layers, "{layer}.up" (m x r) and "{layer}.down" (r x n, or r x n x kh x kw
+on a convolution) per layer named "{component}.{module path}" (`persres.layers`).
 Metadata (string to string, as safetensors requires): `persres.format_version`, one JSON
 key `persres.config` holding `PackMeta`, so `safe_open(...).metadata()` indexes a pack
 without loading its tensors and `persres import` rebuilds the registry row from the file,
@@ -32,7 +34,9 @@ if TYPE_CHECKING:  # packs are indexed (registry rows, metadata) without torch; 
     import torch
 
 FORMAT_VERSION = "2"
+LAYERS_VERSION = "3"  # a pack with layers other than proj_out, or one that acts everywhere: older persres refuse it by name
 LEGACY_VERSIONS = ("1",)  # readable, without a content hash
+CURRENT_VERSIONS = (FORMAT_VERSION, LAYERS_VERSION)
 VERSION_KEY = "persres.format_version"
 CONFIG_KEY = "persres.config"
 CONTENT_KEY = "persres.content_sha256"
@@ -68,6 +72,8 @@ class PackMeta:
     proj_out: str = "Conv2d"  # the base model's proj_out kind: Conv2d or Linear
     family: str = ""  # the model family's key (`persres.families`); "" in packs older than the field (`families.of_meta` infers it)
     in_channels: dict[str, int] = field(default_factory=dict)  # block -> n where proj_out is m x n, n != m
+    layers: dict[str, list[int]] = field(default_factory=dict)  # other layers: "{component}.{path}" -> [rank, m, n(, kh, kw)]
+    everywhere: bool = False  # acts at every position under LAG (a style), not in a region of its own
     train_config: dict = field(default_factory=dict)
     image_hashes: list[str] = field(default_factory=list)
     created_at: str = ""
@@ -96,7 +102,20 @@ class PackMeta:
             m = self.channels[block]
             shapes[f"{block}.up"] = (m, r)
             shapes[f"{block}.down"] = (r, self.in_channels.get(block, m))
+        for layer, (r, m, *rest) in self.layers.items():
+            shapes[f"{layer}.up"] = (m, r)
+            shapes[f"{layer}.down"] = (r, *rest)
         return shapes
+
+    @property
+    def version(self) -> str:
+        """The pack format this metadata needs."""
+        return LAYERS_VERSION if self.layers or self.everywhere else FORMAT_VERSION
+
+
+def layer_parameter_count(layers: dict[str, list[int]]) -> int:
+    """Parameters of the other layers' factors: r (m + n kh kw) each."""
+    return sum(r * (m + math.prod(rest)) for r, m, *rest in layers.values())
 
 
 def training_record(config, prompt: str, resolution: int, prediction_type: str, config_digest: str, *,
@@ -116,7 +135,7 @@ def import_record(fmt: str, source_file: str) -> dict:
 
 def pack_meta_for(pipe, fingerprint, base_model: str, name: str, identifier: str, class_word: str, ranks: dict[str, int],
                   train_config: dict, image_hashes=(), losses=(), seconds: float | None = None,
-                  checkpoint: Path | None = None) -> PackMeta:
+                  checkpoint: Path | None = None, layers: dict[str, list[int]] | None = None, everywhere: bool = False) -> PackMeta:
     """What a pack of the model `pipe` (loaded from `base_model`, `fingerprint` its `models.Fingerprint`)
     says about itself: the one place a new pack's metadata is made. `checkpoint`: the single file
     it was loaded from, whose hash the pack records too."""
@@ -132,11 +151,12 @@ def pack_meta_for(pipe, fingerprint, base_model: str, name: str, identifier: str
         train_config = {**train_config, "checkpoint_sha256": sha256_file(checkpoint)}
     return PackMeta(
         name=name, identifier=identifier, class_word=class_word, ranks=dict(ranks), channels=channels,
-        parameter_count=parameter_count(ranks, channels, in_channels), base_model=base_model,
+        parameter_count=parameter_count(ranks, channels, in_channels) + layer_parameter_count(layers or {}), base_model=base_model,
         architecture=fingerprint.architecture, weights=fingerprint.weights, proj_out=proj_out_kind(model), family=family.key,
         in_channels=in_channels, train_config=train_config, image_hashes=list(image_hashes),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         loss_start=losses[0] if losses else None, loss_end=losses[-1] if losses else None, seconds=seconds,
+        layers=dict(layers or {}), everywhere=everywhere,
     )
 
 
@@ -160,21 +180,31 @@ def validate_meta(meta: PackMeta) -> PackMeta:
         raise _bad("identifier", f"must be 1-32 lowercase letters, got {meta.identifier!r}")
     if clean_class_word(meta.class_word) is None:
         raise _bad("class_word", f"must be 1-{MAX_CLASS_WORD} printable characters, got {meta.class_word!r}")
+    if not isinstance(meta.layers, dict):
+        raise _bad("layers", "must be an object of layer -> [rank, out, in(, kh, kw)]")
+    for layer, spec in meta.layers.items():
+        if (not isinstance(layer, str) or not BLOCK_RE.fullmatch(layer) or "." not in layer or not isinstance(spec, list)
+                or len(spec) not in (3, 5) or not all(_is_int(n) and 1 <= n <= 1 << 16 for n in spec)):
+            raise _bad("layers", f"has a bad entry {layer!r}: {spec!r}")
+    if not isinstance(meta.everywhere, bool):
+        raise _bad("everywhere", f"must be true or false, got {meta.everywhere!r}")
     for field in ("ranks", "channels", "in_channels"):
         value = getattr(meta, field)
-        if not isinstance(value, dict) or (not value and field != "in_channels"):
+        if not isinstance(value, dict) or (not value and field == "ranks" and not meta.layers):
             raise _bad(field, "must be a non-empty object of block -> integer")
+        if not isinstance(value, dict):
+            raise _bad(field, "must be an object of block -> integer")
         for block, n in value.items():
             if not BLOCK_RE.fullmatch(block) or not _is_int(n) or not 1 <= n <= 1 << 16:
                 raise _bad(field, f"has a bad entry {block!r}: {n!r}")
-    if set(meta.ranks) != set(meta.channels):
+    if meta.ranks and set(meta.ranks) != set(meta.channels):
         raise _bad("ranks", "and channels name different blocks")
     if not set(meta.in_channels) <= set(meta.ranks):
         raise _bad("in_channels", "names a block the ranks do not")
     for block, r in meta.ranks.items():
         if r > meta.channels[block]:
             raise _bad("ranks", f"has rank {r} above the {meta.channels[block]} channels of {block!r}")
-    expected = parameter_count(meta.ranks, meta.channels, meta.in_channels)
+    expected = parameter_count(meta.ranks, meta.channels, meta.in_channels) + layer_parameter_count(meta.layers)
     if not _is_int(meta.parameter_count) or meta.parameter_count != expected:
         raise _bad("parameter_count", f"is {meta.parameter_count!r}; the ranks and channels give {expected}")
     for field in ("base_model", "architecture", "weights", "created_at"):
@@ -239,7 +269,7 @@ def write_pack_temp(folder: Path, tensors: dict[str, torch.Tensor], meta: PackMe
     _check(tensors, meta, meta.name)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta_json = meta.to_json()
-    metadata = {VERSION_KEY: FORMAT_VERSION, CONFIG_KEY: meta_json, CONTENT_KEY: content_sha256(tensors, meta_json)}
+    metadata = {VERSION_KEY: meta.version, CONFIG_KEY: meta_json, CONTENT_KEY: content_sha256(tensors, meta_json)}
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(stem), suffix=".tmp", dir=folder)
     os.close(fd)
@@ -295,10 +325,10 @@ def _metadata(path: Path) -> dict[str, str]:
     version = metadata.get(VERSION_KEY)
     if version is None or CONFIG_KEY not in metadata:
         raise PackError(f"{str(path)!r} is a safetensors file but not a persres pack (no {CONFIG_KEY} metadata)")
-    if version != FORMAT_VERSION and version not in LEGACY_VERSIONS:
+    if version not in CURRENT_VERSIONS and version not in LEGACY_VERSIONS:
         raise PackError(f"{str(path)!r} has pack format {version!r}; this persres reads formats "
-                        f"{', '.join((*LEGACY_VERSIONS, FORMAT_VERSION))}")
-    if version == FORMAT_VERSION and CONTENT_KEY not in metadata:
+                        f"{', '.join((*LEGACY_VERSIONS, *CURRENT_VERSIONS))}")
+    if version in CURRENT_VERSIONS and CONTENT_KEY not in metadata:
         raise PackError(f"{str(path)!r} has no content hash ({CONTENT_KEY}): it was altered or damaged")
     if version in LEGACY_VERSIONS:
         _check_format1(path, metadata)
@@ -332,9 +362,13 @@ def _one_line(e: Exception) -> str:
 
 def _parse_meta(path: Path, metadata: dict[str, str]) -> PackMeta:
     try:
-        return PackMeta.from_json(metadata[CONFIG_KEY])
+        meta = PackMeta.from_json(metadata[CONFIG_KEY])
     except (TypeError, ValueError, AttributeError, KeyError) as e:
         raise PackError(f"{str(path)!r} has malformed pack metadata: {_one_line(e)}") from None
+    if metadata[VERSION_KEY] in CURRENT_VERSIONS and metadata[VERSION_KEY] != meta.version:
+        raise PackError(f"{str(path)!r} claims pack format {metadata[VERSION_KEY]} but its metadata needs format {meta.version}: "
+                        "it was altered or damaged")
+    return meta
 
 
 def read_meta(path: Path) -> PackMeta:

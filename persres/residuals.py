@@ -268,7 +268,7 @@ def ranks_for(unet: nn.Module, rank_ratio: float = 0.05, rank: int | None = None
 
 
 def base_layer_of(layer: nn.Module) -> nn.Module:
-    return layer.base_layer if isinstance(layer, ResidualProjOut) else layer
+    return layer.base_layer if isinstance(layer, ResidualLayer) else layer
 
 
 def new_concept(

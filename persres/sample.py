@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from persres import families, residuals
+from persres import families, layers, residuals
 from persres.config import SampleConfig
 from persres.errors import GenerationError, InputError, PromptError
 from persres.lag import ConceptTokens, lag_regions
@@ -62,7 +62,7 @@ def generate(
     `on_step(done, total)` is called after every denoising step (for a progress bar).
     """
     family = families.of(pipe)
-    tokens = concept_tokens(family.region_tokenizer(pipe), prompt, concepts)
+    tokens = concept_tokens(family.region_tokenizer(pipe), prompt, [c for c in concepts if not c.everywhere])
     if concepts:  # positions are read off one tokenizer: they must hold for every encoder
         family.check_concept_prompt(pipe, prompt)
     limit = pipe.scheduler.config.get("num_train_timesteps", 1000)
@@ -104,16 +104,19 @@ def _sample(pipe, prompt, concepts, tokens, config: SampleConfig, backend, seeds
     names = [c.name for c in concepts]
     masks: dict[str, list[np.ndarray]] = {}
     session = None
+    changed = torch.nn.ModuleList(layers.components(pipe).values())  # the denoiser and the text encoders
     with ExitStack() as stack:
-        if residuals.layers_of(model):  # loaded concepts the prompt does not name stay off
+        if residuals.all_layers(changed):  # loaded concepts the prompt does not name stay off
             strengths = {c.name: c.strength for c in concepts}
-            stack.enter_context(residuals.use_concepts(model, names, merged=not config.lag, strengths=strengths))
+            stack.enter_context(residuals.use_concepts(changed, names, merged=not config.lag, strengths=strengths))
         if config.lag:
             cell = family.view_cell(pipe)  # pixels per position the denoiser sees
             latent_hw = (height // cell, width // cell)
+            stack.enter_context(layers.OwnTokenEncodings(pipe, tokens, prompt))
             session = stack.enter_context(lag_regions(model, tokens, family=family, guided=family.guidance_in_batch(config.guidance),
                                                       backend=backend, latent_hw=latent_hw, keep_masks=config.save_masks,
-                                                      multi=config.multi, steps=config.steps))
+                                                      multi=config.multi, steps=config.steps,
+                                                      everywhere=[c.name for c in concepts if c.everywhere]))
         else:
             stack.enter_context(family.plain_attention(model, backend))
         pixels = pipe(**call).images

@@ -35,6 +35,7 @@ class BoundConcept:
     identifier: str
     class_word: str
     strength: float = 1.0  # the residual's scale in this prompt: f = W x + strength * M * dW x
+    everywhere: bool = False  # acts at every position (a style): it needs no place in the prompt
 
 
 def check_strength(value: float, name: str, written: str | None = None) -> float:
@@ -208,8 +209,8 @@ def expand_prompt(
         if c.name in [u.name for u in used]:
             use(c)  # the same strength as where the prompt names it, or PromptError
         else:
-            if re.search(rf"(?<!\w){re.escape(c.identifier)}(?!\w)", expanded):
-                used.append(c)  # the user wrote the identifier itself
+            if c.everywhere or re.search(rf"(?<!\w){re.escape(c.identifier)}(?!\w)", expanded):
+                used.append(c)  # a style, or the user wrote the identifier itself
             else:
                 raise PromptError(f"concept {c.name!r} is not in the prompt: write V{concepts.index(c) + 1}, V* or <{c.name}> where it belongs")
     return expanded, used

@@ -257,12 +257,14 @@ class Workspace:
             return run(fresh)
 
     def pack_meta(self, name: str, identifier: str, class_word: str, ranks: dict[str, int], train_config: dict,
-                  image_hashes: Sequence[str] = (), losses: Sequence[float] = (), seconds: float | None = None) -> PackMeta:
-        """What a pack of this model says about itself (`packs.pack_meta_for`)."""
+                  image_hashes: Sequence[str] = (), losses: Sequence[float] = (), seconds: float | None = None,
+                  **more) -> PackMeta:
+        """What a pack of this model says about itself (`packs.pack_meta_for`; `more`: layers, everywhere)."""
         from persres.packs import pack_meta_for
 
         return pack_meta_for(self.pipeline(), self.fingerprint, self.model, name, identifier, class_word, ranks, train_config,
-                             image_hashes, losses, seconds, checkpoint=Path(self.model) if is_single_file(self.model) else None)
+                             image_hashes, losses, seconds, checkpoint=Path(self.model) if is_single_file(self.model) else None,
+                             **more)
 
     def suggest_class(self, images, candidates: str | Sequence[str] | None = None, config=None, seed: int | None = None):
         """Rank candidate class words for reference images (a folder, "toy:NAME", or loaded references)."""
@@ -277,14 +279,17 @@ class Workspace:
         return suggest(self.pipeline(), [r.image for r in references], entries, config)
 
     def import_concept(self, path: str | Path, name: str | None = None, class_word: str | None = None, identifier: str | None = None,
-                       *, proj_out_only: bool = False) -> ConceptRecord:
-        """Register a persres pack, or a proj_out LoRA (kohya, diffusers/peft, a persres export) fitted to this model.
+                       *, proj_out_only: bool = False, everywhere: bool = False) -> ConceptRecord:
+        """Register a persres pack, or any LoRA (kohya, diffusers/peft, a persres export) fitted to this model.
 
         A persres pack keeps its own class word and identifier: `class_word` / `identifier` are
-        refused for it. A foreign file needs a name and a class word (given, or in its persres.*
-        metadata); its identifier is the one given, the one in its metadata, or a fresh one."""
+        refused for it. A foreign file needs a name and a class word (given, in its persres.*
+        metadata, or after its trigger word); its identifier is the one given, the one in its
+        metadata, its trigger word (`interop.metadata.lora_trigger`), or a fresh one.
+        `everywhere`: under LAG it acts at every position (a style), not in a region."""
         from persres import families
         from persres.interop.lora import foreign_pack_tensors, lora_format
+        from persres.interop.metadata import lora_trigger
         from persres.packs import CONFIG_KEY, check_regular_file, file_metadata, import_record
         from persres.tokens import check_class_word, is_single_token
 
@@ -298,26 +303,27 @@ class Workspace:
                 raise InputError(f"{str(path)!r} is a persres pack, which keeps its own class word and identifier: drop {given}")
             return self.registry.import_pack(path, name)
         fmt = lora_format(path)  # a file that is no LoRA persres can apply is told so before anything is asked of it
+        trigger, trigger_class = lora_trigger(metadata)
         name = name or metadata.get("persres.name")
-        class_word = class_word or metadata.get("persres.class_word")
+        class_word = class_word or metadata.get("persres.class_word") or trigger_class
         if not name or not class_word:
             missing = " and ".join(w for w, v in (("--name", name), ("--class", class_word)) if not v)
             raise InputError(f"{str(path)!r} is a LoRA file, not a persres pack: give {missing} to import it")
         self.registry.check_new_name(name)
         class_word = check_class_word(class_word)
-        identifier = identifier or metadata.get("persres.identifier")
+        identifier = identifier or metadata.get("persres.identifier") or trigger
         if identifier is not None:
-            check_identifier(identifier)
+            check_identifier(identifier)  # a LoRA's trigger word may span several tokens: it is what the LoRA learned
         pipe = self.pipeline()
         tokenizer = families.of(pipe).identifier_tokenizer(pipe)
-        if identifier is not None and not is_single_token(tokenizer, identifier):
-            raise InputError(f"the identifier {identifier!r} is not one token of this model's tokenizer; pick another with --identifier")
-        tensors, ranks, fmt = foreign_pack_tensors(path, pipe, proj_out_only, fmt)
+        tensors, ranks, layers, fmt = foreign_pack_tensors(path, pipe, proj_out_only, fmt)
         train_config = import_record(fmt, path.name)
+        more = dict(layers=layers, everywhere=everywhere or metadata.get("persres.everywhere") == "true")
         if identifier is not None:
-            return self.registry.add(tensors, self.pack_meta(name, identifier, class_word, ranks, train_config), allow_shared_identifier=True)
+            return self.registry.add(tensors, self.pack_meta(name, identifier, class_word, ranks, train_config, **more),
+                                     allow_shared_identifier=True)
         with self.registry.reservation(name, fits=lambda ident: is_single_token(tokenizer, ident)) as fresh:
-            return self.registry.add(tensors, self.pack_meta(name, fresh, class_word, ranks, train_config))
+            return self.registry.add(tensors, self.pack_meta(name, fresh, class_word, ranks, train_config, **more))
 
     def export(self, name: str, output: str | Path, fmt: str = "persres", force: bool = False) -> Path:
         """Write a concept as its pack (`persres`, re-importable) or as a `diffusers` / `kohya` LoRA file."""

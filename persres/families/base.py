@@ -43,6 +43,10 @@ class Family:
     suggests_class: bool = True  # whether class-word suggestion (the UNet's denoising error) runs on it
     kohya_v2: bool = False  # sd-scripts' ss_v2
     v_modelspec: str | None = None  # the model spec architecture of its v-prediction models, where it has its own
+    # kohya's prefix for each text encoder's layers, the first of a component's is the one written
+    kohya_text_prefixes: tuple[tuple[str, str], ...] = (("text_encoder", "lora_te_"), ("text_encoder", "lora_te1_"))
+    # (text encoder, its tokenizer) whose per-token states the denoiser reads at the region tokenizer's positions
+    sequence_encoders: tuple[tuple[str, str], ...] = (("text_encoder", "tokenizer"),)
 
     def __repr__(self) -> str:
         return f"<family {self.key}>"
@@ -172,6 +176,16 @@ class Family:
     def kohya_keys(self, block: str, blocks) -> set[str]:
         """Every name a kohya file may give a block's proj_out (what import accepts)."""
         return {self.kohya_key(block, blocks)}
+
+    def kohya_layer_names(self, paths, blocks) -> dict[str, tuple[str, ...]]:
+        """Every name kohya files give the denoiser's layers (`paths`): name -> the layer path(s) it
+        changes, several where the original model fuses them (their rows in order); `blocks`: the
+        residual-carrying blocks' names."""
+        return {"lora_unet_" + p.replace(".", "_"): (p,) for p in paths}
+
+    def kohya_layer_key(self, path: str, blocks) -> str:
+        """The name a kohya export gives a denoiser layer."""
+        return "lora_unet_" + path.replace(".", "_")
 
     def export_modelspec(self, prediction: str) -> str:
         return self.v_modelspec if prediction == "v_prediction" and self.v_modelspec else self.modelspec

@@ -36,6 +36,32 @@ TRAIN_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, the value FLUX.1-
 SINGLE_BLOCKS = "single_transformer_blocks"
 BLOCK_RE = re.compile(SINGLE_BLOCKS + r"\.\d+")
 TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context.", "context_embedder")
+# sd-scripts' FLUX.1 LoRA names -> the diffusers layers they change (fused ones split by rows, in order)
+_DOUBLE = "transformer_blocks.{i}."
+_SINGLE = "single_transformer_blocks.{i}."
+BFL_LAYERS = (
+    ("double_blocks_{i}_img_attn_qkv", tuple(_DOUBLE + f"attn.to_{x}" for x in "qkv")),
+    ("double_blocks_{i}_img_attn_proj", (_DOUBLE + "attn.to_out.0",)),
+    ("double_blocks_{i}_img_mlp_0", (_DOUBLE + "ff.net.0.proj",)),
+    ("double_blocks_{i}_img_mlp_2", (_DOUBLE + "ff.net.2",)),
+    ("double_blocks_{i}_img_mod_lin", (_DOUBLE + "norm1.linear",)),
+    ("double_blocks_{i}_txt_attn_qkv", tuple(_DOUBLE + f"attn.add_{x}_proj" for x in "qkv")),
+    ("double_blocks_{i}_txt_attn_proj", (_DOUBLE + "attn.to_add_out",)),
+    ("double_blocks_{i}_txt_mlp_0", (_DOUBLE + "ff_context.net.0.proj",)),
+    ("double_blocks_{i}_txt_mlp_2", (_DOUBLE + "ff_context.net.2",)),
+    ("double_blocks_{i}_txt_mod_lin", (_DOUBLE + "norm1_context.linear",)),
+    ("single_blocks_{i}_linear1", (*(_SINGLE + f"attn.to_{x}" for x in "qkv"), _SINGLE + "proj_mlp")),
+    ("single_blocks_{i}_linear2", (_SINGLE + "proj_out",)),
+    ("single_blocks_{i}_modulation_lin", (_SINGLE + "norm.linear",)),
+    ("img_in", ("x_embedder",)), ("txt_in", ("context_embedder",)),
+    ("time_in_in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
+    ("time_in_out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
+    ("vector_in_in_layer", ("time_text_embed.text_embedder.linear_1",)),
+    ("vector_in_out_layer", ("time_text_embed.text_embedder.linear_2",)),
+    ("guidance_in_in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
+    ("guidance_in_out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
+    ("final_layer_linear", ("proj_out",)),
+)
 CHECKPOINT_KEY = "single_blocks.0.linear2.weight"  # Black Forest Labs' layout, with or without "model.diffusion_model."
 
 
@@ -141,10 +167,27 @@ class Flux1(Family):
     def kohya_key(self, block: str, blocks) -> str:  # sd-scripts' name: BFL's single_blocks.N.linear2
         return f"lora_unet_single_blocks_{block.removeprefix(SINGLE_BLOCKS + '.')}_linear2"
 
+    def kohya_layer_names(self, paths, blocks) -> dict[str, tuple[str, ...]]:
+        """sd-scripts' names (Black Forest Labs' layout, q/k/v and the single blocks' MLP input fused)
+        and the diffusers layout under `lora_transformer_` (OneTrainer; what ComfyUI reads too)."""
+        paths = set(paths)
+        out = {"lora_transformer_" + p.replace(".", "_"): (p,) for p in paths}
+        for name, parts in BFL_LAYERS:
+            for i in sorted({int(p.split(".")[1]) for p in paths if p.startswith(parts[0].split("{")[0])}) if "{" in parts[0] else [None]:
+                targets = tuple(part.format(i=i) for part in parts)
+                if all(t in paths for t in targets):
+                    out["lora_unet_" + name.format(i=i)] = targets
+        return out
+
+    def kohya_layer_key(self, path: str, blocks) -> str:
+        return "lora_transformer_" + path.replace(".", "_")
+
 
 FLUX1 = Flux1("flux", "FLUX.1", "FluxPipeline", "black-forest-labs/FLUX.1-dev", "flux1", "flux-1-dev", 1024,
               guidance=3.5, train_defaults={"rank_ratio": FLUX_RANK_RATIO}, denoiser_folder="transformer",
-              implementation="https://github.com/black-forest-labs/flux", suggests_class=False)
+              implementation="https://github.com/black-forest-labs/flux", suggests_class=False,
+              sequence_encoders=(("text_encoder_2", "tokenizer_2"),),
+              kohya_text_prefixes=(("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")))
 
 
 def max_text_tokens(pipe) -> int:

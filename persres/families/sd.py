@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import re
+
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -102,6 +104,22 @@ class StableDiffusion(Family):
     def kohya_keys(self, block: str, blocks) -> set[str]:
         return {kohya_name(block), kohya_name(sgm_name(block, levels_depth(blocks)))}
 
+    def kohya_layer_names(self, paths, blocks) -> dict[str, tuple[str, ...]]:  # the diffusers and the original layout
+        out = super().kohya_layer_names(paths, blocks)
+        for path in paths:
+            original = self._original_key(path, blocks)
+            if original:
+                out["lora_unet_" + original.replace(".", "_")] = (path,)
+        return out
+
+    @staticmethod
+    def _original_key(path: str, blocks) -> str | None:
+        levels = {int(b.split(".")[1]) for b in blocks if b.startswith("up_blocks.")}
+        try:
+            return ldm_key(path + ".weight", levels_depth(blocks), levels).removesuffix(".weight")
+        except KeyError:
+            return None
+
     def needed_bytes(self, pipe, height: int, width: int, samples: int, training: bool) -> int:
         return unet_bytes(pipe, height, width, samples, training)
 
@@ -168,3 +186,39 @@ SD1 = StableDiffusion("sd1", "SD 1.x", "StableDiffusionPipeline", "stable-diffus
 SD2 = StableDiffusion("sd2", "SD 2.x", "StableDiffusionPipeline", "stabilityai/stable-diffusion-2-1", "sd_v2",
                       "stable-diffusion-v2-512", 512, kohya_v2=True, v_modelspec="stable-diffusion-v2-768-v", linear_proj=True,
                       checkpoint_prefix="cond_stage_model.model.")
+
+
+def _resnet_to_ldm(key: str) -> str:
+    for new, old in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+                     ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")):
+        key = key.replace(f".{new}.", f".{old}.")
+    return key
+
+
+def ldm_key(key: str, depth: int, attention_levels: set[int]) -> str:
+    """A diffusers UNet key in the original (LDM/SGM) layout; `depth` = layers_per_block,
+    `attention_levels`: the up levels with cross-attention (their upsampler comes third).
+    KeyError for a key the original layout names otherwise (SDXL's add_embedding)."""
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    head, _, tail = key.rpartition(".")
+    if head in fixed:
+        return f"{fixed[head]}.{tail}"
+    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        out = f"input_blocks.{1 + level * (depth + 1) + j}.{0 if kind == 'resnets' else 1}.{rest}"
+        return _resnet_to_ldm(out) if kind == "resnets" else out
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * (depth + 1)}.0.op.{m[2]}"
+    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        index = 1 if m[1] == "attentions" else 2 * int(m[2])
+        out = f"middle_block.{index}.{m[3]}"
+        return _resnet_to_ldm(out) if m[1] == "resnets" else out
+    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        out = f"output_blocks.{level * (depth + 1) + j}.{0 if kind == 'resnets' else 1}.{rest}"
+        return _resnet_to_ldm(out) if kind == "resnets" else out
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+        level = int(m[1])
+        return f"output_blocks.{level * (depth + 1) + depth}.{2 if level in attention_levels else 1}.conv.{m[2]}"
+    raise KeyError(key)

@@ -55,7 +55,11 @@ class StableDiffusionXL(StableDiffusion):
     def kohya_key(self, block: str, blocks) -> str:
         return kohya_name(sgm_name(block, levels_depth(blocks)))
 
+    def kohya_layer_key(self, path: str, blocks) -> str:  # sd-scripts names SDXL's layers the original way
+        return "lora_unet_" + (self._original_key(path, blocks) or path).replace(".", "_")
+
 
 SDXL = StableDiffusionXL("sdxl", "SDXL", "StableDiffusionXLPipeline", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl_base_v1-0",
                          "stable-diffusion-xl-v1-base", 1024, implementation="https://github.com/Stability-AI/generative-models",
-                         linear_proj=True)
+                         linear_proj=True, kohya_text_prefixes=(("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")),
+                         sequence_encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")))

@@ -4,6 +4,10 @@
     lora_unet_{block}_proj_out.lora_up.weight    (m, r[, 1, 1])  = A
     lora_unet_{block}_proj_out.alpha             ()              = alpha
 
+and for any other layer of a LoRA, the family's name for it (`Family.kohya_layer_key`) or
+`lora_te_` / `lora_te1_` / `lora_te2_` + its text-encoder path; a convolution's down factor
+keeps its kernel (r, n, kh, kw), its up factor is 1x1 (LoCon's layout).
+
 with '_' for '.' in the block's name, or the name sd-scripts gives the block in the model's
 original layout: each family names its blocks (`Family.kohya_key`; reading accepts every
 name in `Family.kohya_keys`). Loaders scale by alpha / r; persres writes alpha = r (scale 1,
@@ -31,25 +35,32 @@ def write(tensors, meta: PackMeta, conv: bool) -> dict[str, torch.Tensor]:
         out[f"{key}.lora_down.weight"] = down.contiguous()
         out[f"{key}.lora_up.weight"] = up.contiguous()
         out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
+    for layer, (r, *shape) in meta.layers.items():
+        up, down = tensors[f"{layer}.up"], tensors[f"{layer}.down"]  # (m, r), (r, n[, kh, kw])
+        key = layer_key(family, layer, list(meta.channels))
+        out[f"{key}.lora_down.weight"] = down.contiguous()
+        out[f"{key}.lora_up.weight"] = (up[:, :, None, None] if len(shape) == 4 else up).contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(r))
     return out
+
+
+def layer_key(family: families.Family, layer: str, blocks: list[str]) -> str:
+    """The kohya name of any other layer: the family's for the denoiser's, lora_te*_ for a text encoder's."""
+    component, _, path = layer.partition(".")
+    if component == family.denoiser_folder:
+        return family.kohya_layer_key(path, blocks)
+    prefix = next(p for c, p in family.kohya_text_prefixes if c == component)
+    return prefix + ("text_model." + path.removeprefix("text_model.")).replace(".", "_")
 
 
 def is_kohya(keys) -> bool:
     return any(k.startswith(PREFIX) for k in keys)
 
 
-def read(tensors: dict[str, torch.Tensor], blocks: list[str], family: families.Family) -> tuple[dict[str, tuple], list[str]]:
-    """({block: (up, down, alpha)} for proj_out targets of `blocks`, [other target names])."""
-    by_key = {key: b for b in blocks for key in family.kohya_keys(b, blocks)}
+def read(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{target name: {part: tensor}} ("lora_up.weight", "lora_down.weight", "alpha", "lora_mid.weight")."""
     found: dict[str, dict] = {}
-    others = set()
     for k, v in tensors.items():
         target, _, part = k.partition(".")
-        if target in by_key:
-            found.setdefault(by_key[target], {})[part] = v
-        else:
-            others.add(target)
-    out = {}
-    for block, parts in found.items():
-        out[block] = (parts.get("lora_up.weight"), parts.get("lora_down.weight"), parts.get("alpha"))
-    return out, sorted(others)
+        found.setdefault(target, {})[part] = v
+    return found

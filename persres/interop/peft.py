@@ -2,6 +2,7 @@
 
     unet.{block}.proj_out.lora_A.weight  (R, n[, 1, 1])  = B, zero-padded to rank R
     unet.{block}.proj_out.lora_B.weight  (m, R[, 1, 1])  = A, zero-padded to rank R
+    {component}.{path}.lora_A.weight     (R, n[, kh, kw]) and .lora_B.weight (m, R[, 1, 1]): any other layer
 
 (prefixed by the denoiser's name: "unet." or "transformer.", `Family.denoiser_folder`.)
 persres pads every block to the pack's largest rank R (zero rows and columns: the product
@@ -33,8 +34,12 @@ def prefix_of(meta: PackMeta) -> str:
     return families.of_meta(meta).denoiser_folder
 
 
+def max_rank(meta: PackMeta) -> int:
+    return max([*meta.ranks.values(), *(spec[0] for spec in meta.layers.values())])
+
+
 def write(tensors, meta: PackMeta, conv: bool) -> dict[str, torch.Tensor]:
-    rank, prefix = max(meta.ranks.values()), prefix_of(meta)
+    rank, prefix = max_rank(meta), prefix_of(meta)
     out = {}
     for block, r in meta.ranks.items():
         up, down = tensors[f"{block}.up"], tensors[f"{block}.down"]  # (m, r), (r, n)
@@ -44,14 +49,21 @@ def write(tensors, meta: PackMeta, conv: bool) -> dict[str, torch.Tensor]:
             up, down = up[:, :, None, None], down[:, :, None, None]
         out[f"{prefix}.{block}.proj_out.lora_A.weight"] = down.contiguous()
         out[f"{prefix}.{block}.proj_out.lora_B.weight"] = up.contiguous()
+    for layer, (r, *shape) in meta.layers.items():  # "{component}.{path}", as diffusers names it
+        up, down = tensors[f"{layer}.up"], tensors[f"{layer}.down"]  # (m, r), (r, n[, kh, kw])
+        up = torch.cat([up, up.new_zeros(up.shape[0], rank - r)], dim=1)  # (m, R)
+        down = torch.cat([down, down.new_zeros(rank - r, *down.shape[1:])], dim=0)  # (R, n[, kh, kw])
+        out[f"{layer}.lora_A.weight"] = down.contiguous()
+        out[f"{layer}.lora_B.weight"] = (up[:, :, None, None] if len(shape) == 4 else up).contiguous()
     return out
 
 
 def adapter_metadata(meta: PackMeta) -> str:
     """The JSON diffusers writes under `lora_adapter_metadata` (LoraConfig fields, prefixed by the denoiser's name)."""
-    rank = max(meta.ranks.values())
+    rank, prefix = max_rank(meta), prefix_of(meta) + "."
+    modules = [f"{b}.proj_out" for b in meta.ranks] + [k.removeprefix(prefix) for k in meta.layers if k.startswith(prefix)]
     config = {"r": rank, "lora_alpha": rank, "rank_pattern": {}, "alpha_pattern": {},
-              "target_modules": sorted(f"{b}.proj_out" for b in meta.ranks), "lora_dropout": 0.0,
+              "target_modules": sorted(modules), "lora_dropout": 0.0,
               "init_lora_weights": True, "use_dora": False, "lora_bias": False}
     return json.dumps({f"{prefix_of(meta)}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
 
@@ -60,9 +72,10 @@ def is_peft(keys) -> bool:
     return any(".lora_A." in k or ".lora_B." in k for k in keys)
 
 
-def _alpha_for(module: str, rank: int, config: dict | None, alphas: dict[str, torch.Tensor]) -> float:
-    if module in alphas:
-        return _number(alphas[module], module, ".alpha tensor")
+def _alpha_for(module: str, rank: int, config: dict | None, alpha=None, bare_alpha=None) -> float:
+    for given in (alpha, bare_alpha):
+        if given is not None:
+            return _number(given, module, ".alpha tensor")
     if config:
         patterns = config.get("alpha_pattern") or {}
         if not isinstance(patterns, dict):
@@ -84,8 +97,8 @@ def _number(value, module: str, where: str) -> float:
         raise PackError(f"the LoRA's {where} for {module} is not a number: {value!r}"[:300]) from None
 
 
-def read(tensors: dict[str, torch.Tensor], blocks: list[str], metadata: dict[str, str]) -> tuple[dict[str, tuple], list[str]]:
-    """({block: (up, down, alpha)} for proj_out targets of `blocks`, [other target names])."""
+def read(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, tuple]:
+    """{module name as the file gives it, less "base_model.model.": (up, down, alpha)}."""
     config = None
     raw = metadata.get(METADATA_KEY)
     if raw:
@@ -98,22 +111,19 @@ def read(tensors: dict[str, torch.Tensor], blocks: list[str], metadata: dict[str
     modules: dict[str, dict] = {}
     alphas: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
-        name = next(k[len(p):] for p in PREFIXES if k.startswith(p))
+        name = k.removeprefix("base_model.model.")
         if name.endswith(".alpha"):
             alphas[name[: -len(".alpha")]] = v
             continue
         module, sep, part = name.partition(".lora_")
-        if not sep:
-            modules.setdefault(name, {})
-            continue
-        modules.setdefault(module, {})[part] = v
-    wanted = {f"{b}.proj_out": b for b in blocks}
-    out, others = {}, []
+        modules.setdefault(module if sep else name, {})
+        if sep:
+            modules[module][part] = v
+    out = {}
     for module, parts in modules.items():
-        if module not in wanted:
-            others.append(module)
-            continue
         up, down = parts.get("B.weight"), parts.get("A.weight")
         rank = down.shape[0] if down is not None and down.ndim >= 1 else 0
-        out[wanted[module]] = (up, down, torch.tensor(_alpha_for(module, rank, config, alphas)))
-    return out, sorted(others)
+        bare = module.split(".", 1)[1] if module.split(".", 1)[0] in ("unet", "transformer") else module
+        out[module] = (up, down, torch.tensor(_alpha_for(bare, rank, config, alphas.get(module) if module in alphas else None,
+                                                          alphas.get(bare))))
+    return out

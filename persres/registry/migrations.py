@@ -100,6 +100,14 @@ def m005_in_channels(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE concepts ADD COLUMN in_channels TEXT NOT NULL DEFAULT '{}'")
 
 
+@migration
+def m006_layers(db: sqlite_utils.Database) -> None:
+    """A pack's layers other than proj_out (a community LoRA's, as JSON: layer -> [rank, out, in(, kh, kw)])
+    and whether it acts everywhere under LAG (a style); '{}' and 0 for every earlier pack."""
+    db.execute("ALTER TABLE concepts ADD COLUMN layers TEXT NOT NULL DEFAULT '{}'")
+    db.execute("ALTER TABLE concepts ADD COLUMN everywhere INTEGER NOT NULL DEFAULT 0")
+
+
 def has_table(conn: sqlite3.Connection, name: str) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone() is not None
 

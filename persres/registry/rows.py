@@ -11,7 +11,8 @@ from persres.packs import PackMeta
 from persres.tokens import BoundConcept
 
 META_FIELDS = tuple(f.name for f in fields(PackMeta))  # a row holds every PackMeta field, in a column of its name
-JSON_FIELDS = {f.name for f in fields(PackMeta) if f.type in ("dict", "list[str]", "dict[str, int]")}  # stored as JSON text
+JSON_FIELDS = {f.name for f in fields(PackMeta) if f.type in ("dict", "list[str]", "dict[str, int]", "dict[str, list[int]]")}  # stored as JSON text
+BOOL_FIELDS = {f.name for f in fields(PackMeta) if f.type == "bool"}  # stored as 0 / 1
 ROW_FIELDS = ("path", "sha256", "shared_identifier")  # and what the registry knows of the file
 
 
@@ -23,7 +24,8 @@ def row_of(meta: PackMeta) -> dict:
 
 def meta_of(row: dict) -> PackMeta:
     """The PackMeta a concepts row holds (not yet validated)."""
-    return PackMeta(**{f: json.loads(row[f]) if f in JSON_FIELDS else row[f] for f in META_FIELDS})
+    return PackMeta(**{f: json.loads(row[f]) if f in JSON_FIELDS else bool(row[f]) if f in BOOL_FIELDS else row[f]
+                       for f in META_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class ConceptRecord:
         return self.meta.name
 
     def bound(self) -> BoundConcept:
-        return BoundConcept(self.meta.name, self.meta.identifier, self.meta.class_word)
+        return BoundConcept(self.meta.name, self.meta.identifier, self.meta.class_word, everywhere=self.meta.everywhere)
 
     def to_dict(self) -> dict:
         return {**asdict(self.meta), "path": str(self.path), "sha256": self.sha256, "shared_identifier": self.shared_identifier}

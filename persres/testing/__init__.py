@@ -168,43 +168,6 @@ def build_tiny_xl_pipeline(path: str | Path, seed: int = 0, layers: int = 2) -> 
     return path
 
 
-def _resnet_to_ldm(key: str) -> str:
-    for new, old in (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-                     ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")):
-        key = key.replace(f".{new}.", f".{old}.")
-    return key
-
-
-def _unet_to_ldm(key: str, depth: int, attention_levels: set[int]) -> str:
-    """A diffusers SD 1.x UNet key in the original (LDM) layout; `depth` = layers_per_block,
-    `attention_levels`: the up levels with cross-attention (their upsampler comes third)."""
-    import re
-
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    head, _, tail = key.rpartition(".")
-    if head in fixed:
-        return f"{fixed[head]}.{tail}"
-    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        out = f"input_blocks.{1 + level * (depth + 1) + j}.{0 if kind == 'resnets' else 1}.{rest}"
-        return _resnet_to_ldm(out) if kind == "resnets" else out
-    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
-        return f"input_blocks.{(int(m[1]) + 1) * (depth + 1)}.0.op.{m[2]}"
-    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        index = 1 if m[1] == "attentions" else 2 * int(m[2])
-        out = f"middle_block.{index}.{m[3]}"
-        return _resnet_to_ldm(out) if m[1] == "resnets" else out
-    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        level, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        out = f"output_blocks.{level * (depth + 1) + j}.{0 if kind == 'resnets' else 1}.{rest}"
-        return _resnet_to_ldm(out) if kind == "resnets" else out
-    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
-        level = int(m[1])
-        return f"output_blocks.{level * (depth + 1) + depth}.{2 if level in attention_levels else 1}.conv.{m[2]}"
-    raise KeyError(key)
-
-
 def _vae_to_ldm(key: str, levels: int) -> str:
     import re
 
@@ -225,11 +188,13 @@ def save_original_layout(model_dir: str | Path, path: str | Path) -> Path:
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
+    from persres.families.sd import ldm_key
+
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     depth, levels = pipe.unet.config.layers_per_block, len(pipe.vae.config.block_out_channels)
     unet = pipe.unet.state_dict()
     attention_levels = {int(k.split(".")[1]) for k in unet if k.startswith("up_blocks.") and ".attentions." in k}
-    out = {f"model.diffusion_model.{_unet_to_ldm(k, depth, attention_levels)}": v for k, v in unet.items()}
+    out = {f"model.diffusion_model.{ldm_key(k, depth, attention_levels)}": v for k, v in unet.items()}
     for k, v in pipe.vae.state_dict().items():
         if ".attentions.0.to_" in k and k.endswith("weight") or "attentions.0.to_out.0.weight" in k:
             v = v[:, :, None, None]  # LDM's VAE attention projections are 1x1 convolutions
