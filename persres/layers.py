@@ -18,6 +18,7 @@ from torch import nn
 
 from persres import families
 from persres.errors import IncompatiblePack
+from persres.names import layer_kind as kind  # noqa: F401  (layers.kind)
 from persres.residuals import LowRankResidual, ResidualLayer, ResidualProjOut, layer_shape
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -53,23 +54,6 @@ def targets(pipe) -> dict[str, tuple[int, ...]]:
 def split(key: str) -> tuple[str, str]:
     component, _, path = key.partition(".")
     return component, path
-
-
-def kind(key: str) -> str:
-    """What a layer is, in the words `persres show` uses."""
-    component, path = split(key)
-    if component in TEXT_ENCODERS:
-        return "text encoder"
-    leaf = path.rsplit(".", 1)[-1]
-    rules = (("attn2.to_k", "cross-attention k/v"), ("attn2.to_v", "cross-attention k/v"), ("attn2.", "cross-attention q/out"),
-             ("attn1.", "self-attention"), ("add_", "joint attention (text)"), ("to_add_out", "joint attention (text)"),
-             ("ff_context.", "feed-forward (text)"), ("context_embedder", "text embedding"), ("attn.", "joint attention"),
-             ("ff.", "feed-forward"), ("proj_mlp", "feed-forward"), ("proj_in", "proj_in"), ("resnets.", "resnet"),
-             ("norm", "modulation"), ("proj_out", "proj_out"))
-    for marker, name in rules:
-        if marker in path or leaf == marker:
-            return name
-    return "other (embeddings, samplers)"
 
 
 def block_of(path: str, blocks) -> str:

@@ -47,3 +47,28 @@ def parameter_count(ranks: Mapping[str, int], channels: Mapping[str, int],
     unless `in_channels` names the block (a single-stream block's)."""
     ins = in_channels or {}
     return sum((channels[b] + ins.get(b, channels[b])) * r for b, r in ranks.items())
+
+
+def layer_kind(key: str) -> str:
+    """What a layer is, in the words `persres show` uses."""
+    component, _, path = key.partition(".")
+    if component in ("text_encoder", "text_encoder_2"):
+        return "text encoder"
+    leaf = path.rsplit(".", 1)[-1]
+    rules = (("attn2.to_k", "cross-attention k/v"), ("attn2.to_v", "cross-attention k/v"), ("attn2.", "cross-attention q/out"),
+             ("attn1.", "self-attention"), ("add_", "joint attention (text)"), ("to_add_out", "joint attention (text)"),
+             ("ff_context.", "feed-forward (text)"), ("context_embedder", "text embedding"), ("attn.", "joint attention"),
+             ("ff.", "feed-forward"), ("proj_mlp", "feed-forward"), ("proj_in", "proj_in"), ("resnets.", "resnet"),
+             ("norm", "modulation"), ("proj_out", "proj_out"))
+    for marker, name in rules:
+        if marker in path or leaf == marker:
+            return name
+    return "other (embeddings, samplers)"
+
+
+def layer_kinds(layers) -> dict[str, int]:
+    """How many layers of each kind a pack's `layers` holds (what `persres show` prints)."""
+    counts: dict[str, int] = {}
+    for key in layers:
+        counts[layer_kind(key)] = counts.get(layer_kind(key), 0) + 1
+    return dict(sorted(counts.items()))

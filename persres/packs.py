@@ -199,7 +199,7 @@ def validate_meta(meta: PackMeta) -> PackMeta:
                 raise _bad(field, f"has a bad entry {block!r}: {n!r}")
     if meta.ranks and set(meta.ranks) != set(meta.channels):
         raise _bad("ranks", "and channels name different blocks")
-    if not set(meta.in_channels) <= set(meta.ranks):
+    if not set(meta.in_channels) <= set(meta.channels):
         raise _bad("in_channels", "names a block the ranks do not")
     for block, r in meta.ranks.items():
         if r > meta.channels[block]:

@@ -135,6 +135,16 @@ class ResidualLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def __getattr__(self, name: str):
+        """What the wrapped layer has (in_features, stride, ...): pipelines read them off the module."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None:
+                raise
+            return getattr(base, name)
+
     def add(self, name: str, residual: LowRankResidual) -> None:
         if name in self.residuals:
             raise InputError(f"concept {name!r} is already loaded on {self.block or self.path}")

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from persres.names import layer_kinds
 from persres.cli.root import Command, ConfigOption, JsonOption, ModelOption, app, command, config_app, out, registry, workspace
 
 
@@ -62,6 +63,9 @@ def show(name: Annotated[str, typer.Argument(metavar="NAME", help="A registered 
     for key, value in data.items():
         if key in ("ranks", "channels"):
             value = ", ".join(sorted({str(v) for v in value.values()}, key=int))
+        elif key == "layers":  # a LoRA's other layers: how many of each kind, and their ranks
+            value = "; ".join(f"{kind} x{n}" for kind, n in layer_kinds(value).items()) + \
+                (f" (ranks {', '.join(sorted({str(v[0]) for v in value.values()}, key=int))})" if value else "")
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     out.print(table)
 

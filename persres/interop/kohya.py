@@ -53,8 +53,11 @@ def layer_key(family: families.Family, layer: str, blocks: list[str]) -> str:
     return prefix + ("text_model." + path.removeprefix("text_model.")).replace(".", "_")
 
 
+PREFIXES = (PREFIX, "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")  # denoiser, text encoders, FLUX (OneTrainer)
+
+
 def is_kohya(keys) -> bool:
-    return any(k.startswith(PREFIX) for k in keys)
+    return any(k.startswith(PREFIXES) for k in keys)
 
 
 def read(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
