@@ -186,15 +186,13 @@ def test_a_peft_lora_imports_with_its_alpha_folded_in(tiny_model, tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_a_lora_with_other_targets_is_refused_unless_told(tiny_model, tmp_path):
+def test_a_lora_with_other_targets_keeps_them_unless_told_to_drop_them(tiny_model, tmp_path):
     path, _ = peft_lora_file(tiny_model, tmp_path, targets=("proj_out", "to_q"))
-    before = Registry().names()
-    with pytest.raises(PackError, match="--proj-out-only"):
-        Workspace(str(tiny_model)).import_concept(path, "both", "circle")
-    assert Registry().names() == before
+    whole = Workspace(str(tiny_model)).import_concept(path, "whole", "circle")
+    assert any(k.endswith(".to_q") for k in whole.meta.layers) and any(k.endswith(".proj_out") for k in whole.meta.layers)
     with pytest.warns(UserWarning, match="dropped"):
         record = Workspace(str(tiny_model)).import_concept(path, "both", "circle", proj_out_only=True)
-    assert record.name == "both"
+    assert record.name == "both" and not record.meta.layers and record.meta.ranks
 
 
 def kohya_file(tmp_path, pack, change) -> Path:
@@ -212,9 +210,9 @@ def _first(data, suffix):
 
 
 BAD_LORAS = {
-    "other-architecture": (lambda d: [d.__setitem__(k.replace("lora_unet_down_blocks_0", "lora_unet_input_blocks_1_1"), d.pop(k))
-                                      for k in list(d)], "no factors"),
-    "no-proj-out": (lambda d: [d.__setitem__(k.replace("proj_out", "attn1_to_q"), d.pop(k)) for k in list(d)], "targets no proj_out"),
+    "other-architecture": (lambda d: [d.__setitem__(k.replace("lora_unet_down_blocks_0", "lora_unet_down_blocks_9"), d.pop(k))
+                                      for k in list(d)], "does not have (e.g. lora_unet_down_blocks_9"),
+    "no-such-layer": (lambda d: [d.__setitem__(k.replace("proj_out", "attn1_to_q"), d.pop(k)) for k in list(d)], "does not have"),
     "mismatched-shapes": (lambda d: d.__setitem__(_first(d, "lora_up.weight"), torch.zeros(5, 1, 1, 1)), "do not fit"),
     "nan": (lambda d: d.__setitem__(_first(d, "lora_down.weight"), torch.full_like(d[_first(d, "lora_down.weight")], float("nan"))), "non-finite"),
     "alpha-zero": (lambda d: d.__setitem__(_first(d, ".alpha"), torch.tensor(0.0)), "alpha"),

@@ -98,20 +98,24 @@ def export(
 @app.command("import", cls=Command)
 @command
 def import_(
-    file: Annotated[Path, typer.Argument(metavar="PATH", help="A persres pack, or a kohya / diffusers / peft LoRA of the proj_out layers.")],
+    file: Annotated[Path, typer.Argument(metavar="PATH", help="A persres pack, or a kohya / diffusers / peft LoRA of any layers.")],
     name: Annotated[Optional[str], typer.Option("--name", help="Register under this name (needed for a foreign LoRA).", metavar="NAME")] = None,
     class_word: Annotated[Optional[str], typer.Option("--class", help="The concept's class word (a foreign LoRA only; a pack keeps its own).",
                                                       metavar="WORD")] = None,
-    identifier: Annotated[Optional[str], typer.Option("--identifier", help="The token that calls the concept (a foreign LoRA only) "
-                                                      "[default: the file's, else a fresh one].", metavar="TOKEN")] = None,
+    identifier: Annotated[Optional[str], typer.Option("--identifier", help="The word that calls the concept (a foreign LoRA only) "
+                                                      "[default: the file's trigger word, else a fresh one].", metavar="WORD")] = None,
     model: ModelOption = None,
     model_config: ConfigOption = None,
-    proj_out_only: Annotated[bool, typer.Option("--proj-out-only", help="Drop a foreign LoRA's targets other than proj_out (with a warning).")] = False,
+    proj_out_only: Annotated[bool, typer.Option("--proj-out-only", help="Keep only a foreign LoRA's proj_out layers (the rest dropped, with a warning).")] = False,
+    everywhere: Annotated[bool, typer.Option("--everywhere", help="A style: under --lag it acts on the whole image, not in a region of its own.")] = False,
 ):
-    """Register a pack file (from `persres export`) or a proj_out LoRA from another tool."""
-    record = workspace(model, model_config).import_concept(file, name, class_word, identifier, proj_out_only=proj_out_only)
+    """Register a pack file (from `persres export`) or a LoRA from another tool, every layer it changes kept."""
+    record = workspace(model, model_config).import_concept(file, name, class_word, identifier, proj_out_only=proj_out_only,
+                                                           everywhere=everywhere)
     shared = " (shared with another concept: they cannot share a prompt)" if record.shared_identifier else ""
-    out.print(f"imported {record.name} ({record.meta.class_word}, identifier {record.meta.identifier!r}{shared})", markup=False)
+    scope = "; acts everywhere under --lag" if record.meta.everywhere else ""
+    held = f", {len(record.meta.layers)} layers" if record.meta.layers else ""
+    out.print(f"imported {record.name} ({record.meta.class_word}, identifier {record.meta.identifier!r}{held}{shared}{scope})", markup=False)
 
 
 @app.command(cls=Command)
