@@ -99,6 +99,7 @@ class NPass:
                 before = {c: m.clone() for c, m in session.mask_sums.items()}
                 kept_before = session.mask_counts
                 eps = guided(pipe.unet, x, t)
+                session.end_evaluation()  # this evaluation's masks kept now (the next evaluation's start finds nothing left)
                 blocks = session.mask_counts - kept_before
                 if blocks:  # past the delay: one pass per concept, blended where its region is
                     for c in names:
