@@ -60,11 +60,12 @@ def test_a_registry_that_needs_a_migration_still_gets_it(tmp_path, monkeypatch):
 
     first = Registry(tmp_path)
     first.conn.execute("DELETE FROM _migrations WHERE name = ?", [MIGRATIONS[-1][0]])
-    first.conn.execute("ALTER TABLE concepts DROP COLUMN in_channels")  # what the last migration (m005) adds
+    first.conn.execute("ALTER TABLE concepts DROP COLUMN layers")  # what the last migration (m006) adds
+    first.conn.execute("ALTER TABLE concepts DROP COLUMN everywhere")
     first.conn.close()
     again = Registry(tmp_path)
     assert [r[0] for r in again.conn.execute("SELECT name FROM _migrations")] == [name for name, _ in MIGRATIONS]
-    assert "in_channels" in {r[1] for r in again.conn.execute("PRAGMA table_info(concepts)")}
+    assert {"layers", "everywhere"} <= {r[1] for r in again.conn.execute("PRAGMA table_info(concepts)")}
 
 
 def test_every_command_names_the_module_that_registers_it():

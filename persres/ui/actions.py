@@ -66,7 +66,7 @@ def gallery(session: Session) -> list[tuple[str, str]]:
         if not sheet.is_file():
             sheet = _blank(session)
         loss = f", loss {m.loss_start:.3f} → {m.loss_end:.3f}" if m.loss_start is not None else ""
-        ranks = "/".join(str(r) for r in sorted(set(m.ranks.values())))
+        ranks = "/".join(str(r) for r in sorted({*m.ranks.values(), *(spec[0] for spec in m.layers.values())}))
         cards.append((str(sheet), f"{m.name} · {m.class_word} · {m.identifier} · {m.family} · rank {ranks} · "
                                   f"{m.parameter_count:,} params · {m.created_at[:10]}{loss}"))
     return cards
