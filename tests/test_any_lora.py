@@ -355,3 +355,19 @@ def test_flux_full_loras_kohya_fused_and_peft_under_lag(tiny_flux, tmp_path, mon
     assert {"joint attention", "joint attention (text)", "feed-forward", "feed-forward (text)", "proj_out"} <= kinds
     checked, acted = check_every_layer(ws, calls, {"a": a, "b": b}, {}, positions_of(ws, prompt, ["a", "b"]))
     assert checked == len(calls) and acted > 0
+
+
+def test_a_pack_with_layers_is_format_3_and_a_forged_format_2_claim_is_refused(ws, tmp_path):
+    from safetensors import safe_open
+
+    from persres.packs import VERSION_KEY, read_pack
+
+    record, _ = import_random(ws, tmp_path, "a", where=ATTENTION_AND_FF)
+    with safe_open(str(record.path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    assert metadata[VERSION_KEY] == "3"
+    tensors = load_file(str(record.path))
+    forged = tmp_path / "forged.safetensors"
+    save_file(tensors, str(forged), metadata={**metadata, VERSION_KEY: "2"})
+    with pytest.raises(PackError, match="claims pack format 2"):
+        read_pack(forged)
