@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +77,14 @@ class Composer:
         self.pipe = pipe
         self.copy = copy.deepcopy(pipe.unet)  # the passes that need a second model run on this one
         self.evaluations = 0
+        self.first_evaluation: float | None = None  # perf_counter() at the first UNet evaluation since `evaluations` was reset
         for unet in (pipe.unet, self.copy):
             unet.register_forward_pre_hook(lambda module, args: self._count())
         self.residuals = residuals
 
     def _count(self):
+        if self.evaluations == 0:
+            self.first_evaluation = time.perf_counter()
         self.evaluations += 1
 
     def latents(self, method: str, prompt: str, concepts, steps: int, side: int, seeds, guidance: float = 6.0,

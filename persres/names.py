@@ -8,8 +8,9 @@ list` reads rows with these rules and starts without loading a model library.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from persres.errors import InputError
 
@@ -47,6 +48,11 @@ def parameter_count(ranks: Mapping[str, int], channels: Mapping[str, int],
     unless `in_channels` names the block (a single-stream block's)."""
     ins = in_channels or {}
     return sum((channels[b] + ins.get(b, channels[b])) * r for b, r in ranks.items())
+
+
+def layer_parameter_count(layers: Mapping[str, Sequence[int]]) -> int:
+    """Parameters of a LoRA's other layers (`PackMeta.layers`: [r, m, n(, kh, kw)]): r (m + n kh kw) each."""
+    return sum(r * (m + math.prod(rest)) for r, m, *rest in layers.values())
 
 
 def layer_kind(key: str) -> str:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -27,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from persres.errors import PackError
-from persres.families import FAMILIES
-from persres.names import IDENTIFIER_RE, MAX_CLASS_WORD, NAME_RE, clean_class_word, parameter_count
+from persres.names import layer_parameter_count, parameter_count
+from persres.pack_fields import validate_meta
 
 if TYPE_CHECKING:  # packs are indexed (registry rows, metadata) without torch; tensors need it
     import torch
@@ -40,7 +38,6 @@ CURRENT_VERSIONS = (FORMAT_VERSION, LAYERS_VERSION)
 VERSION_KEY = "persres.format_version"
 CONFIG_KEY = "persres.config"
 CONTENT_KEY = "persres.content_sha256"
-BLOCK_RE = re.compile(r"[A-Za-z0-9_.]{1,200}")
 
 
 # What format-1 writers (persres 0.1) put in a pack: these two metadata keys, and PackMeta's
@@ -113,11 +110,6 @@ class PackMeta:
         return LAYERS_VERSION if self.layers or self.everywhere else FORMAT_VERSION
 
 
-def layer_parameter_count(layers: dict[str, list[int]]) -> int:
-    """Parameters of the other layers' factors: r (m + n kh kw) each."""
-    return sum(r * (m + math.prod(rest)) for r, m, *rest in layers.values())
-
-
 def training_record(config, prompt: str, resolution: int, prediction_type: str, config_digest: str, *,
                     sources: dict[str, str] | None = None, class_info: dict | None = None) -> dict:
     """`PackMeta.train_config` of a trained pack: every `TrainConfig` field, then how it was applied
@@ -160,70 +152,6 @@ def pack_meta_for(pipe, fingerprint, base_model: str, name: str, identifier: str
     )
 
 
-def _bad(field: str, why: str) -> ValueError:
-    return ValueError(f"field {field!r} {why}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _finite_or_none(v) -> bool:
-    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
-
-
-def validate_meta(meta: PackMeta) -> PackMeta:
-    """Types and ranges of every field; raises ValueError naming the first bad one."""
-    if not isinstance(meta.name, str) or not NAME_RE.fullmatch(meta.name):
-        raise _bad("name", f"must be letters, digits, '_' or '-' (at most 64), got {meta.name!r}")
-    if not isinstance(meta.identifier, str) or not IDENTIFIER_RE.fullmatch(meta.identifier):
-        raise _bad("identifier", f"must be 1-32 lowercase letters, got {meta.identifier!r}")
-    if clean_class_word(meta.class_word) is None:
-        raise _bad("class_word", f"must be 1-{MAX_CLASS_WORD} printable characters, got {meta.class_word!r}")
-    if not isinstance(meta.layers, dict):
-        raise _bad("layers", "must be an object of layer -> [rank, out, in(, kh, kw)]")
-    for layer, spec in meta.layers.items():
-        if (not isinstance(layer, str) or not BLOCK_RE.fullmatch(layer) or "." not in layer or not isinstance(spec, list)
-                or len(spec) not in (3, 5) or not all(_is_int(n) and 1 <= n <= 1 << 16 for n in spec)):
-            raise _bad("layers", f"has a bad entry {layer!r}: {spec!r}")
-    if not isinstance(meta.everywhere, bool):
-        raise _bad("everywhere", f"must be true or false, got {meta.everywhere!r}")
-    for field in ("ranks", "channels", "in_channels"):
-        value = getattr(meta, field)
-        if not isinstance(value, dict) or (not value and field == "ranks" and not meta.layers):
-            raise _bad(field, "must be a non-empty object of block -> integer")
-        if not isinstance(value, dict):
-            raise _bad(field, "must be an object of block -> integer")
-        for block, n in value.items():
-            if not BLOCK_RE.fullmatch(block) or not _is_int(n) or not 1 <= n <= 1 << 16:
-                raise _bad(field, f"has a bad entry {block!r}: {n!r}")
-    if meta.ranks and set(meta.ranks) != set(meta.channels):
-        raise _bad("ranks", "and channels name different blocks")
-    if not set(meta.in_channels) <= set(meta.channels):
-        raise _bad("in_channels", "names a block the ranks do not")
-    for block, r in meta.ranks.items():
-        if r > meta.channels[block]:
-            raise _bad("ranks", f"has rank {r} above the {meta.channels[block]} channels of {block!r}")
-    expected = parameter_count(meta.ranks, meta.channels, meta.in_channels) + layer_parameter_count(meta.layers)
-    if not _is_int(meta.parameter_count) or meta.parameter_count != expected:
-        raise _bad("parameter_count", f"is {meta.parameter_count!r}; the ranks and channels give {expected}")
-    for field in ("base_model", "architecture", "weights", "created_at"):
-        if not isinstance(getattr(meta, field), str):
-            raise _bad(field, "must be a string")
-    if meta.proj_out not in ("Conv2d", "Linear"):
-        raise _bad("proj_out", f"must be Conv2d or Linear, got {meta.proj_out!r}")
-    if meta.family != "" and meta.family not in FAMILIES:
-        raise _bad("family", f"must be one of {', '.join(FAMILIES)}, got {meta.family!r}")
-    if not isinstance(meta.train_config, dict):
-        raise _bad("train_config", "must be an object")
-    if not isinstance(meta.image_hashes, list) or not all(isinstance(h, str) for h in meta.image_hashes):
-        raise _bad("image_hashes", "must be a list of strings")
-    for field in ("loss_start", "loss_end", "seconds"):
-        if not _finite_or_none(getattr(meta, field)):
-            raise _bad(field, f"must be a finite number or null, got {getattr(meta, field)!r}")
-    return meta
-
-
 def content_sha256(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
     """sha256 of the metadata JSON and of every tensor's name, dtype, shape and bytes, in name order."""
     import torch
@@ -246,8 +174,6 @@ def sha256_file(path: Path) -> str:
 
 def write_pack(path: Path, tensors: dict[str, torch.Tensor], meta: PackMeta) -> str:
     """Write atomically; returns the file's sha256."""
-    from safetensors.torch import save_file
-
     tmp, digest = write_pack_temp(path.parent, tensors, meta, stem=path.name)
     os.replace(tmp, path)
     return digest

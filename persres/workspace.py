@@ -283,13 +283,12 @@ class Workspace:
         """Register a persres pack, or any LoRA (kohya, diffusers/peft, a persres export) fitted to this model.
 
         A persres pack keeps its own class word and identifier: `class_word` / `identifier` are
-        refused for it. A foreign file needs a name and a class word (given, in its persres.*
-        metadata, or after its trigger word); its identifier is the one given, the one in its
-        metadata, its trigger word (`interop.metadata.lora_trigger`), or a fresh one.
+        refused for it. A foreign file's name, class word and identifier: given, else from its metadata
+        (`interop.metadata.naming_of`: persres.* keys, its trigger word), else a fresh identifier.
         `everywhere`: under LAG it acts at every position (a style), not in a region."""
         from persres import families
         from persres.interop.lora import foreign_pack_tensors, lora_format
-        from persres.interop.metadata import lora_trigger
+        from persres.interop.metadata import naming_of
         from persres.packs import CONFIG_KEY, check_regular_file, file_metadata, import_record
         from persres.tokens import check_class_word, is_single_token
 
@@ -303,15 +302,12 @@ class Workspace:
                 raise InputError(f"{str(path)!r} is a persres pack, which keeps its own class word and identifier: drop {given}")
             return self.registry.import_pack(path, name)
         fmt = lora_format(path)  # a file that is no LoRA persres can apply is told so before anything is asked of it
-        trigger, trigger_class = lora_trigger(metadata)
-        name = name or metadata.get("persres.name")
-        class_word = class_word or metadata.get("persres.class_word") or trigger_class
+        name, class_word, identifier = naming_of(metadata, name, class_word, identifier)
         if not name or not class_word:
             missing = " and ".join(w for w, v in (("--name", name), ("--class", class_word)) if not v)
             raise InputError(f"{str(path)!r} is a LoRA file, not a persres pack: give {missing} to import it")
         self.registry.check_new_name(name)
         class_word = check_class_word(class_word)
-        identifier = identifier or metadata.get("persres.identifier") or trigger
         if identifier is not None:
             check_identifier(identifier)  # a LoRA's trigger word may span several tokens: it is what the LoRA learned
         pipe = self.pipeline()

@@ -100,3 +100,10 @@ def lora_trigger(metadata: dict[str, str]) -> tuple[str | None, str | None]:
     if not words or not IDENTIFIER_RE.fullmatch(words[0].lower()):
         return None, None
     return words[0].lower(), " ".join(words[1:])[:64] or None
+
+
+def naming_of(metadata: dict[str, str], name: str | None, class_word: str | None, identifier: str | None):
+    """A foreign LoRA's (name, class word, identifier): what was given, else its persres.* keys, else its trigger phrase."""
+    trigger, trigger_class = lora_trigger(metadata)
+    return (name or metadata.get("persres.name"), class_word or metadata.get("persres.class_word") or trigger_class,
+            identifier or metadata.get("persres.identifier") or trigger)
