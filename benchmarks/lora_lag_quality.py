@@ -9,7 +9,7 @@ steps of batch 1, on "a photo of IDENT SHAPE"; exported as a kohya file by diffu
 `convert_state_dict_to_kohya`; imported by persres (`persres import`, every layer kept). Then every
 held-out pair (`persres.toy.bench.pairs_of`) is drawn by the four methods of
 `benchmarks.lora_compose` with the same noise (--samples images x --seeds), DDIM --ddim-steps,
-guidance 6, and scored as `persres bench toy` scores pairs (`persres.toy.scoring.score_group`):
+guidance 6 (and the base model alone on the same prompt), and scored as `persres bench toy` scores pairs (`persres.toy.scoring.score_group`):
 both present, and per side nearer its own colours than the other's and ΔE to its own colours.
 The UNet evaluations per image and the wall time per image over the summed run's are reported
 beside them. Resumable: trained LoRAs and each pair's rows are kept under --work.
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                                     object_pixels(refs[name]), refs[name], vae_refs)
     composer = Composer(pipe)
     side = families.of(pipe).native_side(pipe)
-    rows_path = args.work / "rows.jsonl"
+    rows_path = args.work / f"rows-r{args.rank}-lr{args.lr:g}-s{args.steps}.jsonl"
     done = {json.loads(line)["pair"] for line in rows_path.read_text().splitlines()} if rows_path.exists() else set()
     for a, b in pairs_of(loaded):
         pair = f"{a}+{b}"
@@ -127,11 +127,12 @@ def main(argv: list[str] | None = None) -> None:
         for seed in range(args.seeds):
             seeds = [1000 * seed + 999 + i for i in range(args.samples)]
             seconds = {}
-            for method in METHODS:
+            for method in ("base", *METHODS):
                 composer.evaluations = 0
                 start = time.perf_counter()
-                with torch.inference_mode():
-                    images = composer.images(method, expanded, used, args.ddim_steps, side, seeds, prepass=args.prepass)
+                with torch.inference_mode():  # base: the same prompt, no LoRA (what the LoRAs change is measured against it)
+                    images = composer.images("summed" if method == "base" else method, expanded, [] if method == "base" else used,
+                                             args.ddim_steps, side, seeds, prepass=args.prepass)
                 seconds[method] = time.perf_counter() - start
                 evaluations = composer.evaluations  # per image: one batched evaluation serves every image of the call
                 rows += [{"pair": pair, "method": method, "seed": seed, "evaluations": evaluations,
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"pair": pair}), flush=True)
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     summary = {}
-    for method in METHODS:
+    for method in ("base", *METHODS):
         picked = [r for r in rows if r["method"] == method]
         stats = {}
         for metric in ("both_present", "nearer_own", "nearer_own_2", "delta_e", "delta_e_2"):

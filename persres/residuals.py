@@ -182,6 +182,7 @@ class ResidualLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        acting = []  # (residual, strength, mask or None)
         for name, residual in self.residuals.items():
             if name in self.merged or (self.active is not None and name not in self.active):
                 continue
@@ -190,12 +191,38 @@ class ResidualLayer(nn.Module):
                 mask = self.region(name, out)
                 if mask is None:
                     continue  # this residual acts nowhere now: not computed
+            acting.append((residual, self.strengths.get(name, 1.0), None if mask is EVERYWHERE else mask))
+        if len(acting) == 1:
+            residual, strength, mask = acting[0]
             delta = residual(x, self.base_layer if self.is_conv else None)
-            strength = self.strengths.get(name, 1.0)
             if strength != 1.0:
                 delta = delta * strength
-            out = out + (delta if mask is None or mask is EVERYWHERE else delta * mask.to(x.dtype))
+            return out + (delta if mask is None else delta * mask.to(x.dtype))
+        if acting:
+            out = out + self._several(x, acting)
         return out
+
+    def _several(self, x: torch.Tensor, acting) -> torch.Tensor:
+        """Σ_k s_k M_k ⊙ (A_k B_k x) as two products: every B_k at once, each mask and strength on its
+        r_k columns (a position's mask scales its whole low-rank code), every A_k at once."""
+        downs = torch.cat([r.down for r, _, _ in acting]).to(x.dtype)  # (Σr, n[, kh, kw])
+        ups = torch.cat([r.up for r, _, _ in acting], dim=1).to(x.dtype)  # (m, Σr)
+        if self.is_conv:  # x: (B, n, H, W) -> code (B, Σr, H', W')
+            conv = self.base_layer
+            code = F.conv2d(x, downs if downs.ndim == 4 else downs[:, :, None, None], stride=conv.stride,
+                            padding=conv.padding, dilation=conv.dilation)
+            dim = 1
+        else:  # x: (..., n) -> code (..., Σr)
+            code = F.linear(x, downs)
+            dim = -1
+        parts = code.split([r.up.shape[1] for r, _, _ in acting], dim=dim)
+        scaled = []
+        for part, (_, strength, mask) in zip(parts, acting):
+            if mask is not None:
+                part = part * mask.to(x.dtype)
+            scaled.append(part * strength if strength != 1.0 else part)
+        code = torch.cat(scaled, dim=dim)
+        return F.conv2d(code, ups[:, :, None, None]) if self.is_conv else F.linear(code, ups)
 
 
 class ResidualProjOut(ResidualLayer):

@@ -129,9 +129,9 @@ def test_three_concepts_each_act_only_in_their_own_disjoint_region(pipe):
     assert all(share > 0 for share in acted.values()), acted
 
 
-def test_no_residual_is_computed_during_the_several_concept_delay(pipe):
+def test_no_residual_is_computed_during_the_several_concept_delay(pipe, monkeypatch):
     """While the base model alone lays out the image (the first `delay` of the steps), no concept's
-    factors run; afterwards every concept's residual runs once per block and step."""
+    factors run; afterwards every concept's residual acts once per block and step."""
     from persres.config import MultiLagConfig
 
     unet = pipe.unet
@@ -140,13 +140,32 @@ def test_no_residual_is_computed_during_the_several_concept_delay(pipe):
         residuals.new_concept(unet, name, residuals.ranks_for(unet), init="random", seed=seed)
     concepts = [BoundConcept("a", "sks", "circle"), BoundConcept("b", "zwx", "heart")]
     layers = residuals.layers_of(unet)
-    per_evaluation: list[int] = []
-    hooks = [layer.residuals[n].register_forward_hook(lambda *a: per_evaluation.__setitem__(-1, per_evaluation[-1] + 1))
+    per_evaluation: list[int] = []  # concepts acting, per evaluation
+    computed: list[int] = []  # factor products run, per evaluation
+    region, several = residuals.ResidualProjOut.region, residuals.ResidualLayer._several
+
+    def counted_region(self, name, out):
+        mask = region(self, name, out)
+        per_evaluation[-1] += mask is not None
+        return mask
+
+    def counted_several(self, x, acting):
+        computed[-1] += len(acting)
+        return several(self, x, acting)
+
+    monkeypatch.setattr(residuals.ResidualProjOut, "region", counted_region)
+    monkeypatch.setattr(residuals.ResidualLayer, "_several", counted_several)
+    hooks = [layer.residuals[n].register_forward_hook(lambda *a: computed.__setitem__(-1, computed[-1] + 1))
              for layer in layers.values() for n in names]
-    hooks.append(unet.register_forward_pre_hook(lambda *a: per_evaluation.append(0)))
+    def evaluation_starts(*args):
+        per_evaluation.append(0)
+        computed.append(0)
+
+    hooks.append(unet.register_forward_pre_hook(evaluation_starts))
     try:
         generate(pipe, "a sks circle and a zwx heart", concepts, SampleConfig(steps=5, lag=True, multi=MultiLagConfig(delay=0.4)))
     finally:
         for h in hooks:
             h.remove()
+    assert computed[:2] == [0, 0] and all(c > 0 for c in computed[2:])
     assert per_evaluation == [0, 0] + [len(layers) * len(names)] * 3  # round(0.4 * 5) = 2 delayed evaluations
