@@ -68,10 +68,7 @@ def apply_pack(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta, model: st
     family = families.of(pipe)
     net = family.denoiser(pipe)
     check_fit(meta, fp or fingerprint(net), model or pipe.config.get("_name_or_path", "this model"), family)
-    if meta.layers:
-        missing = [k for k in meta.layers if k not in layers.targets(pipe)]
-        if missing:
-            raise IncompatiblePack(f"pack {meta.name!r} changes {missing[0]}, which this model does not have")
+    layers.check_layers(pipe, meta.name, meta.layers)
     check_magnitude(pipe, tensors, meta)
     unload(pipe, meta.name)
     if meta.ranks:

@@ -62,7 +62,8 @@ def block_of(path: str, blocks) -> str:
     return max(found, key=len) if found else ""
 
 
-def _wrap(pipe, key: str) -> ResidualLayer:
+def _wrap(pipe, key: str, blocks) -> ResidualLayer:
+    """The wrapper of layer `key` (made and put in place if there is none); `blocks`: the denoiser's residual-carrying blocks."""
     family = families.of(pipe)
     component, path = split(key)
     root = components(pipe).get(component)
@@ -77,7 +78,7 @@ def _wrap(pipe, key: str) -> ResidualLayer:
     parent_path, _, attr = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     denoiser = component == family.denoiser_folder
-    block = block_of(path, family.blocks(root)) if denoiser else ""
+    block = block_of(path, blocks) if denoiser else ""
     if block and path == f"{block}.proj_out":  # the paper's layer: the same wrapper as persres's own residuals
         wrapper = ResidualProjOut(layer, block)
     else:
@@ -86,15 +87,23 @@ def _wrap(pipe, key: str) -> ResidualLayer:
     return wrapper
 
 
-def load_layers(pipe, name: str, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, list[int]]) -> None:
-    """Put a concept's layers (`PackMeta.layers`: key -> [rank, *shape]) onto the pipeline."""
+def check_layers(pipe, name: str, layers: Mapping[str, list[int]]) -> None:
+    """IncompatiblePack unless the pipeline has every layer a concept changes, of its shape."""
+    if not layers:
+        return
     have = targets(pipe)
     for key, (rank, *shape) in layers.items():
         if tuple(have.get(key, ())) != tuple(shape):
             found = f"its shape is {have[key]}" if key in have else "it has no such layer"
             raise IncompatiblePack(f"concept {name!r} changes {key} of shape {tuple(shape)}, but {found} in this model")
+
+
+def load_layers(pipe, name: str, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, list[int]]) -> None:
+    """Put a concept's layers (`PackMeta.layers`: key -> [rank, *shape], checked by `check_layers`) onto the pipeline."""
+    family = families.of(pipe)
+    blocks = list(family.blocks(family.denoiser(pipe))) if layers else []
     for key, (rank, *shape) in layers.items():
-        wrapper = _wrap(pipe, key)
+        wrapper = _wrap(pipe, key, blocks)
         residual = LowRankResidual(shape[0], rank, in_channels=shape[1], kernel=tuple(shape[2:]) or None)
         with torch.no_grad():
             residual.up.copy_(tensors[f"{key}.up"])
