@@ -22,21 +22,23 @@ def _shapes(pipe) -> dict[str, tuple[int, ...]]:
     return targets(pipe)
 
 
-def _kohya_name(family, key: str, blocks, layout: str) -> str:
+def _kohya_name(family, key: str, blocks, layout: str, two_encoders: bool) -> str:
+    """sd-scripts' name: a UNet's layers in the diffusers or the original layout, a transformer's under
+    lora_transformer_ (OneTrainer's), text encoders under lora_te_ (one) or lora_te1_ / lora_te2_ (two)."""
     from persres.families.sd import ldm_key
 
     component, _, path = key.partition(".")
+    unet = family.denoiser_folder == "unet"
     if component == family.denoiser_folder:
-        if layout == "original" and family.key != "flux":
+        if layout == "original" and unet:
             levels = {int(b.split(".")[1]) for b in blocks if b.startswith("up_blocks.")}
             depth = max(int(b.split(".")[3]) for b in blocks if b.startswith("down_blocks.")) + 1
             try:
                 path = ldm_key(path + ".weight", depth, levels).removesuffix(".weight")
             except KeyError:
                 pass
-        prefix = "lora_transformer_" if family.key == "flux" else "lora_unet_"
-        return prefix + path.replace(".", "_")
-    prefix = {"text_encoder": "lora_te1_" if family.key in ("sdxl", "flux") else "lora_te_", "text_encoder_2": "lora_te2_"}[component]
+        return ("lora_unet_" if unet else "lora_transformer_") + path.replace(".", "_")
+    prefix = {"text_encoder": "lora_te1_" if two_encoders else "lora_te_", "text_encoder_2": "lora_te2_"}[component]
     return prefix + ("text_model." + path.removeprefix("text_model.")).replace(".", "_")
 
 
@@ -64,13 +66,14 @@ def random_lora(pipe, path: str | Path, fmt: str = "kohya", *, where: Callable[[
         factors[key] = (up, down)
     out: dict[str, torch.Tensor] = {}
     deltas = {key: (alpha / rank) * (up @ down.flatten(1)).view(up.shape[0], *down.shape[1:]) for key, (up, down) in factors.items()}
-    if fmt == "kohya" and layout == "original" and family.key == "flux":
+    if fmt == "kohya" and layout == "original" and family.denoiser_folder == "transformer":  # sd-scripts' FLUX.1 names
         factors, deltas = _fuse_flux(factors, deltas, alpha, rank)
     for key, (up, down) in factors.items():
         conv = down.ndim == 4
         r = down.shape[0]
         if fmt == "kohya":
-            name = key if key.startswith("lora_unet_") else _kohya_name(family, key, blocks, layout)
+            name = key if key.startswith("lora_unet_") else _kohya_name(family, key, blocks, layout,
+                                                                        getattr(pipe, "text_encoder_2", None) is not None)
             out[f"{name}.lora_down.weight"] = down.contiguous()
             out[f"{name}.lora_up.weight"] = (up[:, :, None, None] if conv else up).contiguous()
             out[f"{name}.alpha"] = torch.tensor(alpha * r / rank)  # the same scale alpha / rank per original component
