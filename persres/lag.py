@@ -144,7 +144,7 @@ class LagSession:
     def end_evaluation(self) -> None:
         """Keep this evaluation's masks and average its maps over blocks (in the order blocks ran)."""
         total, count = None, 0
-        grids = {block: self._hw.get(block) or self._grid_of(maps.shape[-1]) for block, maps in self._maps.items()}
+        grids = {block: self._hw.get(block) or self._split(maps.shape[-1]) for block, maps in self._maps.items()}
         size = self.latent_hw or max(grids.values(), default=(1, 1), key=lambda hw: hw[0] * hw[1])
         for block, maps in self._maps.items():
             h, w = grids[block]
@@ -247,15 +247,7 @@ class LagSession:
     def _grid(self, x: torch.Tensor, n: int) -> tuple[int, int]:
         if x.ndim == 4:
             return x.shape[2], x.shape[3]
-        return self._grid_of(n)
-
-    def _grid_of(self, n: int) -> tuple[int, int]:
-        if self.latent_hw is None:
-            side = int(math.isqrt(n))
-            return side, n // side
-        lh, lw = self.latent_hw
-        factor = math.sqrt(lh * lw / n)
-        return round(lh / factor), round(lw / factor)
+        return self._split(n)
 
     def average_masks(self) -> dict[str, torch.Tensor]:
         """Each concept's region averaged over blocks and the steps its residual acts in

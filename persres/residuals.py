@@ -93,13 +93,21 @@ class LowRankResidual(nn.Module):
         return self.up @ self.down.flatten(1)  # (m, n) or (m, n * kh * kw)
 
     def forward(self, x: torch.Tensor, conv: nn.Conv2d | None) -> torch.Tensor:
-        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
-        if conv is not None:  # x: (B, n, H, W)
-            if down.ndim == 2:
-                down = down[:, :, None, None]
-            mid = F.conv2d(x, down, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
-            return F.conv2d(mid, up[:, :, None, None])
-        return F.linear(F.linear(x, down), up)  # x: (..., n)
+        return up_product(down_product(x, self.down.to(x.dtype), conv), self.up.to(x.dtype), conv)
+
+
+def down_product(x: torch.Tensor, down: torch.Tensor, conv: nn.Conv2d | None) -> torch.Tensor:
+    """B x, the low-rank code: x (..., n) -> (..., r); on a convolution x (B, n, H, W) -> (B, r, H', W'),
+    with the layer's stride, padding and dilation."""
+    if conv is None:
+        return F.linear(x, down)
+    return F.conv2d(x, down if down.ndim == 4 else down[:, :, None, None], stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation)
+
+
+def up_product(code: torch.Tensor, up: torch.Tensor, conv: nn.Conv2d | None) -> torch.Tensor:
+    """A code: (..., r) -> (..., m); on a convolution a 1x1 one, (B, r, H, W) -> (B, m, H, W)."""
+    return F.linear(code, up) if conv is None else F.conv2d(code, up[:, :, None, None])
 
 
 class ResidualLayer(nn.Module):
@@ -205,24 +213,18 @@ class ResidualLayer(nn.Module):
     def _several(self, x: torch.Tensor, acting) -> torch.Tensor:
         """Σ_k s_k M_k ⊙ (A_k B_k x) as two products: every B_k at once, each mask and strength on its
         r_k columns (a position's mask scales its whole low-rank code), every A_k at once."""
+        conv = self.base_layer if self.is_conv else None
         downs = torch.cat([r.down for r, _, _ in acting]).to(x.dtype)  # (Σr, n[, kh, kw])
         ups = torch.cat([r.up for r, _, _ in acting], dim=1).to(x.dtype)  # (m, Σr)
-        if self.is_conv:  # x: (B, n, H, W) -> code (B, Σr, H', W')
-            conv = self.base_layer
-            code = F.conv2d(x, downs if downs.ndim == 4 else downs[:, :, None, None], stride=conv.stride,
-                            padding=conv.padding, dilation=conv.dilation)
-            dim = 1
-        else:  # x: (..., n) -> code (..., Σr)
-            code = F.linear(x, downs)
-            dim = -1
+        code = down_product(x, downs, conv)  # (..., Σr) or (B, Σr, H', W')
+        dim = 1 if conv is not None else -1
         parts = code.split([r.up.shape[1] for r, _, _ in acting], dim=dim)
         scaled = []
         for part, (_, strength, mask) in zip(parts, acting):
             if mask is not None:
                 part = part * mask.to(x.dtype)
             scaled.append(part * strength if strength != 1.0 else part)
-        code = torch.cat(scaled, dim=dim)
-        return F.conv2d(code, ups[:, :, None, None]) if self.is_conv else F.linear(code, ups)
+        return up_product(torch.cat(scaled, dim=dim), ups, conv)
 
 
 class ResidualProjOut(ResidualLayer):
