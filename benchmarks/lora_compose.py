@@ -29,8 +29,9 @@ METHODS = ("summed", "lag", "n-pass", "two-phase")
 
 
 class FixedRegions:
-    """A `residuals.RegionSource` of masks fixed before the pass: (B, K, H, W) in {0, 1}, read at
-    each layer's resolution; layers that read the prompt get the concept's own token rows."""
+    """A `residuals.RegionSource` of masks fixed before the pass: (N, K, H, W) in {0, 1}, the same for
+    each half of a guided batch, read at each layer's resolution; layers that read the prompt get the
+    concept's own token rows."""
 
     def __init__(self, masks: torch.Tensor, names, positions, guided: bool):
         self.masks, self.index, self.positions, self.guided = masks, {n: k for k, n in enumerate(names)}, positions, guided
@@ -49,13 +50,14 @@ class FixedRegions:
             mask = x.new_zeros(x.shape[0], x.shape[1])
             mask[x.shape[0] // 2 if self.guided else 0:, [p for p in self.positions[concept] if p < x.shape[1]]] = 1
             return mask.unsqueeze(-1)
+        masks = self.masks[:, k : k + 1].repeat(x.shape[0] // self.masks.shape[0], 1, 1, 1)  # (B, 1, H, W)
         if x.ndim == 4:
-            return F.interpolate(self.masks[:, k : k + 1], size=x.shape[2:], mode="nearest").to(x.dtype)
+            return F.interpolate(masks, size=x.shape[2:], mode="nearest").to(x.dtype)
         if x.ndim != 3:
             return None
         lh, lw = self.masks.shape[2:]
         factor = math.sqrt(lh * lw / x.shape[1])
-        grid = F.interpolate(self.masks[:, k : k + 1], size=(round(lh / factor), round(lw / factor)), mode="nearest")
+        grid = F.interpolate(masks, size=(round(lh / factor), round(lw / factor)), mode="nearest")
         return grid.flatten(2).transpose(1, 2).to(x.dtype)  # (B, N, 1)
 
 
@@ -141,7 +143,7 @@ class Composer:
                     if not blocks:  # LAG's delay: the base model alone
                         return eps
                     now = {c: (session.mask_sums[c] - before.get(c, 0)) / blocks for c in names}
-                    regions = regions_of(now, names)[n:]  # (N, K, h, w): the cond half decides
+                    regions = regions_of(now, names)  # (N, K, h, w): the cond half's
                     for k, c in enumerate(names):
                         with use(self.copy, [c], merged=False):
                             eps = eps + regions[:, k : k + 1] * (guided(self.copy, x, t) - eps)
@@ -153,7 +155,7 @@ class Composer:
                     lag_regions(unet, tokens, guided=True, latent_hw=hw, keep_masks=True, multi=dataclasses.replace(multi, delay=0.0),
                                 steps=steps) as session:
                 loop(lambda i, x, t: guided(unet, x, t), prepass)
-            regions = regions_of(session.average_masks(), names)  # (2N, K, h, w)
+            regions = regions_of(session.average_masks(), names)  # (N, K, h, w): the cond half's
             source = FixedRegions(regions, names, {c.name: c.positions for c in tokens}, guided=True)
             wrappers = self.residuals.all_layers(self.copy).values()
             with use(self.copy, names, merged=False):

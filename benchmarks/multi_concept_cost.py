@@ -103,8 +103,8 @@ class NPass:
                 blocks = session.mask_counts - kept_before
                 if blocks:  # past the delay: one pass per concept, blended where its region is
                     for c in names:
-                        region = (session.mask_sums[c] - before.get(c, 0)) / blocks  # (2N, h, w): share of blocks
-                        mask = (region[n:] >= 0.5).to(eps.dtype)[:, None]  # (N, 1, h, w): the cond half decides
+                        region = (session.mask_sums[c] - before.get(c, 0)) / blocks  # (N, h, w): the cond half's share of blocks
+                        mask = (region >= 0.5).to(eps.dtype)[:, None]  # (N, 1, h, w)
                         self.use(c)
                         eps = eps + mask * (guided(self.plain_unet, x, t) - eps)
                 latents = scheduler.step(eps, t, latents).prev_sample

@@ -13,9 +13,10 @@ image tokens only: the text positions get M = 0. Several concepts: each has its 
 mask; where several masks are on, the concept with the highest max-normalized attention
 wins, so regions never overlap. Which tokens, what fraction of pixels and which maps
 define several concepts' regions is set by `MultiLagConfig` (measured on the toy world);
-one concept always gets the paper's rule. Under classifier-free guidance the batch is
-[unconditional, conditional] and the unconditional half has no concept tokens: the
-conditional half's regions serve both halves.
+one concept always gets the paper's rule. Under classifier-free guidance the batch is made of
+chunks, unconditional and conditional ([unconditional, conditional] in persres's own sampling; in
+whatever order a host such as ComfyUI says), and only the conditional chunk has concept tokens:
+its regions serve every chunk.
 """
 
 from __future__ import annotations
@@ -111,35 +112,44 @@ class LagSession:
         # several concepts: the base model alone lays out the first `delay` of the steps
         self.delayed = 0 if single or not steps else round(multi.delay * steps)
         self.evaluation = 0  # which UNet evaluation of the call is running (0-based)
+        self.step = 0  # which sampling step it belongs to (the evaluation's index unless told)
         self._started = False
-        self.guided = guided  # the batch is [unconditional, conditional] (classifier-free guidance)
+        # the batch's chunks, True where conditional: [unconditional, conditional] under classifier-free guidance
+        self.layout: tuple[bool, ...] = (False, True) if guided else (True,)
         self.latent_hw = latent_hw
         self.keep_masks = keep_masks
-        self._maps: dict[str, torch.Tensor] = {}  # block -> (B, K, N), this evaluation's, summed over its layers
+        self._maps: dict[str, torch.Tensor] = {}  # block -> (b, K, N), the conditional chunk's, summed over its layers
         self._hw: dict[str, tuple[int, int]] = {}  # block -> its grid (h, w)
-        self._regions: dict[str, torch.Tensor] = {}  # block -> (B, K, N), from its maps so far
-        self._previous: torch.Tensor | None = None  # (B, K, H, W) the previous evaluation's average over blocks
-        self._previous_regions: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> (B, K, h*w)
-        self.mask_sums: dict[str, torch.Tensor] = {}  # concept -> (B, h, w) summed regions, if keep_masks
+        self._regions: dict[str, torch.Tensor] = {}  # block -> (b, K, N), from its maps so far
+        self._previous: torch.Tensor | None = None  # (b, K, H, W) the previous evaluation's average over blocks
+        self._previous_regions: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> (b, K, h*w)
+        self.mask_sums: dict[str, torch.Tensor] = {}  # concept -> (b, h, w) summed regions, if keep_masks
         self.mask_counts = 0
 
     def record(self, block: str, maps: torch.Tensor) -> None:
-        if self.guided:  # (2B, K, N): [uncond, cond] -> the cond half's maps for both halves
-            cond = maps[maps.shape[0] // 2 :]
-            maps = torch.cat([cond, cond])
+        """maps: (B, K, N) of every chunk; the conditional chunk's are kept (an evaluation without one keeps none)."""
+        if True not in self.layout:
+            return
+        b = maps.shape[0] // len(self.layout)  # rows per chunk
+        first = self.layout.index(True)
+        maps = maps[first * b : (first + 1) * b]  # (b, K, N)
         if block in self._maps:  # several transformer layers in one block: sum them
             maps = self._maps[block] + maps
         self._maps[block] = maps
         self._regions.pop(block, None)
 
-    def begin_evaluation(self) -> None:
-        """A UNet evaluation starts (`lag_regions` calls this from a forward pre-hook on the UNet):
-        the maps gathered so far become the previous evaluation's."""
-        if not self._started:
-            self._started = True
-            return
-        self.end_evaluation()
-        self.evaluation += 1
+    def begin_evaluation(self, step: int | None = None, layout: Sequence[bool] | None = None) -> None:
+        """A UNet evaluation starts (`lag_regions` calls this from a forward pre-hook on the UNet; a host's
+        sampler wrapper may say which step it belongs to and its batch's chunks, True where conditional):
+        the maps gathered so far become the previous evaluation's. An evaluation without a conditional
+        chunk (a host that runs the unconditional batch alone) takes the previous evaluation's regions."""
+        if layout is not None:
+            self.layout = tuple(bool(c) for c in layout)
+        if self._started:
+            self.end_evaluation()
+            self.evaluation += 1
+        self._started = True
+        self.step = self.evaluation if step is None else step
 
     def end_evaluation(self) -> None:
         """Keep this evaluation's masks and average its maps over blocks (in the order blocks ran)."""
@@ -151,7 +161,7 @@ class LagSession:
             grid = F.interpolate(maps.float().view(*maps.shape[:2], h, w), size=size, mode="bilinear",
                                  align_corners=False)  # (B, K, H, W)
             total, count = (grid if total is None else total + grid), count + 1
-            if self.keep_masks and self.evaluation >= self.delayed:  # where residuals act, while they act
+            if self.keep_masks and self.step >= self.delayed:  # where residuals act, while they act
                 self._keep(self._block_regions(block, h, w), h, w)
         if total is not None:
             self._previous = total / count
@@ -174,27 +184,29 @@ class LagSession:
         concept not in the prompt, the several-concept delay)."""
         if concept in self.everywhere:
             return EVERYWHERE
-        if concept not in self.index or block not in self._maps:
+        if concept not in self.index:
             return None
-        h, w = self._hw[block] = self._grid(x, self._maps[block].shape[-1])
-        if self.evaluation < self.delayed:
+        if block in self._maps:
+            h, w = self._hw[block] = self._grid(x, self._maps[block].shape[-1])
+        if self.step < self.delayed:
             return None  # the base model alone lays out these steps: no residual acts, none is computed
+        if block not in self._maps:  # no maps of this block: an unconditional-only evaluation reads the previous one's
+            return self._previous_region(self.index[concept], x) if True not in self.layout else None
         return self._shaped(self._block_regions(block, h, w)[:, self.index[concept]], x)
 
     def layer_region(self, layer, concept: str, x: torch.Tensor):
         """Any other layer's mask for the concept, against its output `x` (see the class doc)."""
         if concept in self.everywhere:
             return EVERYWHERE
-        if concept not in self.index or self.evaluation < self.delayed:
+        if concept not in self.index or self.step < self.delayed:
             return None
         k = self.index[concept]
-        if layer.text:  # x: (B, T, C): the concept's own token rows, of the conditional half
+        if layer.text:  # x: (B, T, C): the concept's own token rows, of the conditional chunk(s)
             if x.ndim != 3:
                 return None
-            mask = x.new_zeros(x.shape[0], x.shape[1])
-            rows = slice(x.shape[0] // 2, None) if self.guided else slice(None)
-            mask[rows, [p for p in self.concepts[k].positions if p < x.shape[1]]] = 1
-            return mask.unsqueeze(-1)
+            mask = x.new_zeros(len(self.layout), x.shape[0] // len(self.layout), x.shape[1])  # (chunks, b, T)
+            mask[[i for i, c in enumerate(self.layout) if c], :, [p for p in self.concepts[k].positions if p < x.shape[1]]] = 1
+            return mask.view(x.shape[0], x.shape[1], 1)
         if x.ndim == 4:
             h, w = x.shape[2], x.shape[3]
         elif x.ndim == 3:
@@ -202,19 +214,26 @@ class LagSession:
         else:
             return None  # no positions (time embeddings, modulation): its change cannot be kept to a region
         if layer.block in self._maps and self._maps[layer.block].shape[-1] == h * w:
-            regions = self._block_regions(layer.block, h, w)  # its block's cross-attention has run
-        elif self._previous is not None:
-            regions = self._previous_regions.get((h, w))
-            if regions is None:
-                maps = F.interpolate(self._previous, size=(h, w), mode="area").flatten(2)  # (B, K, h*w)
-                regions = self._previous_regions[(h, w)] = regions_from_maps(maps, self.coverage, self.conflict)
-        else:
-            return None  # the first evaluation, before any map of this layer's resolution
+            return self._shaped(self._block_regions(layer.block, h, w)[:, k], x)  # its block's cross-attention has run
+        return self._previous_region(k, x, (h, w))  # None on the first evaluation, before any map of this resolution
+
+    def _previous_region(self, k: int, x: torch.Tensor, hw: tuple[int, int] | None = None):
+        """Concept k's region from the previous evaluation's maps of every block, at x's grid `hw`; None before any."""
+        if self._previous is None:
+            return None
+        hw = hw or ((x.shape[2], x.shape[3]) if x.ndim == 4 else self._split(x.shape[1]))
+        regions = self._previous_regions.get(hw)
+        if regions is None:
+            maps = F.interpolate(self._previous, size=hw, mode="area").flatten(2)  # (b, K, h*w)
+            regions = self._previous_regions[hw] = regions_from_maps(maps, self.coverage, self.conflict)
         return self._shaped(regions[:, k], x)
 
     @staticmethod
     def _shaped(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """mask (B, N) to broadcast against x: (B, 1, H, W), (B, N, 1), or (B, T + N, 1) with 0 on the T text tokens."""
+        """mask (b, N) of one chunk to broadcast against x of every chunk: (B, 1, H, W), (B, N, 1), or (B, T + N, 1)
+        with 0 on the T text tokens."""
+        if x.shape[0] != mask.shape[0]:
+            mask = mask.repeat(x.shape[0] // mask.shape[0], 1)  # (B, N): the conditional chunk's for every chunk
         if x.ndim == 4:
             return mask.view(x.shape[0], 1, x.shape[2], x.shape[3])
         text = x.shape[1] - mask.shape[1]  # a joint sequence [T text, N image]: no residual on text
@@ -251,7 +270,7 @@ class LagSession:
 
     def average_masks(self) -> dict[str, torch.Tensor]:
         """Each concept's region averaged over blocks and the steps its residual acts in
-        (after the several-concept delay): (B, h, w) in [0, 1]."""
+        (after the several-concept delay): (b, h, w) in [0, 1], one per image of the conditional chunk."""
         return {name: s / max(self.mask_counts, 1) for name, s in self.mask_sums.items()}
 
 

@@ -190,7 +190,7 @@ class ResidualLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        acting = []  # (residual, strength, mask or None)
+        acting = []  # (up, down, strength, mask or None)
         for name, residual in self.residuals.items():
             if name in self.merged or (self.active is not None and name not in self.active):
                 continue
@@ -199,32 +199,33 @@ class ResidualLayer(nn.Module):
                 mask = self.region(name, out)
                 if mask is None:
                     continue  # this residual acts nowhere now: not computed
-            acting.append((residual, self.strengths.get(name, 1.0), None if mask is EVERYWHERE else mask))
-        if len(acting) == 1:
-            residual, strength, mask = acting[0]
-            delta = residual(x, self.base_layer if self.is_conv else None)
-            if strength != 1.0:
-                delta = delta * strength
-            return out + (delta if mask is None else delta * mask.to(x.dtype))
+            acting.append((residual.up, residual.down, self.strengths.get(name, 1.0), None if mask is EVERYWHERE else mask))
         if acting:
-            out = out + self._several(x, acting)
+            out = out + residual_sum(x, acting, self.base_layer if self.is_conv else None)
         return out
 
-    def _several(self, x: torch.Tensor, acting) -> torch.Tensor:
-        """Σ_k s_k M_k ⊙ (A_k B_k x) as two products: every B_k at once, each mask and strength on its
-        r_k columns (a position's mask scales its whole low-rank code), every A_k at once."""
-        conv = self.base_layer if self.is_conv else None
-        downs = torch.cat([r.down for r, _, _ in acting]).to(x.dtype)  # (Σr, n[, kh, kw])
-        ups = torch.cat([r.up for r, _, _ in acting], dim=1).to(x.dtype)  # (m, Σr)
-        code = down_product(x, downs, conv)  # (..., Σr) or (B, Σr, H', W')
-        dim = 1 if conv is not None else -1
-        parts = code.split([r.up.shape[1] for r, _, _ in acting], dim=dim)
-        scaled = []
-        for part, (_, strength, mask) in zip(parts, acting):
-            if mask is not None:
-                part = part * mask.to(x.dtype)
-            scaled.append(part * strength if strength != 1.0 else part)
-        return up_product(torch.cat(scaled, dim=dim), ups, conv)
+
+def residual_sum(x: torch.Tensor, acting, conv: nn.Conv2d | None) -> torch.Tensor:
+    """Σ_k s_k M_k ⊙ (A_k B_k x) for `acting` = [(A (m, r), B (r, n[, kh, kw]), s, M or None)], M broadcast
+    against the layer's output. Several as two products: every B_k at once, each mask and strength on
+    its r_k columns (a position's mask scales its whole low-rank code), every A_k at once."""
+    if len(acting) == 1:
+        up, down, strength, mask = acting[0]
+        delta = up_product(down_product(x, down.to(x.dtype), conv), up.to(x.dtype), conv)
+        if strength != 1.0:
+            delta = delta * strength
+        return delta if mask is None else delta * mask.to(x.dtype)
+    downs = torch.cat([down for _, down, _, _ in acting]).to(x.dtype)  # (Σr, n[, kh, kw])
+    ups = torch.cat([up for up, _, _, _ in acting], dim=1).to(x.dtype)  # (m, Σr)
+    code = down_product(x, downs, conv)  # (..., Σr) or (B, Σr, H', W')
+    dim = 1 if conv is not None else -1
+    parts = code.split([up.shape[1] for up, _, _, _ in acting], dim=dim)
+    scaled = []
+    for part, (_, _, strength, mask) in zip(parts, acting):
+        if mask is not None:
+            part = part * mask.to(x.dtype)
+        scaled.append(part * strength if strength != 1.0 else part)
+    return up_product(torch.cat(scaled, dim=dim), ups, conv)
 
 
 class ResidualProjOut(ResidualLayer):
