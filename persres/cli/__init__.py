@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Each module registers its commands on the app.
-MODULES = ("train", "gen", "concepts", "train_many", "bench", "ui")
+MODULES = ("train", "gen", "concepts", "train_many", "bench", "ui", "comfyui")
 # The module that registers each top-level command, in the order help lists them
 # (tests/test_startup.py checks it against the app).
 COMMAND_MODULES = {
@@ -23,6 +23,7 @@ COMMAND_MODULES = {
     "ui": "ui",
     "config": "concepts",
     "bench": "bench",
+    "comfyui": "comfyui",
 }
 
 

@@ -33,7 +33,7 @@ PIPELINES = tuple(dict.fromkeys(f.pipeline for f in FAMILIES.values()))
 ATTRIBUTE = "persres_family"  # where a loaded pipeline carries its family
 
 __all__ = ["DETECTION", "FAMILIES", "FLUX_RANK_RATIO", "Family", "PIPELINES", "denoiser", "get", "label", "of", "of_checkpoint", "of_config",
-           "of_meta", "of_pipeline_class"]
+           "of_comfyui", "of_meta", "of_pipeline_class"]
 
 
 def get(key: str) -> Family:
@@ -81,6 +81,11 @@ def of_meta(meta) -> Family:
     if recorded in FAMILIES:
         return FAMILIES[recorded]
     return next(f for f in DETECTION if f.matches_legacy_pack(meta))
+
+
+def of_comfyui(config_name: str) -> Family | None:
+    """The family of a ComfyUI model config (its `comfy.supported_models` class name), or None."""
+    return next((f for f in FAMILIES.values() if config_name in f.comfyui_models), None)
 
 
 def described(last: str = " or ") -> str:

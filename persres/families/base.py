@@ -47,6 +47,8 @@ class Family:
     kohya_text_prefixes: tuple[tuple[str, str], ...] = (("text_encoder", "lora_te_"), ("text_encoder", "lora_te1_"))
     # (text encoder, its tokenizer) whose per-token states the denoiser reads at the region tokenizer's positions
     sequence_encoders: tuple[tuple[str, str], ...] = (("text_encoder", "tokenizer"),)
+    # ComfyUI's model configs of this family (`comfy.supported_models` class names) its nodes take
+    comfyui_models: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"<family {self.key}>"

@@ -182,10 +182,10 @@ def sgm_name(block: str, depth: int) -> str:
 
 
 SD1 = StableDiffusion("sd1", "SD 1.x", "StableDiffusionPipeline", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd_v1",
-                      "stable-diffusion-v1", 512)
+                      "stable-diffusion-v1", 512, comfyui_models=("SD15",))
 SD2 = StableDiffusion("sd2", "SD 2.x", "StableDiffusionPipeline", "stabilityai/stable-diffusion-2-1", "sd_v2",
                       "stable-diffusion-v2-512", 512, kohya_v2=True, v_modelspec="stable-diffusion-v2-768-v", linear_proj=True,
-                      checkpoint_prefix="cond_stage_model.model.")
+                      checkpoint_prefix="cond_stage_model.model.", comfyui_models=("SD20",))
 
 
 def _resnet_to_ldm(key: str) -> str:

@@ -62,4 +62,5 @@ class StableDiffusionXL(StableDiffusion):
 SDXL = StableDiffusionXL("sdxl", "SDXL", "StableDiffusionXLPipeline", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl_base_v1-0",
                          "stable-diffusion-xl-v1-base", 1024, implementation="https://github.com/Stability-AI/generative-models",
                          linear_proj=True, kohya_text_prefixes=(("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")),
-                         sequence_encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")))
+                         sequence_encoders=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
+                         comfyui_models=("SDXL", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B"))

@@ -70,6 +70,14 @@ def maps_from_lse(q, k, lse, token_sets: TokenSets, scale: float) -> torch.Tenso
     return torch.stack(per_set, dim=1).mean(dim=2)
 
 
+def token_maps(q, k, token_sets: TokenSets, scale: float | None = None) -> torch.Tensor:
+    """The token-summed maps alone, for attention another module computes (a host's own): the
+    log-sum-exp in plain torch, then `maps_from_lse`. q: (B, heads, Nq, d); k: (B, heads, Nk, d) -> (B, S, Nq)"""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    lse = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)  # (B, heads, Nq)
+    return maps_from_lse(q, k, lse, token_sets, scale)
+
+
 def _torch_lse(q, k, v, scale: float):
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     lse = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)  # (B, heads, Nq)

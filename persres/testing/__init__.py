@@ -182,15 +182,10 @@ def _vae_to_ldm(key: str, levels: int) -> str:
     return re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", key)
 
 
-def save_original_layout(model_dir: str | Path, path: str | Path) -> Path:
-    """An SD 1.x diffusers directory as one original-layout (CompVis/LDM) .safetensors file, the
-    kind AUTOMATIC1111 and ComfyUI users keep: for testing single-file loading offline."""
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
-
+def original_layout(pipe) -> dict[str, torch.Tensor]:
+    """An SD 1.x pipeline's weights named as an original-layout (CompVis/LDM) checkpoint names them."""
     from persres.families.sd import ldm_key
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     depth, levels = pipe.unet.config.layers_per_block, len(pipe.vae.config.block_out_channels)
     unet = pipe.unet.state_dict()
     attention_levels = {int(k.split(".")[1]) for k in unet if k.startswith("up_blocks.") and ".attentions." in k}
@@ -201,8 +196,18 @@ def save_original_layout(model_dir: str | Path, path: str | Path) -> Path:
         out[f"first_stage_model.{_vae_to_ldm(k, levels)}"] = v
     for k, v in pipe.text_encoder.state_dict().items():  # transformers 5 dropped the text_model level; checkpoints keep it
         out[f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}"] = v
+    return out
+
+
+def save_original_layout(model_dir: str | Path, path: str | Path) -> Path:
+    """An SD 1.x diffusers directory as one original-layout (CompVis/LDM) .safetensors file, the
+    kind AUTOMATIC1111 and ComfyUI users keep: for testing single-file loading offline."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     path = Path(path)
-    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+    save_file({k: v.contiguous() for k, v in original_layout(pipe).items()}, str(path))
     return path
 
 

@@ -1,0 +1,141 @@
+"""persres's ComfyUI nodes, run inside ComfyUI's own core (`../shared/comfyui` or COMFYUI_PATH).
+
+A small SD1.5-layout checkpoint (full-size CLIP ViT-L and VAE, random weights) is loaded by both
+sides: ComfyUI's CheckpointLoaderSimple, and persres from the same weights in diffusers form.
+Concepts: "rex" (a proj_out LoRA imported into the registry: a persres pack), "toycat" (a kohya
+LoRA of every attention and feed-forward layer, trigger words "zwx cat", in ComfyUI's loras folder;
+imported into the registry too as "toycat-imported", persres's own reading of the same file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+import torch
+
+from persres.testing.comfyui import build_checkpoint, comfyui_path, run_prompt, start
+
+COMFY = comfyui_path()
+pytestmark = pytest.mark.skipif(COMFY is None, reason="ComfyUI's core is not here (../shared/comfyui, or set COMFYUI_PATH)")
+
+PROMPT = "a photo of V1 dog and V2 cat"
+CONCEPTS = "rex, toycat:0.8"
+
+
+def attention_and_ff(key: str) -> bool:
+    return key.startswith("unet.") and ".transformer_blocks." in key
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    """ComfyUI with persres's nodes installed by `persres comfyui install` and loaded by ComfyUI's own loader,
+    the checkpoint in its checkpoints folder, two concepts, and the persres workspace of the same weights."""
+    from typer.testing import CliRunner
+
+    from persres.cli import app
+    from persres.testing.loras import random_lora
+    from persres.workspace import Workspace
+
+    base = tmp_path_factory.mktemp("comfyui")
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PERSRES_HOME", str(home))
+        c = start(COMFY, base)
+        install_root = tmp_path_factory.mktemp("ComfyUI")
+        (install_root / "comfy").symlink_to(COMFY / "comfy")
+        (install_root / "nodes.py").symlink_to(COMFY / "nodes.py")
+        result = CliRunner().invoke(app, ["comfyui", "install", str(install_root)])
+        assert result.exit_code == 0, result.output
+        assert asyncio.run(c.nodes.load_custom_node(str(install_root / "custom_nodes" / "persres")))
+        diffusers_dir, checkpoint = build_checkpoint(tmp_path_factory.mktemp("model"))
+        for folder in ("checkpoints", "loras"):
+            (c.base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        checkpoint.rename(c.base / "models" / "checkpoints" / checkpoint.name)
+        c.ws = Workspace(str(diffusers_dir), precision="fp32")
+        pipe = c.ws.pipeline()
+        random_lora(pipe, base / "rex.safetensors", where=lambda k: k.startswith("unet.") and k.endswith("proj_out"), seed=1, scale=0.3)
+        c.ws.import_concept(base / "rex.safetensors", name="rex", class_word="dog", identifier="sks")
+        toycat = c.base / "models" / "loras" / "toycat.safetensors"
+        random_lora(pipe, toycat, where=attention_and_ff, seed=2, scale=0.2, metadata={"modelspec.trigger_phrase": "zwx cat"})
+        c.ws.import_concept(toycat, name="toycat-imported", identifier="zwx")  # persres's own reading of the same file
+        c.install_root, c.checkpoint, c.home = install_root, checkpoint.name, home
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def module_home(request, monkeypatch):
+    """The nodes read the registry PERSRES_HOME names: this module's, where its concepts are."""
+    if "comfy" in request.fixturenames:
+        monkeypatch.setenv("PERSRES_HOME", str(request.getfixturevalue("comfy").home))
+
+
+def test_the_nodes_load_through_comfyuis_own_loader(comfy):
+    from persres.comfyui.install import workflows
+
+    assert {"PersresConcepts", "PersresRegions"} <= set(comfy.nodes.NODE_CLASS_MAPPINGS)
+    assert comfy.nodes.NODE_CLASS_MAPPINGS["PersresConcepts"].RELATIVE_PYTHON_MODULE == "custom_nodes.persres"
+    shipped = comfy.install_root / "custom_nodes" / "persres" / "example_workflows"
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(workflows())
+
+
+def checkpoint_model(comfy):
+    return comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy.checkpoint)[:2]
+
+
+def sample(comfy, model, positive, clip, steps=4, seed=1, cfg=5.0, sampler="euler"):
+    (negative,) = comfy.nodes.CLIPTextEncode().encode(clip, "")
+    (latent,) = comfy.nodes.EmptyLatentImage().generate(64, 64, 1)
+    (out,) = comfy.nodes.KSampler().sample(model, seed, steps, cfg, sampler, "normal", positive, negative, latent)
+    return out["samples"]
+
+
+class Recorder:
+    """A diffusion-model wrapper that keeps what each evaluation got and gave."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, executor, x, timesteps, context, *args, **kwargs):
+        out = executor(x, timesteps, context, *args, **kwargs)
+        options = kwargs.get("transformer_options", args[2] if len(args) > 2 else {})
+        self.calls.append((x.clone(), timesteps.clone(), context.clone(), list(options["cond_or_uncond"]), out.clone()))
+        return out
+
+
+def test_each_evaluation_equals_persress_own_lag_evaluation(comfy):
+    """The same checkpoint, latents, timesteps, conditioning and concepts: the node's UNet output and
+    regions equal persres's LAG evaluation (fp32 tolerance), one evaluation per step."""
+    from comfy.patcher_extension import WrappersMP
+
+    from persres import layers, residuals
+    from persres.comfyui.apply import ComfyTokens, apply_concepts, regions
+    from persres.lag import lag_regions
+    from persres.sample import concept_tokens
+
+    model, clip = checkpoint_model(comfy)
+    patched, positive = apply_concepts(model, clip, PROMPT, CONCEPTS, lag=True)
+    recorder = Recorder()
+    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test", recorder)
+    sample(comfy, patched, positive, clip, steps=4)
+    assert len(recorder.calls) == 4 and all(c[3] == [1, 0] for c in recorder.calls)  # one evaluation per step, [uncond, cond]
+
+    pipe = comfy.ws.pipeline()
+    names = ["rex", "toycat-imported"]
+    comfy.ws.apply_concepts(names)
+    prompt = PROMPT.replace("V1", "sks").replace("V2", "zwx")
+    bound = [comfy.ws.registry.get(n).bound() for n in names]
+    tokens = concept_tokens(pipe.tokenizer, prompt, bound)
+    assert [t.positions for t in tokens] == [t.positions for t in concept_tokens(ComfyTokens(clip, prompt), prompt, bound)]
+    changed = torch.nn.ModuleList(layers.components(pipe).values())
+    with torch.no_grad(), residuals.use_concepts(changed, names, merged=False, strengths={"toycat-imported": 0.8}), \
+            lag_regions(pipe.unet, tokens, guided=True, latent_hw=(8, 8), keep_masks=True, steps=4) as session:
+        for x, t, context, _, out in recorder.calls:
+            ours = pipe.unet(x, t, encoder_hidden_states=context).sample
+            torch.testing.assert_close(out, ours, rtol=1e-4, atol=1e-4)
+    theirs = list(regions(patched).values())
+    mine = [session.average_masks()[n] for n in names]
+    assert len(theirs) == 2 and all(torch.equal(a, b) for a, b in zip(theirs, mine))
+    assert 0 < float(mine[0].mean()) < 1 and not torch.equal(mine[0], mine[1])  # two regions, not everywhere
