@@ -139,3 +139,113 @@ def test_each_evaluation_equals_persress_own_lag_evaluation(comfy):
     mine = [session.average_masks()[n] for n in names]
     assert len(theirs) == 2 and all(torch.equal(a, b) for a, b in zip(theirs, mine))
     assert 0 < float(mine[0].mean()) < 1 and not torch.equal(mine[0], mine[1])  # two regions, not everywhere
+
+
+def workflow(name: str, comfy, **inputs) -> dict:
+    """A shipped example workflow with this test's checkpoint and concepts, and a small image."""
+    from persres.comfyui.install import workflows
+
+    prompt = json.loads(workflows()[name])
+    for node in prompt.values():
+        kind, given = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            given["ckpt_name"] = comfy.checkpoint
+        elif kind == "EmptyLatentImage":
+            given.update(width=64, height=64)
+        elif kind == "KSampler":
+            given["steps"] = 3
+        elif kind == "PersresConcepts":
+            given.update(inputs)
+    return prompt
+
+
+@pytest.mark.parametrize("name, concepts", [("persres-one-concept.json", "rex"), ("persres-two-concepts.json", CONCEPTS)])
+def test_the_example_workflows_run_in_comfyuis_executor_and_write_images(comfy, name, concepts):
+    before = set((comfy.base / "output").glob("*.png")) if (comfy.base / "output").is_dir() else set()
+    ok, messages = run_prompt(comfy, workflow(name, comfy, concepts=concepts))
+    assert ok, [m for m in messages if m[0] == "execution_error"]
+    written = set((comfy.base / "output").glob("*.png")) - before
+    assert len(written) == sum(node["class_type"] == "SaveImage" for node in workflow(name, comfy).values())
+
+
+def test_the_patch_is_gone_after_sampling(comfy):
+    """The checkpoint's own model samples exactly as before once the concepts' clone has sampled."""
+    from persres.comfyui.apply import apply_concepts
+    from persres.comfyui.patch import LagForward
+
+    model, clip = checkpoint_model(comfy)
+    (positive,) = comfy.nodes.CLIPTextEncode().encode(clip, "a photo of sks dog and zwx cat")
+    before = sample(comfy, model, positive, clip)
+    patched, positive_bound = apply_concepts(model, clip, PROMPT, CONCEPTS, lag=True)
+    with_concepts = sample(comfy, patched, positive_bound, clip)
+    assert not torch.allclose(with_concepts, before, atol=1e-3)
+    after = sample(comfy, model, positive, clip)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    modules = dict(model.model.named_modules())
+    assert not any(isinstance(getattr(m, "forward", None), LagForward) for m in modules.values())
+    assert "patches_replace" not in model.model_options["transformer_options"]
+
+
+def test_another_node_packs_attn2_replacement_is_chained(comfy):
+    from comfy.ldm.modules.attention import optimized_attention
+
+    from persres.comfyui.apply import apply_concepts, transformers
+
+    model, clip = checkpoint_model(comfy)
+    calls = []
+
+    def theirs(q, k, v, extra_options):
+        calls.append(extra_options["block"])
+        return optimized_attention(q, k, v, extra_options["n_heads"]) * 0.5
+
+    other = model.clone()
+    (kind, number), _ = next(iter(transformers(model).items()))
+    other.set_model_attn2_replace(theirs, kind, number)
+    patched, positive = apply_concepts(other, clip, PROMPT, CONCEPTS, lag=True)
+    alone, _ = apply_concepts(model, clip, PROMPT, CONCEPTS, lag=True)
+    assert not torch.allclose(sample(comfy, patched, positive, clip), sample(comfy, alone, positive, clip), atol=1e-3)
+    assert len(calls) == 4  # their replacement ran in every evaluation, under ours
+
+
+def test_lag_off_is_comfyuis_own_lora_loading(comfy):
+    """Without LAG a concept file acts everywhere, exactly as ComfyUI's LoraLoader applies it."""
+    from persres.comfyui.apply import apply_concepts
+
+    model, clip = checkpoint_model(comfy)
+    patched, positive = apply_concepts(model, clip, "a photo of zwx cat", "toycat:0.8", lag=False)
+    loaded, loaded_clip = comfy.nodes.LoraLoader().load_lora(model, clip, "toycat.safetensors", 0.8, 0.8)
+    (plain,) = comfy.nodes.CLIPTextEncode().encode(loaded_clip, "a photo of zwx cat")
+    torch.testing.assert_close(positive[0][0], plain[0][0])
+    torch.testing.assert_close(sample(comfy, patched, positive, clip), sample(comfy, loaded, plain, clip), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("text, concepts, said", [
+    (PROMPT, "rex,,toycat", "has an empty entry"),
+    (PROMPT, "rex, nosuch", "unknown concept 'nosuch'"),
+    (PROMPT, "rex:9, toycat", "strength of 'rex' must be a number from 0 to 2"),
+    ("a photo of V3 dog", CONCEPTS, "V3 is not bound"),
+    ("a photo of a dog", "rex", "concept 'rex' is not in the prompt"),
+])
+def test_bad_input_is_refused_in_one_line_before_anything_runs(comfy, text, concepts, said):
+    ok, messages = run_prompt(comfy, workflow("persres-two-concepts.json", comfy, text=text, concepts=concepts))
+    assert not ok and [m[0] for m in messages] == ["validation"]
+    errors = [e for node in messages[0][1]["node_errors"].values() for e in node["errors"]]
+    assert errors and all(e["type"] == "custom_validation_failed" for e in errors)
+    assert all(said in e["details"] and "\n" not in e["details"] for e in errors)
+
+
+def test_a_concept_of_another_family_fails_in_one_line_and_the_registry_is_kept(comfy, tmp_path):
+    from persres.testing import build_tiny_xl_pipeline
+    from persres.testing.loras import random_lora
+    from persres.workspace import Workspace
+
+    xl = Workspace(str(build_tiny_xl_pipeline(tmp_path / "xl")), home=comfy.home, precision="fp32")
+    random_lora(xl.pipeline(), tmp_path / "xl.safetensors", where=lambda k: k.startswith("unet.") and k.endswith("proj_out"))
+    xl.import_concept(tmp_path / "xl.safetensors", name="xlthing", class_word="robot", identifier="pmj")
+    names = comfy.ws.registry.names()
+    ok, messages = run_prompt(comfy, workflow("persres-one-concept.json", comfy, text="a pmj robot", concepts="xlthing"))
+    assert not ok
+    error = next(data for kind, data in messages if kind == "execution_error")
+    assert error["exception_type"] == "persres.errors.IncompatiblePack"
+    assert error["exception_message"].strip() == "persres concept 'xlthing' was made for SDXL; this model is SD 1.x"
+    assert comfy.ws.registry.names() == names and xl.registry.get("xlthing").meta.family == "sdxl"
