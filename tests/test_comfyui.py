@@ -98,10 +98,11 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, executor, x, timesteps, context, *args, **kwargs):
-        out = executor(x, timesteps, context, *args, **kwargs)
-        options = kwargs.get("transformer_options", args[2] if len(args) > 2 else {})
-        self.calls.append((x.clone(), timesteps.clone(), context.clone(), list(options["cond_or_uncond"]), out.clone()))
+    def __call__(self, executor, x, timesteps, context, y, *args, **kwargs):
+        out = executor(x, timesteps, context, y, *args, **kwargs)
+        options = kwargs.get("transformer_options", args[1] if len(args) > 1 else {})
+        self.calls.append((x.clone(), timesteps.clone(), context.clone(), list(options["cond_or_uncond"]), out.clone(),
+                           None if y is None else y.clone()))
         return out
 
 
@@ -132,7 +133,7 @@ def test_each_evaluation_equals_persress_own_lag_evaluation(comfy):
     changed = torch.nn.ModuleList(layers.components(pipe).values())
     with torch.no_grad(), residuals.use_concepts(changed, names, merged=False, strengths={"toycat-imported": 0.8}), \
             lag_regions(pipe.unet, tokens, guided=True, latent_hw=(8, 8), keep_masks=True, steps=4) as session:
-        for x, t, context, _, out in recorder.calls:
+        for x, t, context, _, out, _ in recorder.calls:
             ours = pipe.unet(x, t, encoder_hidden_states=context).sample
             torch.testing.assert_close(out, ours, rtol=1e-4, atol=1e-4)
     theirs = list(regions(patched).values())
@@ -249,3 +250,58 @@ def test_a_concept_of_another_family_fails_in_one_line_and_the_registry_is_kept(
     assert error["exception_type"] == "persres.errors.IncompatiblePack"
     assert error["exception_message"].strip() == "persres concept 'xlthing' was made for SDXL; this model is SD 1.x"
     assert comfy.ws.registry.names() == names and xl.registry.get("xlthing").meta.family == "sdxl"
+
+
+def test_sdxl_blocks_of_several_layers_equal_persress_own_lag_evaluation(comfy, tmp_path):
+    """An SDXL-family UNet (2 and 5 transformer layers per block, Linear proj_out, size conditioning):
+    ComfyUI's evaluation with LAG equals persres's, at every step; masks equal."""
+    from comfy.patcher_extension import WrappersMP
+    from comfy.sd import load_diffusion_model_state_dict
+
+    from persres import residuals
+    from persres.comfyui.apply import check_family, family_of, lag_model, lora_patches, sources
+    from persres.lag import ConceptTokens, lag_regions
+    from persres.testing.comfyui import build_sdxl_distilled
+    from persres.testing.loras import random_lora
+    from persres.workspace import Workspace
+
+    xl = Workspace(str(build_sdxl_distilled(tmp_path / "xl")), precision="fp32")
+    pipe = xl.pipeline()
+    files = {"xlrex": ("proj_out", "sks dog"), "xlcat": ("transformer_blocks", "zwx cat")}
+    for seed, (name, (part, trigger)) in enumerate(files.items()):
+        path = comfy.base / "models" / "loras" / f"{name}.safetensors"
+        random_lora(pipe, path, where=lambda k: k.startswith("unet.") and part in k, seed=seed, scale=0.2, layout="original",
+                    metadata={"modelspec.trigger_phrase": trigger})
+        xl.import_concept(path, name=f"{name}-imported", identifier=trigger.split()[0])
+    model = load_diffusion_model_state_dict({k: v.clone() for k, v in pipe.unet.state_dict().items()})
+    tokens = [ConceptTokens("xlrex", (4, 5), (5,)), ConceptTokens("xlcat", (7, 8), (8,))]
+    found = sources()
+    loaded = [found.concept(found.bound(name)) for name in files]
+    check_family(loaded, family_of(model))
+    patched = lag_model(model, loaded, [lora_patches(c, comfy_keys(model), {})[0] for c in loaded], tokens)
+    recorder = Recorder()
+    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test", recorder)
+    gen = torch.Generator().manual_seed(0)
+    conds = [[[torch.randn(1, 77, 2048, generator=gen), {"pooled_output": torch.randn(1, 1280, generator=gen)}]] for _ in range(2)]
+    (latent,) = comfy.nodes.EmptyLatentImage().generate(64, 64, 1)
+    comfy.nodes.KSampler().sample(patched, 1, 3, 5.0, "euler", "normal", conds[0], conds[1], latent)
+    assert len(recorder.calls) == 3
+
+    names = [f"{n}-imported" for n in files]
+    xl.apply_concepts(names)
+    pipe.unet.add_time_proj = torch.nn.Identity()  # ComfyUI hands over the size embedding already made: y = [pooled, sizes]
+    renamed = [ConceptTokens(n, t.positions, t.class_positions) for n, t in zip(names, tokens)]
+    with torch.no_grad(), residuals.use_concepts(pipe.unet, names, merged=False), \
+            lag_regions(pipe.unet, renamed, guided=True, latent_hw=(8, 8), keep_masks=True, steps=3) as session:
+        for x, t, context, _, out, y in recorder.calls:
+            added = {"text_embeds": y[:, :1280], "time_ids": y[:, 1280:]}
+            ours = pipe.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+            torch.testing.assert_close(out, ours, rtol=1e-4, atol=1e-4)
+    theirs = list(patched.get_attachment("persres").masks.values())
+    assert all(torch.equal(a, session.average_masks()[n]) for a, n in zip(theirs, names))
+
+
+def comfy_keys(model):
+    from comfy.lora import model_lora_keys_unet
+
+    return model_lora_keys_unet(model.model, {})

@@ -147,9 +147,7 @@ def apply_concepts(model, clip, text: str, concepts: str, lag: bool = True, foun
     found = found or sources()
     prompt, bound = bind(text, parse(concepts), found)
     loaded = [found.concept(b) for b in bound]
-    for concept in loaded:
-        if concept.family is not None and concept.family is not family:
-            raise IncompatiblePack(f"{concept.source} was made for {concept.family.label}; this model is {family.label}")
+    check_family(loaded, family)
     unet_keys = comfy.lora.model_lora_keys_unet(model.model, {})
     clip_keys = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
     patches = [lora_patches(c, unet_keys, clip_keys) for c in loaded]
@@ -160,17 +158,30 @@ def apply_concepts(model, clip, text: str, concepts: str, lag: bool = True, foun
             model.add_patches(unet, b.strength)
             clip.add_patches(text_patches, b.strength)
         return model, encode(clip, prompt)
+    positions = {t.name: t.positions for t in tokens}
+    splices = [(text_patches, b.strength, positions[b.name]) for b, (_, text_patches) in zip(bound, patches)
+               if text_patches and b.name in positions]
+    return lag_model(model, loaded, [unet for unet, _ in patches], tokens), encode(clip, prompt, splices)
+
+
+def check_family(loaded: Sequence[Concept], family: families.Family) -> None:
+    for concept in loaded:
+        if concept.family is not None and concept.family is not family:
+            raise IncompatiblePack(f"{concept.source} was made for {concept.family.label}; this model is {family.label}")
+
+
+def lag_model(model, loaded: Sequence[Concept], unet_patches: Sequence[Mapping], tokens: Sequence[ConceptTokens]):
+    """A clone of ComfyUI's `model` with each concept's denoiser layers (`unet_patches`, ComfyUI's own
+    LoRA patches of it) acting in the concept's region of the prompt's `tokens`."""
     changes: dict[str, dict[str, Factors]] = {}
-    for concept, (unet, _) in zip(loaded, patches):
+    for concept, unet in zip(loaded, unet_patches):
         for key, adapter in unet.items():
             path = key[0] if isinstance(key, tuple) else key
             shape = model.get_model_object(path).shape
             changes.setdefault(path.removesuffix(".weight"), {})[concept.bound.name] = factors_of(concept, key, adapter, shape)
-    positions = {t.name: t.positions for t in tokens}
-    splices = [(text_patches, b.strength, positions[b.name]) for b, (_, text_patches) in zip(bound, patches)
-               if text_patches and b.name in positions]
+    bound = [c.bound for c in loaded]
     lag_patch = LagPatch(tokens, {b.name: b.strength for b in bound}, [b.name for b in bound if b.everywhere])
-    return lag_patch.apply(model, changes, transformers(model), family), encode(clip, prompt, splices)
+    return lag_patch.apply(model, changes, transformers(model), family_of(model))
 
 
 def regions(model) -> dict[str, torch.Tensor]:

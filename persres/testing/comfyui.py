@@ -118,3 +118,37 @@ def build_checkpoint(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     checkpoint = folder / "tiny-sd15.safetensors"
     save_file({k: v.half().contiguous() for k, v in original_layout(pipe).items()}, str(checkpoint))
     return folder / "diffusers", checkpoint
+
+
+def build_sdxl_distilled(folder: str | Path, seed: int = 0) -> Path:
+    """A diffusers SDXL directory whose UNet has KOALA-700M's shape (SDXL's channels, context and size
+    conditioning; one res block per level, 2 and 5 transformer layers per block, no middle block), which
+    ComfyUI detects as an SDXL-family model; one-layer text encoders of SDXL's widths, random weights
+    rounded to fp16. ComfyUI loads its UNet alone (`comfy.sd.load_diffusion_model_state_dict`)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from persres.testing import SD14_TEXT_CONFIG, sd_scheduler, tiny_vae
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(320, 640, 1280), layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type=None,
+        transformer_layers_per_block=(1, 2, 5), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        cross_attention_dim=2048)
+    tokenizer = CLIPTokenizer.from_pretrained(comfyui_path() / "comfy" / "sd1_tokenizer")
+    text = {**SD14_TEXT_CONFIG, "num_hidden_layers": 1, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text, "hidden_size": 1280, "intermediate_size": 5120,
+                                                                   "num_attention_heads": 20, "projection_dim": 1280}))
+    for part in (unet, text_encoder, text_encoder_2):
+        with torch.no_grad():
+            for p in part.parameters():
+                p.copy_(p.half().float())
+    pipe = StableDiffusionXLPipeline(unet=unet, vae=tiny_vae(seed), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=sd_scheduler(), add_watermarker=False)
+    pipe.save_pretrained(Path(folder))
+    return Path(folder)
