@@ -305,3 +305,45 @@ def comfy_keys(model):
     from comfy.lora import model_lora_keys_unet
 
     return model_lora_keys_unet(model.model, {})
+
+
+def test_a_text_encoder_lora_changes_only_its_own_tokens_as_in_persres(comfy):
+    """A LoRA with text-encoder layers: under LAG the prompt's encoding is the base one except at the
+    concept's own tokens, which are the LoRA's encoding there, as persres's own sampling encodes it."""
+    from persres import families, layers, residuals
+    from persres.comfyui.apply import ComfyTokens, apply_concepts
+    from persres.sample import concept_tokens
+    from persres.testing.loras import random_lora
+    from persres.tokens import BoundConcept
+
+    path = comfy.base / "models" / "loras" / "tebird.safetensors"
+    if not path.exists():
+        random_lora(comfy.ws.pipeline(), path, where=lambda k: k.startswith("text_encoder.") or k.endswith("attn2.to_k"),
+                    seed=3, scale=0.3, metadata={"modelspec.trigger_phrase": "qrv bird"})
+        comfy.ws.import_concept(path, name="tebird-imported", identifier="qrv")
+    model, clip = checkpoint_model(comfy)
+    prompt = "a photo of qrv bird and zwx cat"
+    _, positive = apply_concepts(model, clip, "a photo of V1 bird and V2 cat", "tebird, toycat", lag=True)
+    cond = positive[0][0]
+    (base,) = comfy.nodes.CLIPTextEncode().encode(clip, prompt)
+    _, lora_clip = comfy.nodes.LoraLoader().load_lora(model, clip, "tebird.safetensors", 0.0, 1.0)
+    (own,) = comfy.nodes.CLIPTextEncode().encode(lora_clip, prompt)
+    mine = list(concept_tokens(ComfyTokens(clip, prompt), prompt, [BoundConcept("tebird", "qrv", "bird")])[0].positions)
+    assert mine[0] == 4 and len(mine) >= 2  # "qrv bird" after [start, a, photo, of]
+    others = [i for i in range(77) if i not in mine]
+    torch.testing.assert_close(cond[0, mine], own[0][0][0, mine])
+    torch.testing.assert_close(cond[0, others], base[0][0][0, others])
+    assert not torch.allclose(own[0][0][0, mine], base[0][0][0, mine], atol=1e-3)
+
+    pipe = comfy.ws.pipeline()
+    names = ["tebird-imported", "toycat-imported"]
+    comfy.ws.apply_concepts(names)
+    tokens = concept_tokens(pipe.tokenizer, prompt, [comfy.ws.registry.get(n).bound() for n in names])
+    assert list(tokens[0].positions) == mine
+    changed = torch.nn.ModuleList(layers.components(pipe).values())
+    with torch.no_grad(), residuals.use_concepts(changed, names, merged=False), layers.OwnTokenEncodings(pipe, tokens, prompt):
+        ours = families.of(pipe).encode(pipe, prompt, (64, 64)).embedding
+    torch.testing.assert_close(cond[0, others], ours[0, others], rtol=1e-4, atol=1e-4)
+    # ComfyUI's LoRA-patched text-encoder weights differ from W + A B by fp16-sized rounding (2.4e-4 on these
+    # weights, whose change is large: |A B| up to 0.8), which the twelve layers carry to the own rows
+    torch.testing.assert_close(cond[0, mine], ours[0, mine], rtol=0, atol=2e-2)

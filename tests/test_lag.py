@@ -234,3 +234,22 @@ def test_aggregate_maps_come_from_the_previous_pass_of_every_block():
     session.record("b0", flipped)
     a = session.region("b0", "a", x).flatten()
     assert a[:8].all() and not a[8:].any()  # the previous pass's aggregate decides, not this pass's block
+
+
+def test_a_hosts_batch_layout_says_which_chunk_is_conditional():
+    """ComfyUI may put the conditional chunk first, or run the unconditional batch alone: the conditional
+    chunk's regions serve every chunk, and an unconditional-only evaluation takes the previous one's."""
+    session = LagSession([ConceptTokens("a", (1,))], guided=True, latent_hw=(4, 4))
+    cond, uncond = torch.rand(1, 1, 16), torch.rand(1, 1, 16)
+    session.begin_evaluation(step=0, layout=[True, False])  # [cond, uncond]
+    session.record("blk", torch.cat([cond, uncond]))
+    mask = session.region("blk", "a", torch.zeros(2, 4, 4, 4))
+    assert torch.equal(mask[0], mask[1]) and torch.equal(mask[0].flatten().bool(), median_mask(cond)[0, 0])
+    text = type("TextLayer", (), {"text": True, "block": "blk"})()
+    rows = session.layer_region(text, "a", torch.zeros(2, 5, 8))[..., 0]  # (B, T): the concept's token, cond chunk only
+    assert rows.tolist() == [[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]]
+    session.begin_evaluation(step=1, layout=[False])  # the unconditional batch alone
+    session.record("blk", torch.rand(1, 1, 16))  # its maps say nothing of the concept: not kept
+    alone = session.region("blk", "a", torch.zeros(1, 4, 4, 4))
+    assert torch.equal(alone[0], mask[0])
+    assert session.step == 1 and session.evaluation == 1

@@ -104,7 +104,7 @@ def build_checkpoint(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     unet = UNet2DConditionModel(block_out_channels=(320, 320), layers_per_block=1, sample_size=8,
                                 down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
                                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-    tokenizer = CLIPTokenizer.from_pretrained(comfyui_path() / "comfy" / "sd1_tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(comfyui_path() / "comfy" / "sd1_tokenizer", model_max_length=77)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **{**SD14_TEXT_CONFIG, **ids}))
     vae = AutoencoderKL(**SD14_VAE_CONFIG)
@@ -138,7 +138,7 @@ def build_sdxl_distilled(folder: str | Path, seed: int = 0) -> Path:
         transformer_layers_per_block=(1, 2, 5), attention_head_dim=(5, 10, 20), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
         cross_attention_dim=2048)
-    tokenizer = CLIPTokenizer.from_pretrained(comfyui_path() / "comfy" / "sd1_tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(comfyui_path() / "comfy" / "sd1_tokenizer", model_max_length=77)
     text = {**SD14_TEXT_CONFIG, "num_hidden_layers": 1, "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)}
     text_encoder = CLIPTextModel(CLIPTextConfig(**text))
