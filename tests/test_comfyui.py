@@ -347,3 +347,13 @@ def test_a_text_encoder_lora_changes_only_its_own_tokens_as_in_persres(comfy):
     # ComfyUI's LoRA-patched text-encoder weights differ from W + A B by fp16-sized rounding (2.4e-4 on these
     # weights, whose change is large: |A B| up to 0.8), which the twelve layers carry to the own rows
     torch.testing.assert_close(cond[0, mine], ours[0, mine], rtol=0, atol=2e-2)
+
+
+def test_the_comfy_registry_reads_persress_project_entry(comfy):
+    from pathlib import Path
+
+    from comfy_config.config_parser import extract_node_configuration
+
+    config = extract_node_configuration(str(Path(__file__).resolve().parents[1]))
+    assert config.project.name == "persres" and config.tool_comfy.publisher_id == "persres"
+    assert "LAG" in config.tool_comfy.display_name

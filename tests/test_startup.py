@@ -91,7 +91,7 @@ print("MODULES=" + ",".join(sorted(m for m in sys.modules if m.startswith("persr
 
 
 @pytest.mark.parametrize("args, modules", [(["list"], {"root", "concepts"}), (["config", "model"], {"root", "concepts"}),
-                                           (["--help"], {"root", "train", "gen", "concepts", "train_many", "bench", "ui", "progress"})],
+                                           (["--help"], {"root", "train", "gen", "concepts", "train_many", "bench", "ui", "comfyui", "progress"})],
                          ids=lambda a: " ".join(a) if isinstance(a, list) else "")
 def test_a_command_loads_only_its_own_module(tmp_path, args, modules):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PERSRES_HOME": str(tmp_path)}
