@@ -41,3 +41,19 @@ def test_the_cli_reference_page_is_what_the_app_generates():
 
     committed = (ROOT / "docs" / "cli.md").read_text()
     assert committed == markdown(), "docs/cli.md is stale: python -m persres.cli.reference > docs/cli.md"
+
+
+@pytest.mark.parametrize("name", ["one-concept", "two-concepts"])
+def test_the_comfyui_workflow_pictures_are_drawn_from_the_shipped_workflows(name):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from persres.comfyui.graph import draw
+    from persres.comfyui.install import workflows
+
+    drawn = np.asarray(draw(json.loads(workflows()[f"persres-{name}.json"])))
+    committed = np.asarray(Image.open(ROOT / "docs" / "img" / f"comfyui-{name}.png").convert("RGB"))
+    assert drawn.shape == committed.shape and (drawn == committed).all(), \
+        f"docs/img/comfyui-{name}.png is stale: python -m persres.comfyui.graph persres/comfyui/workflows/persres-{name}.json docs/img/comfyui-{name}.png"
