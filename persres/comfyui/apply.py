@@ -65,15 +65,12 @@ class ComfyTokens:
 
     def __init__(self, clip, prompt: str):
         self.clip, self.prompt = clip, prompt
-        self.key = self._key(clip.tokenize(prompt))
-        self.prompt_ids = [t[0] for chunk in clip.tokenize(prompt)[self.key] for t in chunk]
+        tokens = clip.tokenize(prompt)  # {"l": [[(id, weight), ...] per 77-token chunk]} (and "g" on SDXL)
+        self.key = "l" if "l" in tokens else next(iter(tokens))
+        self.prompt_ids = [t[0] for chunk in tokens[self.key] for t in chunk]
         self.model_max_length = len(self.prompt_ids)
         framed = [t[0] for t in clip.tokenize("")[self.key][0]]  # [start, end, pad...]
         self.end = framed[1]
-
-    @staticmethod
-    def _key(tokens: Mapping) -> str:
-        return "l" if "l" in tokens else next(iter(tokens))
 
     def __call__(self, text: str, add_special_tokens: bool = True):
         if add_special_tokens:

@@ -7,7 +7,7 @@ everywhere, as ComfyUI's LoraLoader applies it. Every concept becomes a kohya-na
 form ComfyUI's own LoRA loader reads (`persres export --format kohya` writes the same tensors), so the
 layer names are ComfyUI's decision, not persres's.
 
-Only `changes` imports ComfyUI; parsing and binding run anywhere.
+Nothing here imports ComfyUI: parsing, resolving and binding run anywhere.
 """
 
 from __future__ import annotations
