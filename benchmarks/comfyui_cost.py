@@ -1,6 +1,6 @@
 """Inside ComfyUI: what two and four LoRAs in their own regions cost per KSampler step.
 
-    python -m benchmarks.comfyui_cost --side 128 --repeats 3 --json benchmarks/results/cpu-comfyui_cost-128.json
+    python -m benchmarks.comfyui_cost --side 128 --steps 4 --repeats 2 --json benchmarks/results/cpu-comfyui_cost-128.json
 
 ComfyUI's core (`../shared/comfyui` or COMFYUI_PATH) loads SD v1.4's UNet architecture with random
 weights (the cost, not the picture) as an SD 1.5 model; KSampler, euler, `--steps` steps, CFG 6.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,9 +37,9 @@ KOHYA_DEFAULT = (".attn1.", ".attn2.", ".ff.", ".proj_in", ".proj_out")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--side", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{rows[name]['plain_seconds_per_step']:.3f}; {rows[name]['evaluations_per_step']:.1f} UNet evaluations/step)", flush=True)
     result = {"machine": machine(), "side": args.side, "steps": args.steps, "rank": args.rank, "repeats": args.repeats,
               "layers_per_lora": len({k.split(".")[0] for k in loras[0]}), "ways": rows,
-              "command": "python -m benchmarks.comfyui_cost " + " ".join(argv or [])}
+              "command": "python -m benchmarks.comfyui_cost " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
