@@ -107,7 +107,7 @@ def lora_patches(concept: Concept, unet_keys: Mapping[str, str], clip_keys: Mapp
 
 def factors_of(concept: Concept, key, adapter, shape: torch.Size) -> Factors:
     """A ComfyUI LoRA patch as persres's factors (A (m, r) with alpha / r folded in, B (r, n[, kh, kw]))."""
-    from persres.interop.lora import _factors, _with_mid
+    from persres.interop.lora import checked_factors, with_mid
 
     where = f"{concept.source}, {key}"
     if isinstance(key, tuple) or getattr(adapter, "name", None) != "lora":
@@ -117,8 +117,8 @@ def factors_of(concept: Concept, key, adapter, shape: torch.Size) -> Factors:
     if dora_scale is not None or reshape is not None:
         raise PackError(f"{where}: a DoRA or reshaping LoRA, not a plain low-rank one: LAG applies W + A B changes")
     if mid is not None:
-        down = _with_mid(Path(concept.source), str(key), {"lora_down.weight": down, "lora_mid.weight": mid})
-    return _factors(where, up, down, alpha, shape[0], tuple(shape[1:]))
+        down = with_mid(Path(concept.source), str(key), {"lora_down.weight": down, "lora_mid.weight": mid})
+    return checked_factors(where, up, down, alpha, shape[0], tuple(shape[1:]))
 
 
 def encode(clip, prompt: str, splices: Sequence[tuple[dict, float, Sequence[int]]] = ()) -> list:

@@ -110,7 +110,7 @@ def read_layers(path: Path, pipe, fmt: str | None = None) -> ForeignLora:
     names = targets(pipe)
     shapes = layers.targets(pipe)
     if fmt == "kohya":
-        entries = {t: (p.get("lora_up.weight"), _with_mid(path, t, p), p.get("alpha")) for t, p in kohya.read(tensors).items()}
+        entries = {t: (p.get("lora_up.weight"), with_mid(path, t, p), p.get("alpha")) for t, p in kohya.read(tensors).items()}
     else:
         entries = peft.read(tensors, metadata)
     unknown = sorted(t for t in entries if t not in names)
@@ -122,7 +122,7 @@ def read_layers(path: Path, pipe, fmt: str | None = None) -> ForeignLora:
     for target, (up, down, alpha) in entries.items():
         keys = names[target]
         where = f"{str(path)!r}, {target}"
-        up, down = _factors(where, up, down, alpha, sum(shapes[k][0] for k in keys), shapes[keys[0]][1:])
+        up, down = checked_factors(where, up, down, alpha, sum(shapes[k][0] for k in keys), shapes[keys[0]][1:])
         rows = 0
         for key in keys:  # a fused layer of the original model: its rows are the diffusers layers', in order
             m = shapes[key][0]
@@ -133,7 +133,7 @@ def read_layers(path: Path, pipe, fmt: str | None = None) -> ForeignLora:
     return ForeignLora(factors, metadata, fmt)
 
 
-def _with_mid(path: Path, target: str, parts: dict):
+def with_mid(path: Path, target: str, parts: dict):
     """kohya's down factor; LoCon's Tucker form folded in: mid (r, r, kh, kw) after down (r, n, 1, 1)."""
     down, mid = parts.get("lora_down.weight"), parts.get("lora_mid.weight")
     if mid is None or down is None:
@@ -143,7 +143,7 @@ def _with_mid(path: Path, target: str, parts: dict):
     return torch.einsum("abhw,bn->anhw", mid.float(), down.float().flatten(1))  # (r, n, kh, kw)
 
 
-def _factors(where: str, up, down, alpha, m: int, rest: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def checked_factors(where: str, up, down, alpha, m: int, rest: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (m, r), B (r, *rest)) checked, alpha / r folded into A; `rest` is (n,) or (n, kh, kw)."""
     if up is None or down is None:
         raise PackError(f"{where}: one of the two LoRA factors is missing")

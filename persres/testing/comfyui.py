@@ -89,6 +89,14 @@ def run_prompt(comfy, prompt: dict) -> tuple[bool, list[tuple[str, dict]]]:
     return executor.success, executor.status_messages
 
 
+def rounded_to_fp16(*modules: torch.nn.Module) -> None:
+    """Round every weight to what fp16 holds (kept in fp32): both sides of a comparison load the same numbers."""
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.copy_(p.half().float())
+
+
 def build_checkpoint(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """A small model ComfyUI detects as SD 1.5 (320 channels, context 768, 1x1 proj_out: two levels of
     one cross-attention block each), with SD's full-size CLIP ViT-L text encoder and VAE, random weights
@@ -108,10 +116,7 @@ def build_checkpoint(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **{**SD14_TEXT_CONFIG, **ids}))
     vae = AutoencoderKL(**SD14_VAE_CONFIG)
-    for part in (unet, text_encoder, vae):
-        with torch.no_grad():
-            for p in part.parameters():
-                p.copy_(p.half().float())  # what the fp16 file holds, on both sides
+    rounded_to_fp16(unet, text_encoder, vae)  # what the fp16 file holds, on both sides
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=sd_scheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder / "diffusers")
@@ -144,10 +149,7 @@ def build_sdxl_distilled(folder: str | Path, seed: int = 0) -> Path:
     text_encoder = CLIPTextModel(CLIPTextConfig(**text))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text, "hidden_size": 1280, "intermediate_size": 5120,
                                                                    "num_attention_heads": 20, "projection_dim": 1280}))
-    for part in (unet, text_encoder, text_encoder_2):
-        with torch.no_grad():
-            for p in part.parameters():
-                p.copy_(p.half().float())
+    rounded_to_fp16(unet, text_encoder, text_encoder_2)
     pipe = StableDiffusionXLPipeline(unet=unet, vae=tiny_vae(seed), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=sd_scheduler(), add_watermarker=False)
     pipe.save_pretrained(Path(folder))
