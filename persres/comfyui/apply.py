@@ -149,6 +149,8 @@ def apply_concepts(model, clip, text: str, concepts: str, lag: bool = True, foun
     clip_keys = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
     patches = [lora_patches(c, unet_keys, clip_keys) for c in loaded]
     tokens = concept_tokens(clip, prompt, bound)
+    if not loaded:  # no concepts: the model as it is, the prompt encoded
+        return model.clone(), encode(clip, prompt)
     if not lag:
         model, clip = model.clone(), clip.clone()
         for b, (unet, text_patches) in zip(bound, patches):
