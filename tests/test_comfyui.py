@@ -356,3 +356,27 @@ def test_the_comfy_registry_reads_persress_project_entry(comfy):
     config = extract_node_configuration(str(Path(__file__).resolve().parents[1]))
     assert config.project.name == "persres" and config.tool_comfy.publisher_id == "persres"
     assert "LAG" in config.tool_comfy.display_name
+
+
+def test_a_second_order_sampler_tells_each_evaluation_its_step(comfy):
+    """heun evaluates twice a step (not on the last): LAG's step is the sampling step, under any schedule."""
+    from comfy.patcher_extension import WrappersMP
+
+    from persres.comfyui.apply import apply_concepts
+    from persres.comfyui.patch import step_of
+
+    model, clip = checkpoint_model(comfy)
+    patched, positive = apply_concepts(model, clip, PROMPT, CONCEPTS, lag=True)
+    told = []
+
+    def steps(executor, *args, **kwargs):
+        told.append((step_of(kwargs["transformer_options"] if "transformer_options" in kwargs else args[5]),
+                     patched.get_attachment("persres").session.step))
+        return executor(*args, **kwargs)
+
+    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test", steps)
+    (negative,) = comfy.nodes.CLIPTextEncode().encode(clip, "")
+    (latent,) = comfy.nodes.EmptyLatentImage().generate(64, 64, 1)
+    comfy.nodes.KSampler().sample(patched, 1, 3, 5.0, "heun", "karras", positive, negative, latent)
+    assert [t for t, _ in told] == [0, 1, 1, 2, 2]
+    assert [s for _, s in told] == [0, 1, 1, 2, 2]  # the session was told each evaluation's step
