@@ -149,7 +149,7 @@ class LagForward:
 
 class MapsAttention:
     """ComfyUI's attn2 replacement for one transformer layer: attention of ComfyUI's q, k, v (B, N, heads*d),
-    and the token maps of the session's concepts, handed to it as the layer's transformer `block`'s."""
+    and gives the session its concepts' token maps for the layer's transformer `block`."""
 
     def __init__(self, patch: LagPatch, block: str, inner=None):
         self.patch, self.block, self.inner = patch, block, inner
