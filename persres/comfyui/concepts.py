@@ -103,14 +103,13 @@ class Sources:
         from persres.packs import CONFIG_KEY, file_metadata, read_pack
 
         if bound.name in self.registry.names():
-            tensors, meta = self.registry.load(bound.name)
-            return Concept(bound, kohya.write(tensors, meta, meta.proj_out == "Conv2d"), families.of_meta(meta),
-                           f"persres concept {bound.name!r}")
-        path = self.file(bound.name)
-        if CONFIG_KEY in file_metadata(path):
-            tensors, meta = read_pack(path)
-            return Concept(bound, kohya.write(tensors, meta, meta.proj_out == "Conv2d"), families.of_meta(meta), str(path))
-        return Concept(bound, lora_tensors(path), None, str(path))
+            (tensors, meta), source = self.registry.load(bound.name), f"persres concept {bound.name!r}"
+        else:
+            path = self.file(bound.name)
+            if CONFIG_KEY not in file_metadata(path):
+                return Concept(bound, lora_tensors(path), None, str(path))
+            (tensors, meta), source = read_pack(path), str(path)
+        return Concept(bound, kohya.write(tensors, meta, meta.proj_out == "Conv2d"), families.of_meta(meta), source)
 
 
 def lora_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -92,7 +92,7 @@ def overlay(masks: dict[str, torch.Tensor], images: torch.Tensor) -> tuple[torch
 
     b, h, w = images.shape[:3]
     out, tinted = [], []
-    for k, m in enumerate(masks.values()):
+    for m in masks.values():
         m = m[-b:] if m.shape[0] >= b else m.repeat(b // m.shape[0], 1, 1)  # (B, h, w): one per image
         out.append(torch.nn.functional.interpolate(m[:, None].float(), size=(h, w), mode="nearest")[:, 0])
     for i in range(b):
