@@ -48,9 +48,9 @@ MAX_RESIDUAL_RATIO = 50.0
 
 def check_magnitude(pipe, tensors: dict[str, torch.Tensor], meta: PackMeta) -> None:
     """Refuse a pack whose ΔW = A B is far beyond its layer's base weight (naming both sizes)."""
-    blocks = residuals.transformer_blocks(families.denoiser(pipe))
+    blocks = residuals.projections(families.denoiser(pipe))
     roots = layers.components(pipe)
-    bases = {block: residuals.base_layer_of(blocks[block].proj_out) for block in meta.ranks}
+    bases = {block: residuals.base_layer_of(blocks[block]) for block in meta.ranks}
     for key in meta.layers:
         component, path = layers.split(key)
         module = roots[component].get_submodule(path)

@@ -100,7 +100,7 @@ class LagSession:
 
     def __init__(self, concepts: Sequence[ConceptTokens], guided: bool, latent_hw: tuple[int, int] | None = None,
                  keep_masks: bool = False, multi: MultiLagConfig = MultiLagConfig(), steps: int | None = None,
-                 everywhere: Sequence[str] = ()):
+                 everywhere: Sequence[str] = (), layout: Sequence[bool] | None = None, image_first: bool = False):
         self.concepts = list(concepts)
         self.index = {c.name: i for i, c in enumerate(self.concepts)}
         self.everywhere = frozenset(everywhere)  # concepts that act at every position (styles)
@@ -115,7 +115,8 @@ class LagSession:
         self.step = 0  # which sampling step it belongs to (the evaluation's index unless told)
         self._started = False
         # the batch's chunks, True where conditional: [unconditional, conditional] under classifier-free guidance
-        self.layout: tuple[bool, ...] = (False, True) if guided else (True,)
+        self.layout: tuple[bool, ...] = tuple(layout) if layout is not None else (False, True) if guided else (True,)
+        self.image_first = image_first  # a joint sequence is [N image, T text] (else [T text, N image])
         self.latent_hw = latent_hw
         self.keep_masks = keep_masks
         self._maps: dict[str, torch.Tensor] = {}  # block -> (b, K, N), the conditional chunk's, summed over its layers
@@ -228,17 +229,16 @@ class LagSession:
             regions = self._previous_regions[hw] = regions_from_maps(maps, self.coverage, self.conflict)
         return self._shaped(regions[:, k], x)
 
-    @staticmethod
-    def _shaped(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _shaped(self, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """mask (b, N) of one chunk to broadcast against x of every chunk: (B, 1, H, W), (B, N, 1), or (B, T + N, 1)
-        with 0 on the T text tokens."""
+        with 0 on the T text tokens (and on an image-first sequence's padding)."""
         if x.shape[0] != mask.shape[0]:
             mask = mask.repeat(x.shape[0] // mask.shape[0], 1)  # (B, N): the conditional chunk's for every chunk
         if x.ndim == 4:
             return mask.view(x.shape[0], 1, x.shape[2], x.shape[3])
-        text = x.shape[1] - mask.shape[1]  # a joint sequence [T text, N image]: no residual on text
+        text = x.shape[1] - mask.shape[1]  # a joint sequence [T text, N image] or [N image, T text]: no residual on text
         if text:
-            mask = F.pad(mask, (text, 0))  # (B, T+N)
+            mask = F.pad(mask, (0, text) if self.image_first else (text, 0))  # (B, T+N)
         return mask.unsqueeze(-1)
 
     def _split(self, length: int) -> tuple[int, int]:
@@ -289,13 +289,15 @@ def lag_regions(
     everywhere: Sequence[str] = (),
 ):
     """Inside the block, every residual acts only in its concept's region (one denoiser pass per step).
-    `guided`: the batch is [unconditional, conditional]; `family`: the denoiser's (detected from
-    its config when not given), whose attention processors hand the maps over."""
+    `guided`: the batch holds an unconditional chunk beside the conditional one, in the order the family
+    puts them (`Family.batch_layout`); `family`: the denoiser's (detected from its config when not
+    given), whose attention processors hand the maps over."""
     from persres import families
 
-    session = LagSession(concepts, guided, latent_hw, keep_masks, multi, steps, everywhere)
-    layers = all_layers(unet)
     family = family or families.of_config(unet.config)
+    session = LagSession(concepts, guided, latent_hw, keep_masks, multi, steps, everywhere,
+                         layout=family.batch_layout(guided), image_first=family.image_first)
+    layers = all_layers(unet)
     make = family.lag_processors(unet, session, backend, transformer_blocks(unet), latent_hw)
     with attention_processors(unet, make):
         for layer in layers.values():

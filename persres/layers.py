@@ -79,8 +79,8 @@ def _wrap(pipe, key: str, blocks) -> ResidualLayer:
     parent = root.get_submodule(parent_path) if parent_path else root
     denoiser = component == family.denoiser_folder
     block = block_of(path, blocks) if denoiser else ""
-    if block and path == f"{block}.proj_out":  # the paper's layer: the same wrapper as persres's own residuals
-        wrapper = ResidualProjOut(layer, block)
+    if block and path == f"{block}.{family.projection}":  # the paper's layer: the same wrapper as persres's own residuals
+        wrapper = ResidualProjOut(layer, block, family.projection)
     else:
         wrapper = ResidualLayer(layer, block, text=not denoiser or family.reads_text(path), path=path)
     setattr(parent, attr, wrapper)

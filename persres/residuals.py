@@ -229,12 +229,13 @@ def residual_sum(x: torch.Tensor, acting, conv: nn.Conv2d | None) -> torch.Tenso
 
 
 class ResidualProjOut(ResidualLayer):
-    """A transformer block's proj_out with per-concept residuals (the paper's layer): its LAG mask
-    comes from its own block's cross-attention of the same evaluation."""
+    """A transformer block's output projection with per-concept residuals (the paper's layer; `proj_out`
+    on a UNet, the family's `projection` on a diffusion transformer): its LAG mask comes from its own
+    block's attention of the same evaluation."""
 
-    def __init__(self, base_layer: nn.Module, block: str):
+    def __init__(self, base_layer: nn.Module, block: str, projection: str = "proj_out"):
         shape_of(base_layer)  # a square 1x1 Conv2d or a Linear
-        super().__init__(base_layer, block, path=f"{block}.proj_out")
+        super().__init__(base_layer, block, path=f"{block}.{projection}")
 
     def region(self, name: str, x: torch.Tensor):
         return self.regions.region(self.block, name, x)
@@ -270,20 +271,41 @@ def all_layers(model: nn.Module) -> dict[str, ResidualLayer]:
 
 
 def transformer_blocks(unet: nn.Module) -> dict[str, nn.Module]:
-    """Every block whose proj_out carries residuals, by name, as the denoiser's family says
+    """Every block whose output projection carries residuals, by name, as the denoiser's family says
     (`persres.families`: a UNet's Transformer2DModels, a diffusion transformer's blocks)."""
     from persres import families
 
     return families.of_config(unet.config).blocks(unet)
 
 
+def projection_name(unet: nn.Module) -> str:
+    """Where a block keeps its output projection, relative to the block ("proj_out" on a UNet)."""
+    from persres import families
+
+    return families.of_config(unet.config).projection
+
+
+def projections(unet: nn.Module) -> dict[str, nn.Module]:
+    """Every block's output projection (the residual's layer, wrapped or not), by block name."""
+    where = projection_name(unet)
+    return {name: block.get_submodule(where) for name, block in transformer_blocks(unet).items()}
+
+
+def _put_projection(block: nn.Module, where: str, module: nn.Module) -> None:
+    parent, _, attr = where.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, attr, module)
+
+
 def inject(unet: nn.Module) -> dict[str, ResidualProjOut]:
-    """Replace every transformer's proj_out with a `ResidualProjOut` (idempotent)."""
+    """Replace every block's output projection with a `ResidualProjOut` (idempotent)."""
+    where = projection_name(unet)
     layers = {}
     for name, block in transformer_blocks(unet).items():
-        if not isinstance(block.proj_out, ResidualProjOut):
-            block.proj_out = ResidualProjOut(block.proj_out, name)
-        layers[name] = block.proj_out
+        layer = block.get_submodule(where)
+        if not isinstance(layer, ResidualProjOut):
+            layer = ResidualProjOut(layer, name, where)
+            _put_projection(block, where, layer)
+        layers[name] = layer
     if not layers:
         raise InputError("the UNet has no transformer blocks with a proj_out")
     return layers
@@ -291,20 +313,22 @@ def inject(unet: nn.Module) -> dict[str, ResidualProjOut]:
 
 def layers_of(unet: nn.Module) -> dict[str, ResidualProjOut]:
     """The injected wrappers, by transformer name (empty when none are injected)."""
-    return {n: b.proj_out for n, b in transformer_blocks(unet).items() if isinstance(b.proj_out, ResidualProjOut)}
+    return {n: layer for n, layer in projections(unet).items() if isinstance(layer, ResidualProjOut)}
 
 
 def remove(unet: nn.Module) -> None:
-    """Put the original proj_out modules back, unmerged: the UNet is the base model again."""
+    """Put the original projections back, unmerged: the denoiser is the base model again."""
+    where = projection_name(unet)
     for block in transformer_blocks(unet).values():
-        if isinstance(block.proj_out, ResidualProjOut):
-            block.proj_out.unmerge()
-            block.proj_out = block.proj_out.base_layer
+        layer = block.get_submodule(where)
+        if isinstance(layer, ResidualProjOut):
+            layer.unmerge()
+            _put_projection(block, where, layer.base_layer)
 
 
 def ranks_for(unet: nn.Module, rank_ratio: float = 0.05, rank: int | None = None) -> dict[str, int]:
     """The rank of every transformer block's residual (one place for this decision)."""
-    return {name: rank_for(channels_of(base_layer_of(b.proj_out)), rank_ratio, rank) for name, b in transformer_blocks(unet).items()}
+    return {name: rank_for(channels_of(base_layer_of(layer)), rank_ratio, rank) for name, layer in projections(unet).items()}
 
 
 def base_layer_of(layer: nn.Module) -> nn.Module:
@@ -364,15 +388,15 @@ def loaded_concepts(unet: nn.Module) -> list[str]:
 
 def block_channels(unet: nn.Module) -> dict[str, int]:
     """Each block's proj_out output channels m."""
-    return {name: channels_of(base_layer_of(b.proj_out)) for name, b in transformer_blocks(unet).items()}
+    return {name: channels_of(base_layer_of(layer)) for name, layer in projections(unet).items()}
 
 
 def block_in_channels(unet: nn.Module) -> dict[str, int]:
     """Each block's proj_out input features n where they differ from m (a single-stream block's); {} on a UNet."""
-    shapes = {name: shape_of(base_layer_of(b.proj_out)) for name, b in transformer_blocks(unet).items()}
+    shapes = {name: shape_of(base_layer_of(layer)) for name, layer in projections(unet).items()}
     return {name: n for name, (m, n) in shapes.items() if n != m}
 
 
 def proj_out_kind(unet: nn.Module) -> str:
-    kinds = {type(base_layer_of(b.proj_out)).__name__ for b in transformer_blocks(unet).values()}
+    kinds = {type(base_layer_of(layer)).__name__ for layer in projections(unet).values()}
     return kinds.pop() if len(kinds) == 1 else "mixed"

@@ -38,6 +38,8 @@ class Family:
     guidance: float = 6.0  # sampling guidance (paper, Sec. 4: 6.0)
     steps: int = 50  # sampling steps (paper, Sec. 4: 50)
     train_defaults: dict = field(default_factory=dict)  # training settings the family recommends over the paper's
+    projection: str = "proj_out"  # where a block keeps the output projection that carries the residual
+    image_first: bool = False  # a joint sequence holds [N image, T text] tokens, not [T text, N image]
     denoiser_folder: str = "unet"  # the denoiser's subfolder in a diffusers directory, and its prefix in diffusers LoRA files
     implementation: str = "diffusers"  # modelspec.implementation of exported LoRAs
     suggests_class: bool = True  # whether class-word suggestion (the UNet's denoising error) runs on it
@@ -150,6 +152,10 @@ class Family:
     def guidance_in_batch(self, guidance: float) -> bool:
         """Whether the denoiser's batch is [unconditional, conditional] (classifier-free guidance)."""
         return guidance > 1
+
+    def batch_layout(self, guided: bool) -> tuple[bool, ...]:
+        """The denoiser batch's chunks, True where conditional: [unconditional, conditional] under guidance."""
+        return (False, True) if guided else (True,)
 
     def lag_processors(self, model, session, backend, layers, latent_hw):
         """`make(processor name, old processor)` for `kernels.attention_processors`: token maps for `session`."""

@@ -199,7 +199,7 @@ def foreign_pack_tensors(path: Path, pipe, proj_out_only: bool = False, fmt: str
 
     family = families.of(pipe)
     lora = read_layers(path, pipe, fmt)
-    blocks = {f"{family.denoiser_folder}.{b}.proj_out": b for b in family.blocks(family.denoiser(pipe))}
+    blocks = {f"{family.denoiser_folder}.{b}.{family.projection}": b for b in family.blocks(family.denoiser(pipe))}
     if proj_out_only:
         dropped = sorted(k for k in lora.factors if k not in blocks)
         if dropped:

@@ -2,6 +2,7 @@
 
     unet.{block}.proj_out.lora_A.weight  (R, n[, 1, 1])  = B, zero-padded to rank R
     unet.{block}.proj_out.lora_B.weight  (m, R[, 1, 1])  = A, zero-padded to rank R
+    (a diffusion transformer's blocks: the family's `projection` in place of proj_out)
     {component}.{path}.lora_A.weight     (R, n[, kh, kw]) and .lora_B.weight (m, R[, 1, 1]): any other layer
 
 (prefixed by the denoiser's name: "unet." or "transformer.", `Family.denoiser_folder`.)
@@ -40,6 +41,7 @@ def max_rank(meta: PackMeta) -> int:
 
 def write(tensors, meta: PackMeta, conv: bool) -> dict[str, torch.Tensor]:
     rank, prefix = max_rank(meta), prefix_of(meta)
+    projection = families.of_meta(meta).projection
     out = {}
     for block, r in meta.ranks.items():
         up, down = tensors[f"{block}.up"], tensors[f"{block}.down"]  # (m, r), (r, n)
@@ -47,8 +49,8 @@ def write(tensors, meta: PackMeta, conv: bool) -> dict[str, torch.Tensor]:
         down = torch.cat([down, down.new_zeros(rank - r, down.shape[1])], dim=0)  # (R, n)
         if conv:
             up, down = up[:, :, None, None], down[:, :, None, None]
-        out[f"{prefix}.{block}.proj_out.lora_A.weight"] = down.contiguous()
-        out[f"{prefix}.{block}.proj_out.lora_B.weight"] = up.contiguous()
+        out[f"{prefix}.{block}.{projection}.lora_A.weight"] = down.contiguous()
+        out[f"{prefix}.{block}.{projection}.lora_B.weight"] = up.contiguous()
     for layer, (r, *shape) in meta.layers.items():  # "{component}.{path}", as diffusers names it
         up, down = tensors[f"{layer}.up"], tensors[f"{layer}.down"]  # (m, r), (r, n[, kh, kw])
         up = torch.cat([up, up.new_zeros(up.shape[0], rank - r)], dim=1)  # (m, R)
@@ -61,7 +63,8 @@ def write(tensors, meta: PackMeta, conv: bool) -> dict[str, torch.Tensor]:
 def adapter_metadata(meta: PackMeta) -> str:
     """The JSON diffusers writes under `lora_adapter_metadata` (LoraConfig fields, prefixed by the denoiser's name)."""
     rank, prefix = max_rank(meta), prefix_of(meta) + "."
-    modules = [f"{b}.proj_out" for b in meta.ranks] + [k.removeprefix(prefix) for k in meta.layers if k.startswith(prefix)]
+    projection = families.of_meta(meta).projection
+    modules = [f"{b}.{projection}" for b in meta.ranks] + [k.removeprefix(prefix) for k in meta.layers if k.startswith(prefix)]
     config = {"r": rank, "lora_alpha": rank, "rank_pattern": {}, "alpha_pattern": {},
               "target_modules": sorted(modules), "lora_dropout": 0.0,
               "init_lora_weights": True, "use_dora": False, "lora_bias": False}

@@ -173,11 +173,11 @@ def proj_out_tensors(model: str) -> dict[str, torch.Tensor] | None:
     blocks = family.block_names_in(files)  # the blocks `residuals.transformer_blocks` finds
     by_file: dict[Path, list[str]] = {}
     for block in blocks:
-        by_file.setdefault(files[f"{block}.proj_out.weight"], []).append(block)
+        by_file.setdefault(files[f"{block}.{family.projection}.weight"], []).append(block)
     tensors = {}
     for path, in_file in by_file.items():  # each file opened once
         with safe_open(str(path), "pt") as f:
-            tensors |= {block: f.get_tensor(f"{block}.proj_out.weight") for block in in_file}
+            tensors |= {block: f.get_tensor(f"{block}.{family.projection}.weight") for block in in_file}
     return tensors
 
 

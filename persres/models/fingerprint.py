@@ -24,21 +24,21 @@ class Fingerprint:
 def fingerprint(unet) -> Fingerprint:
     """What packs record and are checked against: the model's architecture and its proj_out
     weights, the same whether it was loaded in fp32, fp16 or (by load_pipeline) bf16."""
-    from persres.residuals import base_layer_of, block_channels, block_in_channels, transformer_blocks
+    from persres.residuals import base_layer_of, block_channels, block_in_channels, projections
 
     source = getattr(unet, "persres_source_fingerprint", None)  # set by load_pipeline on a denoiser it cast
     if isinstance(source, Fingerprint):
         return source
 
-    blocks = transformer_blocks(unet)
+    blocks = projections(unet)
     channels, ins = block_channels(unet), block_in_channels(unet)
-    arch = [(name, channels[name], type(base_layer_of(b.proj_out)).__name__) + ((ins[name],) if name in ins else ())
-            for name, b in sorted(blocks.items())]
+    arch = [(name, channels[name], type(base_layer_of(layer)).__name__) + ((ins[name],) if name in ins else ())
+            for name, layer in sorted(blocks.items())]
     arch_hash = hashlib.sha256(json.dumps(arch).encode()).hexdigest()
     weights = {}
-    for name, b in blocks.items():
-        weight = getattr(b.proj_out, "_original_weight", None)  # unmerged, if residuals are folded in
-        weights[name] = base_layer_of(b.proj_out).weight if weight is None else weight
+    for name, layer in blocks.items():
+        weight = getattr(layer, "_original_weight", None)  # unmerged, if residuals are folded in
+        weights[name] = base_layer_of(layer).weight if weight is None else weight
     return Fingerprint(arch_hash, weights_digest(weights))
 
 
