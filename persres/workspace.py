@@ -362,7 +362,8 @@ class Workspace:
         expanded, bound = bind_prompt(prompt, concepts, self.registry)  # a prompt error before any loading
         pipe = self.pipeline(on_download=on_download)
         config = (config or self.sample_config()).replace(**given)  # the family is known now, downloaded or not
-        per_pass = min(config.num_images, SAMPLE_BATCH) * (2 if config.guidance > 1 else 1)  # CFG: two halves
+        guided = families.of(pipe).guidance_in_batch(config.guidance)
+        per_pass = min(config.num_images, SAMPLE_BATCH) * (2 if guided else 1)  # CFG: two halves
         side = families.of(pipe).native_side(pipe)
         check_size(pipe, config.height or side, config.width or side, per_pass, training=False,
                    force=force_size)

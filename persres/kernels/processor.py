@@ -94,13 +94,18 @@ def block_of(processor_name: str) -> str:
 
 @contextmanager
 def attention_processors(unet, make):
-    """Install `make(name, old_processor)` for every attention module, restore the old ones after."""
-    old = dict(unet.attn_processors)
-    unet.set_attn_processor({name: make(name, proc) for name, proc in old.items()})
+    """Install `make(name, old_processor)` for every attention module ("{module path}.processor", as
+    diffusers names them), restore the old ones after. Any module with `set_processor` counts: a
+    model without diffusers' `attn_processors` (Z-Image's transformer) is walked the same way."""
+    modules = {f"{name}.processor": m for name, m in unet.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")}
+    old = {name: m.processor for name, m in modules.items()}
+    for name, m in modules.items():
+        m.set_processor(make(name, old[name]))
     try:
         yield
     finally:
-        unet.set_attn_processor(dict(old))
+        for name, m in modules.items():
+            m.set_processor(old[name])
 
 
 @contextmanager
