@@ -58,6 +58,13 @@ def tiny_flux(tmp_path_factory) -> Path:
     return build_tiny_flux_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux")
 
 
+@pytest.fixture(scope="session")
+def tiny_zimage(tmp_path_factory) -> Path:
+    from persres.testing.zimage import build_tiny_zimage_pipeline
+
+    return build_tiny_zimage_pipeline(tmp_path_factory.mktemp("models") / "tiny-zimage")
+
+
 @pytest.fixture
 def pipe(tiny_model):
     from persres.models import load_pipeline
