@@ -267,7 +267,7 @@ def test_single_file_mistakes_get_one_line(single_file, tiny_xl_model, concept_d
     not_sd = tmp_path / "lora.safetensors"
     save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, str(not_sd))
     cases = {
-        "not a checkpoint of SD 1.x, SD 2.x, SDXL or FLUX.1": ("train", concept_dir, "--name", "a", "--class", "circle", "--model", not_sd),
+        f"not a checkpoint of {families.described()}": ("train", concept_dir, "--name", "a", "--class", "circle", "--model", not_sd),
         "is for SDXL, but": ("train", concept_dir, "--name", "a", "--class", "circle", "--model", single_file, "--config", tiny_xl_model),
         "--config is for single-file": ("config", "model", tiny_xl_model, "--config", tiny_xl_model),
         "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5": (

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from conftest import write_concept_images
+from persres import families
 from persres.cli import app
 from persres.packs import CONFIG_KEY, CONTENT_KEY, VERSION_KEY, content_sha256
 
@@ -247,7 +248,7 @@ def cases():
         ("train-garbage-images", lambda w: ["train", folder_with(w, {"a.txt": b"hello", "b.bin": os.urandom(64)}), "--name", "new", "--class", "circle"], "no readable image"),
         ("train-empty-files", lambda w: ["train", folder_with(w, {"a.dat": b"", "b.dat": b""}), "--name", "new", "--class", "circle"], "no readable image"),
         ("train-model-missing", lambda w: ["train", w.refs, "--name", "new", "--class", "circle", "--model", w.tmp / "nomodel"], "not a diffusers directory"),
-        ("train-model-file", lambda w: ["train", w.refs, "--name", "new", "--class", "circle", "--model", w.pack], "not a checkpoint of SD 1.x, SD 2.x, SDXL or FLUX.1"),
+        ("train-model-file", lambda w: ["train", w.refs, "--name", "new", "--class", "circle", "--model", w.pack], "not a checkpoint of " + families.described()),
         ("train-missing-argument", lambda w: ["train", "--name", "new", "--class", "circle"], "Missing argument"),
         ("train-unknown-option", lambda w: ["train", w.refs, "--name", "new", "--class", "circle", "--bogus"], "No such option"),
     ]
@@ -328,7 +329,7 @@ def cases():
         ("gen-device-cuda", lambda w: ["gen", "a V* circle", "-c", "one", "--device", "cuda", "--out", w.tmp / "o"], "cuda"),
         ("gen-model-missing", lambda w: ["gen", "a circle", "--model", w.tmp / "nomodel", "--out", w.tmp / "o"], "not a diffusers directory"),
         ("config-model-missing", lambda w: ["config", "model", w.tmp / "nowhere"], "not a diffusers directory"),
-        ("config-model-file", lambda w: ["config", "model", w.pack], "not a checkpoint of SD 1.x, SD 2.x, SDXL or FLUX.1"),
+        ("config-model-file", lambda w: ["config", "model", w.pack], "not a checkpoint of " + families.described()),
         ("config-model-folder", lambda w: ["config", "model", w.tmp], "model_index.json"),
         ("config-model-bad-id", lambda w: ["config", "model", "not a hub id"], "hub id"),
         ("config-model-empty", lambda w: ["config", "model", ""], "empty"),

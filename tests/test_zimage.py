@@ -355,3 +355,41 @@ def test_an_original_layout_single_file_draws_what_the_directory_draws(two_zimag
         ws = Workspace(model, precision="fp32", model_config=config)
         images.append(np.asarray(ws.generate("a V* dog", ["x"], lag=True, steps=2, height=SIZE, width=SIZE).images[0]))
     assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1  # the same weights; fp32 summation order aside
+
+
+def test_the_web_app_trains_and_generates_on_z_image(tiny_zimage, concept_dir, tmp_path):
+    """`persres ui` on a Z-Image model at its API: train, generate with LAG and its region overlay at Turbo's
+    guidance 0, and a class suggestion refused with the one line that asks for the class."""
+    import socket
+
+    import gradio_client
+
+    from persres.ui.app import serve
+    from persres.workspace import Workspace
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ws = Workspace(str(tiny_zimage), precision="fp32")
+    app, url = serve(ws, tmp_path / "out", port=port, block=False)
+    try:
+        client = gradio_client.Client(url, verbose=False)
+        images = [gradio_client.handle_file(str(p)) for p in sorted(concept_dir.iterdir())]
+        said = client.predict(images, "", "zx", "dog", 3, 1e-3, ZIMAGE_RANK_RATIO, api_name="/train")
+        assert said.startswith("trained zx") and ws.registry.get("zx").meta.family == "zimage"
+        gallery, regions = client.predict("a V* dog", ["zx"], True, 2, 0.0, 3, 1, f"{SIZE}x{SIZE}", ["zx"], api_name="/generate")
+        assert len(gallery) == 2 and "zx:" in regions  # the image and its region overlay
+        with pytest.raises(Exception, match="Z-Image give the class word"):
+            client.predict(images, "", api_name="/suggest")
+    finally:
+        app.close()
+
+
+def test_train_many_trains_z_image_rows(tiny_zimage, concept_dir, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"images,name,class,steps\n{concept_dir},zm,dog,2\n")
+    result = cli("train-many", manifest, "--model", tiny_zimage, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    from persres.registry import Registry
+
+    assert Registry().get("zm").meta.family == "zimage"

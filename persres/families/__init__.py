@@ -91,7 +91,7 @@ def of_comfyui(config_name: str) -> Family | None:
 
 
 def described(last: str = " or ") -> str:
-    """The families persres runs, for messages: "SD 1.x, SD 2.x, SDXL or FLUX.1"."""
+    """The families persres runs, for messages: "SD 1.x, SD 2.x, SDXL, FLUX.1 or Z-Image"."""
     labels = [f.label for f in FAMILIES.values()]
     return ", ".join(labels[:-1]) + last + labels[-1]
 

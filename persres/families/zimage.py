@@ -67,14 +67,19 @@ class ZImage(Family):
 
     # --- loading ----------------------------------------------------------------------
     def pipeline_class(self):
-        from diffusers import ZImagePipeline
+        try:
+            from diffusers import ZImagePipeline
+        except ImportError:
+            from persres.errors import InputError
 
+            raise InputError("Z-Image needs a diffusers release with ZImagePipeline: pip install -U diffusers") from None
         return ZImagePipeline, {}
 
     def load_single_file(self, path: str, config: str | None, dtype_kwargs: dict):
         """A Z-Image single file is its transformer in the original layout (z_image_turbo_bf16.safetensors,
         what ComfyUI loads as a diffusion model): diffusers converts it; the rest of the pipeline comes
         from the configs directory or the cached Z-Image-Turbo repo."""
+        self.pipeline_class()  # a diffusers without Z-Image: one line
         from diffusers import ZImagePipeline, ZImageTransformer2DModel
 
         source = config or self.config_repo

@@ -48,11 +48,21 @@ def tiny_zimage_components(seed: int = 0):
     return dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
 
 
+TRAIN_RESOLUTION = 32  # px: the tiny model's training default (persres_defaults.json; Z-Image's own is 1024)
+
+
 def build_tiny_zimage_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """The tiny pipeline saved as a diffusers directory, with a persres_defaults.json that trains it at
+    `TRAIN_RESOLUTION` (where no --resolution is given: the web app, train-many)."""
+    import json
+
     from diffusers import ZImagePipeline
+
+    from persres.settings import DEFAULTS_FILE
 
     path = Path(path)
     ZImagePipeline(**tiny_zimage_components(seed)).save_pretrained(path)
+    (path / DEFAULTS_FILE).write_text(json.dumps({"train": {"resolution": TRAIN_RESOLUTION}}) + "\n")
     return path
 
 

@@ -1,0 +1,109 @@
+"""Z-Image training step: persres's flow-matching step vs the bare transformer forward+backward.
+
+    python -m benchmarks.zimage_train_step --json benchmarks/results/cpu-zimage_train_step.json
+
+A small Z-Image transformer built in code (random weights; `--width`, `--layers`), the tiny
+pipeline's VAE and Qwen3 text encoder around it, one process:
+- floor:   one transformer forward+backward on latents and text states prepared beforehand,
+           called as the pipeline calls it, only the residual factors trainable, no optimizer step;
+- persres: `persres.train.train_residuals`, the real training function (step times from its
+           progress callback: a latent draw, noise, the shifted σ, forward, backward, AdamW).
+The two alternate round by round (`--rounds`); the report gives each round's persres/floor
+ratio of median step times and their median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import machine, median, timed
+from benchmarks.flux_train_step import images, persres_times
+
+
+def small_zimage_pipeline(width: int, layers: int):
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+    from persres.testing.zimage import tiny_zimage_components
+
+    parts = tiny_zimage_components()
+    head = 32
+    torch.manual_seed(0)
+    parts["transformer"] = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=parts["vae"].config.latent_channels, dim=width, n_layers=layers,
+        n_refiner_layers=1, n_heads=width // head, n_kv_heads=width // head, cap_feat_dim=parts["text_encoder"].config.hidden_size,
+        axes_dims=[head // 4, 3 * head // 8, 3 * head // 8], axes_lens=[256, 64, 64])  # sums to the head dim, as (32, 48, 48) to 128
+    pipe = ZImagePipeline(**parts)
+    for part in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+        part.eval()
+    return pipe
+
+
+def floor_times(pipe, args) -> list[float]:
+    from persres import residuals
+    from persres.conditioning import encode
+
+    model = pipe.transformer
+    factors = residuals.new_concept(model, "floor", residuals.ranks_for(model, args.rank_ratio))
+    params = [p for f in factors.values() for p in f.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    h = args.resolution // pipe.vae_scale_factor
+    latents = torch.randn(args.batch, model.config.in_channels, h, h)  # (B, C, h, w)
+    noise = torch.randn_like(latents)
+    embeds, _ = encode(pipe, "a photo of a sks dog", (args.resolution, args.resolution)).expand(args.batch)
+    sigma = torch.rand(args.batch)
+
+    def step():
+        for p in params:
+            p.grad = None
+        noisy = (1 - sigma.view(-1, 1, 1, 1)) * latents + sigma.view(-1, 1, 1, 1) * noise
+        out = model(list(noisy.unsqueeze(2).unbind(0)), 1 - sigma, list(embeds.unbind(0)), return_dict=False)[0]
+        F.mse_loss(torch.stack(out).squeeze(2), latents - noise).backward()
+
+    with residuals.use_concepts(model, ["floor"], merged=False):
+        times = timed(step, "cpu", args.warmup + 1, args.steps)
+    residuals.unload_concept(model, "floor")
+    return times
+
+
+def main(argv=None) -> None:
+    from persres.families.zimage import ZIMAGE_RANK_RATIO
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--resolution", type=int, default=64, help="px; the tiny VAE halves it, the 2x2 patches halve it again")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--width", type=int, default=256, help="the transformer's width (Z-Image-Turbo: 3840)")
+    ap.add_argument("--layers", type=int, default=6, help="main layers (Z-Image-Turbo: 30)")
+    ap.add_argument("--rank-ratio", type=float, default=ZIMAGE_RANK_RATIO)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    pipe = small_zimage_pipeline(args.width, args.layers)
+    rounds = []
+    for _ in range(args.rounds):
+        floor, ours = median(floor_times(pipe, args)), median(persres_times(pipe, args))
+        rounds.append({"floor_s": round(floor, 4), "persres_s": round(ours, 4), "persres/floor": round(ours / floor, 3)})
+        print(json.dumps(rounds[-1]), flush=True)
+    model = pipe.transformer
+    summary = {
+        "machine": machine(), "threads": torch.get_num_threads(), "resolution": args.resolution, "batch": args.batch,
+        "image_tokens": (args.resolution // pipe.vae_scale_factor // 2) ** 2,
+        "transformer": {"width": args.width, "layers": args.layers, "parameters": sum(p.numel() for p in model.parameters())},
+        "rounds": rounds, "persres/floor (median of rounds)": median([r["persres/floor"] for r in rounds]),
+    }
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
