@@ -8,7 +8,7 @@ import re
 from persres.families import FAMILIES
 from persres.names import IDENTIFIER_RE, MAX_CLASS_WORD, NAME_RE, clean_class_word, layer_parameter_count, parameter_count
 
-BLOCK_RE = re.compile(r"[A-Za-z0-9_.]{1,200}")
+BLOCK_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")  # module paths ("all_final_layer.2-1" on Z-Image)
 
 
 def _bad(field: str, why: str) -> ValueError:

@@ -393,3 +393,32 @@ def test_train_many_trains_z_image_rows(tiny_zimage, concept_dir, tmp_path):
     from persres.registry import Registry
 
     assert Registry().get("zm").meta.family == "zimage"
+
+
+def test_any_z_image_lora_imports_every_layer_and_samples_under_lag(zpipe, tmp_path):
+    """A LoRA of every transformer layer, as peft/diffusers, kohya and ComfyUI-format (`diffusion_model.`) files
+    write it: persres keeps every layer with the file's ΔW, and two such LoRAs sample under LAG at one
+    transformer evaluation per step."""
+    from safetensors.torch import load_file, save_file
+
+    from persres.testing.loras import random_lora
+    from persres.workspace import Workspace
+
+    deltas = random_lora(zpipe, tmp_path / "peft.safetensors", "peft", where=lambda k: k.startswith("transformer."))
+    random_lora(zpipe, tmp_path / "kohya.safetensors", "kohya", where=lambda k: k.startswith("transformer."))
+    peft = load_file(str(tmp_path / "peft.safetensors"))
+    save_file({"diffusion_model." + k.removeprefix("transformer."): v for k, v in peft.items()}, str(tmp_path / "comfy.safetensors"))
+    ws = Workspace(precision="fp32", pipe=zpipe)
+    for fmt, identifier in (("peft", "sks"), ("kohya", "zwx"), ("comfy", "qrv")):
+        ws.import_concept(tmp_path / f"{fmt}.safetensors", name=f"any-{fmt}", class_word="dog", identifier=identifier)
+        tensors, meta = ws.registry.load(f"any-{fmt}")
+        assert set(meta.layers) == set(deltas), fmt
+        for key, delta in deltas.items():
+            torch.testing.assert_close(tensors[f"{key}.up"] @ tensors[f"{key}.down"], delta.flatten(1), atol=1e-6, rtol=1e-5)
+    calls = []
+    hook = zpipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        result = ws.generate("a <any-peft> dog and a <any-kohya> dog", [], lag=True, steps=3, height=SIZE, width=SIZE)
+    finally:
+        hook.remove()
+    assert len(calls) == 3 and result.images[0].size == (SIZE, SIZE)

@@ -172,10 +172,10 @@ class ZImage(Family):
         return "lora_unet_" + f"{block}.{PROJECTION}".replace(".", "_")
 
     def kohya_layer_names(self, paths, blocks) -> dict[str, tuple[str, ...]]:
-        """The diffusers paths underscored (musubi-tuner, ai-toolkit), and the original layout's names:
+        """The diffusers paths underscored (musubi-tuner, ai-toolkit; OneTrainer's lora_transformer_ too), and the original layout's names:
         `attention_out` for to_out.0, `attention_qkv` for q, k and v fused (their rows in order)."""
         paths = set(paths)
-        out = {"lora_unet_" + p.replace(".", "_"): (p,) for p in paths}
+        out = {prefix + p.replace(".", "_"): (p,) for p in paths for prefix in ("lora_unet_", "lora_transformer_")}
         for p in paths:
             if p.endswith(".attention.to_out.0"):
                 out["lora_unet_" + p.removesuffix(".to_out.0").replace(".", "_") + "_out"] = (p,)

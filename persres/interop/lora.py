@@ -83,6 +83,7 @@ def targets(pipe) -> dict[str, tuple[str, ...]]:
         out[key] = (key,)  # diffusers / peft
         if component == denoiser:
             out.setdefault(path, (key,))  # peft's bare names
+            out.setdefault("diffusion_model." + path, (key,))  # ComfyUI-format files of a transformer (ai-toolkit, musubi-tuner)
         variants = {path, path.removeprefix("text_model."), "text_model." + path.removeprefix("text_model.")}
         for prefix in (p for c, p in family.kohya_text_prefixes if c == component):
             for variant in variants:
