@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from persres.families.zimage import SEQ_MULTI_OF
 from persres.kernels.attention import Backend, attention, resolve_backend
 from persres.kernels.processor import MapSink
-
-SEQ_MULTI_OF = 32  # the transformer pads the image tokens to a multiple of this
 
 
 def rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
