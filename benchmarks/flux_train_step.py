@@ -98,6 +98,16 @@ def persres_times(pipe, args) -> list[float]:
     return intervals[args.warmup + 1:]  # the first interval includes encoding the references
 
 
+def alternate(pipe, args, floor) -> list[dict]:
+    """`args.rounds` rounds of `floor(pipe, args)` then `persres_times`: each round's median step times and ratio."""
+    rounds = []
+    for _ in range(args.rounds):
+        bare, ours = median(floor(pipe, args)), median(persres_times(pipe, args))
+        rounds.append({"floor_s": round(bare, 4), "persres_s": round(ours, 4), "persres/floor": round(ours / bare, 3)})
+        print(json.dumps(rounds[-1]), flush=True)
+    return rounds
+
+
 def main(argv=None) -> None:
     from persres.families import FLUX_RANK_RATIO
 
@@ -115,11 +125,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     pipe = small_flux_pipeline(args.width, args.single, args.double)
-    rounds = []
-    for _ in range(args.rounds):
-        floor, ours = median(floor_times(pipe, args)), median(persres_times(pipe, args))
-        rounds.append({"floor_s": round(floor, 4), "persres_s": round(ours, 4), "persres/floor": round(ours / floor, 3)})
-        print(json.dumps(rounds[-1]), flush=True)
+    rounds = alternate(pipe, args, floor_times)
     model = pipe.transformer
     summary = {
         "machine": machine(), "threads": torch.get_num_threads(), "resolution": args.resolution, "batch": args.batch,

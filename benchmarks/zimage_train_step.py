@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import machine, median, timed
-from benchmarks.flux_train_step import images, persres_times
+from benchmarks.flux_train_step import alternate
 
 
 def small_zimage_pipeline(width: int, layers: int):
@@ -88,11 +88,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     pipe = small_zimage_pipeline(args.width, args.layers)
-    rounds = []
-    for _ in range(args.rounds):
-        floor, ours = median(floor_times(pipe, args)), median(persres_times(pipe, args))
-        rounds.append({"floor_s": round(floor, 4), "persres_s": round(ours, 4), "persres/floor": round(ours / floor, 3)})
-        print(json.dumps(rounds[-1]), flush=True)
+    rounds = alternate(pipe, args, floor_times)
     model = pipe.transformer
     summary = {
         "machine": machine(), "threads": torch.get_num_threads(), "resolution": args.resolution, "batch": args.batch,

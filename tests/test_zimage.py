@@ -422,3 +422,11 @@ def test_any_z_image_lora_imports_every_layer_and_samples_under_lag(zpipe, tmp_p
     finally:
         hook.remove()
     assert len(calls) == 3 and result.images[0].size == (SIZE, SIZE)
+
+
+def test_an_attention_backend_without_lag_is_refused_on_z_image_not_ignored(zpipe):
+    from persres.errors import InputError
+
+    with pytest.raises(InputError, match="Z-Image's attention with --lag only"):
+        generate(zpipe, "a red circle", [], SampleConfig(steps=1, height=SIZE, width=SIZE), backend="reference")
+    assert generate(zpipe, "a red circle", [], SampleConfig(steps=1, height=SIZE, width=SIZE), backend="auto").images

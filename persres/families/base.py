@@ -7,6 +7,7 @@ so the registry can name a family without a model library.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -197,3 +198,15 @@ class Family:
 
     def export_modelspec(self, prediction: str) -> str:
         return self.v_modelspec if prediction == "v_prediction" and self.v_modelspec else self.modelspec
+
+
+@contextmanager
+def diffusers_attention(family: Family, backend):
+    """A transformer family's attention without LAG: diffusers' own processors; a backend other than
+    SDPA is refused rather than ignored (persres's backends run its LAG processors)."""
+    from persres.errors import InputError
+    from persres.kernels import Backend
+
+    if backend not in (None, "auto", "sdpa", Backend.SDPA):
+        raise InputError(f"--backend {backend} runs {family.label}'s attention with --lag only; without it diffusers' own runs")
+    yield

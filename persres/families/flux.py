@@ -26,10 +26,9 @@
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-from persres.families.base import Conditioning, Family
+from persres.families.base import Conditioning, Family, diffusers_attention
 
 FLUX_RANK_RATIO = 1 / 128  # r = m / 128: the paper's share of the model's parameters (see the module doc)
 TRAIN_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, the value FLUX.1-dev LoRA trainers pass
@@ -155,14 +154,8 @@ class Flux1(Family):
 
         return make
 
-    @contextmanager
     def plain_attention(self, model, backend):
-        from persres.errors import InputError
-        from persres.kernels import Backend
-
-        if backend not in (None, "auto", "sdpa", Backend.SDPA):
-            raise InputError(f"--backend {backend} runs FLUX.1's attention with --lag only; without it FLUX uses diffusers' own")
-        yield
+        return diffusers_attention(self, backend)
 
     def kohya_key(self, block: str, blocks) -> str:  # sd-scripts' name: BFL's single_blocks.N.linear2
         return f"lora_unet_single_blocks_{block.removeprefix(SINGLE_BLOCKS + '.')}_linear2"

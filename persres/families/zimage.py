@@ -24,10 +24,9 @@ Qwen3 text encoder, trained by flow matching (Z-Image-Turbo: 8 steps, no guidanc
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-from persres.families.base import Conditioning, Family
+from persres.families.base import Conditioning, Family, diffusers_attention
 
 ZIMAGE_RANK_RATIO = 1 / 100  # r = m / 100: the paper's share of the model's parameters (see the module doc)
 MAX_TEXT_TOKENS = 512  # ZImagePipeline's max_sequence_length
@@ -158,14 +157,8 @@ class ZImage(Family):
 
         return make
 
-    @contextmanager
     def plain_attention(self, model, backend):
-        from persres.errors import InputError
-        from persres.kernels import Backend
-
-        if backend not in (None, "auto", "sdpa", Backend.SDPA):
-            raise InputError(f"--backend {backend} runs {self.label}'s attention with --lag only; without it diffusers' own runs")
-        yield
+        return diffusers_attention(self, backend)
 
     # --- files ------------------------------------------------------------------------
     def kohya_key(self, block: str, blocks) -> str:  # musubi-tuner / ai-toolkit: the diffusers path, underscored
