@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, median, sync, timed
+from benchmarks.common import machine, median, timed
 
 
 def small_flux_pipeline(width: int, single: int, double: int):
@@ -98,14 +98,32 @@ def persres_times(pipe, args) -> list[float]:
     return intervals[args.warmup + 1:]  # the first interval includes encoding the references
 
 
-def alternate(pipe, args, floor) -> list[dict]:
-    """`args.rounds` rounds of `floor(pipe, args)` then `persres_times`: each round's median step times and ratio."""
+def run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every training-step comparison takes besides its transformer's shape."""
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+
+
+def compare(pipe, args, floor, shape: dict) -> None:
+    """`args.rounds` rounds of `floor(pipe, args)` then `persres_times`, each round's median step times and
+    ratio, then the summary (`shape`: the transformer's, its parameter count added) printed and written."""
     rounds = []
     for _ in range(args.rounds):
         bare, ours = median(floor(pipe, args)), median(persres_times(pipe, args))
         rounds.append({"floor_s": round(bare, 4), "persres_s": round(ours, 4), "persres/floor": round(ours / bare, 3)})
         print(json.dumps(rounds[-1]), flush=True)
-    return rounds
+    summary = {
+        "machine": machine(), "threads": torch.get_num_threads(), "resolution": args.resolution, "batch": args.batch,
+        "image_tokens": (args.resolution // pipe.vae_scale_factor // 2) ** 2,
+        "transformer": {**shape, "parameters": sum(p.numel() for p in pipe.transformer.parameters())},
+        "rounds": rounds, "persres/floor (median of rounds)": median([r["persres/floor"] for r in rounds]),
+    }
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def main(argv=None) -> None:
@@ -113,31 +131,15 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resolution", type=int, default=64, help="px; the tiny VAE halves it, packing halves it again")
-    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--width", type=int, default=256, help="the transformer's width (FLUX.1-dev: 3072)")
     ap.add_argument("--single", type=int, default=4, help="single-stream blocks (FLUX.1-dev: 38)")
     ap.add_argument("--double", type=int, default=2, help="double-stream blocks (FLUX.1-dev: 19)")
     ap.add_argument("--rank-ratio", type=float, default=FLUX_RANK_RATIO)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", type=Path)
+    run_arguments(ap)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     pipe = small_flux_pipeline(args.width, args.single, args.double)
-    rounds = alternate(pipe, args, floor_times)
-    model = pipe.transformer
-    summary = {
-        "machine": machine(), "threads": torch.get_num_threads(), "resolution": args.resolution, "batch": args.batch,
-        "image_tokens": (args.resolution // pipe.vae_scale_factor // 2) ** 2,
-        "transformer": {"width": args.width, "single_blocks": args.single, "double_blocks": args.double,
-                        "parameters": sum(p.numel() for p in model.parameters())},
-        "rounds": rounds, "persres/floor (median of rounds)": median([r["persres/floor"] for r in rounds]),
-    }
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
-
+    compare(pipe, args, floor_times, {"width": args.width, "single_blocks": args.single, "double_blocks": args.double})
 
 if __name__ == "__main__":
     main()

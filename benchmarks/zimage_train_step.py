@@ -15,14 +15,12 @@ ratio of median step times and their median.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, median, timed
-from benchmarks.flux_train_step import alternate
+from benchmarks.common import timed
+from benchmarks.flux_train_step import compare, run_arguments
 
 
 def small_zimage_pipeline(width: int, layers: int):
@@ -77,29 +75,14 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resolution", type=int, default=64, help="px; the tiny VAE halves it, the 2x2 patches halve it again")
-    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--width", type=int, default=256, help="the transformer's width (Z-Image-Turbo: 3840)")
     ap.add_argument("--layers", type=int, default=6, help="main layers (Z-Image-Turbo: 30)")
     ap.add_argument("--rank-ratio", type=float, default=ZIMAGE_RANK_RATIO)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", type=Path)
+    run_arguments(ap)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     pipe = small_zimage_pipeline(args.width, args.layers)
-    rounds = alternate(pipe, args, floor_times)
-    model = pipe.transformer
-    summary = {
-        "machine": machine(), "threads": torch.get_num_threads(), "resolution": args.resolution, "batch": args.batch,
-        "image_tokens": (args.resolution // pipe.vae_scale_factor // 2) ** 2,
-        "transformer": {"width": args.width, "layers": args.layers, "parameters": sum(p.numel() for p in model.parameters())},
-        "rounds": rounds, "persres/floor (median of rounds)": median([r["persres/floor"] for r in rounds]),
-    }
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
-
+    compare(pipe, args, floor_times, {"width": args.width, "layers": args.layers})
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from persres import families
 from persres.families import FLUX_RANK_RATIO
 from persres.testing.flux import FLUX_DEV_TRANSFORMER_CONFIG, build_tiny_flux_pipeline
 from persres.sample import concept_tokens, generate
-from persres.testing import SD14_UNET_CONFIG, concept_shares
+from persres.testing import SD14_UNET_CONFIG, above_lower_median, concept_shares, linear_delta
 from persres.tokens import BoundConcept
 
 SIZE = 32  # px: an 8 x 8 grid of packed image tokens on the tiny model
@@ -227,17 +227,6 @@ def independent_map(attn, hidden, rotary, positions, image_tokens: int) -> torch
     return probs[..., list(positions)].sum(-1).mean(1)[:, -image_tokens:]  # (B, N)
 
 
-def above_lower_median(maps: torch.Tensor) -> torch.Tensor:
-    ordered = maps.sort(dim=-1).values
-    middle = (maps.shape[-1] - 1) // 2
-    return (maps > ordered[:, middle : middle + 1]).double()
-
-
-def delta_of(layer, name: str, x: torch.Tensor) -> torch.Tensor:
-    factors = layer.residuals[name]
-    return x.double() @ (factors.up.detach().double() @ factors.down.detach().double()).T  # (B, T+N, m)
-
-
 @pytest.mark.parametrize("strength,backend", [(1.0, None), (0.6, "reference")])
 def test_lag_on_joint_attention_is_the_paper_rule_recomputed_independently(flux_pipe, strength, backend):
     """Every single-stream block, every step: proj_out gives W x + s * M ⊙ ΔW x on the image tokens and
@@ -260,7 +249,7 @@ def test_lag_on_joint_attention_is_the_paper_rule_recomputed_independently(flux_
             mask = above_lower_median(maps.pop(name))  # (B, N)
             text = x.shape[1] - mask.shape[1]
             expected = module.base_layer(x).double()
-            expected[:, text:] += strength * mask.unsqueeze(-1) * delta_of(module, "a", x[:, text:])
+            expected[:, text:] += strength * mask.unsqueeze(-1) * linear_delta(module, "a", x[:, text:])
             torch.testing.assert_close(output.double(), expected, atol=1e-4, rtol=1e-4)
             assert 0 < mask.mean().item() < 1
             checked.append(name)
@@ -290,7 +279,7 @@ def test_two_concepts_act_in_disjoint_regions_of_the_image_tokens_only(flux_pipe
         added = output.double() - module.base_layer(x).double()  # (B, T+N, m)
         text = x.shape[1] - image_tokens
         assert added[:, :text].abs().max() < 1e-5  # never on the text tokens
-        deltas = torch.stack([delta_of(module, n, x) for n in names])[:, :, text:]  # (K, B, N, m)
+        deltas = torch.stack([linear_delta(module, n, x) for n in names])[:, :, text:]  # (K, B, N, m)
         shares, error = concept_shares(added[:, text:], deltas, channel_dim=-1)
         assert error < 1e-4  # each image token: nothing, or exactly one concept's ΔW x
         for name, share in zip(names, shares):

@@ -9,11 +9,11 @@ import torch
 from typer.testing import CliRunner
 
 from persres import families, residuals
-from persres.config import SampleConfig, TrainConfig
+from persres.config import SampleConfig
 from persres.errors import IncompatiblePack
 from persres.families.zimage import SEQ_MULTI_OF, ZIMAGE_RANK_RATIO
 from persres.sample import concept_tokens, generate
-from persres.testing import SD14_UNET_CONFIG, concept_shares
+from persres.testing import SD14_UNET_CONFIG, above_lower_median, concept_shares, linear_delta
 from persres.testing.zimage import ZIMAGE_TURBO_TRANSFORMER_CONFIG
 from persres.tokens import BoundConcept
 
@@ -148,17 +148,6 @@ def independent_map(attn, hidden, mask, freqs, positions, image_tokens: int) -> 
     return probs[..., [start + p for p in positions]].sum(-1).mean(1)[:, :image_tokens]  # (B, N)
 
 
-def above_lower_median(maps: torch.Tensor) -> torch.Tensor:
-    ordered = maps.sort(dim=-1).values
-    middle = (maps.shape[-1] - 1) // 2
-    return (maps > ordered[:, middle : middle + 1]).double()
-
-
-def delta_of(layer, name: str, x: torch.Tensor) -> torch.Tensor:
-    factors = layer.residuals[name]
-    return x.double() @ (factors.up.detach().double() @ factors.down.detach().double()).T
-
-
 @pytest.mark.parametrize("strength,guidance,backend", [(1.0, 0.0, None), (0.6, 3.0, "reference")])
 def test_lag_on_joint_attention_is_the_paper_rule_recomputed_independently(zpipe, strength, guidance, backend):
     """Every main layer, every step: to_out.0 gives W x + s * M ⊙ ΔW x on the image tokens and W x on the
@@ -188,7 +177,7 @@ def test_lag_on_joint_attention_is_the_paper_rule_recomputed_independently(zpipe
             mask = above_lower_median(found[: x.shape[0] // (2 if guidance else 1)])  # the conditional rows come first
             mask = mask.repeat(x.shape[0] // mask.shape[0], 1)  # (B, N)
             expected = module.base_layer(x).double()
-            expected[:, :image_tokens] += strength * mask.unsqueeze(-1) * delta_of(module, "a", x[:, :image_tokens])
+            expected[:, :image_tokens] += strength * mask.unsqueeze(-1) * linear_delta(module, "a", x[:, :image_tokens])
             torch.testing.assert_close(output.double(), expected, atol=1e-4, rtol=1e-4)
             assert 0 < mask.mean().item() < 1
             checked.append(name)
@@ -232,7 +221,7 @@ def test_two_concepts_act_in_disjoint_regions_of_the_image_tokens_only(zpipe):
         x = args[0]
         added = output.double() - module.base_layer(x).double()  # (B, L, m)
         assert added[:, image_tokens:].abs().max() < 1e-5  # never on the padding or the text tokens
-        deltas = torch.stack([delta_of(module, n, x) for n in names])[:, :, :image_tokens]  # (K, B, N, m)
+        deltas = torch.stack([linear_delta(module, n, x) for n in names])[:, :, :image_tokens]  # (K, B, N, m)
         shares, error = concept_shares(added[:, :image_tokens], deltas, channel_dim=-1)
         assert error < 1e-4  # each image token: nothing, or exactly one concept's ΔW x
         for name, share in zip(names, shares):

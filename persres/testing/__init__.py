@@ -325,6 +325,19 @@ def concept_shares(added: torch.Tensor, deltas: torch.Tensor, channel_dim: int) 
     return [(best == k).float().mean().item() for k in range(1, len(deltas) + 1)], candidates.amin(dim=0).max().item()
 
 
+def above_lower_median(maps: torch.Tensor) -> torch.Tensor:
+    """maps: (B, N) -> the paper's mask, recomputed apart from `persres.lag`: 1 above the lower median (fp64)."""
+    ordered = maps.sort(dim=-1).values
+    middle = (maps.shape[-1] - 1) // 2
+    return (maps > ordered[:, middle : middle + 1]).double()
+
+
+def linear_delta(layer, name: str, x: torch.Tensor) -> torch.Tensor:
+    """ΔW x of concept `name` on a Linear wrapper, with ΔW = A B formed here in fp64: x (..., n) -> (..., m)."""
+    factors = layer.residuals[name]
+    return x.double() @ (factors.up.detach().double() @ factors.down.detach().double()).T
+
+
 def fixed_noise_loss(pipe, images, prompt: str, resolution: int, seed: int = 123, batches: int = 8) -> float:
     """The training objective (`train.denoising_loss`) on `images` with seeded latents, noise and
     timesteps, so that two calls (before and after training) compare like for like."""
