@@ -33,7 +33,7 @@ MAX_TEXT_TOKENS = 512  # ZImagePipeline's max_sequence_length
 SEQ_MULTI_OF = 32  # the transformer pads the image tokens to a multiple of this
 LAYERS = "layers"
 PROJECTION = "attention.to_out.0"
-TEXT_PARTS = ("context_refiner.", "cap_embedder.", "cap_pad_token")
+TEXT_PARTS = ("context_refiner.", "cap_embedder.")  # layers that read the prompt's tokens alone
 CHECKPOINT_KEY = "layers.0.adaLN_modulation.0.weight"  # the original layout (diffusers' own detection key)
 
 
