@@ -303,11 +303,10 @@ def lag_regions(
         for layer in layers.values():
             layer.unmerge()
             layer.regions = session
-        hook = unet.register_forward_pre_hook(lambda module, args: session.begin_evaluation())  # told, not inferred
         try:
-            yield session
+            with family.evaluations(unet, session):  # told when each evaluation starts, not inferred
+                yield session
             session.end_evaluation()
         finally:
-            hook.remove()
             for layer in layers.values():
                 layer.regions = None

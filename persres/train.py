@@ -61,9 +61,9 @@ class CachedBatchSource:
     mean: torch.Tensor  # (N, 4, h, w)
     std: torch.Tensor  # (N, 4, h, w)
     condition: Conditioning
-    scaling_factor: float
+    scaling_factor: float | torch.Tensor  # a float, or per channel (C, 1, 1) (`Family.latent_normalization`)
     mask: torch.Tensor | None = None  # (N, 1, h, w) where the loss counts; None: everywhere
-    shift_factor: float = 0.0  # subtracted before scaling (`Family.latent_shift`; SD pipelines only scale)
+    shift_factor: float | torch.Tensor = 0.0  # subtracted before scaling (SD pipelines only scale)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         if self.mask is None:
@@ -132,7 +132,8 @@ def cache_inputs(pipe, images: Sequence[Image.Image], prompt: str, resolution: i
     squares, mask = training_views(pipe, images, resolution, flip, scale_min, seed, cell=family.view_cell(pipe))
     mean, std = encode_squares(pipe, squares, chunk)
     condition = encode(pipe, prompt, (resolution, resolution))
-    return CachedBatchSource(mean, std, condition, pipe.vae.config.scaling_factor, mask, family.latent_shift(pipe))
+    shift, scale = family.latent_normalization(pipe)
+    return CachedBatchSource(mean, std, condition, scale, mask, shift)
 
 
 def objective_for(pipe, images, prompt: str, resolution: int, config: TrainConfig):
@@ -148,8 +149,9 @@ def objective_for(pipe, images, prompt: str, resolution: int, config: TrainConfi
 def encode_squares(pipe, squares: Sequence[Image.Image], chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's latent distribution (mean, std), each (N, 4, h, w) float32, of square images."""
     pixels = torch.stack([to_tensor(im) for im in squares]).to(pipe.vae.device, pipe.vae.dtype)  # (N, 3, H, W)
-    dists = [pipe.vae.encode(part).latent_dist for part in pixels.split(chunk)]  # chunk: bounds the VAE's peak memory
-    return torch.cat([d.mean for d in dists]).float(), torch.cat([d.std for d in dists]).float()
+    family = families.of(pipe)
+    dists = [family.latent_distribution(pipe, part) for part in pixels.split(chunk)]  # chunk: bounds the VAE's peak memory
+    return torch.cat([mean for mean, _ in dists]).float(), torch.cat([std for _, std in dists]).float()
 
 
 @torch.no_grad()

@@ -117,7 +117,7 @@ class Family:
         """PromptError unless the concept's tokens are inside every encoder's limit."""
         from persres.tokens import concept_positions
 
-        concept_positions(pipe.tokenizer, prompt, identifier, class_word)
+        concept_positions(self.identifier_tokenizer(pipe), prompt, identifier, class_word)
 
     def check_concept_prompt(self, pipe, prompt: str) -> None:
         """PromptError for a prompt whose concept positions cannot be read (SDXL's two tokenizers)."""
@@ -127,9 +127,14 @@ class Family:
         """Pixels per latent position the denoiser sees (zoom-out views are placed on this grid)."""
         return pipe.vae_scale_factor
 
-    def latent_shift(self, pipe) -> float:
-        """Subtracted from VAE latents before scaling."""
-        return 0.0
+    def latent_distribution(self, pipe, pixels):
+        """The VAE's latent distribution of `pixels` (N, 3, H, W) in [0, 1]: (mean, std), each (N, C, h, w)."""
+        dist = pipe.vae.encode(pixels).latent_dist
+        return dist.mean, dist.std
+
+    def latent_normalization(self, pipe):
+        """(shift, scale): the denoiser sees (z - shift) * scale, each a float or per channel (C, 1, 1)."""
+        return 0.0, pipe.vae.config.scaling_factor
 
     def check_train_config(self, config) -> None:
         """InputError for a training setting this family cannot use."""
@@ -161,6 +166,16 @@ class Family:
     def lag_processors(self, model, session, backend, layers, latent_hw):
         """`make(processor name, old processor)` for `kernels.attention_processors`: token maps for `session`."""
         raise NotImplementedError
+
+    @contextmanager
+    def evaluations(self, model, session):
+        """Tells `session` (a `persres.lag.LagSession`) when each denoiser evaluation starts. One evaluation
+        per step holds every chunk of the batch (`batch_layout`), so each call of the model starts one."""
+        hook = model.register_forward_pre_hook(lambda module, args: session.begin_evaluation())
+        try:
+            yield
+        finally:
+            hook.remove()
 
     def plain_attention(self, model, backend):
         """A context manager that runs the denoiser's attention on `backend` without LAG."""
@@ -200,6 +215,27 @@ class Family:
         return self.v_modelspec if prediction == "v_prediction" and self.v_modelspec else self.modelspec
 
 
+@dataclass(frozen=True, eq=False, repr=False)
+class FlowTransformer(Family):
+    """A diffusion transformer trained by flow matching on 2x2 patches of its latents (FLUX.1, Z-Image,
+    Qwen-Image): what such families answer alike."""
+
+    def view_cell(self, pipe) -> int:  # latents are patched 2x2: views cover whole patches
+        return pipe.vae_scale_factor * 2
+
+    def check_train_config(self, config) -> None:
+        from persres.errors import InputError
+
+        if config.snr_gamma is not None:
+            raise InputError(f"min-SNR weighting (--snr-gamma) is for epsilon and v-prediction models; {self.label} trains by flow matching")
+
+    def prediction_type(self, pipe) -> str:
+        return "flow_matching"
+
+    def plain_attention(self, model, backend):
+        return diffusers_attention(self, backend)
+
+
 @contextmanager
 def diffusers_attention(family: Family, backend):
     """A transformer family's attention without LAG: diffusers' own processors; a backend other than
@@ -210,3 +246,42 @@ def diffusers_attention(family: Family, backend):
     if backend not in (None, "auto", "sdpa", Backend.SDPA):
         raise InputError(f"--backend {backend} runs {family.label}'s attention with --lag only; without it diffusers' own runs")
     yield
+
+
+HOOK = "persres_evaluations"  # the name of persres's hook in a diffusers model's HookRegistry
+
+
+@contextmanager
+def named_evaluations(model, session):
+    """`Family.evaluations` for pipelines that run the conditional and the unconditional prompt as two
+    evaluations of one step (diffusers' true classifier-free guidance), each inside
+    `model.cache_context("cond")` / `("uncond")`: a stateful diffusers hook reads the context each
+    evaluation runs in and tells `session` its chunk (conditional or not) and its step. An evaluation
+    outside any context is a step of its own with the session's layout."""
+    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks.hooks import BaseState, StateManager
+
+    class Announcer(ModelHook):
+        _is_stateful = True  # `cache_context` hands the context to stateful hooks' StateManagers
+
+        def __init__(self):
+            super().__init__()
+            self.context = StateManager(BaseState)
+            self.step = -1
+
+        def pre_forward(self, module, *args, **kwargs):
+            name = self.context._context.name if self.context._context is not None else None
+            if name != "uncond":  # the conditional evaluation opens a step; the unconditional one follows in it
+                self.step += 1
+            session.begin_evaluation(step=self.step, layout=None if name is None else (name != "uncond",))
+            return args, kwargs
+
+        def reset_state(self, module):
+            return module
+
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(Announcer(), HOOK)
+    try:
+        yield
+    finally:
+        registry.remove_hook(HOOK, recurse=False)

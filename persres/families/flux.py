@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from persres.families.base import Conditioning, Family, diffusers_attention
+from persres.families.base import Conditioning, FlowTransformer
 
 FLUX_RANK_RATIO = 1 / 128  # r = m / 128: the paper's share of the model's parameters (see the module doc)
 TRAIN_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, the value FLUX.1-dev LoRA trainers pass
@@ -65,7 +65,7 @@ CHECKPOINT_KEY = "single_blocks.0.linear2.weight"  # Black Forest Labs' layout, 
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class Flux1(Family):
+class Flux1(FlowTransformer):
     def matches_config(self, config) -> bool:
         return config.get("num_single_layers") is not None
 
@@ -115,23 +115,11 @@ class Flux1(Family):
         concept_positions(pipe.tokenizer_2, prompt, identifier, class_word)
 
     # --- training ---------------------------------------------------------------------
-    def view_cell(self, pipe) -> int:  # latents are packed in 2x2 patches: views cover whole patches
-        return pipe.vae_scale_factor * 2
-
-    def latent_shift(self, pipe) -> float:
-        return pipe.vae.config.get("shift_factor") or 0.0
-
-    def check_train_config(self, config) -> None:
-        from persres.errors import InputError
-
-        if config.snr_gamma is not None:
-            raise InputError("min-SNR weighting (--snr-gamma) is for epsilon and v-prediction models; FLUX.1 trains by flow matching")
+    def latent_normalization(self, pipe):
+        return pipe.vae.config.get("shift_factor") or 0.0, pipe.vae.config.scaling_factor
 
     def objective(self, pipe, source, config):
         return flow_matching_objective(pipe, source, config.batch_size)
-
-    def prediction_type(self, pipe) -> str:
-        return "flow_matching"
 
     # --- sampling ---------------------------------------------------------------------
     def native_side(self, pipe) -> int:  # the pipeline's default (1024 px on FLUX.1)
@@ -153,9 +141,6 @@ class Flux1(Family):
             return JointAttnProcessor(backend, session, block, image_tokens) if block in layers else old
 
         return make
-
-    def plain_attention(self, model, backend):
-        return diffusers_attention(self, backend)
 
     def kohya_key(self, block: str, blocks) -> str:  # sd-scripts' name: BFL's single_blocks.N.linear2
         return f"lora_unet_single_blocks_{block.removeprefix(SINGLE_BLOCKS + '.')}_linear2"
@@ -235,18 +220,34 @@ def flow_matching_objective(pipe, source, batch_size: int):
     of this pipeline: everything computed once)."""
     import torch
 
-    from persres.errors import InputError
-
-    transformer, scheduler = pipe.transformer, pipe.scheduler
+    transformer = pipe.transformer
     device, dtype = transformer.device, transformer.dtype
     h, w = source.mean.shape[-2:]
-    if h % 2 or w % 2:
-        raise InputError(f"FLUX packs latents in 2x2 patches: the training resolution must be a multiple of "
-                         f"{2 * pipe.vae_scale_factor} px")
     ids = image_ids(pipe, h, w, device)
     text_ids = torch.zeros(source.condition.embedding.shape[1], 3, device=device)  # (T, 3): text tokens sit at 0, as the pipeline's
-    mu = image_shift(scheduler, (h // 2) * (w // 2))
     guidance = torch.full((batch_size,), TRAIN_GUIDANCE, device=device) if transformer.config.guidance_embeds else None
+
+    def velocity(noisy, sigma, batch):
+        return transformer(hidden_states=noisy.to(dtype), timestep=sigma.to(dtype), guidance=guidance,
+                           pooled_projections=batch.added["pooled_projections"], encoder_hidden_states=batch.embedding,
+                           txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
+
+    return packed_flow_objective(pipe, source, batch_size, "FLUX", velocity)
+
+
+def packed_flow_objective(pipe, source, batch_size: int, label: str, velocity):
+    """`loss(generator)` of a transformer that reads latents packed in 2x2 patches and predicts the
+    velocity ε - x0 at timestep σ: `velocity(x_σ (B, L, 4C), σ (B,), batch)` calls it as its pipeline does."""
+    import torch
+
+    from persres.errors import InputError
+
+    scheduler, device = pipe.scheduler, pipe.transformer.device
+    h, w = source.mean.shape[-2:]
+    if h % 2 or w % 2:
+        raise InputError(f"{label} packs latents in 2x2 patches: the training resolution must be a multiple of "
+                         f"{2 * pipe.vae_scale_factor} px")
+    mu = image_shift(scheduler, (h // 2) * (w // 2))
 
     def loss(generator):
         batch = source.sample(batch_size, generator)
@@ -255,9 +256,7 @@ def flow_matching_objective(pipe, source, batch_size: int):
         u = torch.rand((batch_size,), generator=generator, device=device)
         sigma = shifted_sigmas(scheduler, u, mu).view(-1, 1, 1)  # (B, 1, 1)
         noisy = (1 - sigma) * x0 + sigma * noise
-        pred = transformer(hidden_states=noisy.to(dtype), timestep=sigma.flatten().to(dtype), guidance=guidance,
-                           pooled_projections=batch.added["pooled_projections"], encoder_hidden_states=batch.embedding,
-                           txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
+        pred = velocity(noisy, sigma.flatten(), batch)
         err = (pred.float() - (noise - x0)) ** 2  # (B, L, 4C)
         if batch.mask is None:
             return err.mean()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from persres.families.base import Conditioning, Family, diffusers_attention
+from persres.families.base import Conditioning, FlowTransformer
 
 ZIMAGE_RANK_RATIO = 1 / 100  # r = m / 100: the paper's share of the model's parameters (see the module doc)
 MAX_TEXT_TOKENS = 512  # ZImagePipeline's max_sequence_length
@@ -37,27 +37,8 @@ TEXT_PARTS = ("context_refiner.", "cap_embedder.")  # layers that read the promp
 CHECKPOINT_KEY = "layers.0.adaLN_modulation.0.weight"  # the original layout (diffusers' own detection key)
 
 
-class TemplatedTokens:
-    """What `persres.tokens.concept_span` reads of a tokenizer, over a pipeline that wraps its prompt in
-    a chat template: positions in the templated sequence the text encoder reads. A word alone is
-    tokenized as it stands inside a sentence (after a space)."""
-
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer = tokenizer
-        self.model_max_length = max_length
-
-    def framed(self, prompt: str) -> str:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True, enable_thinking=True)
-
-    def __call__(self, text: str, add_special_tokens: bool = True):
-        if add_special_tokens:
-            return self.tokenizer(self.framed(text), add_special_tokens=False)
-        return self.tokenizer(" " + text, add_special_tokens=False)
-
-
 @dataclass(frozen=True, eq=False, repr=False)
-class ZImage(Family):
+class ZImage(FlowTransformer):
     def matches_config(self, config) -> bool:
         return config.get("cap_feat_dim") is not None and config.get("n_refiner_layers") is not None
 
@@ -104,34 +85,19 @@ class ZImage(Family):
         return Conditioning(embeds[0].unsqueeze(0).to(model.dtype))  # (1, T, D): the prompt's tokens, no padding
 
     def region_tokenizer(self, pipe):
-        return TemplatedTokens(pipe.tokenizer, max_text_tokens(pipe))
+        from persres.families.templated import TemplatedTokens, chat_frame
+
+        return TemplatedTokens(pipe.tokenizer, max_text_tokens(pipe), chat_frame(pipe.tokenizer))
 
     def identifier_tokenizer(self, pipe):
         return self.region_tokenizer(pipe)
 
-    def check_training_prompt(self, pipe, prompt: str, identifier: str, class_word: str) -> None:
-        from persres.tokens import concept_positions
-
-        concept_positions(self.region_tokenizer(pipe), prompt, identifier, class_word)
-
     # --- training ---------------------------------------------------------------------
-    def view_cell(self, pipe) -> int:  # the transformer patches latents 2x2
-        return pipe.vae_scale_factor * 2
-
-    def latent_shift(self, pipe) -> float:
-        return pipe.vae.config.get("shift_factor") or 0.0
-
-    def check_train_config(self, config) -> None:
-        from persres.errors import InputError
-
-        if config.snr_gamma is not None:
-            raise InputError(f"min-SNR weighting (--snr-gamma) is for epsilon and v-prediction models; {self.label} trains by flow matching")
+    def latent_normalization(self, pipe):
+        return pipe.vae.config.get("shift_factor") or 0.0, pipe.vae.config.scaling_factor
 
     def objective(self, pipe, source, config):
         return flow_objective(pipe, source, config.batch_size)
-
-    def prediction_type(self, pipe) -> str:
-        return "flow_matching"
 
     # --- sampling ---------------------------------------------------------------------
     def native_side(self, pipe) -> int:  # ZImagePipeline's default size
@@ -156,9 +122,6 @@ class ZImage(Family):
             return ZImageLagProcessor(backend, session, block, image_tokens) if block in layers else old
 
         return make
-
-    def plain_attention(self, model, backend):
-        return diffusers_attention(self, backend)
 
     # --- files ------------------------------------------------------------------------
     def kohya_key(self, block: str, blocks) -> str:  # musubi-tuner / ai-toolkit: the diffusers path, underscored
