@@ -203,10 +203,12 @@ class LagSession:
             return None
         k = self.index[concept]
         if layer.text:  # x: (B, T, C): the concept's own token rows, of the conditional chunk(s)
-            if x.ndim != 3:
+            conditional = [i for i, c in enumerate(self.layout) if c]
+            if x.ndim != 3 or not conditional:  # an evaluation of the unconditional prompt alone: nothing to change
                 return None
             mask = x.new_zeros(len(self.layout), x.shape[0] // len(self.layout), x.shape[1])  # (chunks, b, T)
-            mask[[i for i, c in enumerate(self.layout) if c], :, [p for p in self.concepts[k].positions if p < x.shape[1]]] = 1
+            for chunk in conditional:
+                mask[chunk, :, [p for p in self.concepts[k].positions if p < x.shape[1]]] = 1
             return mask.view(x.shape[0], x.shape[1], 1)
         if x.ndim == 4:
             h, w = x.shape[2], x.shape[3]

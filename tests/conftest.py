@@ -65,6 +65,13 @@ def tiny_zimage(tmp_path_factory) -> Path:
     return build_tiny_zimage_pipeline(tmp_path_factory.mktemp("models") / "tiny-zimage")
 
 
+@pytest.fixture(scope="session")
+def tiny_qwenimage(tmp_path_factory) -> Path:
+    from persres.testing.qwenimage import build_tiny_qwenimage_pipeline
+
+    return build_tiny_qwenimage_pipeline(tmp_path_factory.mktemp("models") / "tiny-qwenimage")
+
+
 @pytest.fixture
 def pipe(tiny_model):
     from persres.models import load_pipeline
