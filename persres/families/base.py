@@ -235,6 +235,20 @@ class FlowTransformer(Family):
     def plain_attention(self, model, backend):
         return diffusers_attention(self, backend)
 
+    def lag_processor(self):
+        """The attention processor class that hands a block's token maps to LAG, made as
+        `(backend, session, block, image tokens)`."""
+        raise NotImplementedError
+
+    def lag_processors(self, model, session, backend, layers, latent_hw):
+        processor, image_tokens = self.lag_processor(), latent_hw[0] * latent_hw[1]  # `latent_hw`: the 2x2-patch grid
+
+        def make(name: str, old):  # persres's processor where a block carries residuals, diffusers' own elsewhere
+            block = name.rsplit(".", 2)[0]  # "<block>.<attention module>.processor"
+            return processor(backend, session, block, image_tokens) if block in layers else old
+
+        return make
+
 
 @contextmanager
 def diffusers_attention(family: Family, backend):
@@ -257,7 +271,7 @@ def named_evaluations(model, session):
     evaluations of one step (diffusers' true classifier-free guidance), each inside
     `model.cache_context("cond")` / `("uncond")`: a stateful diffusers hook reads the context each
     evaluation runs in and tells `session` its chunk (conditional or not) and its step. An evaluation
-    outside any context is a step of its own with the session's layout."""
+    outside any context is a step of its own, with the layout `session` already holds."""
     from diffusers.hooks import HookRegistry, ModelHook
     from diffusers.hooks.hooks import BaseState, StateManager
 

@@ -131,16 +131,10 @@ class Flux1(FlowTransformer):
     def guidance_in_batch(self, guidance: float) -> bool:
         return False
 
-    def lag_processors(self, model, session, backend, layers, latent_hw):
+    def lag_processor(self):
         from persres.kernels.joint import JointAttnProcessor
 
-        image_tokens = latent_hw[0] * latent_hw[1]  # `latent_hw` is the packed token grid
-
-        def make(name: str, old):  # the joint processor where a proj_out carries residuals, diffusers' own elsewhere
-            block = name.removesuffix(".attn.processor")
-            return JointAttnProcessor(backend, session, block, image_tokens) if block in layers else old
-
-        return make
+        return JointAttnProcessor
 
     def kohya_key(self, block: str, blocks) -> str:  # sd-scripts' name: BFL's single_blocks.N.linear2
         return f"lora_unet_single_blocks_{block.removeprefix(SINGLE_BLOCKS + '.')}_linear2"

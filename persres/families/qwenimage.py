@@ -137,16 +137,10 @@ class QwenImage(FlowTransformer):
     def evaluations(self, model, session):
         return named_evaluations(model, session)
 
-    def lag_processors(self, model, session, backend, layers, latent_hw):
+    def lag_processor(self):
         from persres.families.qwenimage_attention import QwenLagProcessor
 
-        image_tokens = latent_hw[0] * latent_hw[1]  # `latent_hw` is the 2x2-patch grid
-
-        def make(name: str, old):
-            block = name.removesuffix(".attn.processor")
-            return QwenLagProcessor(backend, session, block, image_tokens) if block in layers else old
-
-        return make
+        return QwenLagProcessor
 
     # --- files ------------------------------------------------------------------------
     def kohya_key(self, block: str, blocks) -> str:  # musubi-tuner / ai-toolkit: the diffusers path, underscored

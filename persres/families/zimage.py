@@ -112,16 +112,10 @@ class ZImage(FlowTransformer):
     def batch_layout(self, guided: bool) -> tuple[bool, ...]:  # the pipeline batches [conditional, unconditional]
         return (True, False) if guided else (True,)
 
-    def lag_processors(self, model, session, backend, layers, latent_hw):
+    def lag_processor(self):
         from persres.families.zimage_attention import ZImageLagProcessor
 
-        image_tokens = latent_hw[0] * latent_hw[1]  # `latent_hw` is the 2x2-patch grid
-
-        def make(name: str, old):
-            block = name.removesuffix(".attention.processor")
-            return ZImageLagProcessor(backend, session, block, image_tokens) if block in layers else old
-
-        return make
+        return ZImageLagProcessor
 
     # --- files ------------------------------------------------------------------------
     def kohya_key(self, block: str, blocks) -> str:  # musubi-tuner / ai-toolkit: the diffusers path, underscored
