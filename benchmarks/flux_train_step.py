@@ -53,15 +53,10 @@ def images(n, resolution):
 
 
 def floor_times(pipe, args) -> list[float]:
-    from persres import residuals
     from persres.conditioning import encode
     from persres.families.flux import image_ids
 
     model = pipe.transformer
-    factors = residuals.new_concept(model, "floor", residuals.ranks_for(model, args.rank_ratio))
-    params = [p for f in factors.values() for p in f.parameters()]
-    for p in params:
-        p.requires_grad_(True)
     h = args.resolution // pipe.vae_scale_factor
     tokens, channels = (h // 2) ** 2, model.config.in_channels
     latents = torch.randn(args.batch, tokens, channels)  # (B, L, 4C): packed
@@ -70,13 +65,29 @@ def floor_times(pipe, args) -> list[float]:
     pooled, text_ids = added["pooled_projections"], torch.zeros(embeds.shape[1], 3)
     ids, sigma, guidance = image_ids(pipe, h, h, "cpu"), torch.rand(args.batch), torch.full((args.batch,), 3.5)
 
-    def step():
-        for p in params:
-            p.grad = None
+    def loss():
         noisy = (1 - sigma.view(-1, 1, 1)) * latents + sigma.view(-1, 1, 1) * noise
         pred = model(hidden_states=noisy, timestep=sigma, guidance=guidance, pooled_projections=pooled,
                      encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
-        F.mse_loss(pred, noise - latents).backward()
+        return F.mse_loss(pred, noise - latents)
+
+    return floor_step_times(model, args, loss)
+
+
+def floor_step_times(model, args, loss) -> list[float]:
+    """Times of one `loss().backward()` with only a fresh concept's residual factors trainable (no
+    optimizer step): the floor a training step of `model` cannot go below."""
+    from persres import residuals
+
+    factors = residuals.new_concept(model, "floor", residuals.ranks_for(model, args.rank_ratio))
+    params = [p for f in factors.values() for p in f.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+
+    def step():
+        for p in params:
+            p.grad = None
+        loss().backward()
 
     with residuals.use_concepts(model, ["floor"], merged=False):
         times = timed(step, "cpu", args.warmup + 1, args.steps)

@@ -20,8 +20,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import timed
-from benchmarks.flux_train_step import compare, run_arguments
+from benchmarks.flux_train_step import compare, floor_step_times, run_arguments
 
 
 def small_qwenimage_pipeline(width: int, layers: int):
@@ -44,14 +43,9 @@ def small_qwenimage_pipeline(width: int, layers: int):
 
 
 def floor_times(pipe, args) -> list[float]:
-    from persres import residuals
     from persres.conditioning import encode
 
     model = pipe.transformer
-    factors = residuals.new_concept(model, "floor", residuals.ranks_for(model, args.rank_ratio))
-    params = [p for f in factors.values() for p in f.parameters()]
-    for p in params:
-        p.requires_grad_(True)
     h = args.resolution // pipe.vae_scale_factor // 2
     latents = torch.randn(args.batch, h * h, model.config.in_channels)  # (B, L, 4C): packed
     noise = torch.randn_like(latents)
@@ -59,17 +53,12 @@ def floor_times(pipe, args) -> list[float]:
     sigma = torch.rand(args.batch)
     shapes = [[(1, h, h)]] * args.batch
 
-    def step():
-        for p in params:
-            p.grad = None
+    def loss():
         noisy = (1 - sigma.view(-1, 1, 1)) * latents + sigma.view(-1, 1, 1) * noise
         out = model(hidden_states=noisy, timestep=sigma, encoder_hidden_states=embeds, img_shapes=shapes, return_dict=False)[0]
-        F.mse_loss(out, noise - latents).backward()
+        return F.mse_loss(out, noise - latents)
 
-    with residuals.use_concepts(model, ["floor"], merged=False):
-        times = timed(step, "cpu", args.warmup + 1, args.steps)
-    residuals.unload_concept(model, "floor")
-    return times
+    return floor_step_times(model, args, loss)
 
 
 def main(argv=None) -> None:

@@ -19,8 +19,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import timed
-from benchmarks.flux_train_step import compare, run_arguments
+from benchmarks.flux_train_step import compare, floor_step_times, run_arguments
 
 
 def small_zimage_pipeline(width: int, layers: int):
@@ -43,31 +42,21 @@ def small_zimage_pipeline(width: int, layers: int):
 
 
 def floor_times(pipe, args) -> list[float]:
-    from persres import residuals
     from persres.conditioning import encode
 
     model = pipe.transformer
-    factors = residuals.new_concept(model, "floor", residuals.ranks_for(model, args.rank_ratio))
-    params = [p for f in factors.values() for p in f.parameters()]
-    for p in params:
-        p.requires_grad_(True)
     h = args.resolution // pipe.vae_scale_factor
     latents = torch.randn(args.batch, model.config.in_channels, h, h)  # (B, C, h, w)
     noise = torch.randn_like(latents)
     embeds, _ = encode(pipe, "a photo of a sks dog", (args.resolution, args.resolution)).expand(args.batch)
     sigma = torch.rand(args.batch)
 
-    def step():
-        for p in params:
-            p.grad = None
+    def loss():
         noisy = (1 - sigma.view(-1, 1, 1, 1)) * latents + sigma.view(-1, 1, 1, 1) * noise
         out = model(list(noisy.unsqueeze(2).unbind(0)), 1 - sigma, list(embeds.unbind(0)), return_dict=False)[0]
-        F.mse_loss(torch.stack(out).squeeze(2), latents - noise).backward()
+        return F.mse_loss(torch.stack(out).squeeze(2), latents - noise)
 
-    with residuals.use_concepts(model, ["floor"], merged=False):
-        times = timed(step, "cpu", args.warmup + 1, args.steps)
-    residuals.unload_concept(model, "floor")
-    return times
+    return floor_step_times(model, args, loss)
 
 
 def main(argv=None) -> None:

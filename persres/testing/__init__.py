@@ -374,3 +374,16 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def save_tiny_pipeline(pipe, path: str | Path, train_resolution: int) -> Path:
+    """A tiny pipeline saved as a diffusers directory, with a persres_defaults.json that trains it at
+    `train_resolution` px (where no --resolution is given: the web app, train-many)."""
+    import json
+
+    from persres.settings import DEFAULTS_FILE
+
+    path = Path(path)
+    pipe.save_pretrained(path)
+    (path / DEFAULTS_FILE).write_text(json.dumps({"train": {"resolution": train_resolution}}) + "\n")
+    return path

@@ -60,13 +60,8 @@ def tiny_qwenimage_components(seed: int = 0):
 def build_tiny_qwenimage_pipeline(path: str | Path, seed: int = 0) -> Path:
     """The tiny pipeline saved as a diffusers directory, with a persres_defaults.json that trains it at
     `TRAIN_RESOLUTION` (where no --resolution is given: the web app, train-many)."""
-    import json
-
     from diffusers import QwenImagePipeline
 
-    from persres.settings import DEFAULTS_FILE
+    from persres.testing import save_tiny_pipeline
 
-    path = Path(path)
-    QwenImagePipeline(**tiny_qwenimage_components(seed)).save_pretrained(path)
-    (path / DEFAULTS_FILE).write_text(json.dumps({"train": {"resolution": TRAIN_RESOLUTION}}) + "\n")
-    return path
+    return save_tiny_pipeline(QwenImagePipeline(**tiny_qwenimage_components(seed)), path, TRAIN_RESOLUTION)

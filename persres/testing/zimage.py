@@ -54,16 +54,11 @@ TRAIN_RESOLUTION = 32  # px: the tiny model's training default (persres_defaults
 def build_tiny_zimage_pipeline(path: str | Path, seed: int = 0) -> Path:
     """The tiny pipeline saved as a diffusers directory, with a persres_defaults.json that trains it at
     `TRAIN_RESOLUTION` (where no --resolution is given: the web app, train-many)."""
-    import json
-
     from diffusers import ZImagePipeline
 
-    from persres.settings import DEFAULTS_FILE
+    from persres.testing import save_tiny_pipeline
 
-    path = Path(path)
-    ZImagePipeline(**tiny_zimage_components(seed)).save_pretrained(path)
-    (path / DEFAULTS_FILE).write_text(json.dumps({"train": {"resolution": TRAIN_RESOLUTION}}) + "\n")
-    return path
+    return save_tiny_pipeline(ZImagePipeline(**tiny_zimage_components(seed)), path, TRAIN_RESOLUTION)
 
 
 def save_original_layout(transformer, path: str | Path) -> Path:
