@@ -34,19 +34,6 @@ def add_random_concept(model, name: str, seed: int = 0, scale: float = 4.0) -> N
         layer.residuals[name].up.data.mul_(scale)
 
 
-def evaluations(model):
-    """Every transformer evaluation's cache context name, in order."""
-    names = []
-
-    def note(module, args):
-        from diffusers.hooks import HookRegistry
-
-        hook = HookRegistry.check_if_exists_or_initialize(module).get_hook(families.base.HOOK)
-        names.append(hook.context._context.name if hook and hook.context._context else None)
-
-    return names, model.register_forward_pre_hook(note)
-
-
 def test_qwen_image_residuals_keep_the_papers_share_of_the_model():
     """Qwen-Image's real config on the meta device: 60 blocks, attention to_out.0 3072 -> 3072, rank 80 by the
     family's rule, 29,491,200 parameters: the paper's share of SD v1.4's UNet."""

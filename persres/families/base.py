@@ -128,7 +128,7 @@ class Family:
         return pipe.vae_scale_factor
 
     def latent_distribution(self, pipe, pixels):
-        """The VAE's latent distribution of `pixels` (N, 3, H, W) in [0, 1]: (mean, std), each (N, C, h, w)."""
+        """The VAE's latent distribution of `pixels` (N, 3, H, W) in [-1, 1]: (mean, std), each (N, C, h, w)."""
         dist = pipe.vae.encode(pixels).latent_dist
         return dist.mean, dist.std
 
@@ -284,7 +284,10 @@ def named_evaluations(model, session):
             self.step = -1
 
         def pre_forward(self, module, *args, **kwargs):
-            name = self.context._context.name if self.context._context is not None else None
+            try:
+                name = self.context.context.name
+            except ValueError:  # called outside any cache_context
+                name = None
             if name != "uncond":  # the conditional evaluation opens a step; the unconditional one follows in it
                 self.step += 1
             session.begin_evaluation(step=self.step, layout=None if name is None else (name != "uncond",))
