@@ -23,9 +23,10 @@ class OtherCheckpointWarning(UserWarning):
 
 
 def check_fit(meta: PackMeta, fp: Fingerprint, model: str, family: families.Family | None = None) -> None:
-    """Refuse a pack of another architecture (naming both families); warn for another checkpoint of the same one."""
-    if meta.architecture != fp.architecture:
-        ours = families.of_meta(meta)
+    """Refuse a pack of another architecture or family (naming both families); warn for another checkpoint of
+    the same one. (Two families may share layer shapes: FLUX.2 klein and dev differ in their guidance input.)"""
+    ours = families.of_meta(meta)
+    if meta.architecture != fp.architecture or (family is not None and ours is not family):
         theirs = family.label if family is not None else "another architecture"
         kind = f"an {ours.label} pack" if ours is family or family is None else f"an {ours.label} pack, not {theirs}"
         raise IncompatiblePack(

@@ -72,6 +72,20 @@ def tiny_qwenimage(tmp_path_factory) -> Path:
     return build_tiny_qwenimage_pipeline(tmp_path_factory.mktemp("models") / "tiny-qwenimage")
 
 
+@pytest.fixture(scope="session")
+def tiny_flux2_klein(tmp_path_factory) -> Path:
+    from persres.testing.flux2 import build_tiny_flux2_klein_pipeline
+
+    return build_tiny_flux2_klein_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux2-klein")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_dev(tmp_path_factory) -> Path:
+    from persres.testing.flux2 import build_tiny_flux2_dev_pipeline
+
+    return build_tiny_flux2_dev_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux2-dev")
+
+
 @pytest.fixture
 def pipe(tiny_model):
     from persres.models import load_pipeline

@@ -5,6 +5,8 @@
 - `flux`: FLUX.1 (`FluxPipeline`; a diffusion transformer trained by flow matching, T5 + CLIP)
 - `zimage`: Z-Image (`ZImagePipeline`; a single-stream diffusion transformer, a Qwen3 text encoder)
 - `qwenimage`: Qwen-Image (`QwenImagePipeline`; a double-stream diffusion transformer, a Qwen2.5-VL text encoder)
+- `flux2klein`, `flux2`: FLUX.2 klein and dev (`Flux2KleinPipeline`, a Qwen3 text encoder, true CFG;
+  `Flux2Pipeline`, a Mistral Small 3 text encoder, guidance an input); one transformer
 
 Each adapter (`base.Family`) answers everything persres needs to know about its family:
 detection from a denoiser's config or a single file's tensor names, loading, the denoiser and
@@ -24,15 +26,17 @@ from __future__ import annotations
 
 from persres.families.base import Family
 from persres.families.flux import FLUX1, FLUX_RANK_RATIO
+from persres.families.flux2 import FLUX2_DEV, FLUX2_KLEIN
 from persres.families.sd import SD1, SD2
 from persres.families.sdxl import SDXL
 from persres.families.qwenimage import QWEN_IMAGE
 from persres.families.zimage import ZIMAGE
 
-FAMILIES: dict[str, Family] = {f.key: f for f in (SD1, SD2, SDXL, FLUX1, ZIMAGE, QWEN_IMAGE)}
+FAMILIES: dict[str, Family] = {f.key: f for f in (SD1, SD2, SDXL, FLUX1, ZIMAGE, QWEN_IMAGE, FLUX2_KLEIN, FLUX2_DEV)}
 # The first whose rule matches a config, a checkpoint's tensor names or an old pack wins (an SDXL
-# or FLUX.1 checkpoint also holds SD 1.x's tensor names; an SDXL pack is also Linear, as SD 2.x's).
-DETECTION: tuple[Family, ...] = (ZIMAGE, QWEN_IMAGE, FLUX1, SDXL, SD2, SD1)
+# or FLUX.1 checkpoint also holds SD 1.x's tensor names; an SDXL pack is also Linear, as SD 2.x's;
+# a FLUX.2 config or checkpoint also has FLUX.1's marks).
+DETECTION: tuple[Family, ...] = (ZIMAGE, QWEN_IMAGE, FLUX2_KLEIN, FLUX2_DEV, FLUX1, SDXL, SD2, SD1)
 PIPELINES = tuple(dict.fromkeys(f.pipeline for f in FAMILIES.values()))
 ATTRIBUTE = "persres_family"  # where a loaded pipeline carries its family
 

@@ -142,13 +142,8 @@ class Flux1(FlowTransformer):
     def kohya_layer_names(self, paths, blocks) -> dict[str, tuple[str, ...]]:
         """sd-scripts' names (Black Forest Labs' layout, q/k/v and the single blocks' MLP input fused)
         and the diffusers layout under `lora_transformer_` (OneTrainer; what ComfyUI reads too)."""
-        paths = set(paths)
         out = {"lora_transformer_" + p.replace(".", "_"): (p,) for p in paths}
-        for name, parts in BFL_LAYERS:
-            for i in sorted({int(p.split(".")[1]) for p in paths if p.startswith(parts[0].split("{")[0])}) if "{" in parts[0] else [None]:
-                targets = tuple(part.format(i=i) for part in parts)
-                if all(t in paths for t in targets):
-                    out["lora_unet_" + name.format(i=i)] = targets
+        out.update({"lora_unet_" + name: targets for name, targets in original_layer_names(BFL_LAYERS, paths).items()})
         return out
 
     def kohya_layer_key(self, path: str, blocks) -> str:
@@ -160,6 +155,21 @@ FLUX1 = Flux1("flux", "FLUX.1", "FluxPipeline", "black-forest-labs/FLUX.1-dev", 
               implementation="https://github.com/black-forest-labs/flux", suggests_class=False,
               sequence_encoders=(("text_encoder_2", "tokenizer_2"),),
               kohya_text_prefixes=(("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")))
+
+
+def original_layer_names(table, paths) -> dict[str, tuple[str, ...]]:
+    """`table`'s names of an original layout ("{i}": a block's number) -> the diffusers layers each changes
+    (several where the original fuses them, their rows in order), for every one whose layers `paths` holds."""
+    paths = set(paths)
+    out = {}
+    for name, parts in table:
+        prefix = parts[0].split("{")[0]
+        numbers = sorted({int(p.split(".")[1]) for p in paths if p.startswith(prefix)}) if "{" in parts[0] else [None]
+        for i in numbers:
+            targets = tuple(part.format(i=i) for part in parts)
+            if all(t in paths for t in targets):
+                out[name.format(i=i)] = targets
+    return out
 
 
 def max_text_tokens(pipe) -> int:
@@ -229,9 +239,11 @@ def flow_matching_objective(pipe, source, batch_size: int):
     return packed_flow_objective(pipe, source, batch_size, "FLUX", velocity)
 
 
-def packed_flow_objective(pipe, source, batch_size: int, label: str, velocity):
+def packed_flow_objective(pipe, source, batch_size: int, label: str, velocity, tokens=None, shift=image_shift):
     """`loss(generator)` of a transformer that reads latents packed in 2x2 patches and predicts the
-    velocity ε - x0 at timestep σ: `velocity(x_σ (B, L, 4C), σ (B,), batch)` calls it as its pipeline does."""
+    velocity ε - x0 at timestep σ: `velocity(x_σ (B, L, 4C), σ (B,), batch)` calls it as its pipeline does.
+    `tokens(latents (B, C, h, w))` packs a batch as the pipeline packs it (FLUX.1's `pack` where not
+    given); `shift(scheduler, L)` is the μ the pipeline shifts its sigmas by for L image tokens."""
     import torch
 
     from persres.errors import InputError
@@ -241,11 +253,12 @@ def packed_flow_objective(pipe, source, batch_size: int, label: str, velocity):
     if h % 2 or w % 2:
         raise InputError(f"{label} packs latents in 2x2 patches: the training resolution must be a multiple of "
                          f"{2 * pipe.vae_scale_factor} px")
-    mu = image_shift(scheduler, (h // 2) * (w // 2))
+    mu = shift(scheduler, (h // 2) * (w // 2))
+    tokens = tokens or (lambda latents: pack(pipe, latents))
 
     def loss(generator):
         batch = source.sample(batch_size, generator)
-        x0 = pack(pipe, batch.latents)  # (B, L, 4C)
+        x0 = tokens(batch.latents)  # (B, L, 4C)
         noise = torch.randn(x0.shape, generator=generator, device=device)
         u = torch.rand((batch_size,), generator=generator, device=device)
         sigma = shifted_sigmas(scheduler, u, mu).view(-1, 1, 1)  # (B, 1, 1)

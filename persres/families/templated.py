@@ -32,10 +32,11 @@ class TemplatedTokens:
         return self.tokenizer(" " + text, add_special_tokens=False)
 
 
-def chat_frame(tokenizer) -> Callable[[str], str]:
-    """A prompt as one user message in the tokenizer's chat template, the assistant's turn opened."""
+def chat_frame(tokenizer, thinking: bool = True) -> Callable[[str], str]:
+    """A prompt as one user message in the tokenizer's chat template, the assistant's turn opened, with
+    the template's `enable_thinking` as the pipeline passes it (Z-Image: True; FLUX.2 klein: False)."""
     def frame(prompt: str) -> str:
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=True)
+                                             add_generation_prompt=True, enable_thinking=thinking)
 
     return frame

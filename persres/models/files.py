@@ -57,7 +57,7 @@ def denoiser_config_of(model: str) -> tuple[families.Family, dict] | None:
             read[name] = _model_json(model, name)
         return read[name]
 
-    for family in families.FAMILIES.values():
+    for family in families.DETECTION:  # its order decides where two families' rules both match
         config = family.denoiser_config_of(read_json)
         if config is not None:
             return family, config

@@ -37,6 +37,8 @@ def _kohya_name(family, key: str, blocks, layout: str, two_encoders: bool) -> st
                 path = ldm_key(path + ".weight", depth, levels).removesuffix(".weight")
             except KeyError:
                 pass
+        if layout == "original" and not unet:  # the transformer's original names where its family has them
+            return family.kohya_layer_key(path, blocks)
         return ("lora_unet_" if unet else "lora_transformer_") + path.replace(".", "_")
     prefix = {"text_encoder": "lora_te1_" if two_encoders else "lora_te_", "text_encoder_2": "lora_te2_"}[component]
     return prefix + ("text_model." + path.removeprefix("text_model.")).replace(".", "_")
