@@ -104,8 +104,16 @@ class Workspace:
     def sample_config(self, **settings) -> SampleConfig:
         """The family's sampling defaults (guidance, steps), then `settings` (None values skipped)."""
         family = self.family
-        defaults = {} if family is None else {"guidance": family.guidance, "steps": family.steps}
+        defaults = {} if family is None else family.sampling_defaults(self._pipeline_config())
         return SampleConfig(**{**defaults, **{k: v for k, v in settings.items() if v is not None}})
+
+    def _pipeline_config(self) -> dict | None:
+        """The pipeline's config: the loaded one's, else its model_index.json read without loading."""
+        from persres.models.files import pipeline_config_of
+
+        if self._pipe is not None:
+            return dict(getattr(self._pipe, "config", {}) or {})
+        return pipeline_config_of(self.model) or (pipeline_config_of(self.model_config) if self.model_config else None)
 
     def first_toy_use(self) -> bool:
         """True once per registry: the toy model is in use only because nothing else was named."""

@@ -94,6 +94,31 @@ def test_the_family_is_read_from_the_files_and_its_defaults_apply(model_dir, kin
     assert (config.guidance, config.steps) == (4.0, 50)  # both pipelines' default guidance_scale, klein base's steps
 
 
+def test_a_step_distilled_klein_samples_in_four_steps_without_guidance(tiny_flux2_klein, tmp_path):
+    """klein's distilled models say so in model_index.json (`is_distilled`): their defaults are 4 steps and no
+    guidance, read before loading and from the loaded pipeline; one evaluation a step, as the pipeline runs them."""
+    import json
+    import shutil
+
+    from persres.workspace import Workspace
+
+    distilled = tmp_path / "klein-distilled"
+    shutil.copytree(tiny_flux2_klein, distilled)
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    ws = Workspace(str(distilled), precision="fp32")
+    assert (ws.sample_config().guidance, ws.sample_config().steps) == (1.0, 4)
+    pipe = ws.pipeline()
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        ws.generate("a sks dog", [], height=SIZE, width=SIZE)
+    finally:
+        hook.remove()
+    assert len(calls) == 4 and (ws.sample_config().guidance, ws.sample_config().steps) == (1.0, 4)
+    assert (Workspace(str(tiny_flux2_klein)).sample_config().steps, Workspace(str(tiny_flux2_klein)).sample_config().guidance) == (50, 4.0)
+
+
 def test_token_positions_are_the_ones_the_text_encoder_reads(fpipe):
     """The ids the pipeline hands its text encoder (its chat frame: klein's Qwen3 template with thinking off,
     dev's system message) are the region tokenizer's, padded; the identifier's and the class word's positions

@@ -155,6 +155,11 @@ class Family:
         """The pipeline call's family-specific arguments."""
         return {}
 
+    def sampling_defaults(self, pipeline_config: dict | None) -> dict:
+        """Guidance and steps to sample with where none are given, for a pipeline whose config
+        (model_index.json; None where it cannot be read) is `pipeline_config`."""
+        return {"guidance": self.guidance, "steps": self.steps}
+
     def guidance_in_batch(self, guidance: float) -> bool:
         """Whether the denoiser's batch is [unconditional, conditional] (classifier-free guidance)."""
         return guidance > 1

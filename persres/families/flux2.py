@@ -4,7 +4,7 @@
 - `flux2klein`: `Flux2KleinPipeline` (FLUX.2 [klein] 4B / 9B), a Qwen3 text encoder, true
   classifier-free guidance: the conditional and the unconditional (empty) prompt are two
   evaluations of each step, inside `cache_context("cond")` / `("uncond")`. Its defaults are the
-  base models' (50 steps, guidance 4); the step-distilled ones sample with --steps 4 --guidance 1.
+  base models' (50 steps, guidance 4); the step-distilled ones' (`is_distilled`) 4 steps, no guidance.
 - `flux2`: `Flux2Pipeline` (FLUX.2 [dev]), a Mistral Small 3 text encoder behind a system message,
   guidance an input of the (guidance-distilled) transformer: one evaluation a step.
 
@@ -213,6 +213,13 @@ class Flux2Klein(Flux2):
 
     def evaluations(self, model, session):
         return named_evaluations(model, session)
+
+    def sampling_defaults(self, pipeline_config: dict | None) -> dict:
+        """The step-distilled klein models (model_index.json's `is_distilled`) sample in 4 steps without
+        guidance, as Black Forest Labs' model cards and the pipeline's example run them."""
+        if (pipeline_config or {}).get("is_distilled"):
+            return {"guidance": 1.0, "steps": 4}
+        return super().sampling_defaults(pipeline_config)
 
 
 @dataclass(frozen=True, eq=False, repr=False)

@@ -64,6 +64,11 @@ def denoiser_config_of(model: str) -> tuple[families.Family, dict] | None:
     return None
 
 
+def pipeline_config_of(model: str) -> dict | None:
+    """A diffusers directory's or cached hub model's model_index.json, read without loading; None where absent."""
+    return _model_json(model, "model_index.json")
+
+
 def family_of_model(model: str) -> families.Family | None:
     """A model's family read from its files without loading it (a single file's from its tensor
     names); None where they cannot be read here."""
