@@ -116,19 +116,24 @@ class Flux2(FlowTransformer):
     # --- text -------------------------------------------------------------------------
     def encode(self, pipe, prompt: str, resolution: tuple[int, int]):
         model = pipe.transformer
-        embeds, _ = pipe.encode_prompt(prompt=prompt, device=model.device, max_sequence_length=max_text_tokens(pipe))
+        embeds, _ = pipe.encode_prompt(prompt=prompt, device=model.device, max_sequence_length=self.text_length(pipe))
         return Conditioning(embeds.to(model.dtype))  # (1, T, 3 D): the templated prompt, padded
 
     def region_tokenizer(self, pipe):
         from persres.families.templated import TemplatedTokens
 
-        return TemplatedTokens(self.text_tokenizer(pipe), max_text_tokens(pipe), self.frame(pipe))
+        return TemplatedTokens(self.text_tokenizer(pipe), self.text_length(pipe), self.frame(pipe))
 
     def identifier_tokenizer(self, pipe):
         return self.region_tokenizer(pipe)
 
     def text_tokenizer(self, pipe):
-        return pipe.tokenizer
+        """The text tokenizer: the pipeline's own, or inside its processor (dev's PixtralProcessor)."""
+        return getattr(pipe.tokenizer, "tokenizer", pipe.tokenizer)
+
+    def text_length(self, pipe) -> int:
+        """The templated prompt's length: the pipelines' 512, at most the text tokenizer's limit."""
+        return min(MAX_TEXT_TOKENS, self.text_tokenizer(pipe).model_max_length)
 
     def frame(self, pipe):
         """`frame(prompt)`: the text the pipeline tokenizes for a prompt."""
@@ -169,7 +174,7 @@ class Flux2(FlowTransformer):
         return pipe.default_sample_size * pipe.vae_scale_factor
 
     def sampling_arguments(self, pipe, config) -> dict:
-        return {"max_sequence_length": max_text_tokens(pipe)}
+        return {"max_sequence_length": self.text_length(pipe)}
 
     def guidance_in_batch(self, guidance: float) -> bool:  # guidance is an input, or a second evaluation: never a batch
         return False
@@ -224,9 +229,6 @@ class Flux2Klein(Flux2):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Flux2Dev(Flux2):
-    def text_tokenizer(self, pipe):  # the pipeline's tokenizer is a processor (PixtralProcessor): its text tokenizer
-        return getattr(pipe.tokenizer, "tokenizer", pipe.tokenizer)
-
     def frame(self, pipe):
         from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 
@@ -245,12 +247,6 @@ FLUX2_DEV = Flux2Dev("flux2", "FLUX.2 dev", "Flux2Pipeline", "black-forest-labs/
                      guidance=DEV_GUIDANCE, steps=50, train_defaults={"rank_ratio": 1 / 192}, denoiser_folder="transformer",
                      projection=PROJECTION, implementation="https://github.com/black-forest-labs/flux2", suggests_class=False,
                      sequence_encoders=(), embedded_guidance=True)
-
-
-def max_text_tokens(pipe) -> int:
-    """The templated prompt's length: the pipeline's 512, at most the tokenizer's limit."""
-    tokenizer = getattr(pipe.tokenizer, "tokenizer", pipe.tokenizer)
-    return min(MAX_TEXT_TOKENS, tokenizer.model_max_length)
 
 
 def latent_tokens(pipe, latents):
